@@ -1,0 +1,65 @@
+"""The contract every core-attention backend implements.
+
+All backends take flash-attn varlen layouts: ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``,
+``cu_seqlens_*`` int32 of length ``n_tasks + 1``. They return ``out [total_q, Hq, D]`` in the
+input dtype and ``lse [total_q, Hq]`` (natural log, fp32; fp64 for fp64 inputs). ``lse`` is
+token-major — unlike flash-attn's ``[Hq, total_q]`` — so that one task's rows of ``out`` and
+``lse`` are contiguous slices, which is what the transport ships. Query rows that see no key
+(only possible when a task has ``q_len > kv_len``) get ``out = 0`` and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class VarlenMeta:
+    """Sequence metadata of one fused call, validated, with host copies of the offsets."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    window: int  # -1 = full causal, else keys per query including itself
+    softmax_scale: float
+    cu_q_host: tuple[int, ...]
+    cu_k_host: tuple[int, ...]
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.cu_q_host) - 1
+
+    def spans(self):
+        """Yield ``(q0, q1, k0, k1)`` row ranges of each task."""
+        for i in range(self.n_tasks):
+            yield self.cu_q_host[i], self.cu_q_host[i + 1], self.cu_k_host[i], self.cu_k_host[i + 1]
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 log-sum-exp, except fp64 for fp64 inputs (the reference's ground truth)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Backend(ABC):
+    """A core-attention kernel family: varlen forward and explicit (graph-free) backward."""
+
+    name: str = "?"
+
+    @abstractmethod
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """``None`` when this backend can run on ``device`` with ``dtype``, else why not."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VarlenMeta):
+        """Return ``(out, lse)``."""
+
+    @abstractmethod
+    def backward(
+        self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, meta: VarlenMeta,
+    ):
+        """Return ``(dq, dk, dv)`` given the forward's ``out`` and ``lse``."""

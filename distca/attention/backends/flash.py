@@ -1,0 +1,73 @@
+"""flash-attn 2 varlen kernels (optional; install the ``gpu`` extra on a CUDA machine).
+
+flash-attn's causal mask is bottom-right aligned and ``window_size=(w - 1, 0)`` is exactly
+DistCA's ``w`` keys including self. The explicit backward calls flash-attn's internal varlen
+backward, whose positional signature changed across 2.x releases, so arguments are passed by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+
+from distca.attention.backends.base import Backend, VarlenMeta
+from distca.attention.backends.gpu_common import check_cuda, lse_to_kernel, lse_to_token_major, window_size
+
+
+def _interface():
+    try:
+        return importlib.import_module("flash_attn.flash_attn_interface")
+    except Exception:  # ImportError, or a broken CUDA extension
+        return None
+
+
+class FlashBackend(Backend):
+    name = "flash"
+
+    def __init__(self) -> None:
+        self._fa = _interface()
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if self._fa is None:
+            return "flash_attn is not importable (install the 'gpu' extra on a CUDA machine)"
+        return check_cuda(device, dtype)
+
+    def forward(self, q, k, v, meta: VarlenMeta):
+        left, right = window_size(meta)
+        out, lse, *_ = self._fa._flash_attn_varlen_forward(
+            **self._kwargs(
+                self._fa._flash_attn_varlen_forward,
+                q=q, k=k, v=v, cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.cu_seqlens_k,
+                max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, dropout_p=0.0,
+                softmax_scale=meta.softmax_scale, causal=True, window_size_left=left,
+                window_size_right=right, window_size=(left, right), softcap=0.0, alibi_slopes=None,
+                return_softmax=False, block_table=None,
+            )
+        )
+        return out, lse_to_token_major(lse, q.shape[0], q.shape[1])
+
+    def backward(self, dout, q, k, v, out, lse, meta: VarlenMeta):
+        left, right = window_size(meta)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        self._fa._flash_attn_varlen_backward(
+            **self._kwargs(
+                self._fa._flash_attn_varlen_backward,
+                dout=dout.contiguous(), q=q, k=k, v=v, out=out, softmax_lse=lse_to_kernel(lse), dq=dq, dk=dk,
+                dv=dv, cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.cu_seqlens_k,
+                max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, dropout_p=0.0,
+                softmax_scale=meta.softmax_scale, causal=True, window_size_left=left,
+                window_size_right=right, window_size=(left, right), softcap=0.0, alibi_slopes=None,
+                deterministic=False, rng_state=None,
+            )
+        )
+        return dq, dk, dv
+
+    @staticmethod
+    def _kwargs(fn, **candidates):
+        params = inspect.signature(fn).parameters
+        missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in candidates]
+        if missing:
+            raise RuntimeError(f"unsupported flash_attn version: {fn.__name__} needs {missing}")
+        return {n: v for n, v in candidates.items() if n in params}

@@ -1,0 +1,37 @@
+"""Helpers shared by the CUDA varlen backends (flash-attn and torch's own varlen kernel)."""
+
+from __future__ import annotations
+
+import torch
+
+from distca.attention.backends.base import VarlenMeta
+
+
+def window_size(meta: VarlenMeta) -> tuple[int, int]:
+    """flash-attn's ``(left, right)``: ``w`` keys including self is ``(w - 1, 0)``; full causal ``(-1, 0)``."""
+    return (-1, 0) if meta.window < 0 else (meta.window - 1, 0)
+
+
+def lse_to_token_major(lse: torch.Tensor, total_q: int, n_heads: int) -> torch.Tensor:
+    """Kernel lse (flash layout ``[Hq, total_q]``) → DistCA's ``[total_q, Hq]`` fp32."""
+    if lse.dim() == 3:  # some builds return [1, Hq, total_q]
+        lse = lse.squeeze(0)
+    if tuple(lse.shape) == (n_heads, total_q):
+        return lse.transpose(0, 1).float()
+    if tuple(lse.shape) == (total_q, n_heads):
+        return lse.float()
+    raise RuntimeError(f"kernel returned lse of shape {tuple(lse.shape)}; expected [{n_heads}, {total_q}]")
+
+
+def lse_to_kernel(lse: torch.Tensor) -> torch.Tensor:
+    """DistCA's ``[total_q, Hq]`` → the kernels' contiguous ``[Hq, total_q]`` fp32."""
+    return lse.transpose(0, 1).float().contiguous()
+
+
+def check_cuda(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why a CUDA flash kernel cannot run these tensors, or None."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"needs a CUDA device; tensors are on {device}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash kernels take fp16/bf16, got {dtype}"
+    return None

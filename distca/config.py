@@ -1,0 +1,236 @@
+"""Typed run configuration, loaded strictly from YAML with dotted command-line overrides.
+
+Every knob of a run lives here and is logged with it; nothing is read from environment variables
+deep in the code. Loading is strict: an unknown key, a wrong type or an invalid value is a
+:class:`~distca.errors.ConfigError` that names the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distca.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Decoder shape (Llama-style); only the attention shape is used by the attention core."""
+
+    n_layers: int = 2
+    hidden: int = 256
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    ffn_hidden: int = 688
+    vocab_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.n_heads:
+            raise ConfigError(f"model.hidden ({self.hidden}) must be a multiple of model.n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.n_heads
+
+
+@dataclass
+class AttentionConfig:
+    """How core attention runs: kernel backend, precision, mask and shard granularity."""
+
+    backend: Literal["auto", "reference", "sdpa", "flash", "torch_varlen"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    window: int = -1  # -1: full causal; w > 0: each query sees w keys including itself
+    shard_tokens: int = 128  # granularity of query shards
+
+    def __post_init__(self) -> None:
+        if self.window != -1 and self.window < 1:
+            raise ConfigError(f"attention.window must be -1 or >= 1, got {self.window}")
+        if self.shard_tokens < 1:
+            raise ConfigError(f"attention.shard_tokens must be >= 1, got {self.shard_tokens}")
+
+
+@dataclass
+class DataConfig:
+    """Documents of one packed batch (explicit lengths for now; samplers come with the scheduler)."""
+
+    doc_lengths: list[int] = field(default_factory=lambda: [2048, 1024, 512, 300, 128, 60])
+
+    def __post_init__(self) -> None:
+        if not self.doc_lengths or any(n < 1 for n in self.doc_lengths):
+            raise ConfigError(f"data.doc_lengths must be a non-empty list of positive ints, got {self.doc_lengths}")
+
+
+@dataclass
+class ClusterConfig:
+    """The (simulated) cluster: how many attention servers share the work."""
+
+    n_servers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.n_servers < 1:
+            raise ConfigError(f"cluster.n_servers must be >= 1, got {self.n_servers}")
+
+
+@dataclass
+class DistCAConfig:
+    """A whole run."""
+
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    output_dir: str = "out/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict construction from plain data
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (converting int → float), or raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}: {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} matches none of {_type_name(tp)} ({'; '.join(errors)})")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}: {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {type(value).__name__}: {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
+            raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__}: {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!s}" + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
+            + f"; valid keys here: {sorted(fields)}"
+        )
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+              for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def config_from_dict(data: dict[str, Any] | None) -> DistCAConfig:
+    """Build a :class:`DistCAConfig` from nested plain data, strictly."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config root must be a mapping, got {type(data).__name__}")
+    return _build(DistCAConfig, data)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--model.n_layers", "4", "--attention.window=128"]`` → nested dict; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected an override like --section.key VALUE, got {arg!r}")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override --{key}: cannot parse {raw!r}: {exc}") from exc
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key} conflicts with another override of {part}")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DistCAConfig:
+    """Load ``path`` (YAML) strictly, then apply dotted ``overrides``; defaults where absent."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return config_from_dict(data)

@@ -1,0 +1,21 @@
+"""Exception types shared across DistCA; each message says what was expected and what came."""
+
+
+class DistCAError(Exception):
+    """Base class for all DistCA errors."""
+
+
+class ConfigError(DistCAError, ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+class AttentionInputError(DistCAError, ValueError):
+    """Tensors or sequence metadata passed to core attention are inconsistent."""
+
+
+class BackendUnavailableError(DistCAError, RuntimeError):
+    """The requested attention backend cannot run here (missing package or wrong device)."""
+
+
+class CalibrationError(DistCAError, ValueError):
+    """A kernel calibration table is malformed or does not match the requested shape."""

@@ -1,0 +1,129 @@
+"""Every available backend equals the dense per-document definition of causal attention.
+
+Ground truth is whole-document attention written from the mask definition in fp64 with torch
+autograd for the gradients — independent of every backend, including ``reference``. Inputs are
+cut into random shards (random cuts, random order, random window, GQA) and run as one fused
+varlen call; outputs and gradients are scattered back to documents and compared.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attn_cases import Case, cases, dense_document_attention
+from hypothesis import given
+
+from distca.attention import BACKEND_NAMES, CATask, backward, forward, get_backend_reason, varlen_attention
+
+# Normwise relative error bounds: max|x - truth| / max|truth|, per dtype (documented in README).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+CPU_DTYPES = (torch.float64, torch.float32, torch.bfloat16)
+GPU_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _configs():
+    for name in BACKEND_NAMES:
+        for dtype in CPU_DTYPES:
+            yield pytest.param(name, "cpu", dtype, id=f"{name}-cpu-{str(dtype)[6:]}")
+        for dtype in GPU_DTYPES:
+            yield pytest.param(name, "cuda", dtype, id=f"{name}-cuda-{str(dtype)[6:]}", marks=pytest.mark.gpu)
+
+
+def _skip_unless_runnable(name: str, device: str, dtype: torch.dtype) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = get_backend_reason(name, torch.device(device), dtype)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def ground_truth(case: Case, dtype: torch.dtype):
+    """Per-document dense attention on inputs rounded to ``dtype``, computed in fp64."""
+    outs, lses, dqs, dks, dvs = [], [], [], [], []
+    scale = case.q.shape[-1] ** -0.5
+    start = 0
+    for n in case.lengths:
+        sl = slice(start, start + n)
+        q, k, v = (t[sl].to(dtype).double().requires_grad_() for t in (case.q, case.k, case.v))
+        out, lse = dense_document_attention(q, k, v, case.window, scale)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), case.dout[sl].to(dtype).double())
+        outs.append(out.detach())
+        lses.append(lse.detach())
+        dqs.append(dq)
+        dks.append(dk)
+        dvs.append(dv)
+        start += n
+    return [torch.cat(x) for x in (outs, lses, dqs, dks, dvs)]
+
+
+def run_sharded(case: Case, backend: str, dtype: torch.dtype, device: str = "cpu"):
+    """One fused call over the case's shards, graph-free forward + backward, scattered to documents."""
+    q, k, v, dout, cu_q, cu_k, mq, mk, q_rows, k_rows = case.fused_inputs(dtype=dtype, device=device)
+    out, lse = forward(q, k, v, cu_q, cu_k, mq, mk, window=case.window, backend=backend)
+    dq, dk, dv = backward(q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, window=case.window, backend=backend)
+    assert out.dtype == dtype and dq.dtype == dtype and dk.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    total = case.q.shape[0]
+    f64 = torch.float64
+    res = [torch.zeros(total, *out.shape[1:], dtype=f64), torch.zeros(total, lse.shape[1], dtype=f64),
+           torch.zeros(total, *dq.shape[1:], dtype=f64), torch.zeros(case.k.shape, dtype=f64),
+           torch.zeros(case.v.shape, dtype=f64)]
+    res[0][q_rows] = out.cpu().double()
+    res[1][q_rows] = lse.cpu().double()
+    res[2][q_rows] = dq.cpu().double()
+    res[3].index_add_(0, k_rows, dk.cpu().double())  # a key used by several shards sums their grads
+    res[4].index_add_(0, k_rows, dv.cpu().double())
+    return res
+
+
+def rel_err(got: torch.Tensor, truth: torch.Tensor) -> float:
+    # Inputs are O(1) normals: quantities that are exactly 0 in truth (dq of a one-key query)
+    # are judged against 1, not against their own magnitude.
+    return float((got - truth).abs().max() / truth.abs().max().clamp_min(1.0))
+
+
+@pytest.mark.parametrize(("name", "device", "dtype"), list(_configs()))
+@given(case=cases())
+def test_sharded_fused_call_matches_dense_document_attention(name, device, dtype, case):
+    _skip_unless_runnable(name, device, dtype)
+    got = run_sharded(case, name, dtype, device)
+    truth = ground_truth(case, dtype)
+    for label, g, t in zip(("out", "lse", "dq", "dk", "dv"), got, truth, strict=True):
+        err = rel_err(g, t)
+        assert err <= TOLERANCE[dtype], f"{name}/{dtype} {label}: relative error {err:.2e} (window {case.window})"
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+@given(case=cases(max_docs=3, max_len=200))
+def test_autograd_path_equals_explicit_backward(name, case):
+    _skip_unless_runnable(name, "cpu", torch.float32)
+    q, k, v, dout, cu_q, cu_k, mq, mk, _, _ = case.fused_inputs(dtype=torch.float32)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, mq, mk, window=case.window, backend=name)
+    assert not lse.requires_grad
+    out.backward(dout)
+    out2, lse2 = forward(q.detach(), k.detach(), v.detach(), cu_q, cu_k, mq, mk, window=case.window, backend=name)
+    grads = backward(q.detach(), k.detach(), v.detach(), out2, lse2, dout, cu_q, cu_k, mq, mk,
+                     window=case.window, backend=name)
+    torch.testing.assert_close(out.detach(), out2, rtol=0, atol=0)
+    for a, b in zip((q.grad, k.grad, v.grad), grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["reference", "sdpa"])
+@given(case=cases(max_docs=4, max_len=400, windows=(-1, 3, 32)))
+def test_one_fused_call_over_many_shards_equals_per_document_calls(name, case):
+    """Invariant 1 in the backend's own terms: shards of many documents in one call == each whole document."""
+    _skip_unless_runnable(name, "cpu", torch.float32)
+    sharded = run_sharded(case, name, torch.float32)
+    whole = Case(case.lengths, [], case.window, case.q, case.k, case.v, case.dout)
+    per_doc = [torch.zeros_like(x) for x in sharded]
+    start = 0
+    for doc, n in enumerate(case.lengths):
+        whole.tasks = [CATask.for_queries(doc, 0, n, case.window)]
+        got = run_sharded(whole, name, torch.float32)
+        for acc, g in zip(per_doc, got, strict=True):
+            acc[start:start + n] = g[start:start + n]
+        start += n
+    for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), sharded, per_doc, strict=True):
+        assert rel_err(a, b) <= 1e-5, f"{label} differs between sharded and per-document calls"

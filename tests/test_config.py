@@ -1,0 +1,60 @@
+"""Strict YAML config loading and dotted command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distca.config import DistCAConfig, load_config, parse_overrides
+from distca.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), DistCAConfig)
+
+
+def test_overrides_change_typed_fields(tmp_path):
+    cfg = load_config(CONFIGS[0], ["--model.n_layers", "4", "--attention.window=64", "--data.doc_lengths", "[5, 6]"])
+    assert cfg.model.n_layers == 4 and cfg.attention.window == 64 and cfg.data.doc_lengths == [5, 6]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "match"),
+    [
+        ("model:\n  n_layer: 4\n", [], r"unknown config key model\.n_layer"),
+        ("modle: {}\n", [], "unknown config key modle"),
+        ("", ["--attention.shard", "3"], r"unknown config key attention\.shard"),
+        ("model:\n  n_layers: four\n", [], r"model\.n_layers must be int, got str"),
+        ("model:\n  n_layers: true\n", [], r"model\.n_layers must be int, got bool"),
+        ("", ["--attention.dtype", "fp8"], r"attention\.dtype must be one of"),
+        ("", ["--model.n_heads", "6"], r"model\.hidden \(256\) must be a multiple of model\.n_heads \(6\)"),
+        ("", ["--data.doc_lengths", "[1, x]"], r"data\.doc_lengths\[1\] must be int"),
+        ("- 1\n", [], "must hold a mapping"),
+        ("model: [1]\n", [], "model must be a mapping"),
+        ("", ["model.n_layers", "3"], "expected an override like"),
+        ("", ["--model.n_layers"], "has no value"),
+        ("", ["--attention.window", "0"], r"attention\.window must be -1 or >= 1"),
+    ],
+)
+def test_invalid_configs_name_the_offending_key(tmp_path, yaml_text, overrides, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, overrides)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {n_layers: [}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_parse_overrides_nests_dotted_keys():
+    assert parse_overrides(["--a.b.c", "1", "--a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}

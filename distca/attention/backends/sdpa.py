@@ -23,20 +23,39 @@ _OPS = torch.ops.aten
 _BAND_BLOCK = 512  # query rows per sliding-window block
 
 
-def _bhsd(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """``[S, H, D]`` → ``[1, H·groups, S, D]`` (GQA heads expanded for the kernel)."""
-    x = x.transpose(0, 1)
-    if groups > 1:
-        x = x.repeat_interleave(groups, dim=0)
-    return x.unsqueeze(0)
+class _Layout:
+    """GQA without copies: the kernel's batch axis holds the ``g`` query heads that share a kv head.
 
+    ``q [S, Hq, D]`` is viewed as ``[g, Hkv, S, D]`` (query head ``h`` = kv head ``h // g``, member
+    ``h % g``) and ``k, v [S, Hkv, D]`` are *expanded* (stride 0) to the same shape.
+    """
 
-def _sum_groups(g: torch.Tensor, groups: int) -> torch.Tensor:
-    """Kernel gradient ``[1, Hq, S, D]`` → ``[S, Hkv, D]``, summing the GQA copies."""
-    g = g.squeeze(0)
-    if groups > 1:
-        g = g.view(g.shape[0] // groups, groups, *g.shape[1:]).sum(1)
-    return g.transpose(0, 1)
+    def __init__(self, n_heads: int, n_kv_heads: int):
+        self.hkv, self.g = n_kv_heads, n_heads // n_kv_heads
+
+    def q(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], self.hkv, self.g, x.shape[2]).permute(2, 1, 0, 3)
+
+    def kv(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1).unsqueeze(0).expand(self.g, -1, -1, -1)
+
+    def lse_in(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.view(x.shape[0], self.hkv, self.g).permute(2, 1, 0).to(dtype).contiguous()
+
+    @staticmethod
+    def q_out(x: torch.Tensor) -> torch.Tensor:
+        """Kernel ``[g, Hkv, S, D]`` → ``[S, Hq, D]``."""
+        return x.permute(2, 1, 0, 3).reshape(x.shape[2], -1, x.shape[3])
+
+    @staticmethod
+    def lse_out(x: torch.Tensor) -> torch.Tensor:
+        """Kernel lse ``[g, Hkv, S]`` → ``[S, Hq]``."""
+        return x.permute(2, 1, 0).reshape(x.shape[2], -1)
+
+    @staticmethod
+    def kv_grad(x: torch.Tensor) -> torch.Tensor:
+        """Kernel gradient ``[g, Hkv, S, D]`` → ``[S, Hkv, D]``, summing the query heads sharing a kv head."""
+        return x.sum(0).transpose(0, 1)
 
 
 def _band_mask(j0: int, j1: int, e: int, lo: int, hi: int, window: int, dtype, device) -> torch.Tensor:
@@ -56,21 +75,22 @@ class _Piece:
         self.j0, self.j1, self.lo, self.hi, self.causal, self.mask = j0, j1, lo, hi, causal, mask
 
 
-def _pieces(q_len: int, kv_len: int, window: int, dtype, device) -> tuple[list[list[_Piece]], int]:
-    """Groups of pieces; each group covers a set of query rows and is merged by lse.
+def _pieces(q_len: int, kv_len: int, window: int, dtype, device) -> tuple[list[list[_Piece]], bool]:
+    """Groups of pieces, each group covering some query rows and merged by lse; and whether the
+    groups' key ranges are disjoint (full causal) or overlap (sliding-window bands).
 
-    Returns the groups and the number of leading query rows that see no key at all.
+    Leading query rows that see no key at all (``q_len > kv_len``) belong to no group.
     """
     skip = max(0, q_len - kv_len)
     qe = q_len - skip
     e = kv_len - qe  # >= 0: keys before the first (non-empty) query's diagonal
     if qe == 0:
-        return [], skip
+        return [], True
     if window < 0 or window >= kv_len:
         group = [_Piece(skip, q_len, e, kv_len, causal=True)]
         if e > 0:
             group.insert(0, _Piece(skip, q_len, 0, e))
-        return [group], skip
+        return [group], True
     groups = []
     block = max(_BAND_BLOCK, window)
     for j0 in range(0, qe, block):
@@ -78,7 +98,7 @@ def _pieces(q_len: int, kv_len: int, window: int, dtype, device) -> tuple[list[l
         lo, hi = max(0, e + j0 - window + 1), e + j1
         mask = _band_mask(j0, j1, e, lo, hi, window, dtype, device)
         groups.append([_Piece(skip + j0, skip + j1, lo, hi, mask=mask)])
-    return groups, skip
+    return groups, False
 
 
 class SdpaBackend(Backend):
@@ -92,16 +112,15 @@ class SdpaBackend(Backend):
         return None
 
     def forward(self, q, k, v, meta: VarlenMeta):
-        groups = q.shape[1] // k.shape[1]
+        lay = _Layout(q.shape[1], k.shape[1])
         merge = lse_dtype(q.dtype)
         out = torch.zeros_like(q)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         for q0, q1, k0, k1 in meta.spans():
             if q1 == q0 or k1 == k0:
                 continue
-            qt, kt, vt = _bhsd(q[q0:q1]), _bhsd(k[k0:k1], groups), _bhsd(v[k0:k1], groups)
-            piece_groups, _ = _pieces(q1 - q0, k1 - k0, meta.window, q.dtype, q.device)
-            for group in piece_groups:
+            qt, kt, vt = lay.q(q[q0:q1]), lay.kv(k[k0:k1]), lay.kv(v[k0:k1])
+            for group in _pieces(q1 - q0, k1 - k0, meta.window, q.dtype, q.device)[0]:
                 parts = [
                     _OPS._scaled_dot_product_flash_attention_for_cpu(
                         qt[:, :, p.j0:p.j1], kt[:, :, p.lo:p.hi], vt[:, :, p.lo:p.hi], 0.0, p.causal,
@@ -118,39 +137,46 @@ class SdpaBackend(Backend):
                     l = torch.logsumexp(ls, dim=0)
                     w = torch.exp(ls - l)
                     o = sum(w[i][..., None] * parts[i][0].to(merge) for i in range(len(parts)))
-                out[q0 + j0:q0 + j1] = o.squeeze(0).transpose(0, 1).to(q.dtype)
-                lse[q0 + j0:q0 + j1] = l.squeeze(0).transpose(0, 1).to(lse.dtype)
+                out[q0 + j0:q0 + j1] = lay.q_out(o).to(q.dtype)
+                lse[q0 + j0:q0 + j1] = lay.lse_out(l).to(lse.dtype)
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, meta: VarlenMeta):
-        groups = q.shape[1] // k.shape[1]
-        # Pieces' gradients are summed: accumulate half precision in fp32, round once at the end.
+        lay = _Layout(q.shape[1], k.shape[1])
+        # Overlapping pieces' gradients are summed: accumulate half precision in fp32.
         acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         # The CPU kernel wants its lse in the dtype it produces (fp32, or fp64 for fp64 inputs).
-        kernel_lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        kernel_lse = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for q0, q1, k0, k1 in meta.spans():
             if q1 == q0 or k1 == k0:
                 continue
-            qt, kt, vt = _bhsd(q[q0:q1]), _bhsd(k[k0:k1], groups), _bhsd(v[k0:k1], groups)
-            ot, dot = _bhsd(out[q0:q1]), _bhsd(dout[q0:q1])
-            lt = lse[q0:q1].transpose(0, 1).unsqueeze(0).to(kernel_lse_dtype)
-            dkt = torch.zeros(kt.shape, dtype=acc, device=k.device)
-            dvt = torch.zeros(vt.shape, dtype=acc, device=v.device)
-            piece_groups, _ = _pieces(q1 - q0, k1 - k0, meta.window, q.dtype, q.device)
-            for group in piece_groups:
+            qt, kt, vt = lay.q(q[q0:q1]), lay.kv(k[k0:k1]), lay.kv(v[k0:k1])
+            ot, dot = lay.q(out[q0:q1]), lay.q(dout[q0:q1])
+            lt = lay.lse_in(lse[q0:q1], kernel_lse)
+            groups, disjoint = _pieces(q1 - q0, k1 - k0, meta.window, q.dtype, q.device)
+            if not disjoint:
+                dk_acc = torch.zeros((k1 - k0, *k.shape[1:]), dtype=acc, device=k.device)
+                dv_acc = torch.zeros_like(dk_acc)
+            for group in groups:
+                gq_sum = None
                 for p in group:
                     rows = slice(p.j0, p.j1)
                     gq, gk, gv = _OPS._scaled_dot_product_flash_attention_for_cpu_backward(
                         dot[:, :, rows], qt[:, :, rows], kt[:, :, p.lo:p.hi], vt[:, :, p.lo:p.hi],
-                        ot[:, :, rows], lt[:, :, rows].contiguous(), 0.0, p.causal, attn_mask=p.mask,
+                        ot[:, :, rows], lt[:, :, rows], 0.0, p.causal, attn_mask=p.mask,
                         scale=meta.softmax_scale,
                     )
-                    dq[q0 + p.j0:q0 + p.j1] += gq.squeeze(0).transpose(0, 1)
-                    dkt[:, :, p.lo:p.hi] += gk
-                    dvt[:, :, p.lo:p.hi] += gv
-            dk[k0:k1] = _sum_groups(dkt, groups)
-            dv[k0:k1] = _sum_groups(dvt, groups)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+                    gq_sum = gq.to(acc) if gq_sum is None else gq_sum + gq
+                    if disjoint:  # full causal: prefix and diagonal keys do not overlap
+                        dk[k0 + p.lo:k0 + p.hi] = lay.kv_grad(gk.to(acc)).to(k.dtype)
+                        dv[k0 + p.lo:k0 + p.hi] = lay.kv_grad(gv.to(acc)).to(v.dtype)
+                    else:
+                        dk_acc[p.lo:p.hi] += lay.kv_grad(gk.to(acc))
+                        dv_acc[p.lo:p.hi] += lay.kv_grad(gv.to(acc))
+                j0, j1 = group[0].j0, group[0].j1
+                dq[q0 + j0:q0 + j1] = lay.q_out(gq_sum).to(q.dtype)
+            if not disjoint:
+                dk[k0:k1] = dk_acc.to(k.dtype)
+                dv[k0:k1] = dv_acc.to(v.dtype)
+        return dq, dk, dv

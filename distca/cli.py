@@ -1,4 +1,4 @@
-"""``distca`` command line: ``distca demo --config configs/tiny-cpu.yaml [--section.key VALUE ...]``."""
+"""``distca`` command line: ``demo`` and ``config`` (with a YAML config and dotted overrides), ``plan``."""
 
 from __future__ import annotations
 
@@ -23,12 +23,53 @@ def _parser() -> argparse.ArgumentParser:
                        ("config", "print the resolved configuration as JSON")):
         s = sub.add_parser(name, help=text, description=text + ". Extra --section.key VALUE pairs override the config.")
         s.add_argument("--config", help="YAML config file (defaults apply where absent)")
+    s = sub.add_parser("plan", help="plan one batch of document lengths over attention servers",
+                       description="Plan one batch and print balance, bytes moved and planning time.")
+    s.add_argument("--lengths", required=True,
+                   help='JSON: per-rank lists of document lengths, or {"ranks": [[...]], "continues": [...]}')
+    s.add_argument("--servers", type=int, required=True, help="number of attention servers")
+    s.add_argument("--eps", type=float, default=0.05, help="balance tolerance: max <= (1+eps) * mean (0.05)")
+    s.add_argument("--window", type=int, default=-1, help="sliding window in keys incl. self (-1: full causal)")
+    s.add_argument("--granularity", type=int, default=128, help="preferred shard multiple in tokens (128)")
+    s.add_argument("--placement", choices=["colocated", "dedicated"], default="colocated",
+                   help="colocated: server i shares trainer i's device; dedicated: no server is local")
+    s.add_argument("--heads", type=int, default=32, help="query heads (Llama-3-8B: 32)")
+    s.add_argument("--kv-heads", type=int, default=8, help="key/value heads (Llama-3-8B: 8)")
+    s.add_argument("--head-dim", type=int, default=128, help="head dimension (128)")
+    s.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (bf16: 2)")
+    s.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return p
+
+
+def _plan(args) -> int:
+    from distca.attention.cost import AttentionShape
+    from distca.scheduler import SchedulerConfig
+    from distca.scheduler.summary import load_batch, plan_summary
+
+    try:
+        batch = load_batch(args.lengths)
+        shape = AttentionShape(args.heads, args.kv_heads, args.head_dim, args.dtype_bytes)
+        cfg = SchedulerConfig(eps=args.eps, granularity=args.granularity, window=args.window)
+        summary = plan_summary(batch, args.servers, cfg, args.placement, shape)
+    except ValueError as exc:
+        print(f"distca plan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    args, overrides = _parser().parse_known_args(argv)
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    if args.command == "plan":
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        return _plan(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, overrides)

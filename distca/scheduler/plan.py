@@ -1,0 +1,188 @@
+"""Compile an assignment into a Plan: tasks plus the exact rows every trainer and server moves.
+
+Forward: trainer → server sends q rows (``q_xfer``) and k/v rows (``kv_xfer``); the server
+returns out and lse on the q rows, reversed. Backward (servers keep nothing): the trainer resends
+q, out, dout, lse on the same q rows and k, v on the same kv rows; the server returns dq on the q
+rows and dk, dv on the kv rows, reversed. Each server holds one copy of every key/value token it
+needs per document (the hull of its tasks' key ranges), so a key/value slice used by several tasks
+there is sent once, and its gradients are summed on the server before they return.
+
+Rows are token indices; byte offsets are ``row × row_bytes(tensor)`` with the attention shape's
+per-token sizes (``Plan.row_bytes``). A trainer's local rows are its pieces laid out in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from distca.attention.cost import AttentionShape, pair_count
+from distca.scheduler.batch import BatchLayout
+from distca.scheduler.placement import Placement
+from distca.scheduler.planner import Assignment
+
+
+@dataclass(frozen=True)
+class Transfers:
+    """Row-range copies from a trainer's local buffer to a server's receive buffer (sorted by
+    trainer, then server, then destination row)."""
+
+    rank: np.ndarray
+    server: np.ndarray
+    src_row: np.ndarray
+    dst_row: np.ndarray
+    n: np.ndarray
+    remote: np.ndarray  # bool: crosses devices (costs link bytes)
+
+    def between(self, rank: int, server: int) -> Transfers:
+        """The copies from ``rank`` to ``server``."""
+        m = (self.rank == rank) & (self.server == server)
+        return Transfers(*(getattr(self, f)[m] for f in ("rank", "server", "src_row", "dst_row", "n", "remote")))
+
+    @property
+    def rows(self) -> int:
+        return int(self.n.sum())
+
+    def digest(self) -> bytes:
+        return b"".join(getattr(self, f).tobytes() for f in ("rank", "server", "src_row", "dst_row", "n", "remote"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one (nano-)batch's core attention needs, for forward and backward."""
+
+    n_ranks: int
+    n_servers: int
+    window: int
+    capacity: int  # planned bound on per-server work (pairs)
+    shape: AttentionShape
+    # tasks, sorted by (server, doc, q0); server == LOCAL (-1) runs on the trainer itself
+    task_doc: np.ndarray
+    task_q0: np.ndarray
+    task_q1: np.ndarray
+    task_k0: np.ndarray
+    task_k1: np.ndarray
+    task_rank: np.ndarray  # trainer holding the task's queries
+    task_row: np.ndarray  # first query row in that trainer's local buffer
+    task_server: np.ndarray
+    task_q_row: np.ndarray  # first query row in the server's q buffer (trainer row for LOCAL)
+    task_kv_row: np.ndarray  # first key row in the server's kv buffer (-1 for LOCAL)
+    task_pairs: np.ndarray
+    server_q_rows: np.ndarray  # receive-buffer sizes, rows per server
+    server_kv_rows: np.ndarray
+    q_xfer: Transfers
+    kv_xfer: Transfers
+    server_pairs: np.ndarray = field(repr=False)
+
+    @property
+    def n_tasks(self) -> int:
+        return int(self.task_doc.size)
+
+    def row_bytes(self, tensor: str) -> int:
+        """Bytes per row of ``q``, ``out``, ``dout``, ``dq`` (query heads), ``k``, ``v``, ``dk``, ``dv``
+        (kv heads) or ``lse`` (fp32 per query head)."""
+        s = self.shape
+        if tensor in ("q", "out", "dout", "dq"):
+            return s.n_heads * s.head_dim * s.dtype_bytes
+        if tensor in ("k", "v", "dk", "dv"):
+            return s.n_kv_heads * s.head_dim * s.dtype_bytes
+        if tensor == "lse":
+            return s.n_heads * 4
+        raise ValueError(f"unknown tensor {tensor!r}")
+
+    @property
+    def max_over_mean(self) -> float:
+        mean = self.server_pairs.mean()
+        return float(self.server_pairs.max() / mean) if mean > 0 else 1.0
+
+    @property
+    def bytes_moved(self) -> int:
+        """Forward dispatch bytes that cross devices: q, k and v sent to remote servers."""
+        q = int(self.q_xfer.n[self.q_xfer.remote].sum()) * self.row_bytes("q")
+        kv = int(self.kv_xfer.n[self.kv_xfer.remote].sum()) * (self.row_bytes("k") + self.row_bytes("v"))
+        return q + kv
+
+    @property
+    def bytes_returned(self) -> int:
+        """Forward return bytes that cross devices: out and lse."""
+        return int(self.q_xfer.n[self.q_xfer.remote].sum()) * (self.row_bytes("out") + self.row_bytes("lse"))
+
+    def digest(self) -> bytes:
+        """A byte string identifying the plan exactly (for determinism checks)."""
+        arrays = [getattr(self, f) for f in self.__dataclass_fields__ if f.startswith(("task_", "server_"))]
+        return b"".join(a.tobytes() for a in arrays) + self.q_xfer.digest() + self.kv_xfer.digest()
+
+
+def _excl_cumsum_by_group(values: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Exclusive running sum of ``values`` restarting whenever sorted ``group`` changes."""
+    csum = np.cumsum(values) - values
+    if values.size == 0:
+        return csum
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    base = np.repeat(csum[starts], np.diff(np.r_[starts, values.size]))
+    return csum - base
+
+
+def compile_plan(
+    assignment: Assignment, batch: BatchLayout, placement: Placement, window: int = -1,
+    shape: AttentionShape | None = None,
+) -> Plan:
+    """Lay out receive buffers and row transfers for an assignment (vectorised; deterministic)."""
+    shape = shape or AttentionShape()
+    a = assignment
+    s_n = placement.n_servers
+    k0 = np.zeros_like(a.q0) if window < 0 else np.maximum(0, a.q0 - window + 1)
+    k1 = a.q1
+    qlen = a.q1 - a.q0
+    # Full causal: queries [q0, q1) see q0 + 1 ... q1 keys.
+    pairs = qlen * (a.q0 + a.q1 + 1) // 2 if window < 0 else pair_count(qlen, k1 - k0, window)
+    remote_task = a.server >= 0
+    srv = a.server[remote_task]
+
+    # q rows: each task's queries are one contiguous run on one trainer.
+    q_row = np.where(remote_task, 0, a.row)
+    q_row[remote_task] = _excl_cumsum_by_group(qlen[remote_task], srv)
+    server_q_rows = np.bincount(srv, weights=qlen[remote_task], minlength=s_n).astype(np.int64)
+
+    # kv: one hull [lo, hi) per (server, doc); tasks index into it.
+    doc_r, k0_r, k1_r = a.doc[remote_task], k0[remote_task], k1[remote_task]
+    grp_start = np.flatnonzero(np.r_[True, (srv[1:] != srv[:-1]) | (doc_r[1:] != doc_r[:-1])]) if srv.size else \
+        np.zeros(0, dtype=np.int64)
+    g_server, g_doc = srv[grp_start], doc_r[grp_start]
+    g_lo = np.minimum.reduceat(k0_r, grp_start) if srv.size else k0_r
+    g_hi = np.maximum.reduceat(k1_r, grp_start) if srv.size else k1_r
+    g_off = _excl_cumsum_by_group(g_hi - g_lo, g_server)
+    server_kv_rows = np.bincount(g_server, weights=g_hi - g_lo, minlength=s_n).astype(np.int64)
+    task_grp = np.repeat(np.arange(grp_start.size), np.diff(np.r_[grp_start, srv.size]))
+    kv_row = np.full(a.doc.size, -1, dtype=np.int64)
+    kv_row[remote_task] = g_off[task_grp] + (k0_r - g_lo[task_grp])
+
+    # kv sources: pieces of the group's document that overlap [lo, hi).
+    big = int(batch.doc_len.max(initial=0)) + 1
+    p_start = batch.piece_doc * big + batch.piece_off
+    p_end = p_start + batch.piece_len
+    first = np.searchsorted(p_end, g_doc * big + g_lo, side="right")
+    last = np.searchsorted(p_start, g_doc * big + g_hi, side="left")
+    cnt = last - first
+    gi = np.repeat(np.arange(g_doc.size), cnt)
+    pi = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(first, cnt)
+    lo = np.maximum(g_lo[gi], batch.piece_off[pi])
+    hi = np.minimum(g_hi[gi], batch.piece_off[pi] + batch.piece_len[pi])
+    kv_rank = batch.piece_rank[pi]
+    kv = Transfers(kv_rank, g_server[gi], batch.piece_row[pi] + (lo - batch.piece_off[pi]),
+                   g_off[gi] + (lo - g_lo[gi]), hi - lo, np.asarray(placement.is_remote(kv_rank, g_server[gi])))
+    q = Transfers(a.rank[remote_task], srv, a.row[remote_task], q_row[remote_task], qlen[remote_task],
+                  np.asarray(placement.is_remote(a.rank[remote_task], srv)))
+    kv, q = _sorted(kv), _sorted(q)
+    server_pairs = np.bincount(srv, weights=pairs[remote_task], minlength=s_n)
+    return Plan(placement.n_trainers, s_n, window, a.capacity, shape, a.doc, a.q0, a.q1, k0, k1, a.rank, a.row,
+                a.server, q_row, kv_row, pairs, server_q_rows, server_kv_rows, q, kv, server_pairs)
+
+
+def _sorted(t: Transfers) -> Transfers:
+    """Order by (rank, server, dst_row). Transfers are built in (server, dst_row) order, so a stable
+    sort on the rank alone suffices — a radix sort on 16-bit keys."""
+    key = t.rank.astype(np.uint16) if t.rank.size and int(t.rank.max()) < 2**16 else t.rank
+    order = np.argsort(key, kind="stable")
+    return Transfers(t.rank[order], t.server[order], t.src_row[order], t.dst_row[order], t.n[order], t.remote[order])

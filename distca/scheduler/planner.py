@@ -1,0 +1,376 @@
+"""The CAD planner: local-first placement, then bounded, byte-aware shedding of excess work.
+
+1. Every piece of a document starts on its trainer's *home* server (its own device when
+   colocated), so nothing moves when the batch is already balanced.
+2. The capacity is ``U = (1 + ε) · mean`` server work (attended pairs). Each server above ``U``
+   (a donor, largest excess first) sheds exactly its excess to servers below ``U`` (receivers):
+   every move fits the receiver's spare capacity, so **no server ends above U** — the maximum is
+   bounded, not only the deficit of the idle servers.
+3. What to move is chosen by marginal bytes per unit of work among a donor's heaviest pieces and
+   the pieces closest in size to what it must shed: a *suffix* of a document (the late queries
+   carry the most work per query token), a *head* (early queries need few keys), a whole piece, or
+   a head–tail pair (an early and a late shard of the same document). Bytes count what the receiver
+   does not already hold: q + out + lse for the moved queries and the keys/values the mask needs
+   beyond those already sent to (or local to) that receiver, so a receiver that already has a
+   document's keys is preferred for more of it.
+4. Cuts land on multiples of the shard granularity (kernel tiles) unless only a finer cut keeps
+   the bound; documents of any length are allowed and nothing is padded.
+
+Pure Python on small lists: a plan makes O(servers) moves, and numpy's per-call overhead would
+dominate. Deterministic: ties break on indices, never on hash or time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from distca.attention.cost import AttentionShape, pair_count
+from distca.scheduler.batch import BatchLayout
+from distca.scheduler.placement import Placement
+from distca.scheduler.work import cum_pairs, first_reaching, key_start
+
+LOCAL = -1  # task runs on its own trainer, outside the server pool
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Knobs of the CAD planner."""
+
+    eps: float = 0.05  # every server's work <= (1 + eps) * mean
+    granularity: int = 128  # preferred cut multiple (tokens, document positions)
+    window: int = -1  # -1 full causal; w > 0 sliding window of w keys including self
+    candidates: int = 1  # heaviest pieces of a donor considered per move (plus size-matched ones)
+    min_offload_pairs: int = 0  # dedicated placement: pieces with less work stay on their trainer
+
+    def __post_init__(self) -> None:
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if self.granularity < 1:
+            raise ValueError(f"granularity must be >= 1, got {self.granularity}")
+        if self.window != -1 and self.window < 1:
+            raise ValueError(f"window must be -1 or >= 1, got {self.window}")
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Planned tasks as struct-of-arrays: queries ``[q0, q1)`` of ``doc`` (held by ``rank`` from
+    local row ``row``) run on ``server`` (``LOCAL`` = on the trainer itself)."""
+
+    doc: np.ndarray
+    q0: np.ndarray
+    q1: np.ndarray
+    rank: np.ndarray
+    row: np.ndarray
+    server: np.ndarray
+    capacity: int  # the bound U every server respects (in pairs)
+
+
+DOC, Q0, Q1, RANK, ROW, SERVER, WORK = range(7)  # fields of a live segment
+
+
+class _Planner:
+    """Mutable planning state.
+
+    Pieces live in numpy arrays; only the segments a move can touch — donors' pieces and pieces
+    cut off by moves — are mirrored as small Python lists (``self.seg[id]``), because a plan makes
+    O(servers) moves and per-element numpy access would dominate. ``finish`` writes them back.
+    """
+
+    def __init__(self, batch: BatchLayout, placement: Placement, cfg: SchedulerConfig, shape: AttentionShape):
+        self.b, self.p, self.cfg = batch, placement, cfg
+        self.w = cfg.window
+        self.g = cfg.granularity
+        self.q_bytes = int(shape.q_bytes(1)) * 2 + int(shape.lse_bytes(1))  # q there, out + lse back
+        self.kv_bytes = int(shape.kv_bytes(1))
+        self.remote_all = placement.kind == "dedicated"
+        self.have: dict[tuple[int, int], tuple[int, int]] = {}  # (server, doc) -> key hull held there
+        self.by_doc: dict[int, list[int]] = {}  # doc -> servers holding a key hull for it
+        self.seg: dict[int, list[int]] = {}  # live segments: id -> [doc, q0, q1, rank, row, server, work]
+        self.dirty: set[int] = set()  # base pieces changed by a move
+        self.n_base = batch.n_pieces
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _add(self, doc, q0, q1, rank, row, server) -> int:
+        w = cum_pairs(q1, self.w) - cum_pairs(q0, self.w)
+        sid = self.n_base + len(self.new)
+        self.seg[sid] = [doc, q0, q1, rank, row, server, w]
+        self.new.append(sid)
+        self.load[server] += w
+        self._hold(server, doc, key_start(q0, self.w), q1)
+        return sid
+
+    def _hold(self, server, doc, lo, hi) -> None:
+        key = (server, doc)
+        old = self.have.get(key)
+        if old is None:
+            self.have[key] = (lo, hi)
+            self.by_doc.setdefault(doc, []).append(server)
+        elif lo <= old[1] and old[0] <= hi:  # overlapping or adjacent: keep the hull
+            self.have[key] = (min(lo, old[0]), max(hi, old[1]))
+        elif hi - lo > old[1] - old[0]:
+            self.have[key] = (lo, hi)
+
+    def _new_kv(self, server, doc, lo, hi) -> int:
+        held = self.have.get((server, doc))
+        if held is None:
+            return hi - lo
+        return hi - lo - max(0, min(hi, held[1]) - max(lo, held[0]))
+
+    # -- initial placement -------------------------------------------------------------------
+    def place_home(self) -> None:
+        b, w = self.b, self.w
+        self.q1_arr = b.piece_off + b.piece_len
+        if w < 0:  # queries [q0, q1) see q0 + 1 ... q1 keys
+            work = b.piece_len * (b.piece_off + self.q1_arr + 1) // 2
+        else:
+            work = pair_count(b.piece_len, self.q1_arr - np.maximum(0, b.piece_off - w + 1), w)
+        homes = np.array([self.p.home_server(r) for r in range(b.n_ranks)], dtype=np.int64)
+        server = homes[b.piece_rank]
+        if self.cfg.min_offload_pairs:
+            # A tiny piece stays on its trainer when all the keys it needs are there too.
+            no_local = np.array([self.p.local_server(r) < 0 for r in range(b.n_ranks)])[b.piece_rank]
+            own_keys = b.piece_off == 0 if w < 0 else b.piece_off - w + 1 >= b.piece_off
+            server = np.where(no_local & own_keys & (work < self.cfg.min_offload_pairs), LOCAL, server)
+        on = server >= 0
+        self.server_arr, self.work_arr = server, work
+        self.load = np.bincount(server[on], weights=work[on], minlength=self.p.n_servers).astype(np.int64).tolist()
+        self.new: list[int] = []
+        # Key hulls matter only where a receiver could already hold a document's keys: documents
+        # split over several ranks (a single-piece document lives on its donor alone).
+        multi = np.bincount(b.piece_doc, minlength=b.n_docs) > 1
+        idx = np.flatnonzero(multi[b.piece_doc] & on)
+        starts = np.zeros_like(idx) if w < 0 else np.maximum(0, b.piece_off[idx] - w + 1)
+        for s, d, lo, hi in zip(server[idx].tolist(), b.piece_doc[idx].tolist(), starts.tolist(),
+                                self.q1_arr[idx].tolist(), strict=True):
+            self._hold(s, d, lo, hi)
+
+    def _donor_segments(self, donor: int) -> list[int]:
+        """Mirror a donor's pieces as live segments; ids sorted by work, heaviest first."""
+        b = self.b
+        idx = np.flatnonzero(self.server_arr == donor)
+        idx = idx[np.lexsort((idx, -self.work_arr[idx]))]
+        cols = (b.piece_doc[idx], b.piece_off[idx], self.q1_arr[idx], b.piece_rank[idx], b.piece_row[idx],
+                self.server_arr[idx], self.work_arr[idx])
+        ids = idx.tolist()
+        for sid, *fields in zip(ids, *(c.tolist() for c in cols), strict=True):
+            self.seg[sid] = fields
+        return ids
+
+    def finish(self, capacity: int) -> Assignment:
+        """Base arrays with the live segments written back, plus the new segments."""
+        b = self.b
+        cols = [b.piece_doc.copy(), b.piece_off.copy(), self.q1_arr.copy(), b.piece_rank.copy(),
+                b.piece_row.copy(), self.server_arr.copy()]
+        touched = sorted(self.dirty)
+        if touched:
+            vals = np.array([self.seg[sid][:6] for sid in touched], dtype=np.int64)
+            for c in range(6):
+                cols[c][touched] = vals[:, c]
+        if self.new:
+            extra = np.array([self.seg[sid][:6] for sid in self.new], dtype=np.int64)
+            cols = [np.concatenate([col, extra[:, c]]) for c, col in enumerate(cols)]
+        order = np.lexsort((cols[Q0], cols[DOC], cols[SERVER]))  # by server, doc, q0
+        return Assignment(*(col[order] for col in cols), capacity=capacity)
+
+    # -- cutting -----------------------------------------------------------------------------
+    def _align_ok(self, exact: int, aligned: int, moved, lo_ok: int, hi_ok: int):
+        """The tile-aligned cut if it moves an acceptable amount, else the exact one, else None."""
+        m = moved(aligned)
+        if lo_ok <= m <= hi_ok and m > 0:
+            return aligned, m
+        m = moved(exact)
+        if lo_ok <= m <= hi_ok and m > 0:
+            return exact, m
+        return None
+
+    def _options(self, seg: int, receiver: int, lo_ok: int, hi_ok: int, slack: int = 0):
+        """Feasible moves of part of ``seg`` to ``receiver`` moving work in [lo_ok, hi_ok + slack]."""
+        doc, q0, q1, rank, _, _, total = self.seg[seg]
+        w, g = self.w, self.g
+        remote_q = self.q_bytes if self.remote_all or rank != receiver else 0
+        kvb = self.kv_bytes
+        hi = hi_ok + slack
+        lo = max(lo_ok, 1)
+        out = []
+        if 0 < total <= hi:
+            cost = (q1 - q0) * remote_q + self._new_kv(receiver, doc, key_start(q0, w), q1) * kvb
+            out.append((cost / total, -total, 0, q0, q1, total))
+            if total >= lo_ok:
+                return out
+        if q1 - q0 < 2:
+            return out
+        c0, c1 = cum_pairs(q0, w), cum_pairs(q1, w)
+        # Final move: at least the need. Fill: at most the spare — or, relaxed, at least the spare
+        # (overshooting by under one query token's work, <= slack).
+        at_least = lo_ok > 0 or slack > 0
+        target = lo_ok if lo_ok > 0 else max(hi_ok, 1)
+        # Suffix [x, q1): the late queries carry the most work per query token.
+        t = c1 - target
+        if at_least:
+            x = first_reaching(t + 1, w) - 1
+            xa = x // g * g
+        else:
+            x = first_reaching(t, w)
+            xa = -(-x // g) * g
+        got = self._align_ok(min(max(x, q0), q1), min(max(xa, q0), q1), lambda c: c1 - cum_pairs(c, w), lo, hi)
+        if got and q0 < got[0] < q1:
+            x, m = got
+            cost = (q1 - x) * remote_q + self._new_kv(receiver, doc, key_start(x, w), q1) * kvb
+            out.append((cost / m, -m, 1, x, q1, m))
+        # Head [q0, y): early queries need few keys.
+        t = c0 + target
+        if at_least:
+            y = first_reaching(t, w)
+            ya = -(-y // g) * g
+        else:
+            y = first_reaching(t + 1, w) - 1
+            ya = y // g * g
+        got = self._align_ok(min(max(y, q0), q1), min(max(ya, q0), q1), lambda c: cum_pairs(c, w) - c0, lo, hi)
+        if got and q0 < got[0] < q1:
+            y, m = got
+            cost = (y - q0) * remote_q + self._new_kv(receiver, doc, key_start(q0, w), y) * kvb
+            out.append((cost / m, -m, 2, q0, y, m))
+        if w < 0 and q1 - q0 >= 4 * g:
+            # Head–tail pair of c tokens each carries exactly c·(q0 + q1 + 1) pairs (full causal).
+            per = q0 + q1 + 1
+            c = -(-target // per) if at_least else target // per
+            c = min(-(-c // g) * g if at_least else c // g * g, (q1 - q0) // 2)
+            m = c * per
+            if c > 0 and lo <= m <= hi:
+                cost = 2 * c * remote_q + self._new_kv(receiver, doc, 0, q1) * kvb
+                out.append((cost / m, -m, 3, q0 + c, q1 - c, m))
+        return out
+
+    # -- moves -------------------------------------------------------------------------------
+    def _apply(self, seg: int, kind: int, a: int, b: int, receiver: int, donor_segs: list[int]) -> None:
+        f = self.seg[seg]
+        doc, q0, q1, rank, row, donor, work = f
+        w = self.w
+        self.load[donor] -= work
+        donor_segs.remove(seg)
+        if seg < self.n_base:
+            self.dirty.add(seg)
+        if kind == 0:  # whole segment
+            f[SERVER] = receiver
+            self.load[receiver] += work
+            self._hold(receiver, doc, key_start(q0, w), q1)
+            return
+        if kind == 1:  # suffix: donor keeps [q0, a), receiver gets [a, q1)
+            keep, moved = (q0, a), [(a, q1)]
+        elif kind == 2:  # head: receiver gets [q0, b), donor keeps [b, q1)
+            keep, moved = (b, q1), [(q0, b)]
+        else:  # head–tail: donor keeps the middle [a, b)
+            keep, moved = (a, b), [(q0, a), (b, q1)]
+        f[Q0], f[Q1] = keep
+        f[ROW] = row + (keep[0] - q0)
+        f[WORK] = cum_pairs(keep[1], w) - cum_pairs(keep[0], w)
+        self.load[donor] += f[WORK]
+        for m0, m1 in moved:
+            self._add(doc, m0, m1, rank, row + (m0 - q0), receiver)
+        # Re-insert the shrunk segment in (work desc, id) order.
+        seg_map = self.seg
+        bisect.insort(donor_segs, seg, key=lambda s: (-seg_map[s][WORK], s))
+
+    def shed(self, capacity: int) -> None:
+        n = self.p.n_servers
+        donors = sorted((t for t in range(n) if self.load[t] > capacity), key=lambda t: (-self.load[t], t))
+        heap = [(-(capacity - self.load[t]), t) for t in range(n) if self.load[t] < capacity]
+        heapq.heapify(heap)
+        # Shedding more than its excess lowers a donor below the cap and spends receivers' spare
+        # that later donors need: each donor may overshoot by its share of the free room only.
+        self.overshoot = max(0, n * capacity - sum(self.load)) // max(1, len(donors))
+        for donor in donors:
+            mine = self._donor_segments(donor)
+            while self.load[donor] > capacity and mine:
+                top = self._top_receiver(heap, capacity)
+                if top is None:
+                    break
+                move = self._best_move(donor, mine, top, capacity)
+                if move is None:  # nothing of this donor fits even the largest spare
+                    break
+                seg, t, kind, a, b = move
+                self._apply(seg, kind, a, b, t, mine)
+            if self.load[donor] < capacity:  # it can take work from the donors after it
+                heapq.heappush(heap, (-(capacity - self.load[donor]), donor))
+
+    def _top_receiver(self, heap, capacity):
+        """The receiver with the most spare capacity (lazy heap: spares only ever shrink)."""
+        while heap:
+            neg, t = heap[0]
+            spare = capacity - self.load[t]
+            if spare <= 0:
+                heapq.heappop(heap)
+            elif -neg != spare:
+                heapq.heapreplace(heap, (-spare, t))
+            else:
+                return t
+        return None
+
+    def _candidates(self, mine: list[int], need: int, final: bool) -> list[int]:
+        """The donor's heaviest segments, plus (for a final move) the one closest in size above the need."""
+        picks = mine[: self.cfg.candidates]
+        if final:
+            lo, hi = 0, len(mine)  # binary search: last segment with work >= need
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.seg[mine[mid]][WORK] >= need:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            for i in (lo - 1, lo):
+                if 0 <= i < len(mine) and mine[i] not in picks:
+                    picks.append(mine[i])
+        return picks
+
+    def _best_move(self, donor, mine, top, capacity):
+        """Cheapest (bytes per unit of work) feasible move of the donor's work to a receiver."""
+        need = self.load[donor] - capacity
+        final = need <= capacity - self.load[top]
+        best = None
+        for relax in (0, 1):
+            for seg in self._candidates(mine, need, final):
+                receivers = [top]
+                # Servers already holding this document's keys take more of it for q bytes only.
+                for t in self.by_doc.get(self.seg[seg][DOC], ()):
+                    if t != donor and t != top and self.load[t] < capacity and len(receivers) < 3:
+                        receivers.append(t)
+                # Relaxed pass: when no cut fits (tiny spares, eps ~ 0) allow one query token's
+                # work of overshoot — the last token of a segment sees at most q1 keys.
+                slack = self.seg[seg][Q1] if relax else 0
+                for t in receivers:
+                    spare = capacity - self.load[t]
+                    opts = None
+                    if need <= spare + slack:
+                        opts = self._options(seg, t, need, min(spare, need + self.overshoot), slack)
+                    if not opts:  # fill the receiver instead (the donor continues with the next one)
+                        opts = self._options(seg, t, 0, spare, slack)
+                    for opt in opts:
+                        key = (opt[0], opt[1], seg, t, opt[2])
+                        if best is None or key < best[0]:
+                            best = (key, (seg, t, opt[2], opt[3], opt[4]))
+            if best is not None:
+                return best[1]
+        return None
+
+
+def plan_assignment(
+    batch: BatchLayout, placement: Placement, cfg: SchedulerConfig | None = None,
+    shape: AttentionShape | None = None,
+) -> Assignment:
+    """Assign every query token of the batch to exactly one server with max work <= (1+ε)·mean."""
+    cfg = cfg or SchedulerConfig()
+    if placement.n_trainers != batch.n_ranks:
+        raise ValueError(f"placement has {placement.n_trainers} trainers but the batch has {batch.n_ranks} ranks")
+    planner = _Planner(batch, placement, cfg, shape or AttentionShape())
+    planner.place_home()
+    total = sum(planner.load)
+    n = placement.n_servers
+    capacity = max(-(-total // n), int((1.0 + cfg.eps) * total / n))
+    planner.shed(capacity)
+    return planner.finish(capacity)

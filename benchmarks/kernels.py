@@ -66,7 +66,7 @@ from distca.attention import (
     uniform_cuts,
     varlen_metadata,
 )
-from distca.attention.cost import DEFAULT_TILE
+from distca.attention.cost import DEFAULT_TILE, FEATURES
 
 GiB = 1024**3
 
@@ -253,10 +253,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"|relative error| fwd: median {100 * np.median(np.abs(err_f)):.1f}%, max {100 * np.abs(err_f).max():.1f}%; "
         f"bwd: median {100 * np.median(np.abs(err_b)):.1f}%, max {100 * np.abs(err_b).max():.1f}%"
     )
-    coef = ", ".join(f"{n}={c:.3g}" for n, c in zip(("per_task_s", "tile_s", "pair_s", "token_s"), model.coef_fwd,
-                                                     strict=True))
-    coef_b = ", ".join(f"{n}={c:.3g}" for n, c in zip(("per_task_s", "tile_s", "pair_s", "token_s"), model.coef_bwd,
-                                                       strict=True))
+    names = [f"{name}_s" for name in FEATURES]
+    coef = ", ".join(f"{n}={c:.3g}" for n, c in zip(names, model.coef_fwd, strict=True))
+    coef_b = ", ".join(f"{n}={c:.3g}" for n, c in zip(names, model.coef_bwd, strict=True))
     lines = [
         *header_lines(f"Kernel calibration — {setup.backend}, {setup.device.type}, {setup.dtype_name}", info),
         *markdown_table(columns, rows),

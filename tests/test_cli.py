@@ -40,3 +40,32 @@ def test_bad_override_exits_2_with_a_named_key():
     r = _run("demo", "--config", "configs/tiny-cpu.yaml", "--model.n_layerz", "3")
     assert r.returncode == 2
     assert "unknown config key model.n_layerz" in r.stderr
+
+
+def test_plan_command_reads_both_lengths_formats(tmp_path):
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([[16384], [1024] * 16, [512] * 8]))
+    r = _run("plan", "--lengths", str(plain), "--servers", "3", "--eps", "0.02", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    for key in ("max_over_mean", "bytes_moved", "bytes_total", "plan_ms", "compile_ms", "n_tasks"):
+        assert key in summary
+    assert summary["max_over_mean"] <= 1.02 and 0 < summary["bytes_moved"] < summary["bytes_total"]
+    assert summary["n_docs"] == 25
+
+    spanning = tmp_path / "spanning.json"
+    spanning.write_text(json.dumps({"ranks": [[4096, 4096], [8192], [300, 7892]], "continues": [False, True, False]}))
+    r = _run("plan", "--lengths", str(spanning), "--servers", "3", "--window", "256", "--placement", "dedicated",
+             "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["n_docs"] == 4 and summary["placement"] == "dedicated" and summary["window"] == 256
+
+
+def test_plan_command_rejects_bad_lengths(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"ranks": [[10], [-3]]}))
+    r = _run("plan", "--lengths", str(bad), "--servers", "2")
+    assert r.returncode == 2 and "positive integers" in r.stderr
+    r = _run("plan", "--lengths", str(tmp_path / "missing.json"), "--servers", "2")
+    assert r.returncode == 2 and "cannot read lengths file" in r.stderr

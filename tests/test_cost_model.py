@@ -95,8 +95,8 @@ def _synthetic_table(coef_fwd, coef_bwd) -> CalibrationTable:
 
 
 def test_calibrated_model_recovers_a_known_cost_law(tmp_path):
-    truth_f = np.array([2e-5, 0.0, 3e-10, 1e-8])
-    truth_b = np.array([5e-5, 1e-10, 5e-10, 0.0])
+    truth_f = np.array([2e-5, 0.0, 3e-10, 1e-8, 2e-10])
+    truth_b = np.array([5e-5, 1e-10, 5e-10, 0.0, 0.0])
     table = _synthetic_table(truth_f, truth_b)
     path = tmp_path / "cal.json"
     table.save(path)
@@ -120,7 +120,7 @@ def test_calibration_table_errors_name_the_problem(tmp_path):
         CalibrationTable.load(bad)
     with pytest.raises(CalibrationError, match="lacks"):
         CalibrationTable("sdpa", "cpu", "float32", 8, 2, 64, entries=[{"q_len": 4, "kv_len": 4, "window": -1}])
-    with pytest.raises(CalibrationError, match="needs >= 4 entries"):
+    with pytest.raises(CalibrationError, match="needs >= 5 entries"):
         CostModel.from_table(CalibrationTable("sdpa", "cpu", "float32", 8, 2, 64))
     with pytest.raises(CalibrationError, match="cannot read"):
         CalibrationTable.load(tmp_path / "missing.json")

@@ -105,20 +105,24 @@ class AttentionShape:
 # Calibration: measured kernel time per task shape, fitted to a small non-negative linear model.
 # ----------------------------------------------------------------------------------------------
 
-FEATURES = ("per_task", "tiles", "pairs", "tokens")
+FEATURES = ("per_task", "tiles", "pairs", "tokens", "window_pairs")
 
 
 def task_features(
     q_len: ArrayLike, kv_len: ArrayLike, window: ArrayLike, tile: int = DEFAULT_TILE
 ) -> np.ndarray:
-    """Feature matrix ``[n, 4]``: 1 (launch/loop overhead), tiles, pairs, q_len + kv_len (I/O)."""
+    """Feature matrix ``[n, 5]``: 1 (launch/loop overhead), tile area, pairs, q_len + kv_len (I/O), and
+    pairs again for sliding-window tasks only (kernels compute bands with their own efficiency — the CPU
+    backend as dense masked blocks, GPU kernels as partially masked tiles)."""
     q, k, w = np.broadcast_arrays(_as_i64(q_len), _as_i64(kv_len), _as_i64(window))
+    pairs = pair_count(q, k, w).astype(np.float64)
     return np.stack(
         [
             np.ones(q.shape, dtype=np.float64),
             tile_count(q, k, w, tile, tile).astype(np.float64) * tile * tile,
-            pair_count(q, k, w).astype(np.float64),
+            pairs,
             (q + k).astype(np.float64),
+            np.where((w > 0) & (w < k), pairs, 0.0),
         ],
         axis=-1,
     )
@@ -189,7 +193,7 @@ class CostModel:
     ``mode="pairs"``: FLOPs from exact pair counts at ``peak_flops`` (the closed form of DESIGN.md §6).
     ``mode="tiles"``: FLOPs of every computed tile plus a fixed per-task overhead — short shards and
     short windows cost more than their pairs say. ``mode="calibrated"``: a non-negative linear model
-    over (per-task, tile area, pairs, tokens) fitted to a measured :class:`CalibrationTable`; compute
+    over (per-task, tile area, pairs, tokens, windowed pairs) fitted to a measured :class:`CalibrationTable`; compute
     terms scale with ``n_heads·head_dim`` when the costed shape differs from the measured one.
     """
 
@@ -219,7 +223,7 @@ class CostModel:
         own = AttentionShape(table.n_heads, table.n_kv_heads, table.head_dim)
         shape = shape or own
         ratio = (shape.n_heads * shape.head_dim) / (own.n_heads * own.head_dim)
-        scale = np.array([1.0, ratio, ratio, ratio])
+        scale = np.array([1.0, ratio, ratio, ratio, ratio])
         return cls(shape=shape, mode="calibrated", tile=table.tile, coef_fwd=fits[0] * scale,
                    coef_bwd=fits[1] * scale)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass
+from math import isqrt
 
 import numpy as np
 
@@ -236,15 +237,26 @@ class _Planner:
             y, m = got
             cost = (y - q0) * remote_q + self._new_kv(receiver, doc, key_start(q0, w), y) * kvb
             out.append((cost / m, -m, 2, q0, y, m))
-        if w < 0 and q1 - q0 >= 4 * g:
-            # Head–tail pair of c tokens each carries exactly c·(q0 + q1 + 1) pairs (full causal).
-            per = q0 + q1 + 1
-            c = -(-target // per) if at_least else target // per
-            c = min(-(-c // g) * g if at_least else c // g * g, (q1 - q0) // 2)
-            m = c * per
-            if c > 0 and lo <= m <= hi:
-                cost = 2 * c * remote_q + self._new_kv(receiver, doc, 0, q1) * kvb
-                out.append((cost / m, -m, 3, q0 + c, q1 - c, m))
+        if w < 0 and remote_q and q1 - q0 >= 2 * g:
+            # Middle [x, y): for a small move, the donor keeps a head–tail pair and ships the middle,
+            # which needs keys only up to y. A chunk of c queries ending at y carries ~c·(y - c/2)
+            # pairs and costs c·q + y·kv bytes; for work m that is least at c = sqrt(m·kv / (q + kv/2)).
+            c = max(1, isqrt(target * kvb // (remote_q + kvb // 2)))
+            y = -(-(target // c + c // 2) // g) * g
+            if q0 + 1 < y < q1:
+                cy = cum_pairs(y, w)
+                t = cy - target
+                if at_least:
+                    x = first_reaching(t + 1, w) - 1
+                    xa = x // g * g
+                else:
+                    x = first_reaching(t, w)
+                    xa = -(-x // g) * g
+                got = self._align_ok(min(max(x, q0), y), min(max(xa, q0), y), lambda v: cy - cum_pairs(v, w), lo, hi)
+                if got and q0 < got[0] < y:
+                    x, m = got
+                    cost = (y - x) * remote_q + self._new_kv(receiver, doc, 0, y) * kvb
+                    out.append((cost / m, -m, 3, x, y, m))
         return out
 
     # -- moves -------------------------------------------------------------------------------
@@ -262,20 +274,23 @@ class _Planner:
             self._hold(receiver, doc, key_start(q0, w), q1)
             return
         if kind == 1:  # suffix: donor keeps [q0, a), receiver gets [a, q1)
-            keep, moved = (q0, a), [(a, q1)]
+            keep, moved, also_keep = (q0, a), (a, q1), None
         elif kind == 2:  # head: receiver gets [q0, b), donor keeps [b, q1)
-            keep, moved = (b, q1), [(q0, b)]
-        else:  # head–tail: donor keeps the middle [a, b)
-            keep, moved = (a, b), [(q0, a), (b, q1)]
+            keep, moved, also_keep = (b, q1), (q0, b), None
+        else:  # middle: receiver gets [a, b), donor keeps the head–tail pair [q0, a) and [b, q1)
+            keep, moved, also_keep = (q0, a), (a, b), (b, q1)
         f[Q0], f[Q1] = keep
         f[ROW] = row + (keep[0] - q0)
         f[WORK] = cum_pairs(keep[1], w) - cum_pairs(keep[0], w)
         self.load[donor] += f[WORK]
-        for m0, m1 in moved:
-            self._add(doc, m0, m1, rank, row + (m0 - q0), receiver)
-        # Re-insert the shrunk segment in (work desc, id) order.
+        self._add(doc, moved[0], moved[1], rank, row + (moved[0] - q0), receiver)
         seg_map = self.seg
-        bisect.insort(donor_segs, seg, key=lambda s: (-seg_map[s][WORK], s))
+        order = lambda s: (-seg_map[s][WORK], s)  # noqa: E731
+        if also_keep is not None:
+            bisect.insort(donor_segs, self._add(doc, also_keep[0], also_keep[1], rank, row + (also_keep[0] - q0),
+                                                donor), key=order)
+        # Re-insert the shrunk segment in (work desc, id) order.
+        bisect.insort(donor_segs, seg, key=order)
 
     def shed(self, capacity: int) -> None:
         n = self.p.n_servers

@@ -23,7 +23,6 @@ dominate. Deterministic: ties break on indices, never on hash or time.
 from __future__ import annotations
 
 import bisect
-import heapq
 from dataclasses import dataclass
 from math import isqrt
 
@@ -44,7 +43,7 @@ class SchedulerConfig:
     eps: float = 0.05  # every server's work <= (1 + eps) * mean
     granularity: int = 128  # preferred cut multiple (tokens, document positions)
     window: int = -1  # -1 full causal; w > 0 sliding window of w keys including self
-    candidates: int = 1  # heaviest pieces of a donor considered per move (plus size-matched ones)
+    candidates: int = 3  # heaviest pieces of a donor considered per move (plus size-matched ones)
     min_offload_pairs: int = 0  # dedicated placement: pieces with less work stay on their trainer
 
     def __post_init__(self) -> None:
@@ -295,37 +294,30 @@ class _Planner:
     def shed(self, capacity: int) -> None:
         n = self.p.n_servers
         donors = sorted((t for t in range(n) if self.load[t] > capacity), key=lambda t: (-self.load[t], t))
-        heap = [(-(capacity - self.load[t]), t) for t in range(n) if self.load[t] < capacity]
-        heapq.heapify(heap)
+        receivers = _Receivers([(capacity - self.load[t], t) for t in range(n) if self.load[t] < capacity])
         # Shedding more than its excess lowers a donor below the cap and spends receivers' spare
         # that later donors need: each donor may overshoot by its share of the free room only.
         self.overshoot = max(0, n * capacity - sum(self.load)) // max(1, len(donors))
         for donor in donors:
             mine = self._donor_segments(donor)
             while self.load[donor] > capacity and mine:
-                top = self._top_receiver(heap, capacity)
-                if top is None:
+                need = self.load[donor] - capacity
+                # Best fit: the smallest spare that takes the whole need keeps large spares for
+                # large needs (fewer splits, fewer duplicated keys); else the largest spare.
+                fit = receivers.best_fit(need)
+                target = fit if fit is not None else receivers.largest()
+                if target is None:
                     break
-                move = self._best_move(donor, mine, top, capacity)
+                move = self._best_move(donor, mine, target, capacity)
+                if move is None and fit is not None and receivers.largest() != fit:
+                    move = self._best_move(donor, mine, receivers.largest(), capacity)
                 if move is None:  # nothing of this donor fits even the largest spare
                     break
                 seg, t, kind, a, b = move
                 self._apply(seg, kind, a, b, t, mine)
+                receivers.update(t, capacity - self.load[t])
             if self.load[donor] < capacity:  # it can take work from the donors after it
-                heapq.heappush(heap, (-(capacity - self.load[donor]), donor))
-
-    def _top_receiver(self, heap, capacity):
-        """The receiver with the most spare capacity (lazy heap: spares only ever shrink)."""
-        while heap:
-            neg, t = heap[0]
-            spare = capacity - self.load[t]
-            if spare <= 0:
-                heapq.heappop(heap)
-            elif -neg != spare:
-                heapq.heapreplace(heap, (-spare, t))
-            else:
-                return t
-        return None
+                receivers.update(donor, capacity - self.load[donor])
 
     def _candidates(self, mine: list[int], need: int, final: bool) -> list[int]:
         """The donor's heaviest segments, plus (for a final move) the one closest in size above the need."""
@@ -362,7 +354,10 @@ class _Planner:
                     spare = capacity - self.load[t]
                     opts = None
                     if need <= spare + slack:
-                        opts = self._options(seg, t, need, min(spare, need + self.overshoot), slack)
+                        # A final cut may overshoot the need by the donor's share of the free room,
+                        # or by one query token's work (a token-granular cut cannot do better).
+                        top_up = min(spare, need + max(self.overshoot, self.seg[seg][Q1]))
+                        opts = self._options(seg, t, need, top_up, slack)
                     if not opts:  # fill the receiver instead (the donor continues with the next one)
                         opts = self._options(seg, t, 0, spare, slack)
                     for opt in opts:
@@ -372,6 +367,29 @@ class _Planner:
             if best is not None:
                 return best[1]
         return None
+
+
+class _Receivers:
+    """Servers below the cap, ordered by spare capacity (a sorted list: a plan has <= servers of them)."""
+
+    def __init__(self, spares: list[tuple[int, int]]):
+        self.items = sorted(spares)
+        self.spare = {t: sp for sp, t in spares}
+
+    def largest(self) -> int | None:
+        return self.items[-1][1] if self.items else None
+
+    def best_fit(self, need: int) -> int | None:
+        i = bisect.bisect_left(self.items, (need, -1))
+        return self.items[i][1] if i < len(self.items) else None
+
+    def update(self, t: int, spare: int) -> None:
+        old = self.spare.pop(t, None)
+        if old is not None:
+            del self.items[bisect.bisect_left(self.items, (old, t))]
+        if spare > 0:
+            self.spare[t] = spare
+            bisect.insort(self.items, (spare, t))
 
 
 def plan_assignment(
@@ -386,6 +404,8 @@ def plan_assignment(
     planner.place_home()
     total = sum(planner.load)
     n = placement.n_servers
-    capacity = max(-(-total // n), int((1.0 + cfg.eps) * total / n))
+    # Cuts are token-granular, so no plan can promise better than one query token's work (at most
+    # the longest document's length in pairs) above the mean: that is the floor of the slack.
+    capacity = max(-(-total // n) + int(batch.doc_len.max(initial=0)), int((1.0 + cfg.eps) * total / n))
     planner.shed(capacity)
     return planner.finish(capacity)

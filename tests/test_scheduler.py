@@ -233,3 +233,31 @@ def test_bad_config_and_placement():
         Placement(2, 2, "shared")
     with pytest.raises(ValueError, match="3 trainers but the batch has 2"):
         make_plan(BatchLayout.from_ranks([[4], [4]]), Placement(3, 3))
+
+
+def test_pass_messages_and_link_bytes():
+    batch = BatchLayout.from_ranks([[16384], [1024] * 16])
+    plan, _ = make_plan(batch, Placement(2, 2), SchedulerConfig(eps=0.02))
+    assert plan.link_bytes("fwd") == plan.bytes_moved + plan.bytes_returned
+    q_rows = int(plan.q_xfer.n[plan.q_xfer.remote].sum())
+    kv_rows = int(plan.kv_xfer.n[plan.kv_xfer.remote].sum())
+    q, kv, lse = plan.row_bytes("q"), plan.row_bytes("k"), plan.row_bytes("lse")
+    # Backward: q, out, dout, lse and k, v there; dq, dk, dv back.
+    assert plan.link_bytes("bwd") == q_rows * (4 * q + lse) + kv_rows * 4 * kv
+    with pytest.raises(ValueError, match="'fwd' or 'bwd'"):
+        plan.messages("sideways")
+
+
+def test_dedicated_default_keeps_documents_below_one_shard_local():
+    batch = BatchLayout.from_ranks([[4096, 100, 127, 128], [4096, 20]])
+    plan, _ = make_plan(batch, Placement(2, 2, "dedicated"), SchedulerConfig(eps=0.1))
+    local = plan.task_server < 0
+    assert sorted((plan.task_q1[local] - plan.task_q0[local]).tolist()) == [20, 100, 127]
+
+
+@pytest.mark.parametrize(("trainers", "servers", "kind"), [(4, 4, "colocated"), (6, 4, "colocated"),
+                                                            (3, 5, "colocated"), (6, 4, "dedicated")])
+def test_vectorised_placement_matches_scalar(trainers, servers, kind):
+    p = Placement(trainers, servers, kind)
+    assert p.home_servers().tolist() == [p.home_server(r) for r in range(trainers)]
+    assert p.has_local_server().tolist() == [p.local_server(r) >= 0 for r in range(trainers)]

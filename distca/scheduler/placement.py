@@ -35,6 +35,17 @@ class Placement:
         local = self.local_server(trainer)
         return local if local >= 0 else trainer * self.n_servers // self.n_trainers
 
+    def home_servers(self) -> np.ndarray:
+        """``home_server`` of every trainer, vectorised."""
+        r = np.arange(self.n_trainers, dtype=np.int64)
+        block = r * self.n_servers // self.n_trainers
+        return np.where(r < self.n_servers, r, block) if self.kind == "colocated" else block
+
+    def has_local_server(self) -> np.ndarray:
+        """Whether each trainer has a server on its device."""
+        r = np.arange(self.n_trainers)
+        return (r < self.n_servers) if self.kind == "colocated" else np.zeros(self.n_trainers, dtype=bool)
+
     def is_remote(self, trainer: np.ndarray | int, server: np.ndarray | int) -> np.ndarray | bool:
         """Whether data from ``trainer`` to ``server`` crosses devices (elementwise)."""
         if self.kind == "dedicated":

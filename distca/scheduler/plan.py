@@ -108,20 +108,32 @@ class Plan:
         """Forward return bytes that cross devices: out and lse."""
         return int(self.q_xfer.n[self.q_xfer.remote].sum()) * (self.row_bytes("out") + self.row_bytes("lse"))
 
+    def messages(self, which: str) -> list[tuple[str, tuple[str, ...], Transfers]]:
+        """What moves in the forward (``"fwd"``) or backward (``"bwd"``) pass: ``(direction, tensors,
+        transfers)`` with direction ``"to_server"`` (trainer rows → server rows) or ``"to_trainer"`` (the
+        same rows, reversed). Servers keep nothing between passes, so the backward resends its inputs;
+        ``dk``/``dv`` of a key used by several tasks on a server are summed there before they return."""
+        if which == "fwd":
+            return [("to_server", ("q",), self.q_xfer), ("to_server", ("k", "v"), self.kv_xfer),
+                    ("to_trainer", ("out", "lse"), self.q_xfer)]
+        if which == "bwd":
+            return [("to_server", ("q", "out", "dout", "lse"), self.q_xfer), ("to_server", ("k", "v"), self.kv_xfer),
+                    ("to_trainer", ("dq",), self.q_xfer), ("to_trainer", ("dk", "dv"), self.kv_xfer)]
+        raise ValueError(f"which must be 'fwd' or 'bwd', got {which!r}")
+
+    def link_bytes(self, which: str) -> int:
+        """Bytes that cross devices in one pass, both directions."""
+        return sum(int(x.n[x.remote].sum()) * sum(self.row_bytes(t) for t in tensors)
+                   for _, tensors, x in self.messages(which))
+
     def digest(self) -> bytes:
         """A byte string identifying the plan exactly (for determinism checks)."""
         arrays = [getattr(self, f) for f in self.__dataclass_fields__ if f.startswith(("task_", "server_"))]
         return b"".join(a.tobytes() for a in arrays) + self.q_xfer.digest() + self.kv_xfer.digest()
 
 
-def _excl_cumsum_by_group(values: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """Exclusive running sum of ``values`` restarting whenever sorted ``group`` changes."""
-    csum = np.cumsum(values) - values
-    if values.size == 0:
-        return csum
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-    base = np.repeat(csum[starts], np.diff(np.r_[starts, values.size]))
-    return csum - base
+def _excl_cumsum(values: np.ndarray) -> np.ndarray:
+    return np.cumsum(values) - values
 
 
 def compile_plan(
@@ -131,52 +143,56 @@ def compile_plan(
     """Lay out receive buffers and row transfers for an assignment (vectorised; deterministic)."""
     shape = shape or AttentionShape()
     a = assignment
-    s_n = placement.n_servers
+    n_srv = placement.n_servers
     k0 = np.zeros_like(a.q0) if window < 0 else np.maximum(0, a.q0 - window + 1)
     k1 = a.q1
     qlen = a.q1 - a.q0
     # Full causal: queries [q0, q1) see q0 + 1 ... q1 keys.
     pairs = qlen * (a.q0 + a.q1 + 1) // 2 if window < 0 else pair_count(qlen, k1 - k0, window)
-    remote_task = a.server >= 0
-    srv = a.server[remote_task]
+    # Tasks are sorted by (server, doc, q0) with LOCAL (-1) first: the server tasks are a suffix.
+    r = slice(int(np.searchsorted(a.server, 0)), None)
+    srv, doc_r, k0_r, k1_r, qlen_r, rank_r = a.server[r], a.doc[r], k0[r], k1[r], qlen[r], a.rank[r]
 
-    # q rows: each task's queries are one contiguous run on one trainer.
-    q_row = np.where(remote_task, 0, a.row)
-    q_row[remote_task] = _excl_cumsum_by_group(qlen[remote_task], srv)
-    server_q_rows = np.bincount(srv, weights=qlen[remote_task], minlength=s_n).astype(np.int64)
+    # q rows: each task's queries are one contiguous run on one trainer, appended to its server's buffer.
+    server_q_rows = np.bincount(srv, weights=qlen_r, minlength=n_srv).astype(np.int64)
+    q_row = a.row.copy()  # LOCAL tasks keep their trainer rows
+    q_row[r] = _excl_cumsum(qlen_r) - _excl_cumsum(server_q_rows)[srv]
 
-    # kv: one hull [lo, hi) per (server, doc); tasks index into it.
-    doc_r, k0_r, k1_r = a.doc[remote_task], k0[remote_task], k1[remote_task]
-    grp_start = np.flatnonzero(np.r_[True, (srv[1:] != srv[:-1]) | (doc_r[1:] != doc_r[:-1])]) if srv.size else \
-        np.zeros(0, dtype=np.int64)
+    # kv: one hull [lo, hi) per (server, doc); the server's tasks index into it.
+    if srv.size:
+        grp_start = np.flatnonzero(np.r_[True, (srv[1:] != srv[:-1]) | (doc_r[1:] != doc_r[:-1])])
+        g_lo = np.minimum.reduceat(k0_r, grp_start)
+        g_hi = np.maximum.reduceat(k1_r, grp_start)
+    else:
+        grp_start = g_lo = g_hi = np.zeros(0, dtype=np.int64)
     g_server, g_doc = srv[grp_start], doc_r[grp_start]
-    g_lo = np.minimum.reduceat(k0_r, grp_start) if srv.size else k0_r
-    g_hi = np.maximum.reduceat(k1_r, grp_start) if srv.size else k1_r
-    g_off = _excl_cumsum_by_group(g_hi - g_lo, g_server)
-    server_kv_rows = np.bincount(g_server, weights=g_hi - g_lo, minlength=s_n).astype(np.int64)
+    server_kv_rows = np.bincount(g_server, weights=g_hi - g_lo, minlength=n_srv).astype(np.int64)
+    g_off = _excl_cumsum(g_hi - g_lo) - _excl_cumsum(server_kv_rows)[g_server]
     task_grp = np.repeat(np.arange(grp_start.size), np.diff(np.r_[grp_start, srv.size]))
     kv_row = np.full(a.doc.size, -1, dtype=np.int64)
-    kv_row[remote_task] = g_off[task_grp] + (k0_r - g_lo[task_grp])
+    kv_row[r] = g_off[task_grp] + (k0_r - g_lo[task_grp])
 
-    # kv sources: pieces of the group's document that overlap [lo, hi).
+    # kv sources: the pieces of each group's document that overlap [lo, hi).
     big = int(batch.doc_len.max(initial=0)) + 1
     p_start = batch.piece_doc * big + batch.piece_off
     p_end = p_start + batch.piece_len
     first = np.searchsorted(p_end, g_doc * big + g_lo, side="right")
-    last = np.searchsorted(p_start, g_doc * big + g_hi, side="left")
-    cnt = last - first
-    gi = np.repeat(np.arange(g_doc.size), cnt)
-    pi = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(first, cnt)
-    lo = np.maximum(g_lo[gi], batch.piece_off[pi])
-    hi = np.minimum(g_hi[gi], batch.piece_off[pi] + batch.piece_len[pi])
-    kv_rank = batch.piece_rank[pi]
-    kv = Transfers(kv_rank, g_server[gi], batch.piece_row[pi] + (lo - batch.piece_off[pi]),
-                   g_off[gi] + (lo - g_lo[gi]), hi - lo, np.asarray(placement.is_remote(kv_rank, g_server[gi])))
-    q = Transfers(a.rank[remote_task], srv, a.row[remote_task], q_row[remote_task], qlen[remote_task],
-                  np.asarray(placement.is_remote(a.rank[remote_task], srv)))
+    cnt = np.searchsorted(p_start, g_doc * big + g_hi, side="left") - first
+    if int(cnt.max(initial=1)) == 1 and cnt.size and cnt.min() == 1:  # the common case: one piece each
+        gi, pi = np.arange(g_doc.size), first
+    else:
+        gi = np.repeat(np.arange(g_doc.size), cnt)
+        pi = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(first, cnt)
+    p_off = batch.piece_off[pi]
+    lo = np.maximum(g_lo[gi], p_off)
+    hi = np.minimum(g_hi[gi], p_off + batch.piece_len[pi])
+    kv_rank, kv_server = batch.piece_rank[pi], g_server[gi]
+    kv = Transfers(kv_rank, kv_server, batch.piece_row[pi] + (lo - p_off), g_off[gi] + (lo - g_lo[gi]), hi - lo,
+                   np.asarray(placement.is_remote(kv_rank, kv_server)))
+    q = Transfers(rank_r, srv, a.row[r], q_row[r], qlen_r, np.asarray(placement.is_remote(rank_r, srv)))
     kv, q = _sorted(kv), _sorted(q)
-    server_pairs = np.bincount(srv, weights=pairs[remote_task], minlength=s_n)
-    return Plan(placement.n_trainers, s_n, window, a.capacity, shape, a.doc, a.q0, a.q1, k0, k1, a.rank, a.row,
+    server_pairs = np.bincount(srv, weights=pairs[r], minlength=n_srv)
+    return Plan(placement.n_trainers, n_srv, window, a.capacity, shape, a.doc, a.q0, a.q1, k0, k1, a.rank, a.row,
                 a.server, q_row, kv_row, pairs, server_q_rows, server_kv_rows, q, kv, server_pairs)
 
 

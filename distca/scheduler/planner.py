@@ -43,8 +43,12 @@ class SchedulerConfig:
     eps: float = 0.05  # every server's work <= (1 + eps) * mean
     granularity: int = 128  # preferred cut multiple (tokens, document positions)
     window: int = -1  # -1 full causal; w > 0 sliding window of w keys including self
-    candidates: int = 3  # heaviest pieces of a donor considered per move (plus size-matched ones)
-    min_offload_pairs: int = 0  # dedicated placement: pieces with less work stay on their trainer
+    # Heaviest pieces of a donor considered per move (plus the ones closest in size to the need).
+    # 0 = auto: 3 under a tight bound (eps < 0.01), where the choice matters most, else 1.
+    candidates: int = 0
+    # Dedicated placement: a piece with less work than this stays on its trainer (its attention costs
+    # less than a kernel launch and a message). -1: one shard's worth, granularity·(granularity+1)/2.
+    min_offload_pairs: int = -1
 
     def __post_init__(self) -> None:
         if self.eps < 0:
@@ -53,8 +57,21 @@ class SchedulerConfig:
             raise ValueError(f"granularity must be >= 1, got {self.granularity}")
         if self.window != -1 and self.window < 1:
             raise ValueError(f"window must be -1 or >= 1, got {self.window}")
-        if self.candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if self.candidates < 0:
+            raise ValueError(f"candidates must be >= 0 (0 = auto), got {self.candidates}")
+        if self.min_offload_pairs < -1:
+            raise ValueError(f"min_offload_pairs must be >= 0 or -1 (auto), got {self.min_offload_pairs}")
+
+    @property
+    def n_candidates(self) -> int:
+        """Resolved ``candidates``."""
+        return self.candidates or (3 if self.eps < 0.01 else 1)
+
+    @property
+    def offload_threshold(self) -> int:
+        """Pairs below which a piece stays on its trainer when no server is local."""
+        g = self.granularity
+        return g * (g + 1) // 2 if self.min_offload_pairs == -1 else self.min_offload_pairs
 
 
 @dataclass(frozen=True)
@@ -130,13 +147,14 @@ class _Planner:
             work = b.piece_len * (b.piece_off + self.q1_arr + 1) // 2
         else:
             work = pair_count(b.piece_len, self.q1_arr - np.maximum(0, b.piece_off - w + 1), w)
-        homes = np.array([self.p.home_server(r) for r in range(b.n_ranks)], dtype=np.int64)
-        server = homes[b.piece_rank]
-        if self.cfg.min_offload_pairs:
+        server = self.p.home_servers()[b.piece_rank]
+        threshold = self.cfg.offload_threshold
+        has_local = self.p.has_local_server()
+        if threshold and not has_local.all():
             # A tiny piece stays on its trainer when all the keys it needs are there too.
-            no_local = np.array([self.p.local_server(r) < 0 for r in range(b.n_ranks)])[b.piece_rank]
+            no_local = ~has_local[b.piece_rank]
             own_keys = b.piece_off == 0 if w < 0 else b.piece_off - w + 1 >= b.piece_off
-            server = np.where(no_local & own_keys & (work < self.cfg.min_offload_pairs), LOCAL, server)
+            server = np.where(no_local & own_keys & (work < threshold), LOCAL, server)
         on = server >= 0
         self.server_arr, self.work_arr = server, work
         self.load = np.bincount(server[on], weights=work[on], minlength=self.p.n_servers).astype(np.int64).tolist()
@@ -321,7 +339,7 @@ class _Planner:
 
     def _candidates(self, mine: list[int], need: int, final: bool) -> list[int]:
         """The donor's heaviest segments, plus (for a final move) the one closest in size above the need."""
-        picks = mine[: self.cfg.candidates]
+        picks = mine[: self.cfg.n_candidates]
         if final:
             lo, hi = 0, len(mine)  # binary search: last segment with work >= need
             while lo < hi:

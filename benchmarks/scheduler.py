@@ -43,18 +43,22 @@ def _batch(dist: str, n_ranks: int, ctx: int, seed: int) -> BatchLayout:
     return BatchLayout.from_ranks(packed.ranks, packed.continues)
 
 
-def _measure(planner, batch, placement, shape):
-    """Run ``planner(batch, placement)``, compile its assignment and measure it (after one warm-up run,
-    as in training, where the planner runs every step)."""
+def _measure(planner, batch, placement, shape, reps: int = 1):
+    """Run ``planner(batch, placement)``, compile its assignment and measure it: the median of ``reps`` timed
+    runs after one warm-up run (in training the planner runs every step)."""
     compile_plan(planner(batch, placement), batch, placement, -1, shape)
-    t0 = time.perf_counter()
-    assignment = planner(batch, placement)
-    t1 = time.perf_counter()
-    plan = compile_plan(assignment, batch, placement, -1, shape)
-    t2 = time.perf_counter()
+    runs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        assignment = planner(batch, placement)
+        t1 = time.perf_counter()
+        plan = compile_plan(assignment, batch, placement, -1, shape)
+        runs.append((t1 - t0, time.perf_counter() - t1))
+    plan_s = statistics.median(r[0] for r in runs)
+    compile_s = statistics.median(r[1] for r in runs)
     total = int(batch.rank_tokens.sum()) * (plan.row_bytes("q") + plan.row_bytes("k") + plan.row_bytes("v"))
     return {"max_over_mean": plan.max_over_mean, "bytes_frac": plan.bytes_moved / total,
-            "plan_ms": (t1 - t0) * 1e3, "compile_ms": (t2 - t1) * 1e3, "n_tasks": plan.n_tasks}
+            "plan_ms": plan_s * 1e3, "compile_ms": compile_s * 1e3, "n_tasks": plan.n_tasks}
 
 
 def _cad(batch, placement, cfg, shape):
@@ -74,7 +78,7 @@ def run(dists, contexts, servers, epsilons, seeds) -> list[dict]:
                 for eps in epsilons:
                     cad = partial(_cad, cfg=SchedulerConfig(eps=eps), shape=shape)
                     greedy = partial(deficit_greedy, eps=eps, shape=shape)
-                    res = {"cad": [_measure(cad, b, placement, shape) for b in batches],
+                    res = {"cad": [_measure(cad, b, placement, shape, reps=5) for b in batches],
                            "greedy": [_measure(greedy, b, placement, shape) for b in batches], **fixed}
                     # The same balance: CAD asked for exactly the imbalance the greedy reached.
                     res["cad_at_greedy"] = [

@@ -91,9 +91,9 @@ def test_plan_covers_every_query_once_with_exact_key_ranges_and_correct_manifest
         qr, kr = int(plan.task_q_row[i]), int(plan.task_kv_row[i])
         assert (qbuf[s][qr:qr + q1 - q0] == d * big + np.arange(q0, q1)).all()
         assert (kvbuf[s][kr:kr + k1 - k0] == d * big + np.arange(k0, k1)).all()
-    # Transfers are ordered by (trainer, server, destination row).
+    # Transfers are ordered by (server, destination row).
     for x in (plan.q_xfer, plan.kv_xfer):
-        key = list(zip(x.rank.tolist(), x.server.tolist(), x.dst_row.tolist(), strict=True))
+        key = list(zip(x.server.tolist(), x.dst_row.tolist(), strict=True))
         assert key == sorted(key)
     # Transfers cost bytes exactly when they cross devices.
     if kind == "dedicated":

@@ -25,8 +25,8 @@ from distca.scheduler.planner import Assignment
 
 @dataclass(frozen=True)
 class Transfers:
-    """Row-range copies from a trainer's local buffer to a server's receive buffer (sorted by
-    trainer, then server, then destination row)."""
+    """Row-range copies from a trainer's local buffer to a server's receive buffer, ordered by server,
+    then destination row (a server's receive buffer is filled front to back)."""
 
     rank: np.ndarray
     server: np.ndarray
@@ -176,13 +176,18 @@ def compile_plan(
     big = int(batch.doc_len.max(initial=0)) + 1
     p_start = batch.piece_doc * big + batch.piece_off
     p_end = p_start + batch.piece_len
-    first = np.searchsorted(p_end, g_doc * big + g_lo, side="right")
-    cnt = np.searchsorted(p_start, g_doc * big + g_hi, side="left") - first
-    if int(cnt.max(initial=1)) == 1 and cnt.size and cnt.min() == 1:  # the common case: one piece each
-        gi, pi = np.arange(g_doc.size), first
-    else:
+    # Most documents are one piece (pieces are sorted by document): only split ones need a search.
+    doc_pieces = np.bincount(batch.piece_doc, minlength=batch.n_docs)
+    first = (np.cumsum(doc_pieces) - doc_pieces)[g_doc]
+    cnt = np.ones_like(first)
+    split = np.flatnonzero(doc_pieces[g_doc] > 1)
+    if split.size:
+        first[split] = np.searchsorted(p_end, g_doc[split] * big + g_lo[split], side="right")
+        cnt[split] = np.searchsorted(p_start, g_doc[split] * big + g_hi[split], side="left") - first[split]
         gi = np.repeat(np.arange(g_doc.size), cnt)
         pi = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(first, cnt)
+    else:
+        gi, pi = np.arange(g_doc.size), first
     p_off = batch.piece_off[pi]
     lo = np.maximum(g_lo[gi], p_off)
     hi = np.minimum(g_hi[gi], p_off + batch.piece_len[pi])
@@ -190,15 +195,6 @@ def compile_plan(
     kv = Transfers(kv_rank, kv_server, batch.piece_row[pi] + (lo - p_off), g_off[gi] + (lo - g_lo[gi]), hi - lo,
                    np.asarray(placement.is_remote(kv_rank, kv_server)))
     q = Transfers(rank_r, srv, a.row[r], q_row[r], qlen_r, np.asarray(placement.is_remote(rank_r, srv)))
-    kv, q = _sorted(kv), _sorted(q)
     server_pairs = np.bincount(srv, weights=pairs[r], minlength=n_srv)
     return Plan(placement.n_trainers, n_srv, window, a.capacity, shape, a.doc, a.q0, a.q1, k0, k1, a.rank, a.row,
                 a.server, q_row, kv_row, pairs, server_q_rows, server_kv_rows, q, kv, server_pairs)
-
-
-def _sorted(t: Transfers) -> Transfers:
-    """Order by (rank, server, dst_row). Transfers are built in (server, dst_row) order, so a stable
-    sort on the rank alone suffices — a radix sort on 16-bit keys."""
-    key = t.rank.astype(np.uint16) if t.rank.size and int(t.rank.max()) < 2**16 else t.rank
-    order = np.argsort(key, kind="stable")
-    return Transfers(t.rank[order], t.server[order], t.src_row[order], t.dst_row[order], t.n[order], t.remote[order])

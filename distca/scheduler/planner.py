@@ -168,17 +168,25 @@ class _Planner:
                                 self.q1_arr[idx].tolist(), strict=True):
             self._hold(s, d, lo, hi)
 
+    def _index_servers(self) -> None:
+        """Pieces grouped by server (one stable sort), so a donor's pieces are a slice."""
+        self.by_server = np.argsort(self.server_arr, kind="stable")
+        self.server_bounds = np.searchsorted(self.server_arr[self.by_server], np.arange(self.p.n_servers + 1))
+
     def _donor_segments(self, donor: int) -> list[int]:
-        """Mirror a donor's pieces as live segments; ids sorted by work, heaviest first."""
-        b = self.b
-        idx = np.flatnonzero(self.server_arr == donor)
-        idx = idx[np.lexsort((idx, -self.work_arr[idx]))]
-        cols = (b.piece_doc[idx], b.piece_off[idx], self.q1_arr[idx], b.piece_rank[idx], b.piece_row[idx],
-                self.server_arr[idx], self.work_arr[idx])
-        ids = idx.tolist()
-        for sid, *fields in zip(ids, *(c.tolist() for c in cols), strict=True):
-            self.seg[sid] = fields
-        return ids
+        """A donor's piece ids, heaviest first (mirrored as live segments lazily, by ``_get``)."""
+        idx = self.by_server[self.server_bounds[donor]:self.server_bounds[donor + 1]]
+        return idx[np.lexsort((idx, -self.work_arr[idx]))].tolist()
+
+    def _get(self, sid: int) -> list[int]:
+        """The live segment ``sid``, mirrored from the piece arrays on first use."""
+        f = self.seg.get(sid)
+        if f is None:
+            b = self.b
+            f = self.seg[sid] = [int(b.piece_doc[sid]), int(b.piece_off[sid]), int(self.q1_arr[sid]),
+                                 int(b.piece_rank[sid]), int(b.piece_row[sid]), int(self.server_arr[sid]),
+                                 int(self.work_arr[sid])]
+        return f
 
     def finish(self, capacity: int) -> Assignment:
         """Base arrays with the live segments written back, plus the new segments."""
@@ -197,63 +205,76 @@ class _Planner:
         return Assignment(*(col[order] for col in cols), capacity=capacity)
 
     # -- cutting -----------------------------------------------------------------------------
-    def _align_ok(self, exact: int, aligned: int, moved, lo_ok: int, hi_ok: int):
-        """The tile-aligned cut if it moves an acceptable amount, else the exact one, else None."""
-        m = moved(aligned)
-        if lo_ok <= m <= hi_ok and m > 0:
-            return aligned, m
-        m = moved(exact)
-        if lo_ok <= m <= hi_ok and m > 0:
-            return exact, m
+    def _cut_ending(self, start: int, end: int, target: int, at_least: bool, lo: int, hi: int):
+        """``(x, m)``: queries ``[x, end)`` (``start < x < end``) carry ``m`` pairs, ``lo <= m <= hi``, ``m``
+        as close to ``target`` as the cut allows (at least it, or at most it); tile-aligned if possible."""
+        w, g = self.w, self.g
+        ce = cum_pairs(end, w)
+        if at_least:
+            x = first_reaching(ce - target + 1, w) - 1
+            xa = x // g * g
+        else:
+            x = first_reaching(ce - target, w)
+            xa = -(-x // g) * g
+        for c in (xa, x):
+            if start < c < end:
+                m = ce - cum_pairs(c, w)
+                if lo <= m <= hi:
+                    return c, m
+        return None
+
+    def _cut_starting(self, start: int, end: int, target: int, at_least: bool, lo: int, hi: int):
+        """``(y, m)``: queries ``[start, y)`` (``start < y < end``) carry ``m`` pairs; as ``_cut_ending``."""
+        w, g = self.w, self.g
+        cs = cum_pairs(start, w)
+        if at_least:
+            y = first_reaching(cs + target, w)
+            ya = -(-y // g) * g
+        else:
+            y = first_reaching(cs + target + 1, w) - 1
+            ya = y // g * g
+        for c in (ya, y):
+            if start < c < end:
+                m = cum_pairs(c, w) - cs
+                if lo <= m <= hi:
+                    return c, m
         return None
 
     def _options(self, seg: int, receiver: int, lo_ok: int, hi_ok: int, slack: int = 0):
-        """Feasible moves of part of ``seg`` to ``receiver`` moving work in [lo_ok, hi_ok + slack]."""
-        doc, q0, q1, rank, _, _, total = self.seg[seg]
-        w, g = self.w, self.g
+        """Feasible moves of part of ``seg`` to ``receiver`` moving work in [lo_ok, hi_ok + slack]:
+        tuples ``(bytes per pair, -pairs, kind, a, b, pairs)``."""
+        doc, q0, q1, rank, _, _, total = self._get(seg)
+        w = self.w
         remote_q = self.q_bytes if self.remote_all or rank != receiver else 0
         kvb = self.kv_bytes
+        new_kv = self._new_kv
         hi = hi_ok + slack
         lo = max(lo_ok, 1)
         out = []
         if 0 < total <= hi:
-            cost = (q1 - q0) * remote_q + self._new_kv(receiver, doc, key_start(q0, w), q1) * kvb
+            cost = (q1 - q0) * remote_q + new_kv(receiver, doc, key_start(q0, w), q1) * kvb
             out.append((cost / total, -total, 0, q0, q1, total))
             if total >= lo_ok:
                 return out
         if q1 - q0 < 2:
             return out
-        c0, c1 = cum_pairs(q0, w), cum_pairs(q1, w)
         # Final move: at least the need. Fill: at most the spare — or, relaxed, at least the spare
         # (overshooting by under one query token's work, <= slack).
         at_least = lo_ok > 0 or slack > 0
         target = lo_ok if lo_ok > 0 else max(hi_ok, 1)
         # Suffix [x, q1): the late queries carry the most work per query token.
-        t = c1 - target
-        if at_least:
-            x = first_reaching(t + 1, w) - 1
-            xa = x // g * g
-        else:
-            x = first_reaching(t, w)
-            xa = -(-x // g) * g
-        got = self._align_ok(min(max(x, q0), q1), min(max(xa, q0), q1), lambda c: c1 - cum_pairs(c, w), lo, hi)
-        if got and q0 < got[0] < q1:
+        got = self._cut_ending(q0, q1, target, at_least, lo, hi)
+        if got:
             x, m = got
-            cost = (q1 - x) * remote_q + self._new_kv(receiver, doc, key_start(x, w), q1) * kvb
+            cost = (q1 - x) * remote_q + new_kv(receiver, doc, key_start(x, w), q1) * kvb
             out.append((cost / m, -m, 1, x, q1, m))
         # Head [q0, y): early queries need few keys.
-        t = c0 + target
-        if at_least:
-            y = first_reaching(t, w)
-            ya = -(-y // g) * g
-        else:
-            y = first_reaching(t + 1, w) - 1
-            ya = y // g * g
-        got = self._align_ok(min(max(y, q0), q1), min(max(ya, q0), q1), lambda c: cum_pairs(c, w) - c0, lo, hi)
-        if got and q0 < got[0] < q1:
+        got = self._cut_starting(q0, q1, target, at_least, lo, hi)
+        if got:
             y, m = got
-            cost = (y - q0) * remote_q + self._new_kv(receiver, doc, key_start(q0, w), y) * kvb
+            cost = (y - q0) * remote_q + new_kv(receiver, doc, key_start(q0, w), y) * kvb
             out.append((cost / m, -m, 2, q0, y, m))
+        g = self.g
         if w < 0 and remote_q and q1 - q0 >= 2 * g:
             # Middle [x, y): for a small move, the donor keeps a head–tail pair and ships the middle,
             # which needs keys only up to y. A chunk of c queries ending at y carries ~c·(y - c/2)
@@ -261,24 +282,16 @@ class _Planner:
             c = max(1, isqrt(target * kvb // (remote_q + kvb // 2)))
             y = -(-(target // c + c // 2) // g) * g
             if q0 + 1 < y < q1:
-                cy = cum_pairs(y, w)
-                t = cy - target
-                if at_least:
-                    x = first_reaching(t + 1, w) - 1
-                    xa = x // g * g
-                else:
-                    x = first_reaching(t, w)
-                    xa = -(-x // g) * g
-                got = self._align_ok(min(max(x, q0), y), min(max(xa, q0), y), lambda v: cy - cum_pairs(v, w), lo, hi)
-                if got and q0 < got[0] < y:
+                got = self._cut_ending(q0, y, target, at_least, lo, hi)
+                if got:
                     x, m = got
-                    cost = (y - x) * remote_q + self._new_kv(receiver, doc, 0, y) * kvb
+                    cost = (y - x) * remote_q + new_kv(receiver, doc, 0, y) * kvb
                     out.append((cost / m, -m, 3, x, y, m))
         return out
 
     # -- moves -------------------------------------------------------------------------------
     def _apply(self, seg: int, kind: int, a: int, b: int, receiver: int, donor_segs: list[int]) -> None:
-        f = self.seg[seg]
+        f = self._get(seg)
         doc, q0, q1, rank, row, donor, work = f
         w = self.w
         self.load[donor] -= work
@@ -301,8 +314,8 @@ class _Planner:
         f[WORK] = cum_pairs(keep[1], w) - cum_pairs(keep[0], w)
         self.load[donor] += f[WORK]
         self._add(doc, moved[0], moved[1], rank, row + (moved[0] - q0), receiver)
-        seg_map = self.seg
-        order = lambda s: (-seg_map[s][WORK], s)  # noqa: E731
+        get = self._get
+        order = lambda s: (-get(s)[WORK], s)  # noqa: E731
         if also_keep is not None:
             bisect.insort(donor_segs, self._add(doc, also_keep[0], also_keep[1], rank, row + (also_keep[0] - q0),
                                                 donor), key=order)
@@ -316,6 +329,7 @@ class _Planner:
         # Shedding more than its excess lowers a donor below the cap and spends receivers' spare
         # that later donors need: each donor may overshoot by its share of the free room only.
         self.overshoot = max(0, n * capacity - sum(self.load)) // max(1, len(donors))
+        self._index_servers()
         for donor in donors:
             mine = self._donor_segments(donor)
             while self.load[donor] > capacity and mine:
@@ -344,7 +358,7 @@ class _Planner:
             lo, hi = 0, len(mine)  # binary search: last segment with work >= need
             while lo < hi:
                 mid = (lo + hi) // 2
-                if self.seg[mine[mid]][WORK] >= need:
+                if self._get(mine[mid])[WORK] >= need:
                     lo = mid + 1
                 else:
                     hi = mid
@@ -362,19 +376,19 @@ class _Planner:
             for seg in self._candidates(mine, need, final):
                 receivers = [top]
                 # Servers already holding this document's keys take more of it for q bytes only.
-                for t in self.by_doc.get(self.seg[seg][DOC], ()):
+                for t in self.by_doc.get(self._get(seg)[DOC], ()):
                     if t != donor and t != top and self.load[t] < capacity and len(receivers) < 3:
                         receivers.append(t)
                 # Relaxed pass: when no cut fits (tiny spares, eps ~ 0) allow one query token's
                 # work of overshoot — the last token of a segment sees at most q1 keys.
-                slack = self.seg[seg][Q1] if relax else 0
+                slack = self._get(seg)[Q1] if relax else 0
                 for t in receivers:
                     spare = capacity - self.load[t]
                     opts = None
                     if need <= spare + slack:
                         # A final cut may overshoot the need by the donor's share of the free room,
                         # or by one query token's work (a token-granular cut cannot do better).
-                        top_up = min(spare, need + max(self.overshoot, self.seg[seg][Q1]))
+                        top_up = min(spare, need + max(self.overshoot, self._get(seg)[Q1]))
                         opts = self._options(seg, t, need, top_up, slack)
                     if not opts:  # fill the receiver instead (the donor continues with the next one)
                         opts = self._options(seg, t, 0, spare, slack)

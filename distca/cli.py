@@ -19,7 +19,7 @@ _DEMO_TOL = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distca", description="Core attention disaggregation for LLM training.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in (("demo", "shard documents over simulated attention servers and check exactness"),
+    for name, text in (("demo", "plan and run CAD attention over simulated servers and check exactness"),
                        ("config", "print the resolved configuration as JSON")):
         s = sub.add_parser(name, help=text, description=text + ". Extra --section.key VALUE pairs override the config.")
         s.add_argument("--config", help="YAML config file (defaults apply where absent)")
@@ -86,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         tol = _DEMO_TOL[cfg.attention.dtype]
         worst = max(report.max_abs_err.values())
         if worst > tol:
-            print(f"FAILED: sharded attention differs from colocated by {worst:.2e} > {tol:.0e}", file=sys.stderr)
+            print(f"FAILED: CAD attention differs from whole-document attention by {worst:.2e} > {tol:.0e}",
+                  file=sys.stderr)
             return 1
-        print(f"OK: sharded attention equals colocated attention (max error {worst:.2e} <= {tol:.0e})")
+        print(f"OK: CAD attention equals whole-document attention (max error {worst:.2e} <= {tol:.0e})")
         return 0
     except DistCAError as exc:
         print(f"distca: error: {exc}", file=sys.stderr)

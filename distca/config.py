@@ -64,7 +64,8 @@ class AttentionConfig:
 
 @dataclass
 class DataConfig:
-    """Documents of one packed batch (explicit lengths for now; samplers come with the scheduler)."""
+    """Documents of one batch, packed in order into equal per-trainer token budgets (split at rank
+    boundaries; the last document is cut so every trainer holds sum // n_trainers tokens)."""
 
     doc_lengths: list[int] = field(default_factory=lambda: [2048, 1024, 512, 300, 128, 60])
 
@@ -75,13 +76,28 @@ class DataConfig:
 
 @dataclass
 class ClusterConfig:
-    """The (simulated) cluster: how many attention servers share the work."""
+    """The (simulated) cluster: trainers, attention servers and where the servers sit."""
 
+    n_trainers: int = 4
     n_servers: int = 4
+    placement: Literal["colocated", "dedicated"] = "colocated"
 
     def __post_init__(self) -> None:
+        if self.n_trainers < 1:
+            raise ConfigError(f"cluster.n_trainers must be >= 1, got {self.n_trainers}")
         if self.n_servers < 1:
             raise ConfigError(f"cluster.n_servers must be >= 1, got {self.n_servers}")
+
+
+@dataclass
+class SchedulerSection:
+    """CAD scheduler knobs (shard granularity is ``attention.shard_tokens``)."""
+
+    eps: float = 0.02  # every server's attention work <= (1 + eps) * mean
+
+    def __post_init__(self) -> None:
+        if self.eps < 0:
+            raise ConfigError(f"scheduler.eps must be >= 0, got {self.eps}")
 
 
 @dataclass
@@ -95,6 +111,7 @@ class DistCAConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,7 +19,8 @@ def test_demo_shards_documents_and_reports_exactness():
     r = _run("demo", "--config", "configs/tiny-cpu.yaml", "--data.doc_lengths", "[700, 300, 50]",
              "--cluster.n_servers", "3")
     assert r.returncode == 0, r.stderr
-    assert "OK: sharded attention equals colocated attention" in r.stdout
+    assert "OK: CAD attention equals whole-document attention" in r.stdout
+    assert "-> CAD 1.0" in r.stdout  # balanced within (1 + eps)
     assert "| 2 |" in r.stdout  # one row per simulated server
 
 

@@ -73,6 +73,15 @@ class Timing:
         return {"median_s": self.median_s, "samples_s": self.samples, "warmup": self.warmup}
 
 
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, the device synchronised on both sides."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
 def time_call(
     fn: Callable[[], object],
     device: torch.device,
@@ -91,24 +100,14 @@ def time_call(
         raise ValueError(f"reps must be >= 1, got {reps}")
     done_warmup = 0
     for _ in range(warmup):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
+        dt = _timed(fn, device)
         done_warmup += 1
-        if budget_s is not None and time.perf_counter() - t0 > budget_s / 2:
+        if budget_s is not None and dt > budget_s / 2:
             break
     timing = Timing(warmup=done_warmup)
-    spent = 0.0
     for _ in range(reps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        dt = time.perf_counter() - t0
-        timing.samples.append(dt)
-        spent += dt
-        if budget_s is not None and spent >= budget_s:
+        timing.samples.append(_timed(fn, device))
+        if budget_s is not None and sum(timing.samples) >= budget_s:
             break
     return timing
 

@@ -181,13 +181,15 @@ def main() -> None:
     p.add_argument("--eps", nargs="+", type=float, default=[0.0, 0.02, 0.05, 0.1])
     p.add_argument("--seeds", type=int, default=3, help="batches per cell")
     p.add_argument("--quick", action="store_true", help="8 and 64 servers, 128K, eps 0.02, 2 seeds")
+    p.add_argument("--out-dir", default=None, help="folder for the JSON and plot (default out/scheduler)")
     args = p.parse_args()
     if args.quick:
         args.contexts, args.servers, args.eps, args.seeds = [128 * K], [8, 64], [0.02], 2
     torch.set_num_threads(1)
     info = run_info(torch.device("cpu"), seeds=args.seeds, placement="colocated", shape="32q/8kv/128/bf16")
     rows = run(args.dists, args.contexts, args.servers, args.eps, args.seeds)
-    folder = out_dir("scheduler")
+    folder = Path(args.out_dir) if args.out_dir else out_dir("scheduler")
+    folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "scheduler.json", {"info": info, "rows": rows})
     plot(rows, folder / "scheduler.png")
     print("\n".join([*header_lines("Scheduler: CAD vs baselines", info), *table(rows), "", *verdict(rows),

@@ -1,0 +1,31 @@
+"""The benchmark scripts run end to end on tiny settings and print their tables (numbers are not
+asserted here: speed lives in BENCHMARKS.md, never in tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def _run(*args: str) -> str:
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_kernels_composability_and_calibration_run(tmp_path):
+    out = _run("benchmarks/kernels.py", "composability", "--total-tokens", "512", "--min-shard", "128", "--reps", "1",
+               "--warmup", "0", "--out-dir", str(tmp_path))
+    assert "| shard tokens |" in out and "relative fwd" in out
+    assert any(p.suffix == ".png" for p in tmp_path.iterdir())
+
+
+def test_scheduler_benchmark_runs(tmp_path):
+    out = _run("benchmarks/scheduler.py", "--dists", "pretrain", "--contexts", "8192", "--servers", "4", "--eps",
+               "0.02", "--seeds", "1", "--out-dir", str(tmp_path))
+    assert (tmp_path / "scheduler.png").exists()
+    assert "| pretrain | 8K" in out
+    assert "cad max/mean above 1+eps (+0.001) in 0" in out

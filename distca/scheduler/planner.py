@@ -362,9 +362,9 @@ class _Planner:
                     lo = mid + 1
                 else:
                     hi = mid
-            for i in (lo - 1, lo):
-                if 0 <= i < len(mine) and mine[i] not in picks:
-                    picks.append(mine[i])
+            i = lo - 1  # the lightest piece that still covers the whole need
+            if i >= 0 and mine[i] not in picks:
+                picks.append(mine[i])
         return picks
 
     def _best_move(self, donor, mine, top, capacity):

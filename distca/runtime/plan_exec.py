@@ -136,11 +136,14 @@ def execute_plan(
     return res
 
 
-def _run_local_tasks(plan: Plan, ranks, douts, res, backend) -> None:
+def _run_local_tasks(plan: Plan, ranks, douts, res, backend, only_rank: int | None = None) -> None:
     """Tasks kept on their trainer: their queries and keys are that trainer's own rows."""
     from distca.scheduler import LOCAL
 
-    for i in np.flatnonzero(plan.task_server == LOCAL).tolist():
+    mine = plan.task_server == LOCAL
+    if only_rank is not None:
+        mine &= plan.task_rank == only_rank
+    for i in np.flatnonzero(mine).tolist():
         r, row = int(plan.task_rank[i]), int(plan.task_row[i])
         n, kn = int(plan.task_q1[i] - plan.task_q0[i]), int(plan.task_k1[i] - plan.task_k0[i])
         k_row = row - int(plan.task_q0[i] - plan.task_k0[i])

@@ -1,0 +1,140 @@
+"""A trainer's side of CAD attention over the network: send its rows of a plan to the attention
+servers, receive the results, run the tasks the plan keeps local, all with timeouts.
+
+Failure policy (the simpler of the two the design allows): a server that errors, dies or does not
+answer within ``TransportConfig.timeout_s`` makes the step fail with an exception naming the server
+and the reason — never a hang, never a wrong tensor. Re-planning around a lost server is left to the
+caller (the pool restarts dead servers).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import torch
+import zmq
+
+from distca.errors import DistCAError
+from distca.runtime.plan_exec import RankTensors, _run_local_tasks
+from distca.scheduler import Plan
+from distca.server.layout import plan_id, server_layout
+from distca.transport.channel import Endpoint, TransportConfig
+from distca.transport.wire import Kind
+
+
+class ServerError(DistCAError, RuntimeError):
+    """An attention server refused or failed a request."""
+
+
+def _rows(x, rank: int, server: int) -> torch.Tensor:
+    m = (x.rank == rank) & (x.server == server)
+    src, n = x.src_row[m], x.n[m]
+    total = int(n.sum())
+    idx = np.arange(total, dtype=np.int64) + np.repeat(src - (np.cumsum(n) - n), n) if total else np.zeros(0, np.int64)
+    return torch.from_numpy(idx)
+
+
+class CADClient:
+    """One trainer's connections to every attention server."""
+
+    def __init__(self, rank: int, addresses: list[str], cfg: TransportConfig, ctx: zmq.Context | None = None,
+                 backend: str = "auto"):
+        self.rank, self.cfg, self.backend = rank, cfg, backend
+        self.ctx = ctx or zmq.Context.instance()
+        tag = uuid.uuid4().hex[:6]
+        self.eps = [Endpoint.client(self.ctx, cfg, a, name=f"trainer{rank}-{tag}-{i}") for i, a in enumerate(addresses)]
+        self.registered: set[tuple[int, int]] = set()
+        self._req = 0
+
+    def close(self) -> None:
+        for ep in self.eps:
+            ep.close()
+
+    def _expect(self, s: int, kinds: tuple[Kind, ...]):
+        _, msg, tensors = self.eps[s].recv()
+        if msg.kind == Kind.ERROR:
+            raise ServerError(f"attention server {s} ({self.eps[s].address}): {msg.extra.get('error', '?')}")
+        if msg.kind not in kinds:
+            raise ServerError(f"attention server {s}: expected {[k.name for k in kinds]}, got {msg.kind.name}")
+        return msg, {spec.name: t for spec, t in zip(msg.tensors, tensors, strict=True)}
+
+    def ping(self, s: int, timeout_s: float | None = None) -> dict:
+        """Health check: the server's name and how many rounds it served."""
+        self.eps[s].send(Kind.PING)
+        _, msg, _ = self.eps[s].recv(timeout_s=timeout_s)
+        if msg.kind != Kind.PONG:
+            raise ServerError(f"attention server {s}: PING answered with {msg.kind.name}")
+        return msg.extra
+
+    def _servers(self, plan: Plan) -> list[int]:
+        mine = set(plan.q_xfer.server[plan.q_xfer.rank == self.rank].tolist())
+        mine |= set(plan.kv_xfer.server[plan.kv_xfer.rank == self.rank].tolist())
+        return sorted(mine)
+
+    def register(self, plan: Plan) -> int:
+        """Send the plan's layout to the servers this rank talks to (idempotent); returns the plan id."""
+        pid = plan_id(plan)
+        todo = [s for s in self._servers(plan) if (pid, s) not in self.registered]
+        for s in todo:
+            layout = server_layout(plan, s)
+            self.eps[s].send(Kind.PLAN, layout.tensors(), plan_id=pid, extra=layout.extra())
+        for s in todo:
+            self._expect(s, (Kind.ACK,))
+            self.registered.add((pid, s))
+        return pid
+
+    def forward(self, plan: Plan, t: RankTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``out`` and ``lse`` (its local row layout)."""
+        pid = self.register(plan)
+        servers = self._servers(plan)
+        rows = {s: (_rows(plan.q_xfer, self.rank, s), _rows(plan.kv_xfer, self.rank, s)) for s in servers}
+        sends = {}  # zero-copy frames: keep the gathered rows alive until the replies are in
+        for s in servers:
+            qr, kr = rows[s]
+            sends[s] = [("q", t.q[qr].contiguous()), ("k", t.k[kr].contiguous()), ("v", t.v[kr].contiguous())]
+            self.eps[s].send(Kind.FWD, sends[s], plan_id=pid, extra={"rank": self.rank})
+        lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
+        res = {"out": [torch.zeros_like(t.q)], "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype)]}
+        self._local(plan, t, None, res)  # overlaps with the servers' work
+        for s in servers:
+            _, got = self._expect(s, (Kind.FWD_OUT,))
+            qr = rows[s][0]
+            res["out"][0][qr] = got["out"]
+            res["lse"][0][qr] = got["lse"].to(lse_dtype)
+        return res["out"][0], res["lse"][0]
+
+    def backward(self, plan: Plan, t: RankTensors, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
+        """This rank's ``dq, dk, dv``; a key row sent to several servers sums their gradients here."""
+        pid = self.register(plan)
+        servers = self._servers(plan)
+        rows = {s: (_rows(plan.q_xfer, self.rank, s), _rows(plan.kv_xfer, self.rank, s)) for s in servers}
+        lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
+        sends = {}  # zero-copy frames: keep the gathered rows alive until the replies are in
+        for s in servers:
+            qr, kr = rows[s]
+            sends[s] = [("q", t.q[qr].contiguous()), ("out", out[qr].contiguous()), ("dout", dout[qr].contiguous()),
+                        ("lse", lse[qr].to(lse_dtype).contiguous()), ("k", t.k[kr].contiguous()),
+                        ("v", t.v[kr].contiguous())]
+            self.eps[s].send(Kind.BWD, sends[s], plan_id=pid, extra={"rank": self.rank})
+        res = {"out": [torch.zeros_like(t.q)], "lse": [torch.zeros(t.q.shape[:2], dtype=lse.dtype)],
+               "dq": [torch.zeros_like(t.q)], "dk": [torch.zeros_like(t.k)], "dv": [torch.zeros_like(t.v)]}
+        self._local(plan, t, dout, res)
+        for s in servers:
+            _, got = self._expect(s, (Kind.BWD_OUT,))
+            qr, kr = rows[s]
+            res["dq"][0][qr] = got["dq"]
+            res["dk"][0].index_add_(0, kr, got["dk"])
+            res["dv"][0].index_add_(0, kr, got["dv"])
+        return res["dq"][0], res["dk"][0], res["dv"][0]
+
+    def _local(self, plan: Plan, t: RankTensors, dout, res) -> None:
+        """Run the tasks the plan keeps on this trainer (their rows are all local)."""
+        from distca.scheduler import LOCAL
+
+        if not bool(((plan.task_server == LOCAL) & (plan.task_rank == self.rank)).any()):
+            return
+        ranks = [t if r == self.rank else None for r in range(plan.n_ranks)]
+        douts = None if dout is None else [dout if r == self.rank else None for r in range(plan.n_ranks)]
+        pad = {k: [v[0] if r == self.rank else None for r in range(plan.n_ranks)] for k, v in res.items()}
+        _run_local_tasks(plan, ranks, douts, pad, self.backend, only_rank=self.rank)

@@ -1,0 +1,99 @@
+"""What one server needs to know about one plan, shipped once per plan in a PLAN message.
+
+The trainers derive it deterministically from the plan (every rank computes the same plan), so any
+of them can register it; the server keeps a few of these small layouts, never tensors, between
+rounds. Each sender's rows are one contiguous block of the server's q buffer and one of its k/v
+buffer — the plan compiler lays receive buffers out in document order, which is rank order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distca.scheduler import Plan
+from distca.transport.wire import WireError
+
+
+def plan_id(plan: Plan) -> int:
+    """A 63-bit id of a plan, equal on every rank that computed the same plan."""
+    return int.from_bytes(hashlib.blake2b(plan.digest(), digest_size=8).digest(), "little") >> 1
+
+
+@dataclass
+class ServerLayout:
+    """One server's share of a plan: its fused call's metadata and who sends which rows."""
+
+    plan_id: int
+    window: int
+    cu_q: torch.Tensor  # int32 [tasks + 1]
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    key_rows: torch.Tensor  # int64: k/v buffer rows, task by task
+    q_rows: int
+    kv_rows: int
+    senders: dict[int, tuple[int, int, int, int]]  # rank -> (q_dst, n_q, kv_dst, n_kv)
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        table = torch.tensor([[r, *v] for r, v in sorted(self.senders.items())], dtype=torch.int64).reshape(-1, 5)
+        return [("cu_q", self.cu_q), ("cu_k", self.cu_k), ("key_rows", self.key_rows), ("senders", table)]
+
+    def extra(self) -> dict:
+        return {"window": self.window, "max_q": self.max_q, "max_k": self.max_k, "q_rows": self.q_rows,
+                "kv_rows": self.kv_rows}
+
+    @classmethod
+    def from_message(cls, pid: int, tensors: dict[str, torch.Tensor], extra: dict) -> ServerLayout:
+        try:
+            table = tensors["senders"]
+            senders = {int(r): (int(a), int(b), int(c), int(d)) for r, a, b, c, d in table.tolist()}
+            layout = cls(pid, int(extra["window"]), tensors["cu_q"].clone(), tensors["cu_k"].clone(),
+                         int(extra["max_q"]), int(extra["max_k"]), tensors["key_rows"].clone(), int(extra["q_rows"]),
+                         int(extra["kv_rows"]), senders)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WireError(f"PLAN message is incomplete or malformed: {exc!r}") from None
+        layout.validate()
+        return layout
+
+    def validate(self) -> None:
+        """Reject layouts that would index outside the buffers."""
+        if self.cu_q.dtype != torch.int32 or self.cu_k.dtype != torch.int32 or self.key_rows.dtype != torch.int64:
+            raise WireError("PLAN: cu_q/cu_k must be int32 and key_rows int64")
+        if int(self.cu_q[-1]) != self.q_rows or int(self.cu_k[-1]) != self.key_rows.numel():
+            raise WireError("PLAN: cu_seqlens do not match the buffer sizes")
+        if self.key_rows.numel() and (int(self.key_rows.min()) < 0 or int(self.key_rows.max()) >= self.kv_rows):
+            raise WireError("PLAN: key_rows index outside the k/v buffer")
+        for r, (qd, nq, kd, nk) in self.senders.items():
+            if min(qd, nq, kd, nk) < 0 or qd + nq > self.q_rows or kd + nk > self.kv_rows:
+                raise WireError(f"PLAN: rows of rank {r} fall outside the receive buffers")
+
+
+def _block(x, server: int, rank: int, what: str) -> tuple[int, int, int]:
+    """The contiguous destination block of ``rank``'s transfers to ``server``: (dst, n, count)."""
+    m = (x.rank == rank) & (x.server == server)
+    if not m.any():
+        return 0, 0, 0
+    dst, n = x.dst_row[m], x.n[m]
+    if not np.array_equal(dst[1:], (dst + n)[:-1]):
+        raise ValueError(f"{what} rows of rank {rank} on server {server} are not one contiguous block")
+    return int(dst[0]), int(n.sum()), int(m.sum())
+
+
+def server_layout(plan: Plan, server: int) -> ServerLayout:
+    """Server ``server``'s layout of ``plan``."""
+    from distca.runtime.plan_exec import server_call
+
+    call = server_call(plan, server)
+    ranks = sorted(set(plan.q_xfer.rank[plan.q_xfer.server == server].tolist())
+                   | set(plan.kv_xfer.rank[plan.kv_xfer.server == server].tolist()))
+    senders = {}
+    for r in ranks:
+        qd, nq, _ = _block(plan.q_xfer, server, r, "q")
+        kd, nk, _ = _block(plan.kv_xfer, server, r, "kv")
+        senders[r] = (qd, nq, kd, nk)
+    return ServerLayout(plan_id(plan), plan.window, call.cu_q, call.cu_k, call.max_q, call.max_k, call.key_rows,
+                        int(plan.server_q_rows[server]), int(plan.server_kv_rows[server]), senders)

@@ -1,0 +1,185 @@
+"""Fault handling of an attention server process: every bad input gets an ERROR reply that names the
+problem, the server keeps serving, and nothing hangs (every receive has a timeout)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+import torch
+import zmq
+from cluster_harness import servers
+
+from distca.runtime.client import CADClient, ServerError
+from distca.runtime.plan_exec import RankTensors
+from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.server.layout import plan_id, server_layout
+from distca.server.loop import ServerConfig
+from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
+from distca.transport.wire import _PREFIX, MAGIC, Kind, WireError, encode
+
+SECRET = b"shared-secret"
+TCFG = TransportConfig(timeout_s=5.0, secret=SECRET)
+SCFG = ServerConfig(n_heads=2, n_kv_heads=1, head_dim=4, dtype="float32", backend="sdpa", transport=TCFG)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with servers(1, SCFG) as (addresses, procs):
+        yield addresses[0], procs[0]
+
+
+@pytest.fixture()
+def ep(server):
+    ctx = zmq.Context()
+    e = Endpoint.client(ctx, TCFG, server[0])
+    yield e
+    e.close()
+    ctx.term()
+
+
+def _error(ep: Endpoint) -> str:
+    _, msg, _ = ep.recv()
+    assert msg.kind == Kind.ERROR, msg.kind
+    return msg.extra["error"]
+
+
+def _still_serving(ep: Endpoint) -> None:
+    ep.send(Kind.PING)
+    _, msg, _ = ep.recv()
+    assert msg.kind == Kind.PONG
+
+
+def _plan():
+    batch = BatchLayout.from_ranks([[64, 32]])
+    plan, _ = make_plan(batch, Placement(1, 1, "dedicated"), SchedulerConfig(min_offload_pairs=0))
+    return plan
+
+
+def _register(ep: Endpoint, plan) -> int:
+    layout = server_layout(plan, 0)
+    ep.send(Kind.PLAN, layout.tensors(), plan_id=layout.plan_id, extra=layout.extra())
+    _, msg, _ = ep.recv()
+    assert msg.kind == Kind.ACK
+    return layout.plan_id
+
+
+def test_garbage_frame(ep):
+    ep.sock.send_multipart([b"\x00garbage"])
+    assert "shorter than" in _error(ep) or "bad magic" in _error(ep)
+    _still_serving(ep)
+
+
+def test_bad_magic_and_unknown_kind(ep):
+    ep.sock.send_multipart([_PREFIX.pack(b"XXXX", 1, 1, 0, 0, 0, 0, 0)])
+    assert "bad magic" in _error(ep)
+    ep.sock.send_multipart([_PREFIX.pack(MAGIC, 1, 99, 0, 0, 0, 0, 0)])
+    assert "unknown message kind 99" in _error(ep)
+    _still_serving(ep)
+
+
+def test_truncated_message(ep):
+    frames = encode(Kind.FWD, [("q", torch.zeros(4, 2, 4)), ("k", torch.zeros(4, 1, 4))], secret=SECRET)
+    ep.sock.send_multipart(frames[:-1])  # the header announces two tensors, one arrives
+    assert "truncated message" in _error(ep)
+    frames = encode(Kind.FWD, [("q", torch.zeros(4, 2, 4))], secret=SECRET)
+    ep.sock.send_multipart([frames[0], b"short"])  # a frame shorter than announced
+    assert "frame has 5 bytes" in _error(ep)
+    _still_serving(ep)
+
+
+def test_wrong_dtype_and_wrong_rows_and_nan(ep):
+    plan = _plan()
+    pid = _register(ep, plan)
+    n = int(plan.server_q_rows[0])
+    ep.send(Kind.FWD, [("q", torch.zeros(n, 2, 4, dtype=torch.float64)), ("k", torch.zeros(n, 1, 4)),
+                       ("v", torch.zeros(n, 1, 4))], plan_id=pid, extra={"rank": 0})
+    assert "float64" in _error(ep)
+    ep.send(Kind.FWD, [("q", torch.zeros(n - 1, 2, 4)), ("k", torch.zeros(n, 1, 4)), ("v", torch.zeros(n, 1, 4))],
+            plan_id=pid, extra={"rank": 0})
+    assert "receive buffer expects" in _error(ep)
+    bad = torch.zeros(n, 2, 4)
+    bad[3, 1, 2] = float("nan")
+    ep.send(Kind.FWD, [("q", bad), ("k", torch.zeros(n, 1, 4)), ("v", torch.zeros(n, 1, 4))], plan_id=pid,
+            extra={"rank": 0})
+    assert "NaN or inf" in _error(ep)
+    _still_serving(ep)
+
+
+def test_unknown_plan(ep):
+    ep.send(Kind.FWD, [("q", torch.zeros(2, 2, 4)), ("k", torch.zeros(2, 1, 4)), ("v", torch.zeros(2, 1, 4))],
+            plan_id=12345, extra={"rank": 0})
+    assert "unknown plan 12345" in _error(ep)
+    _still_serving(ep)
+
+
+def test_unauthenticated_peer_is_refused(server):
+    ctx = zmq.Context()
+    stranger = Endpoint.client(ctx, TransportConfig(timeout_s=5.0), server[0])
+    stranger.send(Kind.PING)
+    _, msg, _ = stranger.recv()
+    assert msg.kind == Kind.ERROR and "unauthenticated" in msg.extra["error"]
+    # A peer with the wrong key is refused too, and cannot even read the (signed) refusal.
+    forger = Endpoint.client(ctx, TransportConfig(timeout_s=5.0, secret=b"wrong"), server[0])
+    forger.send(Kind.PING)
+    with pytest.raises(WireError, match="authentication failed"):
+        forger.recv()
+    friend = Endpoint.client(ctx, TCFG, server[0])
+    _still_serving(friend)
+    for e in (stranger, forger, friend):
+        e.close()
+    ctx.term()
+
+
+def test_a_correct_request_after_the_faults_is_served_exactly(server):
+    plan = _plan()
+    gen = torch.Generator().manual_seed(0)
+    t = RankTensors(*(torch.randn(96, h, 4, generator=gen) for h in (2, 1, 1)))
+    client = CADClient(0, [server[0]], TCFG, backend="sdpa")
+    out, lse = client.forward(plan, t)
+    client.close()
+    from distca.runtime.plan_exec import execute_plan
+
+    want = execute_plan(plan, [t], backend="sdpa")
+    torch.testing.assert_close(out, want["out"][0])
+    torch.testing.assert_close(lse, want["lse"][0])
+    assert plan_id(plan) > 0
+
+
+def test_incomplete_round_times_out_with_an_error_naming_the_missing_rank():
+    tcfg = TransportConfig(timeout_s=1.0, secret=SECRET)
+    scfg = ServerConfig(**{**SCFG.__dict__, "transport": tcfg})
+    batch = BatchLayout.from_ranks([[64], [64]], [False, True])  # one document over two ranks
+    plan, _ = make_plan(batch, Placement(2, 1, "dedicated"), SchedulerConfig(min_offload_pairs=0))
+    with servers(1, scfg) as (addresses, _):
+        client = CADClient(0, addresses, TransportConfig(timeout_s=10.0, secret=SECRET), backend="sdpa")
+        t = RankTensors(*(torch.zeros(64, h, 4) for h in (2, 1, 1)))
+        start = time.monotonic()
+        with pytest.raises(ServerError, match=r"timed out .* waiting for ranks \[1\]"):
+            client.forward(plan, t)  # rank 1 never sends
+        assert time.monotonic() - start < 8
+        client.close()
+
+
+def test_killed_server_fails_the_step_with_a_named_timeout():
+    tcfg = TransportConfig(timeout_s=2.0, secret=SECRET)
+    scfg = ServerConfig(**{**SCFG.__dict__, "transport": tcfg})
+    plan = _plan()
+    with servers(1, scfg) as (addresses, procs):
+        client = CADClient(0, addresses, tcfg, backend="sdpa")
+        client.register(plan)
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].join(timeout=10)
+        t = RankTensors(*(torch.zeros(96, h, 4) for h in (2, 1, 1)))
+        start = time.monotonic()
+        with pytest.raises(TransportTimeout, match=addresses[0].replace("/", ".")):
+            client.forward(plan, t)
+        assert time.monotonic() - start < 6
+        client.close()
+    # A killed server cannot remove its ipc socket file: do it for it.
+    if addresses[0].startswith("ipc://"):
+        with contextlib.suppress(OSError):
+            os.unlink(addresses[0][len("ipc://"):])

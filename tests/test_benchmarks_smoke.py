@@ -29,3 +29,8 @@ def test_scheduler_benchmark_runs(tmp_path):
     assert (tmp_path / "scheduler.png").exists()
     assert "| pretrain | 8K" in out
     assert "cad max/mean above 1+eps (+0.001) in 0" in out
+
+
+def test_transport_benchmark_runs():
+    out = _run("benchmarks/transport.py", "--reps", "1")
+    assert "| ipc " in out and "| tcp " in out and "small-message RTT" in out

@@ -1,0 +1,181 @@
+"""``AttentionServerPool``: attention servers as Ray actors — start, collect addresses, health-check,
+restart the dead, shut down cleanly.
+
+Each actor runs the ZeroMQ server loop (``distca.server.loop``) on a thread of its own, so the actor
+stays responsive to Ray calls (address, pid, stop). Trainers talk to servers over ZeroMQ, never
+through Ray: Ray only manages lifetimes and placement.
+
+Local mode starts Ray on demand bound to 127.0.0.1 (every Ray listener on loopback; see
+shared/research/platform.md §5); ``address="auto"`` joins an existing cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+import zmq
+
+from distca.server.loop import AttentionServer, ServerConfig
+from distca.transport.channel import Endpoint, TransportTimeout
+from distca.transport.wire import Kind, WireError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """How many servers, where they run, and how the pool reaches Ray."""
+
+    n_servers: int = 2
+    placement: Literal["colocated", "dedicated"] = "dedicated"
+    cpus_per_server: float = 0.0  # Ray resources each actor reserves (0: no reservation, as in tests)
+    address: str | None = None  # None: start a local Ray on 127.0.0.1; "auto": join the running cluster
+    local_cpus: int = 4  # CPUs a local Ray advertises (this machine reports 2; actors must not pend)
+    start_timeout_s: float = 120.0
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        if self.n_servers < 1:
+            raise ValueError(f"n_servers must be >= 1, got {self.n_servers}")
+        if self.placement not in ("colocated", "dedicated"):
+            raise ValueError(f"placement must be 'colocated' or 'dedicated', got {self.placement!r}")
+
+
+class _ServerActor:
+    """A Ray actor hosting one attention server loop on a background thread."""
+
+    def __init__(self, cfg: ServerConfig):
+        import torch
+
+        torch.set_num_threads(1)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(cfg,), daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout=60)
+
+    def _run(self, cfg: ServerConfig) -> None:
+        try:
+            self.server = AttentionServer(cfg, ctx=zmq.Context())
+        except BaseException as exc:  # reported through address()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.server.serve_forever()
+
+    def address(self) -> str:
+        if self._error is not None:
+            raise RuntimeError(f"attention server failed to start: {self._error!r}")
+        return self.server.address
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def local_ray_on_loopback() -> None:
+    """Make a Ray started by this process bind every service to 127.0.0.1.
+
+    Ray ignores its own node-ip option for localhost; the switch below works, and Ray reads it when it
+    is imported, so this must run before the first ``import ray`` of the process.
+    """
+    import sys
+
+    if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        log.warning("ray was imported before local_ray_on_loopback(): its services may bind a public interface")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+class AttentionServerPool:
+    """N attention servers as Ray actors; a context manager that always shuts them down."""
+
+    def __init__(self, cfg: PoolConfig, trainer_nodes: list[str] | None = None):
+        if cfg.address is None:
+            local_ray_on_loopback()
+        import ray
+
+        self.cfg = cfg
+        self.ray = ray
+        self.started_ray = False
+        if not ray.is_initialized():
+            if cfg.address is None:
+                ray.init(num_cpus=cfg.local_cpus, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+            else:
+                ray.init(address=cfg.address, log_to_driver=False, logging_level=logging.WARNING)
+            self.started_ray = True
+        self.actor_cls = ray.remote(_ServerActor)
+        self.trainer_nodes = trainer_nodes
+        self.actors = [self._start(i) for i in range(cfg.n_servers)]
+        self.addresses = ray.get([a.address.remote() for a in self.actors], timeout=cfg.start_timeout_s)
+        self.ctx = zmq.Context()
+
+    def _start(self, i: int):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        opts = {"num_cpus": self.cfg.cpus_per_server, "name": None, "max_restarts": 0}
+        if self.cfg.placement == "colocated":
+            nodes = self.trainer_nodes or [self.ray.get_runtime_context().get_node_id()]
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=False)
+        else:
+            opts["scheduling_strategy"] = "SPREAD"
+        cfg = ServerConfig(**{**self.cfg.server.__dict__, "name": f"{self.cfg.server.name}{i}"})
+        return self.actor_cls.options(**opts).remote(cfg)
+
+    def __enter__(self) -> AttentionServerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _request(self, i: int, kind: Kind, timeout_s: float):
+        ep = Endpoint.client(self.ctx, self.cfg.server.transport, self.addresses[i])
+        try:
+            ep.send(kind)
+            return ep.recv(timeout_s=timeout_s)[1]
+        finally:
+            ep.close()
+
+    def health(self, timeout_s: float = 2.0) -> list[bool]:
+        """Whether each server answers a PING within ``timeout_s``."""
+        ok = []
+        for i in range(len(self.actors)):
+            try:
+                ok.append(self._request(i, Kind.PING, timeout_s).kind == Kind.PONG)
+            except (TransportTimeout, WireError):
+                ok.append(False)
+        return ok
+
+    def restart_dead(self, timeout_s: float = 2.0) -> list[int]:
+        """Replace servers that do not answer; returns their indices (addresses change)."""
+        dead = [i for i, alive in enumerate(self.health(timeout_s)) if not alive]
+        for i in dead:
+            with contextlib.suppress(Exception):
+                self.ray.kill(self.actors[i], no_restart=True)
+            self.actors[i] = self._start(i)
+            self.addresses[i] = self.ray.get(self.actors[i].address.remote(), timeout=self.cfg.start_timeout_s)
+            log.warning("restarted attention server %d at %s", i, self.addresses[i])
+        return dead
+
+    def pids(self) -> list[int]:
+        return self.ray.get([a.pid.remote() for a in self.actors], timeout=30)
+
+    def shutdown(self) -> None:
+        """Stop every server loop, kill the actors, and stop Ray if this pool started it."""
+        for i in range(len(self.actors)):
+            with contextlib.suppress(Exception):
+                self._request(i, Kind.SHUTDOWN, 2.0)
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(a, no_restart=True)
+        self.actors = []
+        self.ctx.term()
+        if self.started_ray:
+            self.ray.shutdown()
+            self.started_ray = False

@@ -20,9 +20,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distca", description="Core attention disaggregation for LLM training.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("demo", "plan and run CAD attention over simulated servers and check exactness"),
-                       ("config", "print the resolved configuration as JSON")):
+                       ("config", "print the resolved configuration as JSON"),
+                       ("serve", "start an attention-server pool on Ray and print its addresses")):
         s = sub.add_parser(name, help=text, description=text + ". Extra --section.key VALUE pairs override the config.")
         s.add_argument("--config", help="YAML config file (defaults apply where absent)")
+        if name == "serve":
+            s.add_argument("--hold-s", type=float, default=-1.0,
+                           help="keep the pool up this many seconds (-1: until interrupted)")
     s = sub.add_parser("plan", help="plan one batch of document lengths over attention servers",
                        description="Plan one batch and print balance, bytes moved and planning time.")
     s.add_argument("--lengths", required=True,
@@ -62,6 +66,29 @@ def _plan(args) -> int:
     return 0
 
 
+def _serve(cfg, hold_s: float) -> int:
+    import time
+
+    from distca.server.pool import AttentionServerPool, PoolConfig, local_ray_on_loopback, server_config
+
+    if not cfg.cluster.ray_address:
+        local_ray_on_loopback()
+    pool_cfg = PoolConfig(n_servers=cfg.cluster.n_servers, placement=cfg.cluster.placement,
+                          cpus_per_server=cfg.cluster.cpus_per_server, address=cfg.cluster.ray_address or None,
+                          server=server_config(cfg))
+    with AttentionServerPool(pool_cfg) as pool:
+        print(json.dumps({"servers": pool.addresses, "healthy": pool.health()}), flush=True)
+        try:
+            deadline = None if hold_s < 0 else time.monotonic() + hold_s
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())) if deadline else 1.0)
+                if deadline is None:
+                    pool.restart_dead()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = _parser()
@@ -76,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
+        if args.command == "serve":
+            return _serve(cfg, args.hold_s)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         from distca.demo import format_report, run_demo

@@ -81,12 +81,33 @@ class ClusterConfig:
     n_trainers: int = 4
     n_servers: int = 4
     placement: Literal["colocated", "dedicated"] = "colocated"
+    ray_address: str = ""  # "": start a local Ray on 127.0.0.1; "auto": join the running cluster
+    cpus_per_server: float = 0.0  # Ray CPUs each attention-server actor reserves
 
     def __post_init__(self) -> None:
         if self.n_trainers < 1:
             raise ConfigError(f"cluster.n_trainers must be >= 1, got {self.n_trainers}")
         if self.n_servers < 1:
             raise ConfigError(f"cluster.n_servers must be >= 1, got {self.n_servers}")
+
+
+@dataclass
+class TransportSection:
+    """How trainers reach attention servers."""
+
+    kind: Literal["ipc", "tcp"] = "ipc"
+    host: str = "127.0.0.1"  # servers bind here; another interface is an explicit choice
+    timeout_s: float = 30.0
+    secret_hex: str = ""  # shared HMAC key (hex); empty = no authentication
+    checksum: bool = False
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ConfigError(f"transport.timeout_s must be > 0, got {self.timeout_s}")
+        try:
+            bytes.fromhex(self.secret_hex)
+        except ValueError:
+            raise ConfigError("transport.secret_hex must be hexadecimal") from None
 
 
 @dataclass
@@ -112,6 +133,7 @@ class DistCAConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    transport: TransportSection = field(default_factory=TransportSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -70,3 +70,11 @@ def test_plan_command_rejects_bad_lengths(tmp_path):
     assert r.returncode == 2 and "positive integers" in r.stderr
     r = _run("plan", "--lengths", str(tmp_path / "missing.json"), "--servers", "2")
     assert r.returncode == 2 and "cannot read lengths file" in r.stderr
+
+
+def test_serve_starts_a_pool_prints_addresses_and_stops():
+    r = _run("serve", "--config", "configs/tiny-cpu.yaml", "--cluster.n_servers", "2", "--hold-s", "0",
+             "--transport.secret_hex", "00ff")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["servers"]) == 2 and out["healthy"] == [True, True]

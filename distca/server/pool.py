@@ -78,6 +78,18 @@ class _ServerActor:
         return os.getpid()
 
 
+def server_config(cfg) -> ServerConfig:
+    """The attention-server settings implied by a run's :class:`~distca.config.DistCAConfig`."""
+    from distca.transport.channel import TransportConfig
+
+    t = cfg.transport
+    transport = TransportConfig(transport=t.kind, host=t.host, timeout_s=t.timeout_s,
+                                secret=bytes.fromhex(t.secret_hex) or None, checksum=t.checksum)
+    return ServerConfig(name="server", n_heads=cfg.model.n_heads, n_kv_heads=cfg.model.n_kv_heads,
+                        head_dim=cfg.model.head_dim, dtype=cfg.attention.dtype, backend=cfg.attention.backend,
+                        transport=transport)
+
+
 def local_ray_on_loopback() -> None:
     """Make a Ray started by this process bind every service to 127.0.0.1.
 
@@ -158,6 +170,9 @@ class AttentionServerPool:
         for i in dead:
             with contextlib.suppress(Exception):
                 self.ray.kill(self.actors[i], no_restart=True)
+            if self.addresses[i].startswith("ipc://"):  # a killed server cannot remove its socket file
+                with contextlib.suppress(OSError):
+                    os.unlink(self.addresses[i][len("ipc://"):])
             self.actors[i] = self._start(i)
             self.addresses[i] = self.ray.get(self.actors[i].address.remote(), timeout=self.cfg.start_timeout_s)
             log.warning("restarted attention server %d at %s", i, self.addresses[i])

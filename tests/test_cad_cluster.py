@@ -78,3 +78,42 @@ def test_cad_over_zeromq_equals_in_process_plan_execution(name):
             assert np.array_equal(finite, np.isfinite(a)), f"rank {r} {key}: -inf pattern differs"
             err = np.abs(a[finite] - b[finite]).max(initial=0.0)
             assert err <= tol * max(1.0, np.abs(b[finite]).max(initial=0.0)), f"rank {r} {key}: error {err:.2e}"
+
+
+def _trainer_two_in_flight(rank: int, addresses: list[str], specs: list[dict], tcfg: TransportConfig, q) -> None:
+    torch.set_num_threads(1)
+    cases = [make_case(s) for s in specs]
+    client = CADClient(rank, addresses, tcfg, backend=specs[0]["backend"])
+    try:
+        for plan, _, _ in cases:
+            client.register(plan)
+        # Ping and pong in flight at once: the servers must keep the two rounds' rows apart.
+        pending = [client.start_forward(plan, ranks[rank]) for plan, ranks, _ in cases]
+        outs = [p.wait() for p in pending]
+        pending = [client.start_backward(plan, ranks[rank], o, lse, douts[rank])
+                   for (plan, ranks, douts), (o, lse) in zip(cases, outs, strict=True)]
+        grads = [p.wait() for p in pending]
+        q.put((rank, [{"out": o.numpy(), "dq": g[0].numpy(), "dk": g[1].numpy()} for (o, _), g in
+                      zip(outs, grads, strict=True)]))
+    except Exception as exc:
+        q.put((rank, repr(exc)))
+    finally:
+        client.close()
+
+
+def test_two_rounds_in_flight_from_several_trainers_stay_apart():
+    base = dict(servers=2, placement="dedicated", eps=0.02, window=-1, dtype="float64", backend="reference")
+    specs = [dict(base, ranks=[[400, 100], [500]], continues=[False, True], seed=7),
+             dict(base, ranks=[[250, 250], [120, 380]], continues=[False, False], seed=8)]
+    tcfg = TransportConfig(timeout_s=60.0)
+    scfg = ServerConfig(n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=DIM, dtype="float64", backend="reference",
+                        transport=tcfg)
+    with servers(2, scfg) as (addresses, _):
+        got = run_trainers(_trainer_two_in_flight, [(r, addresses, specs, tcfg) for r in range(2)])
+    for i, spec in enumerate(specs):
+        plan, ranks, douts = make_case(spec)
+        want = execute_plan(plan, ranks, douts, backend="reference")
+        for r in range(2):
+            assert isinstance(got[r], list), f"trainer {r} failed: {got[r]}"
+            for key in ("out", "dq", "dk"):
+                assert np.abs(got[r][i][key] - want[key][r].numpy()).max() < 1e-10, (i, r, key)

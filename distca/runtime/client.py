@@ -9,6 +9,7 @@ caller (the pool restarts dead servers).
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
@@ -35,6 +36,43 @@ def _rows(x, rank: int, server: int) -> torch.Tensor:
     return torch.from_numpy(idx)
 
 
+class _Pending:
+    """Replies still on their way from the servers; ``wait`` records how long the trainer blocked."""
+
+    def __init__(self, client, pid, servers, rows, sends, res):
+        self.client, self.pid, self.servers, self.rows, self.sends, self.res = client, pid, servers, rows, sends, res
+        self.blocked_s = 0.0
+
+
+class PendingForward(_Pending):
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        out, lse = self.res["out"][0], self.res["lse"][0]
+        for s in self.servers:
+            _, got = self.client._expect(s, (Kind.FWD_OUT,), self.pid)
+            qr = self.rows[s][0]
+            out[qr] = got["out"]
+            lse[qr] = got["lse"].to(lse.dtype)
+        self.blocked_s = time.perf_counter() - t0
+        self.client.blocked_s += self.blocked_s
+        return out, lse
+
+
+class PendingBackward(_Pending):
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        dq, dk, dv = self.res["dq"][0], self.res["dk"][0], self.res["dv"][0]
+        for s in self.servers:
+            _, got = self.client._expect(s, (Kind.BWD_OUT,), self.pid)
+            qr, kr = self.rows[s]
+            dq[qr] = got["dq"]
+            dk.index_add_(0, kr, got["dk"])
+            dv.index_add_(0, kr, got["dv"])
+        self.blocked_s = time.perf_counter() - t0
+        self.client.blocked_s += self.blocked_s
+        return dq, dk, dv
+
+
 class CADClient:
     """One trainer's connections to every attention server."""
 
@@ -45,19 +83,30 @@ class CADClient:
         tag = uuid.uuid4().hex[:6]
         self.eps = [Endpoint.client(self.ctx, cfg, a, name=f"trainer{rank}-{tag}-{i}") for i, a in enumerate(addresses)]
         self.registered: set[tuple[int, int]] = set()
-        self._req = 0
+        self.blocked_s = 0.0  # total time this trainer waited on servers (exposed communication)
+        self.stash: dict[int, list] = {}  # replies that arrived while another request was awaited
 
     def close(self) -> None:
         for ep in self.eps:
             ep.close()
 
-    def _expect(self, s: int, kinds: tuple[Kind, ...]):
-        _, msg, tensors = self.eps[s].recv()
-        if msg.kind == Kind.ERROR:
-            raise ServerError(f"attention server {s} ({self.eps[s].address}): {msg.extra.get('error', '?')}")
-        if msg.kind not in kinds:
-            raise ServerError(f"attention server {s}: expected {[k.name for k in kinds]}, got {msg.kind.name}")
-        return msg, {spec.name: t for spec, t in zip(msg.tensors, tensors, strict=True)}
+    def _expect(self, s: int, kinds: tuple[Kind, ...], pid: int | None = None):
+        """The next reply from server ``s`` of one of ``kinds`` (for plan ``pid``). Replies to other
+        requests in flight (ping-pong keeps two) are set aside for their own ``_expect``."""
+        stash = self.stash.setdefault(s, [])
+        for i, (msg, named) in enumerate(stash):
+            if msg.kind in kinds and (pid is None or msg.plan_id == pid):
+                del stash[i]
+                return msg, named
+        while True:
+            _, msg, tensors = self.eps[s].recv()
+            # Replies are views of receive frames; copy them out only when set aside.
+            named = {spec.name: t for spec, t in zip(msg.tensors, tensors, strict=True)}
+            if msg.kind == Kind.ERROR and (pid is None or msg.plan_id in (0, pid)):
+                raise ServerError(f"attention server {s} ({self.eps[s].address}): {msg.extra.get('error', '?')}")
+            if msg.kind in kinds and (pid is None or msg.plan_id == pid):
+                return msg, named
+            stash.append((msg, {k: v.clone() for k, v in named.items()}))
 
     def ping(self, s: int, timeout_s: float | None = None) -> dict:
         """Health check: the server's name and how many rounds it served."""
@@ -80,12 +129,15 @@ class CADClient:
             layout = server_layout(plan, s)
             self.eps[s].send(Kind.PLAN, layout.tensors(), plan_id=pid, extra=layout.extra())
         for s in todo:
-            self._expect(s, (Kind.ACK,))
+            self._expect(s, (Kind.ACK,), pid)
             self.registered.add((pid, s))
         return pid
 
-    def forward(self, plan: Plan, t: RankTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``out`` and ``lse`` (its local row layout)."""
+    def start_forward(self, plan: Plan, t: RankTensors) -> PendingForward:
+        """Send this rank's rows to the servers and run its local tasks; collect with ``.wait()``.
+
+        Between the two the trainer is free: ping-pong computes the other nano-batch's linear work here.
+        """
         pid = self.register(plan)
         servers = self._servers(plan)
         rows = {s: (_rows(plan.q_xfer, self.rank, s), _rows(plan.kv_xfer, self.rank, s)) for s in servers}
@@ -97,20 +149,20 @@ class CADClient:
         lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
         res = {"out": [torch.zeros_like(t.q)], "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype)]}
         self._local(plan, t, None, res)  # overlaps with the servers' work
-        for s in servers:
-            _, got = self._expect(s, (Kind.FWD_OUT,))
-            qr = rows[s][0]
-            res["out"][0][qr] = got["out"]
-            res["lse"][0][qr] = got["lse"].to(lse_dtype)
-        return res["out"][0], res["lse"][0]
+        return PendingForward(self, pid, servers, rows, sends, res)
 
-    def backward(self, plan: Plan, t: RankTensors, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
-        """This rank's ``dq, dk, dv``; a key row sent to several servers sums their gradients here."""
+    def forward(self, plan: Plan, t: RankTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``out`` and ``lse`` (its local row layout)."""
+        return self.start_forward(plan, t).wait()
+
+    def start_backward(self, plan: Plan, t: RankTensors, out: torch.Tensor, lse: torch.Tensor,
+                       dout: torch.Tensor) -> PendingBackward:
+        """Send q, out, dout, lse, k, v rows and run local tasks; collect ``(dq, dk, dv)`` with ``.wait()``."""
         pid = self.register(plan)
         servers = self._servers(plan)
         rows = {s: (_rows(plan.q_xfer, self.rank, s), _rows(plan.kv_xfer, self.rank, s)) for s in servers}
         lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
-        sends = {}  # zero-copy frames: keep the gathered rows alive until the replies are in
+        sends = {}
         for s in servers:
             qr, kr = rows[s]
             sends[s] = [("q", t.q[qr].contiguous()), ("out", out[qr].contiguous()), ("dout", dout[qr].contiguous()),
@@ -120,13 +172,11 @@ class CADClient:
         res = {"out": [torch.zeros_like(t.q)], "lse": [torch.zeros(t.q.shape[:2], dtype=lse.dtype)],
                "dq": [torch.zeros_like(t.q)], "dk": [torch.zeros_like(t.k)], "dv": [torch.zeros_like(t.v)]}
         self._local(plan, t, dout, res)
-        for s in servers:
-            _, got = self._expect(s, (Kind.BWD_OUT,))
-            qr, kr = rows[s]
-            res["dq"][0][qr] = got["dq"]
-            res["dk"][0].index_add_(0, kr, got["dk"])
-            res["dv"][0].index_add_(0, kr, got["dv"])
-        return res["dq"][0], res["dk"][0], res["dv"][0]
+        return PendingBackward(self, pid, servers, rows, sends, res)
+
+    def backward(self, plan: Plan, t: RankTensors, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
+        """This rank's ``dq, dk, dv``; a key row sent to several servers sums their gradients here."""
+        return self.start_backward(plan, t, out, lse, dout).wait()
 
     def _local(self, plan: Plan, t: RankTensors, dout, res) -> None:
         """Run the tasks the plan keeps on this trainer (their rows are all local)."""

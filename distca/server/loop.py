@@ -45,28 +45,30 @@ class ServerConfig:
 
 
 class _Buffers:
-    """Grow-only receive buffers per tensor role, viewed at the rows a plan needs."""
+    """Grow-only receive buffers per (slot, tensor role), viewed at the rows a plan needs. Each round in
+    flight (ping and pong, forward and backward) owns a slot, so concurrent rounds never share rows."""
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
-        self.store: dict[str, torch.Tensor] = {}
+        self.store: dict[tuple[int, str], torch.Tensor] = {}
 
-    def get(self, role: str, rows: int) -> torch.Tensor:
+    def get(self, role: str, rows: int, slot: int = 0) -> torch.Tensor:
         c = self.cfg
         dtype = getattr(torch, c.dtype)
         heads = c.n_kv_heads if role in ("k", "v") else c.n_heads
         shape = (rows, heads) if role == "lse" else (rows, heads, c.head_dim)
         lse_dt = torch.float64 if dtype == torch.float64 else torch.float32  # as the kernels produce it
         dt = lse_dt if role == "lse" else dtype
-        buf = self.store.get(role)
+        buf = self.store.get((slot, role))
         if buf is None or buf.shape[0] < rows:
-            buf = self.store[role] = torch.empty((max(rows, 1), *shape[1:]), dtype=dt)
+            buf = self.store[(slot, role)] = torch.empty((max(rows, 1), *shape[1:]), dtype=dt)
         return buf[:rows]
 
 
 @dataclass
 class _Round:
     kind: Kind
+    slot: int
     arrived: dict[int, bytes] = field(default_factory=dict)  # rank -> identity
     started: float = 0.0
 
@@ -92,11 +94,21 @@ class AttentionServer:
         if msg.kind not in (Kind.FWD, Kind.BWD) or layout is None or rank not in layout.senders:
             return None
         qd, nq, kd, nk = layout.senders[rank]
+        slot = self._round(msg.plan_id, msg.kind).slot
         if spec.name in ("q", "out", "dout", "lse"):
-            return self.bufs.get(spec.name, layout.q_rows)[qd:qd + nq]
+            return self.bufs.get(spec.name, layout.q_rows, slot)[qd:qd + nq]
         if spec.name in ("k", "v"):
-            return self.bufs.get(spec.name, layout.kv_rows)[kd:kd + nk]
+            return self.bufs.get(spec.name, layout.kv_rows, slot)[kd:kd + nk]
         return None
+
+    def _round(self, pid: int, kind: Kind) -> _Round:
+        """The round in flight for (plan, kind), opened with the lowest free buffer slot."""
+        rnd = self.rounds.get((pid, kind))
+        if rnd is None:
+            used = {r.slot for r in self.rounds.values()}
+            slot = next(i for i in range(len(used) + 1) if i not in used)
+            rnd = self.rounds[(pid, kind)] = _Round(kind, slot, started=time.monotonic())
+        return rnd
 
     # -- loop --------------------------------------------------------------------------------
     def serve_forever(self, poll_s: float = 0.5) -> None:
@@ -160,7 +172,7 @@ class AttentionServer:
                     not bool(torch.isfinite(t).all()):
                 raise WireError(f"tensor {spec.name} of rank {rank} holds NaN or inf")
         key = (msg.plan_id, msg.kind)
-        rnd = self.rounds.setdefault(key, _Round(msg.kind, started=time.monotonic()))
+        rnd = self._round(*key)
         if rank in rnd.arrived:
             raise WireError(f"rank {rank} sent {msg.kind.name} twice for plan {msg.plan_id}")
         rnd.arrived[rank] = ident
@@ -169,9 +181,9 @@ class AttentionServer:
             self._compute(layout, msg.kind, rnd, msg.request_id)
 
     def _compute(self, layout: ServerLayout, kind: Kind, rnd: _Round, request_id: int) -> None:
-        c = self.cfg
-        q = self.bufs.get("q", layout.q_rows)
-        kb, vb = self.bufs.get("k", layout.kv_rows), self.bufs.get("v", layout.kv_rows)
+        c, slot = self.cfg, rnd.slot
+        q = self.bufs.get("q", layout.q_rows, slot)
+        kb, vb = self.bufs.get("k", layout.kv_rows, slot), self.bufs.get("v", layout.kv_rows, slot)
         kt, vt = kb[layout.key_rows], vb[layout.key_rows]  # each task's keys contiguous
         args = (layout.cu_q, layout.cu_k, layout.max_q, layout.max_k)
         if kind == Kind.FWD:
@@ -182,8 +194,8 @@ class AttentionServer:
                                             ("lse", lse[qd:qd + nq].contiguous())],
                              to=ident, request_id=request_id, plan_id=layout.plan_id)
         else:
-            out, dout = self.bufs.get("out", layout.q_rows), self.bufs.get("dout", layout.q_rows)
-            lse = self.bufs.get("lse", layout.q_rows)
+            out, dout = self.bufs.get("out", layout.q_rows, slot), self.bufs.get("dout", layout.q_rows, slot)
+            lse = self.bufs.get("lse", layout.q_rows, slot)
             dq, dkt, dvt = attn_backward(q, kt, vt, out, lse, dout, *args, window=layout.window, backend=c.backend)
             # A key row used by several tasks: its gradients are summed here, before they return.
             dk = torch.zeros_like(kb).index_add_(0, layout.key_rows, dkt)

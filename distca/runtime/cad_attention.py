@@ -1,0 +1,38 @@
+"""Core attention through the attention servers, as an autograd function.
+
+``cad_attention(q, k, v, plan, client)`` returns what ``varlen_attention`` returns for this rank's rows
+of the plan's documents — ``(out, lse)`` — and its backward resends q, k, v, out, dout and lse (servers
+keep nothing) and receives dq, dk, dv. The model calls core attention through one interface and gets
+this or the local kernel by config; it never sees the plan, the sockets or the servers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distca.runtime.client import CADClient
+from distca.runtime.plan_exec import RankTensors
+from distca.scheduler import Plan
+
+
+class _CADAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: Plan, client: CADClient):
+        out, lse = client.forward(plan, RankTensors(q.detach(), k.detach(), v.detach()))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.client = plan, client
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.client.backward(ctx.plan, RankTensors(q.detach(), k.detach(), v.detach()), out, lse,
+                                         dout.contiguous())
+        return dq, dk, dv, None, None
+
+
+def cad_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
+                  client: CADClient) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable core attention of this rank's rows over the attention servers: ``(out, lse)``."""
+    return _CADAttention.apply(q, k, v, plan, client)

@@ -34,3 +34,9 @@ def test_scheduler_benchmark_runs(tmp_path):
 def test_transport_benchmark_runs():
     out = _run("benchmarks/transport.py", "--reps", "1")
     assert "| ipc " in out and "| tcp " in out and "small-message RTT" in out
+
+
+def test_pingpong_benchmark_runs():
+    out = _run("benchmarks/pingpong.py", "--tokens", "256", "--docs", "128", "128", "--layers", "1", "--steps", "1",
+               "--heads", "2", "--kv-heads", "1", "--head-dim", "8")
+    assert "| sequential |" in out and "| ping-pong  |" in out

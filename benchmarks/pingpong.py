@@ -82,7 +82,7 @@ def main() -> None:
                     xs = schedule(xs, plans, client, pre, post)
             return time.perf_counter() - t0, client.blocked_s - b0
 
-        for name, schedule in (("sequential", sequential_layer), ("ping-pong", pingpong_layer)):
+        for schedule in (sequential_layer, pingpong_layer):
             run(schedule)  # warm-up
         samples = {"sequential": [], "ping-pong": []}
         for _ in range(args.steps):  # interleaved, so both modes see the same machine noise

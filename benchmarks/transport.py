@@ -112,6 +112,33 @@ def measure(transport: str, reps: int) -> tuple[list[dict], float, int]:
     return rows, statistics.median(rtts[10:]) * 1e6, max(rss) - min(rss[len(SIZES) * 2:] or rss)
 
 
+def server_memory(rounds: int) -> dict:
+    """Peak RSS and receive-buffer bytes of a server process before and after ``rounds`` forward rounds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from cluster_harness import servers
+
+    from distca.runtime.client import CADClient
+    from distca.runtime.plan_exec import RankTensors
+    from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+    from distca.server.loop import ServerConfig
+
+    h, hkv, d = 8, 2, 64
+    plan, _ = make_plan(BatchLayout.from_ranks([[4096, 2048, 2048]]), Placement(1, 1, "dedicated"),
+                        SchedulerConfig(min_offload_pairs=0))
+    t = RankTensors(*(torch.randn(8192, n, d) for n in (h, hkv, hkv)))
+    tcfg = TransportConfig(timeout_s=120)
+    with servers(1, ServerConfig(n_heads=h, n_kv_heads=hkv, head_dim=d, backend="sdpa", transport=tcfg)) as (a, _):
+        client = CADClient(0, a, tcfg, backend="sdpa")
+        for _ in range(5):
+            client.forward(plan, t)
+        before = client.ping(0)
+        for _ in range(rounds):
+            client.forward(plan, t)
+        after = client.ping(0)
+        client.close()
+    return {"rounds": rounds, "before": before, "after": after}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=20)
@@ -125,6 +152,12 @@ def main() -> None:
             table.append([transport, f"{r['bytes'] >> 10} KB" if r["bytes"] < 1 << 20 else f"{r['bytes'] >> 20} MB",
                           f"{r['gbps']:.2f}", f"{r['raw_gbps']:.2f}", f"{r['memcpy_gbps']:.2f}", f"{r['ratio']:.2f}"])
         table.append([transport, "small-message RTT", f"{rtt_us:.0f} µs", "", "", ""])
+    mem = server_memory(100)
+    results["server_memory"] = mem
+    b, a = mem["before"], mem["after"]
+    table.append(["server", f"{mem['rounds']} rounds, 8192 tokens", f"peak RSS {b['peak_rss_kb'] >> 10} -> "
+                  f"{a['peak_rss_kb'] >> 10} MB", f"buffers {b['buffer_bytes'] >> 20} -> {a['buffer_bytes'] >> 20} MB",
+                  "", ""])
     write_json(out_dir("transport") / "transport.json", {"info": info, "results": results})
     print("\n".join([*header_lines("Transport: ZeroMQ loopback vs memcpy", info),
                      *markdown_table(["transport", "size", "DistCA GB/s", "bare pyzmq GB/s", "memcpy GB/s",

@@ -117,3 +117,50 @@ def test_two_rounds_in_flight_from_several_trainers_stay_apart():
             assert isinstance(got[r], list), f"trainer {r} failed: {got[r]}"
             for key in ("out", "dq", "dk"):
                 assert np.abs(got[r][i][key] - want[key][r].numpy()).max() < 1e-10, (i, r, key)
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_random_documents_over_the_cluster(seed):
+    """Seeded random long-tailed documents packed over 3 trainers (spanning ranks), 2 servers."""
+    from distca.data import sample_batch
+
+    packed = sample_batch("pretrain", 3, 1024, seed=seed, elongate=0.05)
+    window = [-1, 64][seed % 2]
+    spec = dict(ranks=packed.ranks, continues=packed.continues, servers=2, placement="colocated" if seed % 2 else
+                "dedicated", eps=0.02, window=window, seed=seed, dtype="float64", backend="reference")
+    if spec["placement"] == "colocated":
+        spec["servers"] = 3
+    tcfg = TransportConfig(timeout_s=60.0)
+    scfg = ServerConfig(n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=DIM, dtype="float64", backend="reference",
+                        transport=tcfg)
+    plan, ranks, douts = make_case(spec)
+    assert any(packed.continues), "the sample should hold a document spanning trainer ranks"
+    with servers(spec["servers"], scfg) as (addresses, _):
+        got = run_trainers(_trainer, [(r, addresses, spec, tcfg) for r in range(3)])
+    want = execute_plan(plan, ranks, douts, backend="reference")
+    for r in range(3):
+        assert isinstance(got[r], dict), f"trainer {r} failed: {got[r]}"
+        for key in ("out", "dq", "dk", "dv"):
+            assert np.abs(got[r][key] - want[key][r].numpy()).max() < 1e-10, (r, key)
+
+
+def test_server_memory_stays_flat_over_many_rounds():
+    """100 forward rounds of one plan: receive buffers are reused, so peak RSS and buffer bytes stay put."""
+    spec = dict(ranks=[[1024, 1024]], continues=[False], servers=1, placement="dedicated", eps=0.0, window=-1,
+                seed=3, dtype="float32", backend="sdpa")
+    tcfg = TransportConfig(timeout_s=60.0)
+    scfg = ServerConfig(n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=DIM, dtype="float32", backend="sdpa",
+                        transport=tcfg)
+    plan, ranks, _ = make_case(spec)
+    with servers(1, scfg) as (addresses, _):
+        client = CADClient(0, addresses, tcfg, backend="sdpa")
+        for _ in range(10):
+            client.forward(plan, ranks[0])
+        warm = client.ping(0)
+        for _ in range(100):
+            client.forward(plan, ranks[0])
+        after = client.ping(0)
+        client.close()
+    assert after["served"] - warm["served"] == 100
+    assert after["buffer_bytes"] == warm["buffer_bytes"]
+    assert after["peak_rss_kb"] - warm["peak_rss_kb"] < 16 * 1024, (warm, after)

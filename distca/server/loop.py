@@ -10,6 +10,7 @@ Receive buffers grow to the largest plan seen and are reused, so memory stays fl
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -137,8 +138,11 @@ class AttentionServer:
 
     def _handle(self, ident: bytes, msg: Message, tensors: list[torch.Tensor]) -> None:
         if msg.kind == Kind.PING:
+            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            buffers = sum(t.numel() * t.element_size() for t in self.bufs.store.values())
             self.ep.send(Kind.PONG, to=ident, request_id=msg.request_id,
-                         extra={"name": self.cfg.name, "served": self.served})
+                         extra={"name": self.cfg.name, "served": self.served, "peak_rss_kb": peak_kb,
+                                "buffer_bytes": buffers, "plans": len(self.plans)})
         elif msg.kind == Kind.PLAN:
             if msg.plan_id not in self.plans:
                 named = {s.name: t for s, t in zip(msg.tensors, tensors, strict=True)}

@@ -142,6 +142,7 @@ def server_memory(rounds: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--memory-rounds", type=int, default=100, help="server rounds for the flat-memory check")
     args = p.parse_args()
     info = run_info(torch.device("cpu"), reps=args.reps)
     table, results = [], {}
@@ -152,7 +153,7 @@ def main() -> None:
             table.append([transport, f"{r['bytes'] >> 10} KB" if r["bytes"] < 1 << 20 else f"{r['bytes'] >> 20} MB",
                           f"{r['gbps']:.2f}", f"{r['raw_gbps']:.2f}", f"{r['memcpy_gbps']:.2f}", f"{r['ratio']:.2f}"])
         table.append([transport, "small-message RTT", f"{rtt_us:.0f} µs", "", "", ""])
-    mem = server_memory(100)
+    mem = server_memory(args.memory_rounds)
     results["server_memory"] = mem
     b, a = mem["before"], mem["after"]
     table.append(["server", f"{mem['rounds']} rounds, 8192 tokens", f"peak RSS {b['peak_rss_kb'] >> 10} -> "

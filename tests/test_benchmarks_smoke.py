@@ -32,7 +32,7 @@ def test_scheduler_benchmark_runs(tmp_path):
 
 
 def test_transport_benchmark_runs():
-    out = _run("benchmarks/transport.py", "--reps", "1")
+    out = _run("benchmarks/transport.py", "--reps", "1", "--memory-rounds", "2")
     assert "| ipc " in out and "| tcp " in out and "small-message RTT" in out
 
 

@@ -1,10 +1,10 @@
-"""Ping-pong benchmark: one trainer + one attention server process, long documents, forward steps
-of a small transformer-like layer stack with ping-pong on vs off, side by side in one run.
+"""Ping-pong benchmark: one trainer + one attention server process, long documents, forward and
+training (forward + backward) steps of a small transformer-like layer stack with ping-pong on vs off,
+side by side in one run.
 
 Each layer: q/k/v projection (pre), core attention on the server, output projection and an MLP
 (post). Exposed communication = time the trainer blocks on the server, as a share of step time.
-Trainer and server each get one thread (two cores: wall-clock overlap is real here). Forward only:
-the backward pass is not overlapped yet.
+Trainer and server each get one thread (two cores: wall-clock overlap is real here).
 
     python benchmarks/pingpong.py [--tokens 4096] [--layers 4] [--steps 5]
 """
@@ -25,7 +25,7 @@ from cluster_harness import servers
 from common import header_lines, markdown_table, out_dir, run_info, write_json
 
 from distca.runtime.client import CADClient
-from distca.runtime.pingpong import pingpong_layer, sequential_layer
+from distca.runtime.pingpong import pingpong_layer, sequential_layer, train_backward, train_forward
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.server.loop import ServerConfig
 from distca.transport.channel import TransportConfig
@@ -50,10 +50,11 @@ def main() -> None:
     batch = BatchLayout.from_ranks([docs])
     plans = [make_plan(batch, Placement(1, 1, "dedicated"), SchedulerConfig(min_offload_pairs=0))[0]] * 2
     gen = torch.Generator().manual_seed(0)
-    layers = [(torch.randn(hidden, (h + 2 * hkv) * d, generator=gen) / hidden**0.5,
-               torch.randn(hidden, hidden, generator=gen) / hidden**0.5,
-               torch.randn(hidden, 4 * hidden, generator=gen) / hidden**0.5,
-               torch.randn(4 * hidden, hidden, generator=gen) / (4 * hidden)**0.5) for _ in range(args.layers)]
+    layers = [tuple(w.requires_grad_() for w in (
+        torch.randn(hidden, (h + 2 * hkv) * d, generator=gen) / hidden**0.5,
+        torch.randn(hidden, hidden, generator=gen) / hidden**0.5,
+        torch.randn(hidden, 4 * hidden, generator=gen) / hidden**0.5,
+        torch.randn(4 * hidden, hidden, generator=gen) / (4 * hidden)**0.5)) for _ in range(args.layers)]
     xs0 = [torch.randn(args.tokens, hidden, generator=gen) for _ in range(2)]
     tcfg = TransportConfig(timeout_s=120.0)
     scfg = ServerConfig(n_heads=h, n_kv_heads=hkv, head_dim=d, dtype="float32", backend="sdpa", transport=tcfg)
@@ -64,42 +65,64 @@ def main() -> None:
         client = CADClient(0, addresses, tcfg, backend="sdpa")
         client.register(plans[0])
 
-        def run(schedule) -> tuple[float, float]:
+        def make_fns(wqkv, wo, w1, w2):
+            def pre(i, x):
+                q, k, v = (x @ wqkv).split([h * d, hkv * d, hkv * d], dim=1)
+                return (q.reshape(-1, h, d).contiguous(), k.reshape(-1, hkv, d).contiguous(),
+                        v.reshape(-1, hkv, d).contiguous())
+
+            def post(i, x, attn):
+                x = x + attn.reshape(x.shape[0], -1) @ wo
+                return x + torch.relu(x @ w1) @ w2
+
+            return pre, post
+
+        def run_forward(schedule) -> tuple[float, float]:
             xs = list(xs0)
             b0 = client.blocked_s
             t0 = time.perf_counter()
             with torch.no_grad():
-                for wqkv, wo, w1, w2 in layers:
-                    def pre(i, x, wqkv=wqkv):
-                        q, k, v = (x @ wqkv).split([h * d, hkv * d, hkv * d], dim=1)
-                        return (q.reshape(-1, h, d).contiguous(), k.reshape(-1, hkv, d).contiguous(),
-                                v.reshape(-1, hkv, d).contiguous())
-
-                    def post(i, x, attn, wo=wo, w1=w1, w2=w2):
-                        x = x + attn.reshape(x.shape[0], -1) @ wo
-                        return x + torch.relu(x @ w1) @ w2
-
-                    xs = schedule(xs, plans, client, pre, post)
+                for w in layers:
+                    xs = schedule(xs, plans, client, *make_fns(*w))
             return time.perf_counter() - t0, client.blocked_s - b0
 
-        for schedule in (sequential_layer, pingpong_layer):
-            run(schedule)  # warm-up
-        samples = {"sequential": [], "ping-pong": []}
-        for _ in range(args.steps):  # interleaved, so both modes see the same machine noise
-            for name, schedule in (("sequential", sequential_layer), ("ping-pong", pingpong_layer)):
-                samples[name].append(run(schedule))
+        def run_train(overlap: bool) -> tuple[float, float]:
+            xs = list(xs0)
+            b0 = client.blocked_s
+            t0 = time.perf_counter()
+            saved = []
+            for w in layers:
+                xs, states = train_forward(xs, plans, client, *make_fns(*w), overlap=overlap)
+                saved.append(states)
+            dys = [torch.ones_like(x) / x.numel() for x in xs]
+            for w, states in zip(reversed(layers), reversed(saved), strict=True):
+                dys = train_backward(states, dys, plans, client, params=w, overlap=overlap)
+            return time.perf_counter() - t0, client.blocked_s - b0
+
+        modes = {
+            "forward, sequential": lambda: run_forward(sequential_layer),
+            "forward, ping-pong": lambda: run_forward(pingpong_layer),
+            "fwd+bwd, sequential": lambda: run_train(False),
+            "fwd+bwd, ping-pong": lambda: run_train(True),
+        }
+        for fn in modes.values():
+            fn()  # warm-up
+        samples = {name: [] for name in modes}
+        for _ in range(args.steps):  # interleaved, so every mode sees the same machine noise
+            for name, fn in modes.items():
+                samples[name].append(fn())
         client.close()
     rows = []
-    base = statistics.median(s for s, _ in samples["sequential"])
     for name, ss in samples.items():
+        base = statistics.median(s for s, _ in samples[name.split(",")[0] + ", sequential"])
         step = statistics.median(s for s, _ in ss)
         blocked = statistics.median(b for _, b in ss)
         results[name] = {"step_s": step, "blocked_s": blocked}
         rows.append([name, f"{step * 1e3:.0f}", f"{blocked * 1e3:.0f}", f"{100 * blocked / step:.0f}%",
                      f"{base / step:.2f}x"])
     write_json(out_dir("pingpong") / "pingpong.json", {"info": info, "results": results})
-    print("\n".join([*header_lines("Ping-pong: forward step, one trainer + one attention server", info),
-                     *markdown_table(["schedule", "step ms", "blocked on server ms", "exposed comm",
+    print("\n".join([*header_lines("Ping-pong: one trainer + one attention server", info),
+                     *markdown_table(["step, schedule", "step ms", "blocked on server ms", "exposed comm",
                                       "speedup vs sequential"], rows)]))
 
 

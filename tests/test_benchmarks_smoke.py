@@ -39,4 +39,4 @@ def test_transport_benchmark_runs():
 def test_pingpong_benchmark_runs():
     out = _run("benchmarks/pingpong.py", "--tokens", "256", "--docs", "128", "128", "--layers", "1", "--steps", "1",
                "--heads", "2", "--kv-heads", "1", "--head-dim", "8")
-    assert "| sequential |" in out and "| ping-pong  |" in out
+    assert "| forward, ping-pong " in out and "| fwd+bwd, ping-pong " in out

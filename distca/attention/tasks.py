@@ -113,11 +113,11 @@ def task_row_indices(tasks: list[CATask], doc_starts: list[int] | np.ndarray) ->
     k0 = np.fromiter((t.k_start for t in tasks), dtype=np.int64, count=len(tasks)) + starts[doc]
     q_len = np.fromiter((t.q_len for t in tasks), dtype=np.int64, count=len(tasks))
     k_len = np.fromiter((t.kv_len for t in tasks), dtype=np.int64, count=len(tasks))
-    return _ranges(q0, q_len), _ranges(k0, k_len)
+    return row_ranges(q0, q_len), row_ranges(k0, k_len)
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + n)`` for each pair, vectorised."""
+def row_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for each pair, vectorised (int64)."""
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 import uuid
 
-import numpy as np
 import torch
 import zmq
 
+from distca.attention.tasks import row_ranges
 from distca.errors import DistCAError
 from distca.runtime.plan_exec import RankTensors, _run_local_tasks
 from distca.scheduler import Plan
@@ -29,11 +29,9 @@ class ServerError(DistCAError, RuntimeError):
 
 
 def _rows(x, rank: int, server: int) -> torch.Tensor:
+    """This rank's local rows sent to ``server`` by transfer list ``x``, in the server's row order."""
     m = (x.rank == rank) & (x.server == server)
-    src, n = x.src_row[m], x.n[m]
-    total = int(n.sum())
-    idx = np.arange(total, dtype=np.int64) + np.repeat(src - (np.cumsum(n) - n), n) if total else np.zeros(0, np.int64)
-    return torch.from_numpy(idx)
+    return torch.from_numpy(row_ranges(x.src_row[m], x.n[m]))
 
 
 class _Pending:

@@ -17,6 +17,7 @@ import torch
 
 from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
+from distca.attention.tasks import row_ranges
 from distca.scheduler import Plan
 from distca.scheduler.plan import Transfers
 
@@ -42,13 +43,6 @@ class ServerCall:
     key_rows: torch.Tensor  # rows of the server's k/v buffer, task by task (keys of a task contiguous)
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-
-
 def server_call(plan: Plan, server: int) -> ServerCall:
     """The varlen metadata of ``server``'s tasks (in plan order, queries contiguous in its q buffer)."""
     m = np.flatnonzero(plan.task_server == server)
@@ -61,7 +55,7 @@ def server_call(plan: Plan, server: int) -> ServerCall:
     if m.size and not np.array_equal(plan.task_q_row[m], cu_q[:-1]):
         raise ValueError(f"server {server}: task query rows are not laid out contiguously in plan order")
     return ServerCall(server, torch.from_numpy(cu_q), torch.from_numpy(cu_k), int(q_len.max(initial=0)),
-                      int(k_len.max(initial=0)), torch.from_numpy(_ranges(plan.task_kv_row[m], k_len)))
+                      int(k_len.max(initial=0)), torch.from_numpy(row_ranges(plan.task_kv_row[m], k_len)))
 
 
 def _rows(x: Transfers) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -69,8 +63,8 @@ def _rows(x: Transfers) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
     out = []
     for r, s in sorted(set(zip(x.rank.tolist(), x.server.tolist(), strict=True))):
         m = (x.rank == r) & (x.server == s)
-        src = torch.from_numpy(_ranges(x.src_row[m], x.n[m]))
-        dst = torch.from_numpy(_ranges(x.dst_row[m], x.n[m]))
+        src = torch.from_numpy(row_ranges(x.src_row[m], x.n[m]))
+        dst = torch.from_numpy(row_ranges(x.dst_row[m], x.n[m]))
         out.append((r, s, src, dst))
     return out
 

@@ -61,3 +61,4 @@ def test_a_killed_server_is_detected_and_restarted(pool):
     assert pool.restart_dead(timeout_s=1.0) == [0]
     assert pool.health() == [True, True] and pool.addresses[0] != old[0] and pool.addresses[1] == old[1]
     _step_matches_oracle(pool.addresses)
+

@@ -1,0 +1,41 @@
+"""The attention-server pool joining a Ray cluster that was started outside it (``address="auto"``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from distca.server.loop import ServerConfig
+from distca.server.pool import AttentionServerPool, PoolConfig
+from distca.transport.channel import TransportConfig
+
+TCFG = TransportConfig(timeout_s=30.0)
+
+
+def test_pool_joins_an_existing_cluster_with_address_auto():
+    """A Ray head started outside the pool (as on a real cluster), bound to loopback; the pool joins it
+    with ``address="auto"``, serves, and leaves the cluster running when it shuts down."""
+    import subprocess
+    import sys
+
+    from distca.server.pool import local_ray_on_loopback
+
+    local_ray_on_loopback()  # this simulated cluster lives on loopback: the driver must agree (before import ray)
+    import ray
+
+    assert not ray.is_initialized()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    start = subprocess.run([ray_bin, "start", "--head", "--num-cpus", "4", "--disable-usage-stats",
+                            "--include-dashboard", "false", "--port", "0"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        cfg = PoolConfig(n_servers=2, address="auto", server=ServerConfig(backend="sdpa", transport=TCFG))
+        with AttentionServerPool(cfg) as p:
+            assert p.health() == [True, True]
+        assert not ray.is_initialized()  # the driver disconnected ...
+        status = subprocess.run([ray_bin, "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0  # ... and the cluster is still up
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -32,9 +32,9 @@ def pool():
     assert not ray.is_initialized(), "the pool must stop the Ray it started"
 
 
-def _step_matches_oracle(addresses):
-    plan, ranks, douts = make_case(SPEC)
-    got = run_trainers(_trainer, [(r, addresses, SPEC, TCFG) for r in range(2)])
+def _step_matches_oracle(addresses, spec=SPEC):
+    plan, ranks, douts = make_case(spec)
+    got = run_trainers(_trainer, [(r, addresses, spec, TCFG) for r in range(2)])
     want = execute_plan(plan, ranks, douts, backend="reference")
     for r in range(2):
         assert isinstance(got[r], dict), f"trainer {r} failed: {got[r]}"
@@ -47,8 +47,9 @@ def test_pool_starts_healthy_servers_on_loopback(pool):
     assert all(a.startswith("ipc://") for a in pool.addresses)
 
 
-def test_trainer_processes_run_a_step_through_the_pool(pool):
-    _step_matches_oracle(pool.addresses)
+@pytest.mark.parametrize("window", [-1, 96])
+def test_trainer_processes_run_a_step_through_the_pool(pool, window):
+    _step_matches_oracle(pool.addresses, {**SPEC, "window": window})
 
 
 def test_a_killed_server_is_detected_and_restarted(pool):

@@ -29,6 +29,16 @@ class ModelConfig:
     n_kv_heads: int = 2
     ffn_hidden: int = 688
     vocab_size: int = 256
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # Residual variant: "standard" pre-norm; "shortswa" adds a sliding-window attention sublayer before
+    # full attention in every block (or, with shortswa_every = k > 1, makes every k-th layer's attention
+    # windowed instead); "ddl" uses Deep Delta Learning residual updates (scalar value state, d_v = 1).
+    residual: Literal["standard", "shortswa", "ddl"] = "standard"
+    shortswa_window: int = 128  # keys per query, the query itself included
+    shortswa_every: int = 1  # 1: a ShortSWA sublayer in every block; k > 1: every k-th layer windowed
+    ddl_beta_init: float = 1.0  # β at initialisation (the DDL code's default: exact overwrite)
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
@@ -40,6 +50,10 @@ class ModelConfig:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
             )
+        if self.shortswa_window < 1 or self.shortswa_every < 1:
+            raise ConfigError("model.shortswa_window and model.shortswa_every must be >= 1")
+        if not 0.0 <= self.ddl_beta_init < 2.0:
+            raise ConfigError(f"model.ddl_beta_init must be in [0, 2), got {self.ddl_beta_init}")
 
     @property
     def head_dim(self) -> int:

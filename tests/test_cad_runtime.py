@@ -120,3 +120,34 @@ def test_train_forward_backward_overlapped_equals_local_autograd(client, overlap
         torch.testing.assert_close(dxs[i], x.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(got_w[0], wqkv.grad, rtol=0, atol=1e-11)
     torch.testing.assert_close(got_w[1], wo.grad, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("residual", ["standard", "shortswa"])
+def test_model_switches_between_local_and_cad_core_attention(client, residual):
+    """The same model, the same data: logits and every parameter gradient agree, local vs CAD."""
+    from distca.config import ModelConfig
+    from distca.model import DocLayout, LlamaModel, LocalCoreAttention
+    from distca.model.llama import next_token_labels
+    from distca.runtime.cad_attention import CADCoreAttention
+
+    cfg = ModelConfig(n_layers=2, hidden=H * D, n_heads=H, n_kv_heads=HKV, ffn_hidden=48, vocab_size=61,
+                      residual=residual, shortswa_window=24)
+    torch.manual_seed(0)
+    model = LlamaModel(cfg).double()
+    lengths = [90, 200, 30]
+    layout = DocLayout.from_lengths(lengths)
+    tokens = torch.randint(0, 61, (sum(lengths),), generator=torch.Generator().manual_seed(4))
+    labels = next_token_labels(tokens, layout)
+    batch = BatchLayout.from_ranks([lengths])
+    plans = {w: make_plan(batch, Placement(1, 2, "dedicated"), SchedulerConfig(eps=0.0, window=w, granularity=16,
+                                                                              min_offload_pairs=0))[0]
+             for w in (-1, 24)}
+    results = []
+    for core in (LocalCoreAttention(layout, backend="reference"), CADCoreAttention(client, plans)):
+        model.zero_grad()
+        logits = model(tokens, layout, core)
+        torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-10)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

@@ -36,3 +36,20 @@ def cad_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
                   client: CADClient) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable core attention of this rank's rows over the attention servers: ``(out, lse)``."""
     return _CADAttention.apply(q, k, v, plan, client)
+
+
+class CADCoreAttention:
+    """The model's core-attention interface (``distca.model.CoreAttention``) backed by the servers.
+
+    One plan per window the model uses (full causal ``-1`` and, for ShortSWA, the sliding window), all
+    planned from the same documents; the model calls it exactly as it calls the local kernel.
+    """
+
+    def __init__(self, client: CADClient, plans: dict[int, Plan]):
+        self.client, self.plans = client, plans
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
+        plan = self.plans.get(window)
+        if plan is None:
+            raise KeyError(f"no CAD plan for window {window}; planned windows: {sorted(self.plans)}")
+        return cad_attention(q, k, v, plan, self.client)[0]

@@ -1,0 +1,51 @@
+"""The one interface through which the model calls core attention.
+
+``core(q, k, v, window) -> out`` for the rank's packed tokens ``[T, H, D]``. The local implementation
+runs ``varlen_attention`` over the documents of a :class:`DocLayout`; the CAD implementation (runtime)
+ships the same tensors to attention servers by a plan. The model never sees which one it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from distca.attention import varlen_attention
+
+
+class CoreAttention(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
+        """Causal attention of packed ``q [T, Hq, D]`` over ``k, v [T, Hkv, D]`` within documents."""
+
+
+@dataclass(frozen=True)
+class DocLayout:
+    """Packed documents of one sequence: boundaries and per-token positions (restarting per document)."""
+
+    cu_seqlens: torch.Tensor  # int32 [n_docs + 1]
+    max_len: int
+    position_ids: torch.Tensor  # int64 [T]: position of each token inside its document
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], first_position: int = 0) -> DocLayout:
+        """Documents packed in order; ``first_position`` offsets the first document (it continues from an
+        earlier rank, whose tokens hold positions ``[0, first_position)``)."""
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+        pos = torch.cat([torch.arange(n) + (first_position if i == 0 else 0) for i, n in enumerate(lengths)])
+        return cls(cu, max(lengths), pos)
+
+
+class LocalCoreAttention:
+    """Core attention on this process with the fused varlen kernel (the colocated baseline)."""
+
+    def __init__(self, layout: DocLayout, backend: str = "auto"):
+        self.layout, self.backend = layout, backend
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
+        lay = self.layout
+        out, _ = varlen_attention(q, k, v, lay.cu_seqlens, lay.cu_seqlens, lay.max_len, lay.max_len, window=window,
+                                  backend=self.backend)
+        return out

@@ -1,0 +1,101 @@
+"""Llama-style decoder over packed documents, with the residual variants of the config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distca.config import ModelConfig
+from distca.model.attention import SelfAttention
+from distca.model.core import CoreAttention, DocLayout
+from distca.model.layers import RMSNorm, SwiGLU, rope_cos_sin
+from distca.model.residual import DeltaResidual
+
+
+class Block(nn.Module):
+    """One decoder block.
+
+    - ``standard``: ``h = x + Attn(Norm x)``; ``out = h + MLP(Norm h)``.
+    - ``shortswa`` with ``shortswa_every == 1`` (Transformer², RSD Algorithm 1): a separate pre-norm
+      sliding-window attention sublayer first, ``s = x + SWA(Norm x; w)``, then full attention and the
+      MLP, no gating; the SWA sublayer has its own projections. With ``shortswa_every = k > 1`` the
+      interleaved form: every k-th layer's attention is windowed instead (no extra sublayer).
+    - ``ddl``: each sublayer's residual add becomes a Deep Delta Learning update.
+    """
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.cfg = cfg
+        interleaved = cfg.residual == "shortswa" and cfg.shortswa_every > 1
+        window = cfg.shortswa_window if interleaved and index % cfg.shortswa_every == cfg.shortswa_every - 1 else -1
+        self.swa = None
+        if cfg.residual == "shortswa" and not interleaved:
+            self.swa_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+            self.swa = SelfAttention(cfg, cfg.shortswa_window)
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.attn = SelfAttention(cfg, window)
+        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.hidden, cfg.ffn_hidden)
+        if cfg.residual == "ddl":
+            self.attn_delta = DeltaResidual(cfg.hidden, cfg.ddl_beta_init)
+            self.mlp_delta = DeltaResidual(cfg.hidden, cfg.ddl_beta_init)
+
+    def forward(self, x: torch.Tensor, core: CoreAttention, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.swa is not None:
+            x = x + self.swa(self.swa_norm(x), core, cos, sin)
+        c = self.attn_norm(x)
+        h = self.attn(c, core, cos, sin)
+        x = self.attn_delta(x, h, c) if self.cfg.residual == "ddl" else x + h
+        c = self.mlp_norm(x)
+        h = self.mlp(c)
+        return self.mlp_delta(x, h, c) if self.cfg.residual == "ddl" else x + h
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, blocks, final norm, LM head (tied or untied)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor, layout: DocLayout, core: CoreAttention) -> torch.Tensor:
+        """Logits ``[T, vocab]`` for packed ``tokens [T]``."""
+        x = self.embed(tokens)
+        cos, sin = rope_cos_sin(layout.position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for block in self.blocks:
+            x = block(x, core, cos, sin)
+        return self.head(self.norm(x))
+
+    @staticmethod
+    def config_from_hf(folder: str | Path, **overrides) -> ModelConfig:
+        """A :class:`ModelConfig` from a local Hugging Face Llama ``config.json``."""
+        raw = json.loads((Path(folder) / "config.json").read_text())
+        try:
+            fields = dict(n_layers=raw["num_hidden_layers"], hidden=raw["hidden_size"],
+                          n_heads=raw["num_attention_heads"],
+                          n_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+                          ffn_hidden=raw["intermediate_size"], vocab_size=raw["vocab_size"],
+                          rope_theta=float(raw.get("rope_theta", 10000.0)),
+                          norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+                          tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
+        except KeyError as exc:
+            raise ValueError(f"{folder}/config.json lacks {exc.args[0]!r}") from None
+        return ModelConfig(**{**fields, **overrides})
+
+
+def next_token_labels(tokens: torch.Tensor, layout: DocLayout) -> torch.Tensor:
+    """Next-token targets within each document; the last token of a document gets -100 (ignored)."""
+    labels = torch.full_like(tokens, -100)
+    labels[:-1] = tokens[1:]
+    ends = layout.cu_seqlens[1:].long() - 1
+    labels[ends] = -100
+    return labels

@@ -183,3 +183,36 @@ def test_killed_server_fails_the_step_with_a_named_timeout():
     if addresses[0].startswith("ipc://"):
         with contextlib.suppress(OSError):
             os.unlink(addresses[0][len("ipc://"):])
+
+
+def test_a_failing_computation_reports_to_every_sender_and_the_server_stays_up():
+    """A server misconfigured with a backend it cannot run: every trainer of the round gets an error
+    naming why (not only the last to arrive), and the server keeps serving."""
+    import threading
+
+    tcfg = TransportConfig(timeout_s=10.0)
+    scfg = ServerConfig(n_heads=2, n_kv_heads=1, head_dim=4, dtype="float32", backend="flash", transport=tcfg)
+    batch = BatchLayout.from_ranks([[64], [64]], [False, True])  # one document over two trainers
+    plan, _ = make_plan(batch, Placement(2, 1, "dedicated"), SchedulerConfig(min_offload_pairs=0))
+    errors: dict[int, BaseException] = {}
+    with servers(1, scfg) as (addresses, _):
+        def trainer(rank: int) -> None:
+            client = CADClient(rank, addresses, tcfg, backend="sdpa")
+            try:
+                client.forward(plan, RankTensors(*(torch.zeros(64, h, 4) for h in (2, 1, 1))))
+            except BaseException as exc:
+                errors[rank] = exc
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=trainer, args=(r,)) for r in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=30)
+        probe = CADClient(0, addresses, tcfg)
+        assert probe.ping(0)["name"] == "server0"
+        probe.close()
+    assert sorted(errors) == [0, 1]
+    for exc in errors.values():
+        assert isinstance(exc, ServerError) and "BackendUnavailableError" in str(exc) and "flash" in str(exc), exc

@@ -133,6 +133,11 @@ class AttentionServer:
             except WireError as exc:
                 self.ep.send(Kind.ERROR, to=ident, request_id=msg.request_id, plan_id=msg.plan_id,
                              extra={"error": str(exc)})
+            except Exception as exc:  # a failed computation must not take the server down
+                log.exception("%s: request failed", self.cfg.name)
+                self.rounds.pop((msg.plan_id, msg.kind), None)
+                self.ep.send(Kind.ERROR, to=ident, request_id=msg.request_id, plan_id=msg.plan_id,
+                             extra={"error": f"{type(exc).__name__}: {exc}"})
             self._expire_rounds()
         self.ep.close()
 
@@ -182,7 +187,13 @@ class AttentionServer:
         rnd.arrived[rank] = ident
         if len(rnd.arrived) == len(layout.senders):
             del self.rounds[key]
-            self._compute(layout, msg.kind, rnd, msg.request_id)
+            try:
+                self._compute(layout, msg.kind, rnd, msg.request_id)
+            except Exception as exc:  # every sender of the round learns why, and the server stays up
+                log.exception("%s: %s round of plan %d failed", self.cfg.name, msg.kind.name, msg.plan_id)
+                for sender in rnd.arrived.values():
+                    self.ep.send(Kind.ERROR, to=sender, request_id=msg.request_id, plan_id=msg.plan_id,
+                                 extra={"error": f"{self.cfg.name}: {type(exc).__name__}: {exc}"})
 
     def _compute(self, layout: ServerLayout, kind: Kind, rnd: _Round, request_id: int) -> None:
         c, slot = self.cfg, rnd.slot

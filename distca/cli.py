@@ -1,4 +1,5 @@
-"""``distca`` command line: ``demo`` and ``config`` (with a YAML config and dotted overrides), ``plan``."""
+"""``distca`` command line: ``train``, ``demo``, ``config``, ``serve`` (a YAML config and dotted overrides), and
+``plan``."""
 
 from __future__ import annotations
 
@@ -19,11 +20,17 @@ _DEMO_TOL = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distca", description="Core attention disaggregation for LLM training.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in (("demo", "plan and run CAD attention over simulated servers and check exactness"),
+    for name, text in (("train", "train on a simulated cluster on this machine (local Ray, attention servers, "
+                                 "one process per trainer rank)"),
+                       ("demo", "plan and run CAD attention over simulated servers and check exactness"),
                        ("config", "print the resolved configuration as JSON"),
                        ("serve", "start an attention-server pool on Ray and print its addresses")):
         s = sub.add_parser(name, help=text, description=text + ". Extra --section.key VALUE pairs override the config.")
         s.add_argument("--config", help="YAML config file (defaults apply where absent)")
+        if name == "train":
+            s.add_argument("--run-steps", type=int, default=0,
+                           help="stop after this many steps in this invocation (0: run to train.steps); "
+                                "with --train.resume true a later call continues")
         if name == "serve":
             s.add_argument("--hold-s", type=float, default=-1.0,
                            help="keep the pool up this many seconds (-1: until interrupted)")
@@ -89,6 +96,15 @@ def _serve(cfg, hold_s: float) -> int:
     return 0
 
 
+def _train(cfg, run_steps: int) -> int:
+    from distca.train.launch import summary_table, train
+
+    print(json.dumps({"config": cfg.to_dict()}), flush=True)
+    result = train(cfg, run_steps=run_steps)
+    print(summary_table(cfg, result), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = _parser()
@@ -105,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(cfg, args.hold_s)
+        if args.command == "train":
+            return _train(cfg, args.run_steps)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         from distca.demo import format_report, run_demo

@@ -78,14 +78,35 @@ class AttentionConfig:
 
 @dataclass
 class DataConfig:
-    """Documents of one batch, packed in order into equal per-trainer token budgets (split at rank
-    boundaries; the last document is cut so every trainer holds sum // n_trainers tokens)."""
+    """Where training documents come from, and (for ``distca demo``) one fixed batch of lengths.
+
+    Training: ``source`` picks the documents — ``embedded`` (Python's standard library sources, one
+    document per file, byte tokens; needs no download), ``tokens`` (a pre-tokenised memory-mapped token
+    file, ``path`` is its prefix), ``text`` (jsonl/parquet at ``path`` with a local Hugging Face
+    ``tokenizer``) or ``synthetic`` (random tokens, lengths drawn from ``distribution``). Documents are
+    packed into per-rank budgets of ``train.tokens_per_rank`` and split at rank boundaries.
+    Demo: ``doc_lengths`` packed in order into equal per-trainer budgets.
+    """
 
     doc_lengths: list[int] = field(default_factory=lambda: [2048, 1024, 512, 300, 128, 60])
+    source: Literal["embedded", "tokens", "text", "synthetic"] = "embedded"
+    path: str = ""
+    tokenizer: str = ""  # tokenizer.json for source: text
+    text_key: str = "text"
+    distribution: str = "pretrain"  # synthetic: a length distribution of distca.data.DISTRIBUTIONS
+    n_docs: int = 10000  # synthetic: documents per epoch
+    max_doc_tokens: int = 0  # > 0: longer documents are cut into chunks of at most this many tokens
+    shuffle: bool = True
 
     def __post_init__(self) -> None:
         if not self.doc_lengths or any(n < 1 for n in self.doc_lengths):
             raise ConfigError(f"data.doc_lengths must be a non-empty list of positive ints, got {self.doc_lengths}")
+        if self.source in ("tokens", "text") and not self.path:
+            raise ConfigError(f"data.path is required for data.source: {self.source}")
+        if self.source == "text" and not self.tokenizer:
+            raise ConfigError("data.tokenizer (a local tokenizer.json) is required for data.source: text")
+        if self.max_doc_tokens < 0 or self.n_docs < 1:
+            raise ConfigError("data.max_doc_tokens must be >= 0 and data.n_docs >= 1")
 
 
 @dataclass
@@ -136,6 +157,54 @@ class SchedulerSection:
 
 
 @dataclass
+class TrainConfig:
+    """A training run: parallelism, batch, optimiser, precision, checkpoints and logging.
+
+    ``cluster.n_trainers`` ranks form ``pipeline_parallel`` stages × ``n_trainers / pipeline_parallel``
+    data-parallel replicas. One step = ``micro_batches`` micro-batches per replica (1F1B), each holding
+    ``tokens_per_rank`` tokens per replica, so a step trains on
+    ``micro_batches × tokens_per_rank × data_parallel`` tokens.
+    """
+
+    steps: int = 20
+    core_attention: Literal["local", "cad"] = "cad"
+    pipeline_parallel: int = 2
+    micro_batches: int = 2
+    tokens_per_rank: int = 1024
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = 1
+    activation_checkpointing: bool = False
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    checkpoint_dir: str = ""  # "": output_dir/checkpoints
+    checkpoint_every: int = 0  # 0: only at the end of the run
+    resume: bool = False  # continue from the latest checkpoint in checkpoint_dir
+    log_every: int = 1
+    tensorboard: bool = True
+    progress: bool = True  # progress bar on rank 0
+    peak_tflops: float = 0.0  # per trainer, for MFU; 0: measure this machine's fp32 GEMM rate at start
+    step_timeout_s: float = 600.0  # a rank silent this long fails the run (collectives, servers)
+    max_server_plans: int = 256  # plan layouts each attention server keeps
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "pipeline_parallel", "micro_batches", "tokens_per_rank", "log_every",
+                     "max_server_plans"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1):
+            raise ConfigError(f"train.zero_stage must be 0 or 1 (pipeline parallelism), got {self.zero_stage}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
+            raise ConfigError("train.warmup_steps, train.checkpoint_every and train.grad_clip must be >= 0")
+
+
+@dataclass
 class DistCAConfig:
     """A whole run."""
 
@@ -148,6 +217,19 @@ class DistCAConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     transport: TransportSection = field(default_factory=TransportSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        pp = self.train.pipeline_parallel
+        if self.cluster.n_trainers % pp:
+            raise ConfigError(f"cluster.n_trainers ({self.cluster.n_trainers}) must be a multiple of "
+                              f"train.pipeline_parallel ({pp})")
+        if pp > self.model.n_layers:
+            raise ConfigError(f"train.pipeline_parallel ({pp}) exceeds model.n_layers ({self.model.n_layers})")
+
+    @property
+    def data_parallel(self) -> int:
+        return self.cluster.n_trainers // self.train.pipeline_parallel
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -75,8 +75,10 @@ class CADClient:
     """One trainer's connections to every attention server."""
 
     def __init__(self, rank: int, addresses: list[str], cfg: TransportConfig, ctx: zmq.Context | None = None,
-                 backend: str = "auto"):
-        self.rank, self.cfg, self.backend = rank, cfg, backend
+                 backend: str = "auto", group: int = 0):
+        """``rank`` is this trainer's rank *in the plans it runs*; ``group`` tells apart trainer groups that
+        run the same plans on one server pool (e.g. the pipeline stage; see ``plan_id``)."""
+        self.rank, self.cfg, self.backend, self.group = rank, cfg, backend, group
         self.ctx = ctx or zmq.Context.instance()
         tag = uuid.uuid4().hex[:6]
         self.eps = [Endpoint.client(self.ctx, cfg, a, name=f"trainer{rank}-{tag}-{i}") for i, a in enumerate(addresses)]
@@ -106,6 +108,11 @@ class CADClient:
                 return msg, named
             stash.append((msg, {k: v.clone() for k, v in named.items()}))
 
+    def forget_plans(self) -> None:
+        """Register plans afresh on next use (servers keep a bounded number of layouts; re-registering a
+        layout a server still holds costs one small round trip)."""
+        self.registered.clear()
+
     def ping(self, s: int, timeout_s: float | None = None) -> dict:
         """Health check: the server's name and how many rounds it served."""
         self.eps[s].send(Kind.PING)
@@ -121,10 +128,10 @@ class CADClient:
 
     def register(self, plan: Plan) -> int:
         """Send the plan's layout to the servers this rank talks to (idempotent); returns the plan id."""
-        pid = plan_id(plan)
+        pid = plan_id(plan, self.group)
         todo = [s for s in self._servers(plan) if (pid, s) not in self.registered]
         for s in todo:
-            layout = server_layout(plan, s)
+            layout = server_layout(plan, s, self.group)
             self.eps[s].send(Kind.PLAN, layout.tensors(), plan_id=pid, extra=layout.extra())
         for s in todo:
             self._expect(s, (Kind.ACK,), pid)

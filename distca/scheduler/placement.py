@@ -12,42 +12,60 @@ PlacementKind = Literal["colocated", "dedicated"]
 
 @dataclass(frozen=True)
 class Placement:
-    """``colocated``: server i shares trainer i's device (for i < min(trainers, servers)).
-    ``dedicated``: servers have devices of their own; every transfer crosses a link."""
+    """``colocated``: server ``i`` shares device ``i``; trainer ``t`` sits on device ``devices[t]`` (by
+    default device ``t``), so it has a local server when that index is below ``n_servers``.
+    ``dedicated``: servers have devices of their own; every transfer crosses a link.
+
+    ``devices`` lets a plan's trainers be any subset of the cluster — e.g. the data-parallel replicas
+    of one pipeline stage, which sit on devices ``stage * dp + replica`` while the server pool spans
+    every device."""
 
     n_trainers: int
     n_servers: int
     kind: PlacementKind = "colocated"
+    devices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.n_trainers < 1 or self.n_servers < 1:
             raise ValueError(f"need >= 1 trainer and server, got {self.n_trainers} and {self.n_servers}")
         if self.kind not in ("colocated", "dedicated"):
             raise ValueError(f"placement must be 'colocated' or 'dedicated', got {self.kind!r}")
+        if self.devices is not None and (len(self.devices) != self.n_trainers or min(self.devices) < 0
+                                         or len(set(self.devices)) != self.n_trainers):
+            raise ValueError(f"devices must name {self.n_trainers} distinct devices >= 0, got {self.devices}")
+
+    def _device(self) -> np.ndarray:
+        r = np.arange(self.n_trainers, dtype=np.int64)
+        return r if self.devices is None else np.asarray(self.devices, dtype=np.int64)
 
     def local_server(self, trainer: int) -> int:
         """The server on ``trainer``'s device, or -1."""
-        return trainer if self.kind == "colocated" and trainer < self.n_servers else -1
+        dev = int(self._device()[trainer])
+        return dev if self.kind == "colocated" and dev < self.n_servers else -1
 
     def home_server(self, trainer: int) -> int:
         """The server a trainer's tasks start on: its local one, else a contiguous block mapping
         (neighbouring trainers share servers, so documents split at rank boundaries stay together)."""
-        local = self.local_server(trainer)
-        return local if local >= 0 else trainer * self.n_servers // self.n_trainers
+        return int(self.home_servers()[trainer])
 
     def home_servers(self) -> np.ndarray:
         """``home_server`` of every trainer, vectorised."""
         r = np.arange(self.n_trainers, dtype=np.int64)
         block = r * self.n_servers // self.n_trainers
-        return np.where(r < self.n_servers, r, block) if self.kind == "colocated" else block
+        if self.kind != "colocated":
+            return block
+        dev = self._device()
+        return np.where(dev < self.n_servers, dev, block)
 
     def has_local_server(self) -> np.ndarray:
         """Whether each trainer has a server on its device."""
-        r = np.arange(self.n_trainers)
-        return (r < self.n_servers) if self.kind == "colocated" else np.zeros(self.n_trainers, dtype=bool)
+        if self.kind == "dedicated":
+            return np.zeros(self.n_trainers, dtype=bool)
+        return self._device() < self.n_servers
 
     def is_remote(self, trainer: np.ndarray | int, server: np.ndarray | int) -> np.ndarray | bool:
         """Whether data from ``trainer`` to ``server`` crosses devices (elementwise)."""
         if self.kind == "dedicated":
             return np.ones(np.broadcast(trainer, server).shape, dtype=bool) if np.ndim(trainer) else True
-        return np.asarray(trainer) != np.asarray(server) if np.ndim(trainer) or np.ndim(server) else trainer != server
+        dev = self._device()[np.asarray(trainer)]
+        return dev != np.asarray(server) if np.ndim(trainer) or np.ndim(server) else bool(dev != server)

@@ -18,9 +18,16 @@ from distca.scheduler import Plan
 from distca.transport.wire import WireError
 
 
-def plan_id(plan: Plan) -> int:
-    """A 63-bit id of a plan, equal on every rank that computed the same plan."""
-    return int.from_bytes(hashlib.blake2b(plan.digest(), digest_size=8).digest(), "little") >> 1
+def plan_id(plan: Plan, group: int = 0) -> int:
+    """A 63-bit id of a plan, equal on every rank that computed the same plan.
+
+    ``group`` tells apart trainer groups that run the same plan side by side on one server pool (the
+    data-parallel replicas of each pipeline stage share micro-batch documents, hence plans), so their
+    rounds never mix on a server."""
+    h = hashlib.blake2b(plan.digest(), digest_size=8)
+    if group:
+        h.update(group.to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little") >> 1
 
 
 @dataclass
@@ -83,8 +90,8 @@ def _block(x, server: int, rank: int, what: str) -> tuple[int, int, int]:
     return int(dst[0]), int(n.sum()), int(m.sum())
 
 
-def server_layout(plan: Plan, server: int) -> ServerLayout:
-    """Server ``server``'s layout of ``plan``."""
+def server_layout(plan: Plan, server: int, group: int = 0) -> ServerLayout:
+    """Server ``server``'s layout of ``plan`` (for trainer group ``group``, see :func:`plan_id`)."""
     from distca.runtime.plan_exec import server_call
 
     call = server_call(plan, server)
@@ -95,5 +102,5 @@ def server_layout(plan: Plan, server: int) -> ServerLayout:
         qd, nq, _ = _block(plan.q_xfer, server, r, "q")
         kd, nk, _ = _block(plan.kv_xfer, server, r, "kv")
         senders[r] = (qd, nq, kd, nk)
-    return ServerLayout(plan_id(plan), plan.window, call.cu_q, call.cu_k, call.max_q, call.max_k, call.key_rows,
+    return ServerLayout(plan_id(plan, group), plan.window, call.cu_q, call.cu_k, call.max_q, call.max_k, call.key_rows,
                         int(plan.server_q_rows[server]), int(plan.server_kv_rows[server]), senders)

@@ -86,6 +86,7 @@ class AttentionServer:
         self.rounds: dict[tuple[int, Kind], _Round] = {}
         self.bufs = _Buffers(cfg)
         self.served = 0
+        self.busy_s = 0.0  # time spent computing rounds (measured attention load)
 
     # -- receive targets ---------------------------------------------------------------------
     def _into(self, msg: Message, spec: TensorSpec) -> torch.Tensor | None:
@@ -146,7 +147,8 @@ class AttentionServer:
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             buffers = sum(t.numel() * t.element_size() for t in self.bufs.store.values())
             self.ep.send(Kind.PONG, to=ident, request_id=msg.request_id,
-                         extra={"name": self.cfg.name, "served": self.served, "peak_rss_kb": peak_kb,
+                         extra={"name": self.cfg.name, "served": self.served, "busy_s": self.busy_s,
+                                "peak_rss_kb": peak_kb,
                                 "buffer_bytes": buffers, "plans": len(self.plans)})
         elif msg.kind == Kind.PLAN:
             if msg.plan_id not in self.plans:
@@ -187,8 +189,10 @@ class AttentionServer:
         rnd.arrived[rank] = ident
         if len(rnd.arrived) == len(layout.senders):
             del self.rounds[key]
+            t0 = time.perf_counter()
             try:
                 self._compute(layout, msg.kind, rnd, msg.request_id)
+                self.busy_s += time.perf_counter() - t0
             except Exception as exc:  # every sender of the round learns why, and the server stays up
                 log.exception("%s: %s round of plan %d failed", self.cfg.name, msg.kind.name, msg.plan_id)
                 for sender in rnd.arrived.values():

@@ -1,0 +1,282 @@
+"""Hugging Face Llama weights to and from a :class:`LlamaModel`, through local safetensors folders.
+
+The folder layout is Hugging Face's: ``model.safetensors``, or ``model.safetensors.index.json`` plus the
+shards it names, beside a ``config.json``. Nothing is downloaded.
+
+Parameter names map one to one (:func:`hf_state_dict_mapping`). No q/k permutation is needed: our RoPE
+rotates halves (``[x1, x2] -> [-x2, x1]``), the layout of Hugging Face's Llama checkpoints (not the
+interleaved pairs of Meta's original ones).
+
+Residual variants: only ``residual: standard`` *is* a Hugging Face Llama. For ``shortswa`` and ``ddl``
+a standard checkpoint fills the parameters the variant shares with Llama (embeddings, the full-attention
+projections, MLP, norms, head); the variant's own parameters (the ShortSWA sublayer's ``swa``/``swa_norm``,
+the DDL ``attn_delta``/``mlp_delta``) are not in the checkpoint and keep their initialisation, so the
+loaded model does not compute what the checkpoint did until it is trained. The interleaved ShortSWA form
+(``shortswa_every > 1``) has no extra parameters but windows some layers' attention, so it differs too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from distca.config import ModelConfig
+from distca.model.llama import LlamaModel
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# Old checkpoints saved RoPE's buffer; it is derived from the config, never a weight (HF skips it too).
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+_LAYER = {
+    "self_attn.q_proj.weight": "attn.q.weight",
+    "self_attn.k_proj.weight": "attn.k.weight",
+    "self_attn.v_proj.weight": "attn.v.weight",
+    "self_attn.o_proj.weight": "attn.o.weight",
+    "mlp.gate_proj.weight": "mlp.gate.weight",
+    "mlp.up_proj.weight": "mlp.up.weight",
+    "mlp.down_proj.weight": "mlp.down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+}
+# config.json fields (as config_from_hf reads them) compared with the model's; tensor shapes cannot see
+# every difference (n_heads at equal hidden, rope_theta, norm_eps). Tying is judged by the tensors present.
+_CONFIG_FIELDS = ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "rope_theta",
+                  "norm_eps")
+
+
+def hf_state_dict_mapping(cfg: ModelConfig) -> dict[str, str]:
+    """Hugging Face Llama parameter name -> our :class:`LlamaModel` parameter name, in checkpoint order.
+
+    ``lm_head.weight`` is absent when embeddings are tied (our head shares ``embed.weight``). For the
+    residual variants the map covers only the parameters they share with Llama (see the module docstring).
+    """
+    mapping = {"model.embed_tokens.weight": "embed.weight"}
+    for i in range(cfg.n_layers):
+        for hf, ours in _LAYER.items():
+            mapping[f"model.layers.{i}.{hf}"] = f"blocks.{i}.{ours}"
+    mapping["model.norm.weight"] = "norm.weight"
+    if not cfg.tie_embeddings:
+        mapping["lm_head.weight"] = "head.weight"
+    return mapping
+
+
+def _checkpoint(folder: Path) -> tuple[dict[str, Path], Path]:
+    """Each tensor name -> the file holding it, and the file that names the checkpoint (for messages)."""
+    single, index = folder / SINGLE_FILE, folder / INDEX_FILE
+    if single.is_file() and index.is_file():
+        raise ValueError(f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE}; remove the stale one")
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single), single
+    if not index.is_file():
+        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        where = {str(name): folder / str(shard) for name, shard in weight_map.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{index} is not a safetensors index (it needs a 'weight_map' object)") from None
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, path in where.items():
+        by_file[path].append(name)
+    for path, names in by_file.items():
+        if path.parent != folder or not path.is_file():
+            raise ValueError(f"{index} puts {names[0]!r} in shard {path.name!r}, which is not a file in {folder}")
+        with safe_open(path, framework="pt") as f:
+            held = set(f.keys())
+        lost = [n for n in names if n not in held]
+        if lost:
+            raise ValueError(f"{index} puts {lost[0]!r} in {path}, which does not hold it")
+    return where, index
+
+
+def _same_tensor(a: tuple[Path, str], b: tuple[Path, str], rows: int = 4096) -> bool:
+    """Whether two stored tensors are equal, compared a block of rows at a time (never whole in memory)."""
+    with safe_open(a[0], framework="pt") as fa, safe_open(b[0], framework="pt") as fb:
+        sa, sb = fa.get_slice(a[1]), fb.get_slice(b[1])
+        if sa.get_shape() != sb.get_shape() or sa.get_dtype() != sb.get_dtype():
+            return False
+        n = sa.get_shape()[0]
+        return all(torch.equal(sa[i:i + rows], sb[i:i + rows]) for i in range(0, n, rows))
+
+
+def _check_config(folder: Path, cfg: ModelConfig, strict: bool) -> None:
+    """Compare the folder's ``config.json`` (if any) with the model's config (see ``_CONFIG_FIELDS``)."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return
+    raw = json.loads(path.read_text())
+    theirs = LlamaModel.config_from_hf(folder)
+    diff = [f"{k}: checkpoint {getattr(theirs, k)!r}, model {getattr(cfg, k)!r}" for k in _CONFIG_FIELDS
+            if getattr(theirs, k) != getattr(cfg, k)]
+    if diff:
+        msg = f"{path} describes another model ({'; '.join(diff)})"
+        if strict:
+            raise ValueError(msg)
+        log.warning(msg)
+    scaling = raw.get("rope_scaling")
+    if scaling and (not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "default"):
+        log.warning("%s asks for rope_scaling %s; our RoPE has no scaling, so outputs will differ from the "
+                    "checkpoint's model", path, scaling)
+    if raw.get("hidden_act", "silu") != "silu":
+        log.warning("%s has hidden_act %r; our MLP uses silu", path, raw["hidden_act"])
+
+
+def load_hf_weights(model: LlamaModel, folder: str | Path, strict: bool = True) -> list[str]:
+    """Load a local Hugging Face Llama safetensors checkpoint into ``model``; returns the names of our
+    parameters left at their initialisation (a variant's extra parameters; with ``strict=False`` also
+    those the checkpoint lacks).
+
+    Everything is checked before any parameter changes: names (with ``strict``, a tensor the model wants
+    but the checkpoint lacks, or one the model has no place for, is a :class:`ValueError` naming it and
+    its file), shapes (a mismatch is always an error), and the folder's ``config.json`` if present (a
+    different ``n_heads``/``rope_theta``/... is an error with ``strict``, else a warning). Tensors are then
+    read one at a time with ``safe_open`` and copied into the parameters, converted to each parameter's
+    dtype and device, so the checkpoint is never held in memory beside the model. A tied model accepts an
+    ``lm_head.weight`` equal to the embeddings; ``rotary_emb.inv_freq`` buffers are skipped.
+    """
+    folder = Path(folder)
+    cfg = model.cfg
+    mapping = hf_state_dict_mapping(cfg)
+    params = dict(model.named_parameters())
+    where, source = _checkpoint(folder)
+    _check_config(folder, cfg, strict)
+
+    unexpected = [n for n in where if n not in mapping and not _IGNORED.fullmatch(n)]
+    if cfg.tie_embeddings and "lm_head.weight" in unexpected and "model.embed_tokens.weight" in where and \
+            _same_tensor((where["lm_head.weight"], "lm_head.weight"),
+                         (where["model.embed_tokens.weight"], "model.embed_tokens.weight")):
+        unexpected.remove("lm_head.weight")  # a tied checkpoint saved with its (shared) head
+    missing = [n for n in mapping if n not in where]
+    if unexpected:
+        name = unexpected[0]
+        hint = " (the model ties embeddings but this head differs from them)" if name == "lm_head.weight" else ""
+        msg = (f"tensor {name!r} in {where[name]} has no place in the model{hint}"
+               + (f"; {len(unexpected) - 1} more: {unexpected[1:6]}" if len(unexpected) > 1 else ""))
+        if strict:
+            raise ValueError(msg)
+        log.warning("ignoring checkpoint tensors: %s", msg)
+    if missing:
+        name = missing[0]
+        hint = " (the checkpoint's embeddings look tied: set model.tie_embeddings)" if name == "lm_head.weight" else ""
+        msg = (f"checkpoint {source} lacks tensor {name!r} for {mapping[name]}{hint}"
+               + (f"; {len(missing) - 1} more: {missing[1:6]}" if len(missing) > 1 else ""))
+        if strict:
+            raise ValueError(msg)
+        log.warning("%s; those parameters keep their initialisation", msg)
+
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name in mapping:
+        if name in where:
+            by_file[where[name]].append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                shape, want = tuple(f.get_slice(name).get_shape()), tuple(params[mapping[name]].shape)
+                if shape != want:
+                    raise ValueError(f"tensor {name!r} in {path} has shape {list(shape)}, but {mapping[name]} "
+                                     f"is {list(want)}")
+
+    with torch.no_grad():
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for name in names:
+                    params[mapping[name]].copy_(f.get_tensor(name))
+
+    loaded = {mapping[n] for n in mapping if n in where}
+    left = [n for n in params if n not in loaded]
+    extras = [n for n in left if n not in mapping.values()]
+    if extras:
+        log.info("%d parameters of the %s model are not in checkpoint %s and keep their initialisation: %s",
+                 len(extras), cfg.residual, source, extras)
+    log.info("loaded %d tensors from %s", len(loaded), source)
+    return left
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The Hugging Face ``config.json`` of a standard model (read back by :meth:`LlamaModel.config_from_hf`)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def save_hf_weights(model: LlamaModel, folder: str | Path, max_shard_bytes: int | None = None) -> list[Path]:
+    """Write ``model`` as a Hugging Face Llama checkpoint into ``folder``: ``config.json`` and the weights
+    in the model's dtype, as ``model.safetensors`` or, when they exceed ``max_shard_bytes``, as shards
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (a tensor larger than the
+    limit gets a shard of its own). Weight files of an earlier save in ``folder`` are removed first.
+    Returns the files written.
+
+    Only a ``residual: standard`` model is a Hugging Face Llama; any other is a :class:`ValueError`, since
+    the checkpoint would silently drop the variant's parameters or its windows.
+    """
+    cfg = model.cfg
+    if cfg.residual != "standard":
+        raise ValueError(f"a {cfg.residual!r} model is not a Hugging Face Llama (only residual 'standard' is); "
+                         "its extra parameters or windows have no place in the checkpoint")
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    params = dict(model.named_parameters())
+    tensors = [(hf, params[ours]) for hf, ours in hf_state_dict_mapping(cfg).items()]
+    leftover = set(params) - set(hf_state_dict_mapping(cfg).values())
+    if leftover:
+        raise ValueError(f"parameters with no Hugging Face name: {sorted(leftover)}")
+
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, p in tensors:
+        nbytes = p.numel() * p.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, p))
+        size += nbytes
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(old.name):
+            old.unlink()
+    written = []
+    names = [SINGLE_FILE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in zip(names, shards, strict=True):
+        save_file({n: p.detach().cpu().contiguous() for n, p in shard}, folder / fname, metadata={"format": "pt"})
+        written.append(folder / fname)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(p.numel() * p.element_size() for _, p in tensors)},
+                 "weight_map": {n: fname for fname, shard in zip(names, shards, strict=True) for n, _ in shard}}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        written.append(folder / INDEX_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(hf_config(cfg, model.embed.weight.dtype), indent=2) + "\n")
+    written.append(folder / CONFIG_FILE)
+    log.info("saved %d tensors to %s in %d file(s)", len(tensors), folder, len(shards))
+    return written

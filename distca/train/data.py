@@ -1,0 +1,19 @@
+"""The training data source named by ``cfg.data`` (see :class:`distca.config.DataConfig`)."""
+
+from __future__ import annotations
+
+from distca.config import DistCAConfig
+from distca.data.sources import DocumentSource, open_source
+
+
+def make_source(cfg: DistCAConfig) -> DocumentSource:
+    """Open ``cfg.data.source`` with its settings (synthetic tokens span ``model.vocab_size``)."""
+    d = cfg.data
+    if d.source == "embedded":
+        return open_source("embedded")
+    if d.source == "tokens":
+        return open_source("tokens", path_prefix=d.path)
+    if d.source == "text":
+        return open_source("text", path=d.path, tokenizer_json=d.tokenizer, text_key=d.text_key)
+    return open_source("synthetic", distribution=d.distribution, n_docs=d.n_docs, vocab_size=cfg.model.vocab_size,
+                       seed=cfg.seed)

@@ -1,0 +1,139 @@
+"""The Llama decoder as a DeepSpeed ``PipelineModule``: embedding, one layer per block, norm + head.
+
+Activations between stages are ``(hidden [T, d], micro [1])``: ``micro`` is the micro-batch's index
+in the step, which every stage uses to find that micro-batch's document layout (per-document RoPE
+positions) and its core attention in the :class:`StepContext` the trainer fills before each step.
+That is how the model's one core-attention call reaches local attention or the attention servers
+without the model knowing which — and without sending document metadata down the pipeline.
+
+Layer seeds are ``seed + layer index`` (DeepSpeed's ``seed_layers``), so initial weights do not
+depend on the pipeline degree or on which attention the run uses.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distca.config import ModelConfig
+from distca.model.core import CoreAttention, DocLayout
+from distca.model.layers import RMSNorm, rope_cos_sin
+from distca.model.llama import Block
+
+
+@dataclass
+class MicroContext:
+    """One micro-batch on this rank: its documents and the core attention to use for it."""
+
+    layout: DocLayout
+    core: CoreAttention
+    _rope: dict = field(default_factory=dict)
+
+    def rope(self, cfg: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype not in self._rope:
+            self._rope[dtype] = rope_cos_sin(self.layout.position_ids, cfg.head_dim, cfg.rope_theta, dtype)
+        return self._rope[dtype]
+
+
+class StepContext:
+    """The current step's micro-batches, indexed by the ``micro`` tensor that travels with activations."""
+
+    def __init__(self) -> None:
+        self.micro: list[MicroContext] = []
+
+    def set(self, micro: list[MicroContext]) -> None:
+        self.micro = list(micro)
+
+    def __getitem__(self, index: torch.Tensor | int) -> MicroContext:
+        i = int(index.reshape(-1)[0]) if isinstance(index, torch.Tensor) else int(index)
+        if not 0 <= i < len(self.micro):
+            raise IndexError(f"micro-batch {i} is not in this step ({len(self.micro)} micro-batches set)")
+        return self.micro[i]
+
+
+class EmbedStage(nn.Module):
+    """Token embedding; ``weight`` is a direct attribute so a tied head can share it."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden))
+        nn.init.normal_(self.weight)  # nn.Embedding's default
+
+    def forward(self, inputs):
+        tokens, micro = inputs
+        return F.embedding(tokens, self.weight), micro
+
+
+def tied_head(stage: EmbedStage, x: torch.Tensor) -> torch.Tensor:
+    """The LM head through the embedding weight (``tie_embeddings``)."""
+    return F.linear(x, stage.weight)
+
+
+class BlockStage(nn.Module):
+    """One decoder block; finds its micro-batch's layout and core attention in the step context."""
+
+    def __init__(self, cfg: ModelConfig, index: int, ctx: StepContext):
+        super().__init__()
+        self.cfg, self.ctx = cfg, ctx
+        self.block = Block(cfg, index)
+
+    def forward(self, inputs):
+        x, micro = inputs
+        m = self.ctx[micro]
+        cos, sin = m.rope(self.cfg, x.dtype)
+        return self.block(x, m.core, cos, sin), micro
+
+
+class NormStage(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+
+    def forward(self, inputs):
+        x, _micro = inputs
+        return self.norm(x)
+
+
+class HeadStage(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over this micro-batch's tokens that have a target (fp32)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+
+
+def pipeline_layers(cfg: ModelConfig, ctx: StepContext) -> list:
+    """Layer specs in order: embedding, blocks, final norm, head (tied to the embedding if configured)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    first = TiedLayerSpec("embed", EmbedStage, cfg) if cfg.tie_embeddings else LayerSpec(EmbedStage, cfg)
+    last = (TiedLayerSpec("embed", EmbedStage, cfg, forward_fn=tied_head) if cfg.tie_embeddings
+            else LayerSpec(HeadStage, cfg))
+    return [first, *(LayerSpec(BlockStage, cfg, i, ctx) for i in range(cfg.n_layers)), LayerSpec(NormStage, cfg),
+            last]
+
+
+def _seed_layer(seed) -> None:
+    torch.manual_seed(int(seed))  # DeepSpeed may hand numpy ints, which ``random.seed`` refuses
+
+
+def build_pipeline(cfg: ModelConfig, ctx: StepContext, n_stages: int, seed: int, checkpointing: bool):
+    """The ``PipelineModule`` (built after ``torch.distributed`` is initialised): blocks split evenly over
+    stages, per-layer seeds, optional activation checkpointing of every block."""
+    from deepspeed.pipe import PipelineModule
+
+    ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    return PipelineModule(pipeline_layers(cfg, ctx), num_stages=n_stages, loss_fn=lm_loss, seed_layers=True,
+                          base_seed=seed, seed_fn=_seed_layer, partition_method="type:BlockStage",
+                          activation_checkpoint_interval=1 if checkpointing else 0,
+                          activation_checkpoint_func=ckpt, checkpointable_layers=["BlockStage"])

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 train: $(STAMP)
-	$(VENV)/bin/distca demo --config $(CONFIG)
+	$(VENV)/bin/distca train --config $(CONFIG)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

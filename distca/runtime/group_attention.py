@@ -70,6 +70,9 @@ class GroupLocalCoreAttention:
                  group=None, backend: str = "auto"):
         self.layout, self.rank, self.group, self.backend = layout, rank, group, backend
         self.world = len(ranks)
+        if len({sum(p) for p in ranks}) != 1:
+            raise ValueError(f"every rank of the group must hold the same number of tokens (the all-gather needs "
+                             f"it), got {[sum(p) for p in ranks]}")
         self.prefix = PrefixRows.of(ranks, continues, rank)
         self.needs_exchange = any(continues)  # every rank must join the all-gather, even without a prefix
         if self.needs_exchange and group is None and self.world > 1:

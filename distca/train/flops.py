@@ -65,3 +65,15 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, reps: 
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def model_params(cfg: ModelConfig) -> int:
+    """Parameter count of the model (embedding, blocks, norms, head unless tied)."""
+    d = cfg.hidden
+    norms = cfg.n_layers * 2 * d + d
+    if cfg.residual == "shortswa" and cfg.shortswa_every == 1:
+        norms += cfg.n_layers * d
+    if cfg.residual == "ddl":
+        norms += cfg.n_layers * 2 * 2  # the β and v gates' biases
+    embed = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    return linear_params_per_token(cfg) + embed + norms

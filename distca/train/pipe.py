@@ -55,13 +55,18 @@ class StepContext:
         return self.micro[i]
 
 
+INIT_STD = 0.02  # Hugging Face Llama's initializer_range
+
+
 class EmbedStage(nn.Module):
-    """Token embedding; ``weight`` is a direct attribute so a tied head can share it."""
+    """Token embedding; ``weight`` is a direct attribute so a tied head can share it. Initialised
+    N(0, 0.02²) as HF Llama does — with a tied head, nn.Embedding's N(0, 1) would start the logits at
+    O(√hidden) and the loss in the hundreds."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden))
-        nn.init.normal_(self.weight)  # nn.Embedding's default
+        nn.init.normal_(self.weight, std=INIT_STD)
 
     def forward(self, inputs):
         tokens, micro = inputs

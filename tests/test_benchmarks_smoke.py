@@ -40,3 +40,11 @@ def test_pingpong_benchmark_runs():
     out = _run("benchmarks/pingpong.py", "--tokens", "256", "--docs", "128", "128", "--layers", "1", "--steps", "1",
                "--heads", "2", "--kv-heads", "1", "--head-dim", "8")
     assert "| forward, ping-pong " in out and "| fwd+bwd, ping-pong " in out
+
+
+def test_train_benchmark_runs(tmp_path):
+    out = _run("benchmarks/train.py", "--steps", "2", "--out-dir", str(tmp_path), "--model.n_layers=2",
+               "--model.hidden=64", "--model.n_heads=4", "--model.ffn_hidden=128", "--train.tokens_per_rank=128",
+               "--train.peak_tflops=1", "--train.tensorboard=false")
+    assert "| local " in out and "| cad " in out and "CAD / local tokens/s" in out
+    assert (tmp_path / "train.png").exists()

@@ -9,7 +9,8 @@ import pytest
 from distca.config import DistCAConfig, load_config, parse_overrides
 from distca.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ROOT_CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = sorted(ROOT_CONFIGS.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -18,7 +19,8 @@ def test_every_shipped_config_loads(path):
 
 
 def test_overrides_change_typed_fields(tmp_path):
-    cfg = load_config(CONFIGS[0], ["--model.n_layers", "4", "--attention.window=64", "--data.doc_lengths", "[5, 6]"])
+    cfg = load_config(ROOT_CONFIGS / "tiny-cpu.yaml", ["--model.n_layers", "4",
+                                                       "--attention.window=64", "--data.doc_lengths", "[5, 6]"])
     assert cfg.model.n_layers == 4 and cfg.attention.window == 64 and cfg.data.doc_lengths == [5, 6]
 
 

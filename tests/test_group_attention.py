@@ -37,7 +37,9 @@ def _rank(rank, world, port, ranks, continues, window, q_out):
                                        dist.group.WORLD, backend="reference")
         out = core(q, k, v, window)
         out.backward(douts[rank])
-        q_out.put((rank, {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}))
+        # numpy, not tensors: a tensor would travel as a shared-memory handle that dies with this process
+        q_out.put((rank, {"out": out.detach().numpy(), "dq": q.grad.numpy(), "dk": k.grad.numpy(),
+                          "dv": v.grad.numpy()}))
     except Exception as exc:
         q_out.put((rank, repr(exc)))
     finally:
@@ -83,7 +85,8 @@ def test_group_local_attention_equals_whole_documents(name):
     for r in range(len(ranks)):
         assert not isinstance(got[r], str), got[r]
         for key in ("out", "dq", "dk", "dv"):
-            torch.testing.assert_close(got[r][key], ref[key][r], rtol=1e-9, atol=1e-9, msg=f"rank {r} {key}")
+            torch.testing.assert_close(torch.from_numpy(got[r][key]), ref[key][r], rtol=1e-9, atol=1e-9,
+                                       msg=f"rank {r} {key}")
 
 
 def test_prefix_rows():

@@ -27,7 +27,8 @@ class _GroupAllGather(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, group, rank: int, world: int) -> torch.Tensor:
         ctx.group, ctx.rank = group, rank
         out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        gather(out, x.contiguous(), group=group)
         return out.view(world, *x.shape)
 
     @staticmethod

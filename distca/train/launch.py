@@ -43,6 +43,7 @@ class TrainResult:
     checkpoints: list[str] = field(default_factory=list)
     metrics_path: str = ""
     wall_s: float = 0.0
+    stopped_early: bool = False  # a SIGTERM/SIGINT ended the run at a step boundary
 
     @property
     def losses(self) -> list[float]:
@@ -71,6 +72,7 @@ def _trainer_process(cfg_dict: dict, rank: int, world: int, port: int, addresses
         cfg = config_from_dict(cfg_dict)
         trainer = Trainer(cfg, RankInfo(rank, world, "127.0.0.1", port), addresses,
                           report=lambda rec: out.put(("report", rank, rec)))
+        trainer.install_signal_handlers()
         res = trainer.run(run_steps)
         out.put(("done", rank, {k: v for k, v in res.items() if k != "records"} if rank else res))
     except BaseException:
@@ -183,9 +185,11 @@ def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: i
     sink = _Sink(cfg, metrics_path)
     result = TrainResult([], 0, 0, metrics_path=str(metrics_path))
     done: set[int] = set()
+    signals = _GracefulStop(procs)
     try:
         for p in procs:
             p.start()
+        signals.install()
         last = time.monotonic()
         while len(done) < world:
             msg = _get(out, 1.0)
@@ -217,11 +221,15 @@ def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: i
                     sink.step(payload)
                 elif ev == "checkpoint":
                     result.checkpoints.append(payload["tag"])
+                elif ev == "stopping":
+                    result.stopped_early, result.end_step = True, payload["step"]
+                    log.warning("stopping after step %d as asked (checkpoint follows)", payload["step"])
             elif kind == "done":
                 done.add(rank)
         for p in procs:
             p.join(timeout=60)
     finally:
+        signals.restore()
         sink.close()
         for p in procs:
             if p.is_alive():
@@ -229,6 +237,37 @@ def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: i
                 p.join(timeout=10)
     result.wall_s = time.perf_counter() - t_start
     return result
+
+
+class _GracefulStop:
+    """SIGTERM/SIGINT on the driver: ask every rank to stop after the current step (they checkpoint and
+    leave together); a second signal stops at once (the ``finally`` blocks still kill the ranks and
+    shut the server pool down)."""
+
+    def __init__(self, procs):
+        self.procs, self.asked, self.saved = procs, False, {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.saved[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        self.saved = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now")
+        self.asked = True
+        log.warning("%s: finishing the current step, checkpointing, stopping", signal.Signals(signum).name)
+        for p in self.procs:
+            if p.is_alive():
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGTERM)
 
 
 def _get(out, timeout_s: float):
@@ -276,7 +315,7 @@ def summary_table(cfg: DistCAConfig, res: TrainResult) -> str:
                         f"ZeRO-{t.zero_stage}, {t.precision}"),
         ("core attention", t.core_attention + (f" on {cfg.cluster.n_servers} servers ({cfg.cluster.placement})"
                                                if t.core_attention == "cad" else " (colocated)")),
-        ("steps", f"{res.start_step} -> {res.end_step}"),
+        ("steps", f"{res.start_step} -> {res.end_step}" + (" (stopped by a signal)" if res.stopped_early else "")),
         ("loss first -> last", f"{res.records[0]['loss']:.4f} -> {res.records[-1]['loss']:.4f}" if res.records
          else "-"),
         ("tokens / step", f"{res.records[0]['tokens']}" if res.records else "-"),

@@ -92,6 +92,20 @@ class Trainer:
         if info.world != cfg.cluster.n_trainers:
             raise ValueError(f"{info.world} processes started for cluster.n_trainers={cfg.cluster.n_trainers}")
         self.windows = sorted(set(attention_sublayers(cfg.model)))
+        self.stop_requested = False
+
+    def request_stop(self, *_signal) -> None:
+        """Finish the current step, checkpoint, and leave (the SIGTERM/SIGINT handler)."""
+        self.stop_requested = True
+
+    def install_signal_handlers(self) -> None:
+        """Make SIGTERM and SIGINT stop training gracefully (main thread only)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
 
     # -- setup ---------------------------------------------------------------------------------
     def _init(self) -> None:
@@ -242,18 +256,26 @@ class Trainer:
                          "peak_flops": self.peak_flops})
             for step in range(start, end):
                 mine = self.step(step)
+                mine["stop"] = self.stop_requested
                 every = [None] * self.info.world
                 dist.all_gather_object(every, mine)
                 rec = _combine(every, self.cfg, self.peak_flops)
                 records.append(rec)
                 if self.info.rank == 0:
                     self.report({"event": "step", **rec})
-                last = step + 1 == end
+                # a stop asked of any rank (SIGTERM/SIGINT) ends every rank after the same step
+                stopping = any(r["stop"] for r in every)
+                last = step + 1 == end or stopping
+                if stopping and self.info.rank == 0:
+                    self.report({"event": "stopping", "step": step + 1})
                 if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or last:
                     tag = self.save(step + 1)
                     if self.info.rank == 0:
                         self.report({"event": "checkpoint", "step": step + 1, "tag": tag,
                                      "dir": str(self.checkpoint_dir)})
+                if stopping:
+                    end = step + 1
+                    break
             return {"rank": self.info.rank, "records": records, "start_step": start, "end_step": end}
         finally:
             self.close()

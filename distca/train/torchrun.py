@@ -1,0 +1,158 @@
+"""Training under ``torchrun`` (multi-node; Slurm runs it the same way): one process per trainer rank.
+
+    torchrun --nnodes N --node_rank I --nproc_per_node G --master_addr HOST --master_port PORT \\
+        -m distca.train.torchrun --config configs/X.yaml [--section.key value ...]
+
+Attention servers are colocated: on every node, local rank 0 starts G server processes (one per
+trainer, bound to ``transport.host`` — the node's cluster-facing address) before training, and every
+rank learns every server's address through one ``all_gather_object`` — no hand-editing. Server ``r``
+sits on trainer rank ``r``'s node, which is what ``cluster.placement: colocated`` plans for. With
+``train.core_attention: local`` no server starts.
+
+torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``) is read here, at the entry point, and passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from distca.config import DistCAConfig, load_config
+
+log = logging.getLogger(__name__)
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        raise SystemExit(f"distca.train.torchrun: {name} is not set — start this module with torchrun")
+    return int(value)
+
+
+def start_node_servers(cfg: DistCAConfig, n: int, node: int):
+    """Start ``n`` attention-server processes on this node; returns ``(addresses, processes)``."""
+    from distca.server.loop import run_server
+    from distca.server.pool import server_config
+
+    base = server_config(cfg)
+    base = replace(base, max_plans=cfg.train.max_server_plans,
+                   dtype="bfloat16" if cfg.train.precision == "bf16" else "float32")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = []
+    for i in range(n):
+        p = ctx.Process(target=run_server, args=(replace(base, name=f"server{node}-{i}"), q), daemon=True)
+        p.start()
+        procs.append(p)
+    got = dict(q.get(timeout=120) for _ in range(n))
+    return [got[f"server{node}-{i}"] for i in range(n)], procs
+
+
+def stop_node_servers(cfg: DistCAConfig, addresses: list[str], procs) -> None:
+    """Ask each server to stop, then make sure its process is gone."""
+    import zmq
+
+    from distca.server.pool import server_config
+    from distca.transport.channel import Endpoint
+    from distca.transport.wire import Kind
+
+    tcfg = server_config(cfg).transport
+    ctx = zmq.Context()
+    for addr in addresses:
+        with contextlib.suppress(Exception):
+            ep = Endpoint.client(ctx, tcfg, addr)
+            ep.send(Kind.SHUTDOWN)
+            ep.recv(timeout_s=5)
+            ep.close()
+    ctx.term()
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+
+
+def run(cfg: DistCAConfig, run_steps: int = 0) -> dict | None:
+    """Train as this torchrun rank; rank 0 prints progress and the summary and returns its records."""
+    import time
+
+    import torch.distributed as dist
+
+    from distca.train.launch import TrainResult, _Sink, summary_table
+    from distca.train.trainer import RankInfo, Trainer
+
+    t_start = time.perf_counter()
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local, per_node = _env_int("LOCAL_RANK"), _env_int("LOCAL_WORLD_SIZE")
+    info = RankInfo(rank, world, os.environ.get("MASTER_ADDR", "127.0.0.1"), _env_int("MASTER_PORT"))
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("gloo", init_method=f"tcp://{info.master_addr}:{info.master_port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=cfg.train.step_timeout_s))
+    mine, procs = [], []
+    try:
+        if cfg.train.core_attention == "cad" and local == 0:
+            if cfg.cluster.n_servers != world:
+                raise SystemExit(f"torchrun launches colocate one server per trainer: cluster.n_servers must equal "
+                                 f"the world size {world}, got {cfg.cluster.n_servers}")
+            mine, procs = start_node_servers(cfg, per_node, rank // per_node)
+        every: list = [None] * world
+        dist.all_gather_object(every, mine)
+        addresses = [a for node in every for a in node]
+        sink = _Sink(cfg, Path(cfg.output_dir) / "metrics.jsonl") if rank == 0 else None
+        result = TrainResult([], 0, 0, metrics_path=str(sink.jsonl.name) if sink else "")
+
+        def report(rec: dict) -> None:
+            ev = rec.pop("event")
+            if ev == "start":
+                result.start_step, result.end_step = rec["start_step"], rec["end_step"]
+                sink.start(rec)
+            elif ev == "step":
+                result.records.append(rec)
+                sink.step(rec)
+            elif ev == "checkpoint":
+                result.checkpoints.append(rec["tag"])
+
+        trainer = Trainer(cfg, info, addresses, report=report if rank == 0 else None)
+        trainer.run(run_steps)  # destroys the process group at the end
+        if sink is not None:
+            sink.close()
+            result.wall_s = time.perf_counter() - t_start
+            print(summary_table(cfg, result), flush=True)
+            return {"losses": result.losses, "records": result.records}
+        return None
+    finally:
+        if procs:
+            stop_node_servers(cfg, mine, procs)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distca.train.torchrun", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--run-steps", type=int, default=0)
+    p.add_argument("--result-json", default="", help="rank 0 writes the per-step losses here (tests)")
+    args, overrides = p.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(args.config, overrides)
+    torch.set_num_threads(cfg.threads or 1)
+    out = run(cfg, args.run_steps)
+    if out is not None and args.result_json:
+        with open(args.result_json, "w") as f:
+            json.dump(out, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header_lines, markdown_table, out_dir, run_info, write_json
 
 from distca.config import load_config
+from distca.train.flops import measure_peak_flops
 from distca.train.launch import train
 
 
@@ -32,13 +33,18 @@ def main() -> None:
     p.add_argument("--out-dir", default=None, help="where results and the plot go (default out/train)")
     args, overrides = p.parse_known_args()
     dest = Path(args.out_dir) if args.out_dir else out_dir("train")
+    # one peak for both runs, so their MFU columns compare (a trainer process runs one thread)
+    torch.set_num_threads(1)
+    peak = measure_peak_flops() / 1e12
     runs = {}
     for mode in ("local", "cad"):
-        cfg = load_config(args.config, [*overrides, f"--train.steps={args.steps}", f"--train.core_attention={mode}",
+        cfg = load_config(args.config, [f"--train.peak_tflops={peak}", *overrides, f"--train.steps={args.steps}",
+                                        f"--train.core_attention={mode}",
                                         f"--output_dir={dest / mode}", "--train.progress=false",
                                         "--train.log_every=1000000"])
         runs[mode] = train(cfg)
-    info = run_info(torch.device("cpu"), config=args.config, steps=args.steps, overrides=" ".join(overrides),
+    info = run_info(torch.device("cpu"), peak_tflops_per_trainer=round(cfg.train.peak_tflops, 3),
+                    config=args.config, steps=args.steps, overrides=" ".join(overrides),
                     parallelism=f"PP={cfg.train.pipeline_parallel} x DP={cfg.data_parallel}",
                     servers=cfg.cluster.n_servers, tokens_per_step=runs["cad"].records[0]["tokens"])
     skip = 1  # the first step pays for warm-up (allocation, plan registration)

@@ -190,6 +190,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per trainer, for MFU; 0: measure this machine's fp32 GEMM rate at start
     step_timeout_s: float = 600.0  # a rank silent this long fails the run (collectives, servers)
     max_server_plans: int = 256  # plan layouts each attention server keeps
+    max_restarts: int = 0  # after a failure (e.g. a lost server): replace dead servers, resume from a checkpoint
 
     def __post_init__(self) -> None:
         for name in ("steps", "pipeline_parallel", "micro_batches", "tokens_per_rank", "log_every",
@@ -200,8 +201,8 @@ class TrainConfig:
             raise ConfigError(f"train.zero_stage must be 0 or 1 (pipeline parallelism), got {self.zero_stage}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
-        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
-            raise ConfigError("train.warmup_steps, train.checkpoint_every and train.grad_clip must be >= 0")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.grad_clip < 0 or self.max_restarts < 0:
+            raise ConfigError("train.warmup_steps, checkpoint_every, grad_clip and max_restarts must be >= 0")
 
 
 @dataclass

@@ -117,3 +117,35 @@ def test_unreachable_servers_fail_the_run_not_hang(tmp_path):
     dead = [f"ipc://{tmp_path}/nobody-{i}.sock" for i in range(4)]
     with pytest.raises(TrainError, match=r"(?i)timeout|timed out|did not answer"):
         _run_ranks(cfg, 4, dead, 0, timeout_s=120, t_start=0.0)
+
+
+def test_a_server_killed_mid_run_is_replaced_and_the_curve_is_unchanged(tmp_path):
+    """Kill one attention-server actor while training: the step fails with a timeout naming the server,
+    the pool replaces it (new address), the ranks resume from the last checkpoint, and the loss curve
+    equals an undisturbed run's."""
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    over = {"train.core_attention": "cad", "train.steps": 8, "train.checkpoint_every": 1, "train.max_restarts": 1,
+            "transport.timeout_s": 5}
+    undisturbed = train(tiny(tmp_path / "calm", **over))
+    cfg = tiny(tmp_path / "hit", **over)
+    box = {}
+    runner = threading.Thread(target=lambda: box.update(res=train(cfg)), daemon=True)
+    runner.start()
+    metrics = Path(cfg.output_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    pids = subprocess.run(["pgrep", "-f", "ray::_ServerActor"], capture_output=True, text=True).stdout.split()
+    assert pids, "no attention-server actor found to kill"
+    os.kill(int(pids[0]), signal.SIGKILL)
+    runner.join(timeout=400)
+    res = box["res"]
+    assert res.restarts == 1
+    assert [r["step"] for r in res.records] == list(range(8))
+    for a, b in zip(undisturbed.losses, res.losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)

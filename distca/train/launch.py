@@ -44,6 +44,7 @@ class TrainResult:
     metrics_path: str = ""
     wall_s: float = 0.0
     stopped_early: bool = False  # a SIGTERM/SIGINT ended the run at a step boundary
+    restarts: int = 0  # times the ranks were restarted from a checkpoint after a failure
 
     @property
     def losses(self) -> list[float]:
@@ -159,10 +160,52 @@ def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None)
                 cpus_per_server=cfg.cluster.cpus_per_server, address=cfg.cluster.ray_address or None,
                 server=server))
             addresses = list(pool.addresses)
-        return _run_ranks(cfg, world, addresses, run_steps, timeout_s, t_start)
+        return _with_restarts(cfg, world, pool, addresses, run_steps, timeout_s, t_start)
     finally:
         if pool is not None:
             pool.shutdown()
+
+
+def _with_restarts(cfg: DistCAConfig, world: int, pool, addresses: list[str], run_steps: int, timeout_s: float,
+                   t_start: float) -> TrainResult:
+    """Run the ranks; when a run fails and ``train.max_restarts`` allows, replace dead attention servers
+    and start the ranks again from the latest checkpoint (resume is exact, so the loss curve is the one
+    an undisturbed run draws; steps after that checkpoint are trained again)."""
+    attempt, done = cfg, []
+    for restart in range(cfg.train.max_restarts + 1):
+        try:
+            res = _run_ranks(attempt, world, addresses, run_steps, timeout_s, t_start)
+        except TrainError as exc:
+            if restart == cfg.train.max_restarts:
+                raise
+            log.warning("run failed (%s); restart %d of %d from the latest checkpoint", str(exc).splitlines()[0],
+                        restart + 1, cfg.train.max_restarts)
+            if pool is not None:
+                replaced = pool.restart_dead()
+                addresses = list(pool.addresses)
+                log.warning("replaced attention servers %s", replaced)
+            ckpt = Path(cfg.train.checkpoint_dir or Path(cfg.output_dir) / "checkpoints")
+            resume = (ckpt / "latest").exists()
+            attempt = config_from_dict({**attempt.to_dict(), "train": {**attempt.to_dict()["train"],
+                                                                        "resume": resume or cfg.train.resume}})
+            done = _records_so_far(Path(cfg.output_dir) / "metrics.jsonl")
+            continue
+        if restart:
+            res.records = [r for r in done if r["step"] < res.start_step] + res.records
+            res.restarts = restart
+        return res
+    raise AssertionError("unreachable")
+
+
+def _records_so_far(path: Path) -> list[dict[str, Any]]:
+    """Step records already written (the last line per step wins)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError):
+                rec = json.loads(line)
+                by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def _check_source(cfg: DistCAConfig) -> None:
@@ -328,7 +371,8 @@ def summary_table(cfg: DistCAConfig, res: TrainResult) -> str:
         ("exposed communication (median)", f"{med('exposed_comm_pct'):.1f}% of step time"),
         ("scheduler time (median)", f"{med('plan_ms'):.1f} ms / step"),
         ("peak memory (max rank)", f"{max(r['peak_rss_mb'] for r in res.records):.0f} MB RSS"),
-        ("wall time", f"{res.wall_s:.1f} s"),
+        ("wall time", f"{res.wall_s:.1f} s" + (f" ({res.restarts} restart(s) from a checkpoint)" if res.restarts
+                                               else "")),
         ("metrics", res.metrics_path),
     ] if res.records else [("steps", "none run")]
     width = max(len(k) for k, _ in rows)

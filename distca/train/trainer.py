@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -172,11 +173,11 @@ class Trainer:
         return [((torch.from_numpy(np.ascontiguousarray(mb.tokens[d])).long(), torch.tensor([i])),
                  torch.from_numpy(np.ascontiguousarray(mb.labels[d])).long()) for i, mb in enumerate(mbs)]
 
-    def _server_busy(self) -> list[float]:
+    def _server_stats(self) -> list[dict]:
+        """Every server's PING answer (busy seconds, peak RSS), asked by rank 0 between steps."""
         if self.client is None or self.info.rank != 0:
             return []
-        return [float(self.client.ping(s, timeout_s=self.cfg.transport.timeout_s).get("busy_s", 0.0))
-                for s in range(len(self.addresses))]
+        return [self.client.ping(s, timeout_s=self.cfg.transport.timeout_s) for s in range(len(self.addresses))]
 
     def step(self, step: int) -> dict[str, Any]:
         """Train one step; returns this rank's measurements."""
@@ -189,11 +190,12 @@ class Trainer:
         if self.client is not None:
             self.client.forget_plans()
         blocked0 = self.client.blocked_s if self.client is not None else 0.0
-        busy0 = self._server_busy()
+        before = self._server_stats()
         t0 = time.perf_counter()
         loss = float(self.engine.train_batch(data_iter=iter(self._batches(mbs))))
         step_s = time.perf_counter() - t0
-        busy = [b - b0 for b, b0 in zip(self._server_busy(), busy0, strict=True)]
+        after = self._server_stats()
+        busy = [float(b.get("busy_s", 0.0)) - float(a.get("busy_s", 0.0)) for a, b in zip(before, after, strict=True)]
         blocked = (self.client.blocked_s - blocked0) if self.client is not None else 0.0
 
         # Attention load: per server as planned (pairs summed over the step's calls), else per replica.
@@ -214,6 +216,8 @@ class Trainer:
             "planned_load_max_over_mean": float(load.max() / load.mean()) if load.mean() > 0 else 1.0,
             "server_busy_s": busy, "lr": float(self.engine.get_lr()[0]),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_mb": _current_rss_mb(), "open_fds": _open_fds(),
+            "server_peak_rss_mb": [float(s.get("peak_rss_kb", 0)) / 1024 for s in after],
         }
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -311,4 +315,24 @@ def _combine(every: list[dict[str, Any]], cfg: DistCAConfig, peak_flops: float) 
         "attn_load_max_over_mean_planned": max(r["planned_load_max_over_mean"] for r in every),
         "attn_load_max_over_mean_measured": measured,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in every),
+        # per process, for soak runs: memory now (not the peak) and open file descriptors
+        "rss_mb_per_rank": [round(r["rss_mb"], 1) for r in every],
+        "open_fds_per_rank": [r["open_fds"] for r in every],
+        "server_peak_rss_mb": first["server_peak_rss_mb"],
     }
+
+
+def _current_rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * resource.getpagesize() / 2**20
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1

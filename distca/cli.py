@@ -22,12 +22,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("train", "train on a simulated cluster on this machine (local Ray, attention servers, "
                                  "one process per trainer rank)"),
+                       ("launch", "train through a cluster engine: 'ray' runs the trainers as Ray Train workers and "
+                                  "the servers as actors (for torchrun see launch/torchrun.sh)"),
                        ("demo", "plan and run CAD attention over simulated servers and check exactness"),
                        ("config", "print the resolved configuration as JSON"),
                        ("serve", "start an attention-server pool on Ray and print its addresses")):
         s = sub.add_parser(name, help=text, description=text + ". Extra --section.key VALUE pairs override the config.")
         s.add_argument("--config", help="YAML config file (defaults apply where absent)")
-        if name == "train":
+        if name == "launch":
+            s.add_argument("engine", choices=["ray"], help="ray: Ray Train TorchTrainer + server actors")
+        if name in ("train", "launch"):
             s.add_argument("--run-steps", type=int, default=0,
                            help="stop after this many steps in this invocation (0: run to train.steps); "
                                 "with --train.resume true a later call continues")
@@ -105,6 +109,16 @@ def _train(cfg, run_steps: int) -> int:
     return 0
 
 
+def _launch(cfg, engine: str, run_steps: int) -> int:
+    from distca.train.launch import summary_table
+    from distca.train.ray_launch import train_on_ray
+
+    print(json.dumps({"config": cfg.to_dict()}), flush=True)
+    result = train_on_ray(cfg, run_steps=run_steps)
+    print(summary_table(cfg, result), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = _parser()
@@ -123,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(cfg, args.hold_s)
         if args.command == "train":
             return _train(cfg, args.run_steps)
+        if args.command == "launch":
+            return _launch(cfg, args.engine, args.run_steps)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         from distca.demo import format_report, run_demo

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distca.config import load_config
@@ -149,3 +150,40 @@ def test_a_server_killed_mid_run_is_replaced_and_the_curve_is_unchanged(tmp_path
     assert [r["step"] for r in res.records] == list(range(8))
     for a, b in zip(undisturbed.losses, res.losses, strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def test_pipeline_loss_equals_the_plain_model_on_the_same_batch(tmp_path):
+    """End to end against the plain model: start PP=2 × DP=2 training from a Hugging Face safetensors
+    folder, and the first step's loss equals the mean per-replica, per-micro-batch loss of the plain
+    ``LlamaModel`` (loaded from the same folder, fp64) over the same packed documents — whole documents,
+    no pipeline, no data parallelism, no splitting at rank boundaries."""
+    import torch
+
+    from distca.data import PackedStream
+    from distca.data.sources import open_source
+    from distca.model.core import DocLayout, LocalCoreAttention
+    from distca.model.hf import load_hf_weights, save_hf_weights
+    from distca.model.llama import LlamaModel
+
+    cfg = tiny(tmp_path, **{"train.core_attention": "local", "train.steps": 1,
+                            "train.init_from_hf": str(tmp_path / "hf"), "model.tie_embeddings": False})
+    torch.manual_seed(11)
+    save_hf_weights(LlamaModel(cfg.model), tmp_path / "hf")
+    res = train(cfg)
+
+    ref = LlamaModel(cfg.model).double()
+    load_hf_weights(ref, tmp_path / "hf")
+    stream = PackedStream(open_source("embedded"), cfg.data_parallel, cfg.train.tokens_per_rank, cfg.seed)
+    per_micro = []
+    with torch.no_grad():
+        for _ in range(cfg.train.micro_batches):
+            mb = stream.next_micro_batch()
+            tokens = torch.from_numpy(np.concatenate(mb.tokens)).long()
+            labels = torch.from_numpy(np.concatenate(mb.labels)).long()
+            layout = DocLayout.from_lengths(mb.packed.doc_lengths)
+            logits = ref(tokens, layout, LocalCoreAttention(layout, backend="reference"))
+            ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+            ranks = zip(ce.split(cfg.train.tokens_per_rank), labels.split(cfg.train.tokens_per_rank), strict=True)
+            per_micro.append(sum(float(c[y != -100].mean()) for c, y in ranks) / cfg.data_parallel)
+    expected = sum(per_micro) / len(per_micro)
+    assert abs(res.losses[0] - expected) <= 1e-5 * expected, (res.losses[0], expected)

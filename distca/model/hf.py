@@ -133,8 +133,19 @@ def _check_config(folder: Path, cfg: ModelConfig, strict: bool) -> None:
         log.warning("%s has hidden_act %r; our MLP uses silu", path, raw["hidden_act"])
 
 
-def load_hf_weights(model: LlamaModel, folder: str | Path, strict: bool = True) -> list[str]:
-    """Load a local Hugging Face Llama safetensors checkpoint into ``model``; returns the names of our
+def _variant_names(cfg: ModelConfig) -> list[str]:
+    """Our parameter names that no Llama checkpoint holds (a residual variant's extras)."""
+    from distca.model.llama import LlamaModel
+
+    with torch.device("meta"):
+        names = [n for n, _ in LlamaModel(cfg).named_parameters()]
+    return [n for n in names if n not in set(hf_state_dict_mapping(cfg).values())]
+
+
+def load_hf_weights(model: LlamaModel, folder: str | Path, strict: bool = True,
+                    params: dict[str, torch.nn.Parameter] | None = None) -> list[str]:
+    """Load a local Hugging Face Llama safetensors checkpoint into ``model`` (or, with ``params``, into just
+    those parameters, keyed by :class:`LlamaModel` names — one pipeline stage's); returns the names of our
     parameters left at their initialisation (a variant's extra parameters; with ``strict=False`` also
     those the checkpoint lacks).
 
@@ -149,8 +160,18 @@ def load_hf_weights(model: LlamaModel, folder: str | Path, strict: bool = True) 
     folder = Path(folder)
     cfg = model.cfg
     mapping = hf_state_dict_mapping(cfg)
-    params = dict(model.named_parameters())
+    partial = params is not None
+    if not partial:
+        params = dict(model.named_parameters())
+    else:  # a part of the model (a pipeline stage): only its tensors are wanted, the rest are not unexpected
+        unknown = sorted(set(params) - set(dict.fromkeys(mapping.values())) - set(_variant_names(cfg)))
+        if unknown:
+            raise ValueError(f"parameters {unknown[:5]} are not LlamaModel parameter names")
+        skipped = {hf for hf, ours in mapping.items() if ours not in params}
+        mapping = {hf: ours for hf, ours in mapping.items() if ours in params}
     where, source = _checkpoint(folder)
+    if partial:
+        where = {n: f for n, f in where.items() if n not in skipped}
     _check_config(folder, cfg, strict)
 
     unexpected = [n for n in where if n not in mapping and not _IGNORED.fullmatch(n)]

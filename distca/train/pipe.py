@@ -33,10 +33,12 @@ class MicroContext:
     core: CoreAttention
     _rope: dict = field(default_factory=dict)
 
-    def rope(self, cfg: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if dtype not in self._rope:
-            self._rope[dtype] = rope_cos_sin(self.layout.position_ids, cfg.head_dim, cfg.rope_theta, dtype)
-        return self._rope[dtype]
+    def rope(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dtype, device)
+        if key not in self._rope:
+            cos, sin = rope_cos_sin(self.layout.position_ids, cfg.head_dim, cfg.rope_theta, dtype)
+            self._rope[key] = cos.to(device), sin.to(device)
+        return self._rope[key]
 
 
 class StepContext:
@@ -89,7 +91,7 @@ class BlockStage(nn.Module):
     def forward(self, inputs):
         x, micro = inputs
         m = self.ctx[micro]
-        cos, sin = m.rope(self.cfg, x.dtype)
+        cos, sin = m.rope(self.cfg, x.dtype, x.device)
         return self.block(x, m.core, cos, sin), micro
 
 

@@ -123,6 +123,13 @@ class Trainer:
         self.ctx = StepContext()
         pipe = build_pipeline(cfg.model, self.ctx, cfg.train.pipeline_parallel, cfg.seed,
                               cfg.train.activation_checkpointing)
+        if cfg.train.init_from_hf:  # before DeepSpeed copies parameters into its optimizer state
+            from types import SimpleNamespace
+
+            from distca.model.hf import load_hf_weights
+
+            load_hf_weights(SimpleNamespace(cfg=cfg.model), cfg.train.init_from_hf,
+                            params=stage_params_by_llama_name(pipe, cfg.model))
         params = [p for p in pipe.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=pipe, model_parameters=params, config=deepspeed_config(cfg))
         self.stage, self.dp_rank = self.engine.stage_id, self.engine.grid.data_parallel_id
@@ -296,6 +303,29 @@ class Trainer:
             with contextlib.suppress(Exception):
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def stage_params_by_llama_name(pipe, cfg) -> dict[str, torch.nn.Parameter]:
+    """This stage's parameters under their :class:`~distca.model.llama.LlamaModel` names (the layers of
+    ``distca.train.pipe.pipeline_layers``: embedding, blocks, norm, head; a tied embedding lives under
+    ``tied_modules.embed``)."""
+    out = {}
+    last_block = cfg.n_layers
+    for name, p in pipe.named_parameters():
+        head, rest = name.split(".", 1)
+        if head == "tied_modules":
+            out["embed.weight"] = p
+            continue
+        i = int(head)
+        if i == 0:
+            out["embed.weight"] = p
+        elif i <= last_block:
+            out[f"blocks.{i - 1}.{rest.removeprefix('block.')}"] = p
+        elif i == last_block + 1:
+            out[f"norm.{rest.removeprefix('norm.')}"] = p
+        else:
+            out[f"head.{rest.removeprefix('head.')}"] = p
+    return out
 
 
 def _combine(every: list[dict[str, Any]], cfg: DistCAConfig, peak_flops: float) -> dict[str, Any]:

@@ -21,6 +21,23 @@ from distca.train.launch import TrainError, train
 STEPS = 20
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        kids = [c for c, pp in parent.items() if pp == todo.pop()]
+        out += kids
+        todo += kids
+    return out
+
+
 def tiny(tmp: Path, **over) -> object:
     """A small model on the embedded corpus: PP=2 × DP=2, two micro-batches of 2 × 256 tokens."""
     args = {"output_dir": str(tmp), "seed": 3, "threads": 1,
@@ -126,7 +143,6 @@ def test_a_server_killed_mid_run_is_replaced_and_the_curve_is_unchanged(tmp_path
     equals an undisturbed run's."""
     import os
     import signal
-    import subprocess
     import threading
     import time
 
@@ -141,9 +157,11 @@ def test_a_server_killed_mid_run_is_replaced_and_the_curve_is_unchanged(tmp_path
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.2)
-    pids = subprocess.run(["pgrep", "-f", "ray::_ServerActor"], capture_output=True, text=True).stdout.split()
+    # only this test's servers: descendants of this process (the local Ray it started), by process title
+    pids = [p for p in _descendants(os.getpid())
+            if "ray::_ServerActor" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
     assert pids, "no attention-server actor found to kill"
-    os.kill(int(pids[0]), signal.SIGKILL)
+    os.kill(pids[0], signal.SIGKILL)
     runner.join(timeout=400)
     res = box["res"]
     assert res.restarts == 1

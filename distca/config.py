@@ -191,6 +191,7 @@ class TrainConfig:
     step_timeout_s: float = 600.0  # a rank silent this long fails the run (collectives, servers)
     max_server_plans: int = 256  # plan layouts each attention server keeps
     init_from_hf: str = ""  # a local Hugging Face Llama folder (safetensors) to start from; "": random init
+    malloc_arena_max: int = 2  # glibc malloc arenas per trainer/server process started here (0: glibc default)
     max_restarts: int = 0  # after a failure (e.g. a lost server): replace dead servers, resume from a checkpoint
 
     def __post_init__(self) -> None:

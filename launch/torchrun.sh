@@ -13,6 +13,8 @@ CONFIG=${1:?usage: launch/torchrun.sh CONFIG.yaml [--section.key value ...]}
 shift
 : "${NNODES:=1}" "${NODE_RANK:=0}" "${NPROC_PER_NODE:=1}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}"
 PY=${PYTHON:-python}
+# fewer glibc malloc arenas: trainer RSS levels off in long runs (BENCHMARKS.md, Soak)
+export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2}
 WORLD=$((NNODES * NPROC_PER_NODE))
 exec "$PY" -m torch.distributed.run \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \

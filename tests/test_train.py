@@ -32,7 +32,8 @@ def _descendants(pid: int) -> list[int]:
                 continue
     out, todo = [], [pid]
     while todo:
-        kids = [c for c, pp in parent.items() if pp == todo.pop()]
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
         out += kids
         todo += kids
     return out
@@ -137,6 +138,7 @@ def test_unreachable_servers_fail_the_run_not_hang(tmp_path):
         _run_ranks(cfg, 4, dead, 0, timeout_s=120, t_start=0.0)
 
 
+@pytest.mark.timeout(600)  # two runs, one with a timeout and a restart: ~3 min alone, more on a busy machine
 def test_a_server_killed_mid_run_is_replaced_and_the_curve_is_unchanged(tmp_path):
     """Kill one attention-server actor while training: the step fails with a timeout naming the server,
     the pool replaces it (new address), the ranks resume from the last checkpoint, and the loss curve
@@ -146,7 +148,7 @@ def test_a_server_killed_mid_run_is_replaced_and_the_curve_is_unchanged(tmp_path
     import threading
     import time
 
-    over = {"train.core_attention": "cad", "train.steps": 8, "train.checkpoint_every": 1, "train.max_restarts": 1,
+    over = {"train.core_attention": "cad", "train.steps": 6, "train.checkpoint_every": 1, "train.max_restarts": 1,
             "transport.timeout_s": 5}
     undisturbed = train(tiny(tmp_path / "calm", **over))
     cfg = tiny(tmp_path / "hit", **over)
@@ -155,7 +157,7 @@ def test_a_server_killed_mid_run_is_replaced_and_the_curve_is_unchanged(tmp_path
     runner.start()
     metrics = Path(cfg.output_dir) / "metrics.jsonl"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         time.sleep(0.2)
     # only this test's servers: descendants of this process (the local Ray it started), by process title
     pids = [p for p in _descendants(os.getpid())
@@ -165,7 +167,7 @@ def test_a_server_killed_mid_run_is_replaced_and_the_curve_is_unchanged(tmp_path
     runner.join(timeout=400)
     res = box["res"]
     assert res.restarts == 1
-    assert [r["step"] for r in res.records] == list(range(8))
+    assert [r["step"] for r in res.records] == list(range(6))
     for a, b in zip(undisturbed.losses, res.losses, strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
 

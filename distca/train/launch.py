@@ -147,6 +147,7 @@ def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None)
     timeout_s = timeout_s or 1.5 * cfg.train.step_timeout_s + 30
     pool = None
     _check_source(cfg)  # bad data settings fail here, before any server or rank starts
+    restore = _child_malloc_arenas(cfg.train.malloc_arena_max)
     try:
         addresses: list[str] = []
         if cfg.train.core_attention == "cad":
@@ -164,6 +165,18 @@ def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None)
     finally:
         if pool is not None:
             pool.shutdown()
+        restore()
+
+
+def _child_malloc_arenas(n: int):
+    """Processes started from here (trainer ranks, and the local Ray that hosts the servers) inherit
+    ``MALLOC_ARENA_MAX=n``. With glibc's default (8 × cores arenas), the many threads of a trainer
+    (gloo, ZeroMQ, torch) fragment memory across arenas and RSS kept rising through a 300-step soak;
+    with 2 it levels off (BENCHMARKS.md, Soak). Returns a function restoring this process's setting."""
+    if n <= 0 or "MALLOC_ARENA_MAX" in os.environ:  # 0, or the user chose already
+        return lambda: None
+    os.environ["MALLOC_ARENA_MAX"] = str(n)
+    return lambda: os.environ.pop("MALLOC_ARENA_MAX", None)
 
 
 def _with_restarts(cfg: DistCAConfig, world: int, pool, addresses: list[str], run_steps: int, timeout_s: float,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from distca.config import DistCAConfig, config_from_dict
-from distca.train.launch import TrainError, TrainResult, _check_source
+from distca.train.launch import TrainError, TrainResult, _check_source, _child_malloc_arenas
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,12 @@ def train_on_ray(cfg: DistCAConfig, run_steps: int = 0) -> TrainResult:
                           local_cpus=n + 2, server=server)
     metrics = Path(cfg.output_dir) / "metrics.jsonl"
     before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-    pool = AttentionServerPool(pool_cfg) if cfg.train.core_attention == "cad" else None
+    restore = _child_malloc_arenas(cfg.train.malloc_arena_max)  # a local Ray's workers inherit it
+    try:
+        pool = AttentionServerPool(pool_cfg) if cfg.train.core_attention == "cad" else None
+    except BaseException:
+        restore()
+        raise
     try:
         if pool is None and not ray.is_initialized():
             ray.init(address=cfg.cluster.ray_address or None, num_cpus=None if cfg.cluster.ray_address else n + 2,
@@ -99,6 +104,7 @@ def train_on_ray(cfg: DistCAConfig, run_steps: int = 0) -> TrainResult:
             pool.shutdown()
         elif ray.is_initialized() and not cfg.cluster.ray_address:
             ray.shutdown()
+        restore()
     lines = metrics.read_text().splitlines()[before:] if metrics.exists() else []
     records = [json.loads(x) for x in lines]
     if not records:

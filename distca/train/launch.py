@@ -130,6 +130,23 @@ class _Sink:
         self.jsonl.close()
 
 
+def collect(result: TrainResult, sink: _Sink, rec: dict[str, Any]) -> None:
+    """Apply one of rank 0's reports (``start``, ``step``, ``checkpoint``, ``stopping``) to the run's
+    result and its progress/metrics sink — for every launcher."""
+    ev = rec.pop("event")
+    if ev == "start":
+        result.start_step, result.end_step = rec["start_step"], rec["end_step"]
+        sink.start(rec)
+    elif ev == "step":
+        result.records.append(rec)
+        sink.step(rec)
+    elif ev == "checkpoint":
+        result.checkpoints.append(rec["tag"])
+    elif ev == "stopping":
+        result.stopped_early, result.end_step = True, rec["step"]
+        log.warning("stopping after step %d as asked (checkpoint follows)", rec["step"])
+
+
 def format_step(r: dict[str, Any]) -> str:
     measured = r.get("attn_load_max_over_mean_measured")
     return (f"step {r['step'] + 1:>5}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:.0f} tok/s  "
@@ -268,18 +285,7 @@ def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: i
                 _dump_stacks(procs)
                 raise TrainError(_errors(out, rank, payload))
             if kind == "report":
-                ev = payload.pop("event")
-                if ev == "start":
-                    result.start_step, result.end_step = payload["start_step"], payload["end_step"]
-                    sink.start(payload)
-                elif ev == "step":
-                    result.records.append(payload)
-                    sink.step(payload)
-                elif ev == "checkpoint":
-                    result.checkpoints.append(payload["tag"])
-                elif ev == "stopping":
-                    result.stopped_early, result.end_step = True, payload["step"]
-                    log.warning("stopping after step %d as asked (checkpoint follows)", payload["step"])
+                collect(result, sink, payload)
             elif kind == "done":
                 done.add(rank)
         for p in procs:

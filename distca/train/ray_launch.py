@@ -28,7 +28,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from distca.train.launch import _Sink
+    from distca.train.launch import _Sink, collect
     from distca.train.trainer import RankInfo, Trainer
 
     ctx = ray.train.get_context()
@@ -40,15 +40,10 @@ def _worker(loop_config: dict[str, Any]) -> None:
                        "DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu"})
     sink = _Sink(cfg, Path(cfg.output_dir) / "metrics.jsonl") if rank == 0 else None
 
-    def report(rec: dict[str, Any]) -> None:
-        ev = rec.pop("event")
-        if ev == "step":
-            sink.step(rec)
-        elif ev == "start":
-            sink.start(rec)
-
+    result = TrainResult([], 0, 0)  # the driver reads the records back from metrics.jsonl
+    report = (lambda rec: collect(result, sink, rec)) if sink else None
     try:
-        trainer = Trainer(cfg, RankInfo(rank, world), loop_config["addresses"], report=report if sink else None)
+        trainer = Trainer(cfg, RankInfo(rank, world), loop_config["addresses"], report=report)
         trainer.run(loop_config["run_steps"])
     finally:
         if sink is not None:

@@ -88,7 +88,7 @@ def run(cfg: DistCAConfig, run_steps: int = 0) -> dict | None:
 
     import torch.distributed as dist
 
-    from distca.train.launch import TrainResult, _Sink, summary_table
+    from distca.train.launch import TrainResult, _Sink, collect, summary_table
     from distca.train.trainer import RankInfo, Trainer
 
     t_start = time.perf_counter()
@@ -111,18 +111,8 @@ def run(cfg: DistCAConfig, run_steps: int = 0) -> dict | None:
         sink = _Sink(cfg, Path(cfg.output_dir) / "metrics.jsonl") if rank == 0 else None
         result = TrainResult([], 0, 0, metrics_path=str(sink.jsonl.name) if sink else "")
 
-        def report(rec: dict) -> None:
-            ev = rec.pop("event")
-            if ev == "start":
-                result.start_step, result.end_step = rec["start_step"], rec["end_step"]
-                sink.start(rec)
-            elif ev == "step":
-                result.records.append(rec)
-                sink.step(rec)
-            elif ev == "checkpoint":
-                result.checkpoints.append(rec["tag"])
-
-        trainer = Trainer(cfg, info, addresses, report=report if rank == 0 else None)
+        report = (lambda rec: collect(result, sink, rec)) if rank == 0 else None
+        trainer = Trainer(cfg, info, addresses, report=report)
         trainer.run(run_steps)  # destroys the process group at the end
         if sink is not None:
             sink.close()

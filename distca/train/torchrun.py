@@ -22,6 +22,7 @@ import logging
 import multiprocessing as mp
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -33,8 +34,8 @@ from distca.config import DistCAConfig, load_config
 log = logging.getLogger(__name__)
 
 
-def _env_int(name: str) -> int:
-    value = os.environ.get(name)
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    value = env.get(name)
     if value is None:
         raise SystemExit(f"distca.train.torchrun: {name} is not set — start this module with torchrun")
     return int(value)
@@ -82,8 +83,9 @@ def stop_node_servers(cfg: DistCAConfig, addresses: list[str], procs) -> None:
             p.kill()
 
 
-def run(cfg: DistCAConfig, run_steps: int = 0) -> dict | None:
-    """Train as this torchrun rank; rank 0 prints progress and the summary and returns its records."""
+def run(cfg: DistCAConfig, env: Mapping[str, str], run_steps: int = 0) -> dict | None:
+    """Train as this torchrun rank (``env``: torchrun's variables, handed in by the entry point); rank 0
+    prints progress and the summary and returns its records."""
     import time
 
     import torch.distributed as dist
@@ -92,9 +94,9 @@ def run(cfg: DistCAConfig, run_steps: int = 0) -> dict | None:
     from distca.train.trainer import RankInfo, Trainer
 
     t_start = time.perf_counter()
-    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
-    local, per_node = _env_int("LOCAL_RANK"), _env_int("LOCAL_WORLD_SIZE")
-    info = RankInfo(rank, world, os.environ.get("MASTER_ADDR", "127.0.0.1"), _env_int("MASTER_PORT"))
+    rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
+    local, per_node = _env_int(env, "LOCAL_RANK"), _env_int(env, "LOCAL_WORLD_SIZE")
+    info = RankInfo(rank, world, env.get("MASTER_ADDR", "127.0.0.1"), _env_int(env, "MASTER_PORT"))
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     dist.init_process_group("gloo", init_method=f"tcp://{info.master_addr}:{info.master_port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=cfg.train.step_timeout_s))
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(args.config, overrides)
     torch.set_num_threads(cfg.threads or 1)
-    out = run(cfg, args.run_steps)
+    out = run(cfg, dict(os.environ), args.run_steps)  # the entry point reads torchrun's environment, once
     if out is not None and args.result_json:
         with open(args.result_json, "w") as f:
             json.dump(out, f)

@@ -19,7 +19,7 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """``cos, sin [T, head_dim]`` for each token's position *inside its document* (Llama's rotate-half
     layout). Positions come from the data layout, so a document split across ranks or shards keeps them."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=position_ids.device) / head_dim))
     ang = position_ids.to(torch.float64)[:, None] * inv[None, :]
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos().to(dtype), ang.sin().to(dtype)

@@ -70,7 +70,7 @@ class LlamaModel(nn.Module):
     def forward(self, tokens: torch.Tensor, layout: DocLayout, core: CoreAttention) -> torch.Tensor:
         """Logits ``[T, vocab]`` for packed ``tokens [T]``."""
         x = self.embed(tokens)
-        cos, sin = rope_cos_sin(layout.position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(layout.position_ids.to(x.device), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for block in self.blocks:
             x = block(x, core, cos, sin)
         return self.head(self.norm(x))

@@ -1,6 +1,10 @@
 """A trainer's side of CAD attention over the network: send its rows of a plan to the attention
 servers, receive the results, run the tasks the plan keeps local, all with timeouts.
 
+Trainer tensors may live on any device. The rows a server needs are gathered where they are, then
+staged to host memory (one copy per tensor per server: ZeroMQ sends host bytes); replies are copied
+back to the trainer tensors' device and dtype, and the tasks the plan keeps local run on that device.
+
 Failure policy (the simpler of the two the design allows): a server that errors, dies or does not
 answer within ``TransportConfig.timeout_s`` makes the step fail with an exception naming the server
 and the reason — never a hang, never a wrong tensor. Re-planning around a lost server is left to the
@@ -28,10 +32,22 @@ class ServerError(DistCAError, RuntimeError):
     """An attention server refused or failed a request."""
 
 
-def _rows(x, rank: int, server: int) -> torch.Tensor:
-    """This rank's local rows sent to ``server`` by transfer list ``x``, in the server's row order."""
+def _rows(x, rank: int, server: int, device: torch.device | None = None) -> torch.Tensor:
+    """This rank's local rows sent to ``server`` by transfer list ``x``, in the server's row order (on
+    ``device``, where the trainer's tensors are; host when None)."""
     m = (x.rank == rank) & (x.server == server)
-    return torch.from_numpy(row_ranges(x.src_row[m], x.n[m]))
+    rows = torch.from_numpy(row_ranges(x.src_row[m], x.n[m]))
+    return rows if device is None or device.type == "cpu" else rows.to(device)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous host tensor for the wire: ``t`` itself on the host, else one device-to-host copy."""
+    return t.contiguous() if t.device.type == "cpu" else t.to("cpu")
+
+
+def _like(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A received (host) tensor on ``ref``'s device and in its dtype."""
+    return got if got.device == ref.device and got.dtype == ref.dtype else got.to(ref.device, ref.dtype)
 
 
 class _Pending:
@@ -49,8 +65,8 @@ class PendingForward(_Pending):
         for s in self.servers:
             _, got = self.client._expect(s, (Kind.FWD_OUT,), self.pid)
             qr = self.rows[s][0]
-            out[qr] = got["out"]
-            lse[qr] = got["lse"].to(lse.dtype)
+            out[qr] = _like(got["out"], out)
+            lse[qr] = _like(got["lse"], lse)
         self.blocked_s = time.perf_counter() - t0
         self.client.blocked_s += self.blocked_s
         return out, lse
@@ -63,9 +79,9 @@ class PendingBackward(_Pending):
         for s in self.servers:
             _, got = self.client._expect(s, (Kind.BWD_OUT,), self.pid)
             qr, kr = self.rows[s]
-            dq[qr] = got["dq"]
-            dk.index_add_(0, kr, got["dk"])
-            dv.index_add_(0, kr, got["dv"])
+            dq[qr] = _like(got["dq"], dq)
+            dk.index_add_(0, kr, _like(got["dk"], dk))
+            dv.index_add_(0, kr, _like(got["dv"], dv))
         self.blocked_s = time.perf_counter() - t0
         self.client.blocked_s += self.blocked_s
         return dq, dk, dv
@@ -145,14 +161,16 @@ class CADClient:
         """
         pid = self.register(plan)
         servers = self._servers(plan)
-        rows = {s: (_rows(plan.q_xfer, self.rank, s), _rows(plan.kv_xfer, self.rank, s)) for s in servers}
-        sends = {}  # zero-copy frames: keep the gathered rows alive until the replies are in
+        dev = t.q.device
+        rows = {s: (_rows(plan.q_xfer, self.rank, s, dev), _rows(plan.kv_xfer, self.rank, s, dev)) for s in servers}
+        sends = {}  # zero-copy frames: keep the gathered (host) rows alive until the replies are in
         for s in servers:
             qr, kr = rows[s]
-            sends[s] = [("q", t.q[qr].contiguous()), ("k", t.k[kr].contiguous()), ("v", t.v[kr].contiguous())]
+            sends[s] = [("q", _host(t.q[qr])), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
             self.eps[s].send(Kind.FWD, sends[s], plan_id=pid, extra={"rank": self.rank})
         lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
-        res = {"out": [torch.zeros_like(t.q)], "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype)]}
+        res = {"out": [torch.zeros_like(t.q)],
+               "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype, device=dev)]}
         self._local(plan, t, None, res)  # overlaps with the servers' work
         return PendingForward(self, pid, servers, rows, sends, res)
 
@@ -165,16 +183,16 @@ class CADClient:
         """Send q, out, dout, lse, k, v rows and run local tasks; collect ``(dq, dk, dv)`` with ``.wait()``."""
         pid = self.register(plan)
         servers = self._servers(plan)
-        rows = {s: (_rows(plan.q_xfer, self.rank, s), _rows(plan.kv_xfer, self.rank, s)) for s in servers}
+        dev = t.q.device
+        rows = {s: (_rows(plan.q_xfer, self.rank, s, dev), _rows(plan.kv_xfer, self.rank, s, dev)) for s in servers}
         lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
         sends = {}
         for s in servers:
             qr, kr = rows[s]
-            sends[s] = [("q", t.q[qr].contiguous()), ("out", out[qr].contiguous()), ("dout", dout[qr].contiguous()),
-                        ("lse", lse[qr].to(lse_dtype).contiguous()), ("k", t.k[kr].contiguous()),
-                        ("v", t.v[kr].contiguous())]
+            sends[s] = [("q", _host(t.q[qr])), ("out", _host(out[qr])), ("dout", _host(dout[qr])),
+                        ("lse", _host(lse[qr].to(lse_dtype))), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
             self.eps[s].send(Kind.BWD, sends[s], plan_id=pid, extra={"rank": self.rank})
-        res = {"out": [torch.zeros_like(t.q)], "lse": [torch.zeros(t.q.shape[:2], dtype=lse.dtype)],
+        res = {"out": [torch.zeros_like(t.q)], "lse": [torch.zeros(t.q.shape[:2], dtype=lse.dtype, device=dev)],
                "dq": [torch.zeros_like(t.q)], "dk": [torch.zeros_like(t.k)], "dv": [torch.zeros_like(t.v)]}
         self._local(plan, t, dout, res)
         return PendingBackward(self, pid, servers, rows, sends, res)

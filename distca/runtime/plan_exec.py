@@ -58,13 +58,16 @@ def server_call(plan: Plan, server: int) -> ServerCall:
                       int(k_len.max(initial=0)), torch.from_numpy(row_ranges(plan.task_kv_row[m], k_len)))
 
 
-def _rows(x: Transfers) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """Per (rank, server) pair: source rows on the trainer and destination rows on the server."""
+def _rows(x: Transfers, device: torch.device | None = None) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Per (rank, server) pair: source rows on the trainer and destination rows on the server (index
+    tensors on ``device``, where the tensors they index live; host when None)."""
     out = []
     for r, s in sorted(set(zip(x.rank.tolist(), x.server.tolist(), strict=True))):
         m = (x.rank == r) & (x.server == s)
         src = torch.from_numpy(row_ranges(x.src_row[m], x.n[m]))
         dst = torch.from_numpy(row_ranges(x.dst_row[m], x.n[m]))
+        if device is not None and device.type != "cpu":
+            src, dst = src.to(device), dst.to(device)
         out.append((r, s, src, dst))
     return out
 
@@ -75,16 +78,18 @@ def execute_plan(
     """Run the plan's forward (and, given ``douts``, backward) over all servers.
 
     Returns per-rank ``out`` and ``lse`` (and ``dq``, ``dk``, ``dv``), in each rank's local row layout.
-    Tasks the plan keeps on their trainer (``LOCAL``) run there with the trainer's own rows.
+    Tasks the plan keeps on their trainer (``LOCAL``) run there with the trainer's own rows. Everything
+    runs on the device of the tensors (all ranks' tensors on one device).
     """
     if len(ranks) != plan.n_ranks:
         raise ValueError(f"plan is for {plan.n_ranks} ranks, got tensors for {len(ranks)}")
     ref = ranks[0].q
     hq, d, hkv = ref.shape[1], ref.shape[2], ranks[0].k.shape[1]
-    q_moves, kv_moves = _rows(plan.q_xfer), _rows(plan.kv_xfer)
+    dev = ref.device
+    q_moves, kv_moves = _rows(plan.q_xfer, dev), _rows(plan.kv_xfer, dev)
     lse_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
     res = {"out": [torch.zeros_like(t.q) for t in ranks],
-           "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype) for t in ranks]}
+           "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype, device=dev) for t in ranks]}
     if douts is not None:
         res.update(dq=[torch.zeros_like(t.q) for t in ranks], dk=[torch.zeros_like(t.k) for t in ranks],
                    dv=[torch.zeros_like(t.v) for t in ranks])
@@ -92,6 +97,8 @@ def execute_plan(
         call = server_call(plan, s)
         if call.cu_q.numel() == 1:
             continue
+        if dev.type != "cpu":
+            call = ServerCall(s, call.cu_q.to(dev), call.cu_k.to(dev), call.max_q, call.max_k, call.key_rows.to(dev))
         # Receive: q rows in task order; k/v once per (server, document) hull.
         qb = ref.new_zeros((int(plan.server_q_rows[s]), hq, d))
         kb = ref.new_zeros((int(plan.server_kv_rows[s]), hkv, d))
@@ -141,9 +148,9 @@ def _run_local_tasks(plan: Plan, ranks, douts, res, backend, only_rank: int | No
         r, row = int(plan.task_rank[i]), int(plan.task_row[i])
         n, kn = int(plan.task_q1[i] - plan.task_q0[i]), int(plan.task_k1[i] - plan.task_k0[i])
         k_row = row - int(plan.task_q0[i] - plan.task_k0[i])
-        cu_q = torch.tensor([0, n], dtype=torch.int32)
-        cu_k = torch.tensor([0, kn], dtype=torch.int32)
         t = ranks[r]
+        cu_q = torch.tensor([0, n], dtype=torch.int32, device=t.q.device)
+        cu_k = torch.tensor([0, kn], dtype=torch.int32, device=t.q.device)
         q, k, v = t.q[row:row + n], t.k[k_row:k_row + kn], t.v[k_row:k_row + kn]
         out, lse = attn_forward(q, k, v, cu_q, cu_k, n, kn, window=plan.window, backend=backend)
         res["out"][r][row:row + n] = out

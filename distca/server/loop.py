@@ -5,6 +5,13 @@ request; a round that does not complete within the timeout is abandoned with an 
 senders that did arrive (never a hang).
 
 Receive buffers grow to the largest plan seen and are reused, so memory stays flat over rounds.
+
+``ServerConfig.device`` picks where the fused call runs. On ``cpu`` (the default) the rows land in the
+receive buffers and the kernel reads them there. On a GPU the rows still land in host buffers (ZeroMQ
+writes host memory; pinned, so the copies are fast), the round's rows are copied to grow-only device
+buffers, the kernel runs on the device and the results come back to the host once per round before
+they are sent (host staging). ``busy_s`` is the time from a round's last arrival to its last reply
+(device synchronised), ``stage_s`` the part of it spent copying between host and device.
 """
 
 from __future__ import annotations
@@ -43,27 +50,52 @@ class ServerConfig:
     reject_nonfinite: bool = True  # NaN/inf inputs get an ERROR instead of a result
     max_plans: int = 8  # plan layouts kept (ping/pong × forward/backward of a few steps)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    device: str = "cpu"  # where the fused call runs: "cpu", "cuda" or "cuda:N" (rows staged through host)
+
+    def __post_init__(self) -> None:
+        if torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"server device must be cpu or cuda[:N], got {self.device!r}")
 
 
 class _Buffers:
     """Grow-only receive buffers per (slot, tensor role), viewed at the rows a plan needs. Each round in
-    flight (ping and pong, forward and backward) owns a slot, so concurrent rounds never share rows."""
+    flight (ping and pong, forward and backward) owns a slot, so concurrent rounds never share rows.
+
+    ``get`` gives the host buffers the frames land in; ``dev`` (device servers only) the device copies the
+    kernel reads, one per role, shared by the slots (a round's compute never overlaps another's)."""
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.pin = self.device.type == "cuda"
         self.store: dict[tuple[int, str], torch.Tensor] = {}
+        self.dev_store: dict[str, torch.Tensor] = {}
 
-    def get(self, role: str, rows: int, slot: int = 0) -> torch.Tensor:
+    def _spec(self, role: str) -> tuple[tuple[int, ...], torch.dtype]:
         c = self.cfg
         dtype = getattr(torch, c.dtype)
         heads = c.n_kv_heads if role in ("k", "v") else c.n_heads
-        shape = (rows, heads) if role == "lse" else (rows, heads, c.head_dim)
+        shape = (heads,) if role == "lse" else (heads, c.head_dim)
         lse_dt = torch.float64 if dtype == torch.float64 else torch.float32  # as the kernels produce it
-        dt = lse_dt if role == "lse" else dtype
+        return shape, lse_dt if role == "lse" else dtype
+
+    def get(self, role: str, rows: int, slot: int = 0) -> torch.Tensor:
+        tail, dt = self._spec(role)
         buf = self.store.get((slot, role))
         if buf is None or buf.shape[0] < rows:
-            buf = self.store[(slot, role)] = torch.empty((max(rows, 1), *shape[1:]), dtype=dt)
+            buf = self.store[(slot, role)] = torch.empty((max(rows, 1), *tail), dtype=dt, pin_memory=self.pin)
         return buf[:rows]
+
+    def dev(self, role: str, rows: int) -> torch.Tensor:
+        tail, dt = self._spec(role)
+        buf = self.dev_store.get(role)
+        if buf is None or buf.shape[0] < rows:
+            self.dev_store.pop(role, None)  # free the old one first: device memory is the scarce kind
+            buf = self.dev_store[role] = torch.empty((max(rows, 1), *tail), dtype=dt, device=self.device)
+        return buf[:rows]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.store.values(), *self.dev_store.values()))
 
 
 @dataclass
@@ -85,8 +117,12 @@ class AttentionServer:
         self.plans: OrderedDict[int, ServerLayout] = OrderedDict()
         self.rounds: dict[tuple[int, Kind], _Round] = {}
         self.bufs = _Buffers(cfg)
+        self.device = torch.device(cfg.device)
+        self.on_device = self.device.type != "cpu"
+        self.dev_layouts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.served = 0
         self.busy_s = 0.0  # time spent computing rounds (measured attention load)
+        self.stage_s = 0.0  # of which host <-> device copies (device servers)
 
     # -- receive targets ---------------------------------------------------------------------
     def _into(self, msg: Message, spec: TensorSpec) -> torch.Tensor | None:
@@ -145,17 +181,17 @@ class AttentionServer:
     def _handle(self, ident: bytes, msg: Message, tensors: list[torch.Tensor]) -> None:
         if msg.kind == Kind.PING:
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            buffers = sum(t.numel() * t.element_size() for t in self.bufs.store.values())
             self.ep.send(Kind.PONG, to=ident, request_id=msg.request_id,
                          extra={"name": self.cfg.name, "served": self.served, "busy_s": self.busy_s,
-                                "peak_rss_kb": peak_kb,
-                                "buffer_bytes": buffers, "plans": len(self.plans)})
+                                "stage_s": self.stage_s, "device": str(self.device), "peak_rss_kb": peak_kb,
+                                "buffer_bytes": self.bufs.nbytes(), "plans": len(self.plans)})
         elif msg.kind == Kind.PLAN:
             if msg.plan_id not in self.plans:
                 named = {s.name: t for s, t in zip(msg.tensors, tensors, strict=True)}
                 self.plans[msg.plan_id] = ServerLayout.from_message(msg.plan_id, named, msg.extra)
                 while len(self.plans) > self.cfg.max_plans:
-                    self.plans.popitem(last=False)
+                    old, _ = self.plans.popitem(last=False)
+                    self.dev_layouts.pop(old, None)
             self.ep.send(Kind.ACK, to=ident, request_id=msg.request_id, plan_id=msg.plan_id)
         elif msg.kind in (Kind.FWD, Kind.BWD):
             self._arrive(ident, msg, tensors)
@@ -179,8 +215,9 @@ class AttentionServer:
             if spec.shape[:1] != (rows,):
                 raise WireError(f"tensor {spec.name} of rank {rank}: {spec.shape[0] if spec.shape else 0} rows, "
                                 f"plan {msg.plan_id} expects {rows}")
-            if self.cfg.reject_nonfinite and t.is_floating_point() and spec.name != "lse" and \
-                    not bool(torch.isfinite(t).all()):
+            # Device servers check on the device, after the copy (fast there, slow on one host thread).
+            if self.cfg.reject_nonfinite and not self.on_device and t.is_floating_point() and spec.name != "lse" \
+                    and not bool(torch.isfinite(t).all()):
                 raise WireError(f"tensor {spec.name} of rank {rank} holds NaN or inf")
         key = (msg.plan_id, msg.kind)
         rnd = self._round(*key)
@@ -192,6 +229,8 @@ class AttentionServer:
             t0 = time.perf_counter()
             try:
                 self._compute(layout, msg.kind, rnd, msg.request_id)
+                if self.on_device:
+                    torch.cuda.synchronize(self.device)
                 self.busy_s += time.perf_counter() - t0
             except Exception as exc:  # every sender of the round learns why, and the server stays up
                 log.exception("%s: %s round of plan %d failed", self.cfg.name, msg.kind.name, msg.plan_id)
@@ -199,26 +238,70 @@ class AttentionServer:
                     self.ep.send(Kind.ERROR, to=sender, request_id=msg.request_id, plan_id=msg.plan_id,
                                  extra={"error": f"{self.cfg.name}: {type(exc).__name__}: {exc}"})
 
+    def _dev_layout(self, layout: ServerLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``cu_q, cu_k, key_rows`` where the kernel runs (copied to the device once per plan)."""
+        if not self.on_device:
+            return layout.cu_q, layout.cu_k, layout.key_rows
+        got = self.dev_layouts.get(layout.plan_id)
+        if got is None:
+            got = self.dev_layouts[layout.plan_id] = tuple(
+                t.to(self.device) for t in (layout.cu_q, layout.cu_k, layout.key_rows))
+        return got
+
+    def _stage_in(self, layout: ServerLayout, slot: int, roles: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The round's input rows where the kernel runs: the host receive buffers themselves on a CPU
+        server, device copies of them on a GPU server (NaN/inf checked there, per sender)."""
+        rows = {r: layout.kv_rows if r in ("k", "v") else layout.q_rows for r in roles}
+        host = {r: self.bufs.get(r, rows[r], slot) for r in roles}
+        if not self.on_device:
+            return host
+        t0 = time.perf_counter()
+        dev = {r: self.bufs.dev(r, rows[r]).copy_(host[r], non_blocking=self.bufs.pin) for r in roles}
+        torch.cuda.synchronize(self.device)
+        self.stage_s += time.perf_counter() - t0
+        if self.cfg.reject_nonfinite:
+            for r in roles:
+                if r == "lse" or bool(torch.isfinite(dev[r]).all()):
+                    continue
+                for rank, (qd, nq, kd, nk) in sorted(layout.senders.items()):
+                    a, n = (kd, nk) if r in ("k", "v") else (qd, nq)
+                    if not bool(torch.isfinite(dev[r][a:a + n]).all()):
+                        raise WireError(f"tensor {r} of rank {rank} holds NaN or inf")
+                raise WireError(f"tensor {r} holds NaN or inf")
+        return dev
+
+    def _to_host(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Results as host tensors for the wire (one copy each on a GPU server; fresh memory, so a frame
+        still being sent is never overwritten by the next round)."""
+        if not self.on_device:
+            return list(tensors)
+        t0 = time.perf_counter()
+        out = [t.to("cpu") for t in tensors]
+        self.stage_s += time.perf_counter() - t0
+        return out
+
     def _compute(self, layout: ServerLayout, kind: Kind, rnd: _Round, request_id: int) -> None:
         c, slot = self.cfg, rnd.slot
-        q = self.bufs.get("q", layout.q_rows, slot)
-        kb, vb = self.bufs.get("k", layout.kv_rows, slot), self.bufs.get("v", layout.kv_rows, slot)
-        kt, vt = kb[layout.key_rows], vb[layout.key_rows]  # each task's keys contiguous
-        args = (layout.cu_q, layout.cu_k, layout.max_q, layout.max_k)
+        cu_q, cu_k, key_rows = self._dev_layout(layout)
+        x = self._stage_in(layout, slot, ("q", "k", "v") if kind == Kind.FWD else ("q", "k", "v", "out", "dout", "lse"))
+        q, kb, vb = x["q"], x["k"], x["v"]
+        kt, vt = kb[key_rows], vb[key_rows]  # each task's keys contiguous
+        args = (cu_q, cu_k, layout.max_q, layout.max_k)
         if kind == Kind.FWD:
             out, lse = attn_forward(q, kt, vt, *args, window=layout.window, backend=c.backend)
+            out, lse = self._to_host(out, lse)
             for rank, ident in rnd.arrived.items():
                 qd, nq, _, _ = layout.senders[rank]
                 self.ep.send(Kind.FWD_OUT, [("out", out[qd:qd + nq].contiguous()),
                                             ("lse", lse[qd:qd + nq].contiguous())],
                              to=ident, request_id=request_id, plan_id=layout.plan_id)
         else:
-            out, dout = self.bufs.get("out", layout.q_rows, slot), self.bufs.get("dout", layout.q_rows, slot)
-            lse = self.bufs.get("lse", layout.q_rows, slot)
+            out, dout, lse = x["out"], x["dout"], x["lse"]
             dq, dkt, dvt = attn_backward(q, kt, vt, out, lse, dout, *args, window=layout.window, backend=c.backend)
             # A key row used by several tasks: its gradients are summed here, before they return.
-            dk = torch.zeros_like(kb).index_add_(0, layout.key_rows, dkt)
-            dv = torch.zeros_like(vb).index_add_(0, layout.key_rows, dvt)
+            dk = torch.zeros_like(kb).index_add_(0, key_rows, dkt)
+            dv = torch.zeros_like(vb).index_add_(0, key_rows, dvt)
+            dq, dk, dv = self._to_host(dq, dk, dv)
             for rank, ident in rnd.arrived.items():
                 qd, nq, kd, nk = layout.senders[rank]
                 self.ep.send(Kind.BWD_OUT, [("dq", dq[qd:qd + nq].contiguous()), ("dk", dk[kd:kd + nk].contiguous()),
@@ -243,6 +326,11 @@ class AttentionServer:
 def run_server(cfg: ServerConfig, address_queue=None) -> None:
     """Process entry point: start a server, publish its address, serve until SHUTDOWN."""
     torch.set_num_threads(1)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.zeros(1, device=device)  # create the CUDA context before the address is published
     server = AttentionServer(cfg)
     if address_queue is not None:
         address_queue.put((cfg.name, server.address))

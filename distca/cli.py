@@ -1,5 +1,5 @@
-"""``distca`` command line: ``train``, ``demo``, ``config``, ``serve`` (a YAML config and dotted overrides), and
-``plan``."""
+"""``distca`` command line: ``train``, ``launch``, ``demo``, ``config``, ``serve`` (a YAML config and dotted
+overrides), ``plan`` and ``simulate``."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--head-dim", type=int, default=128, help="head dimension (128)")
     s.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (bf16: 2)")
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    from distca.sim.cli import add_parser as add_simulate
+
+    add_simulate(sub)
     return p
 
 
@@ -127,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
         return _plan(args)
+    if args.command == "simulate":
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        from distca.sim.cli import run as simulate
+
+        return simulate(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, overrides)

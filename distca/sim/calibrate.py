@@ -1,0 +1,185 @@
+"""Calibrate the simulator on this machine: time the pieces a step is made of, with the threads a rank
+uses, and return a :class:`~distca.sim.hardware.Hardware` for it.
+
+Measured (medians after a warm-up):
+
+- **linear**: one decoder block forward and backward with a no-op core attention, at two token
+  counts; a line ``overhead + flops / rate`` through them gives the per-call overhead and the achieved
+  rate (backward is charged twice the forward FLOPs, so its own overhead absorbs the rest);
+- **attention**: single tasks over a small grid of ``(q_len, kv_len)`` through the graph-free kernels,
+  as a :class:`~distca.attention.CalibrationTable` (what ``benchmarks/kernels.py calibrate`` writes);
+- **optimizer**: one AdamW step over a flat parameter tensor, per parameter;
+- **links**: a ZeroMQ ``ipc`` round trip between two sockets of this process (latency) and a stream of
+  1 MiB messages (bandwidth) — the path trainers and servers use on one host.
+
+``cores`` is the machine's processor count: every rank and server of the simulated cluster shares it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from distca.attention import CalibrationTable
+from distca.attention import backward as attn_backward
+from distca.attention import forward as attn_forward
+from distca.config import ModelConfig
+from distca.sim.hardware import Hardware, Link
+from distca.sim.step import block_linear_params
+
+
+def _median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def _no_attention(q, k, v, window=-1):
+    return q
+
+
+def measure_linear(cfg: ModelConfig, tokens: tuple[int, int], dtype: torch.dtype, reps: int) -> dict[str, float]:
+    """Per-call overhead and FLOP rate of one block's non-attention work, forward and backward."""
+    from distca.model.layers import rope_cos_sin
+    from distca.model.llama import Block
+
+    torch.manual_seed(0)
+    block = Block(cfg, 0).to(dtype)
+    _, per_block = block_linear_params(cfg)
+    fwd, bwd = [], []
+    for t in tokens:
+        x = torch.randn(t, cfg.hidden, dtype=dtype, requires_grad=True)
+        cos, sin = rope_cos_sin(torch.arange(t), cfg.head_dim, cfg.rope_theta, dtype)
+
+        def run_fwd(x=x, cos=cos, sin=sin):
+            with torch.no_grad():
+                return block(x, _no_attention, cos, sin)
+
+        def run_both(x=x, cos=cos, sin=sin):
+            y = block(x, _no_attention, cos, sin)
+            y.sum().backward()
+
+        f = _median_time(run_fwd, reps)
+        fb = _median_time(run_both, reps)
+        fwd.append(f)
+        bwd.append(max(fb - f, 1e-9))
+    flops = [2.0 * per_block * t for t in tokens]
+    rate = (flops[1] - flops[0]) / max(fwd[1] - fwd[0], 1e-12)
+    over_f = max(fwd[0] - flops[0] / rate, 0.0)
+    over_b = max(bwd[0] - 2 * flops[0] / rate, 0.0)
+    return {"linear_flops": rate, "linear_overhead_s": over_f, "linear_bwd_overhead_s": over_b,
+            "fwd_s": fwd, "bwd_s": bwd, "bwd_over_fwd": [b / f for b, f in zip(bwd, fwd, strict=True)]}
+
+
+def measure_attention(cfg: ModelConfig, dtype: torch.dtype, reps: int, backend: str = "auto",
+                      q_lens=(128, 512, 2048), prefixes=(0, 1024, 4096)) -> CalibrationTable:
+    """Single-task forward/backward times over a grid, as a calibration table."""
+    g = torch.Generator().manual_seed(0)
+    entries = []
+    hq, hk, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    for q_len in q_lens:
+        for p in prefixes:
+            kv_len = q_len + p
+            q = torch.randn(q_len, hq, d, generator=g, dtype=dtype)
+            k = torch.randn(kv_len, hk, d, generator=g, dtype=dtype)
+            v = torch.randn(kv_len, hk, d, generator=g, dtype=dtype)
+            cq, ck = torch.tensor([0, q_len], dtype=torch.int32), torch.tensor([0, kv_len], dtype=torch.int32)
+            out, lse = attn_forward(q, k, v, cq, ck, q_len, kv_len, backend=backend)
+            dout = torch.randn_like(out)
+            f = _median_time(lambda q=q, k=k, v=v, cq=cq, ck=ck, ql=q_len, kl=kv_len:
+                             attn_forward(q, k, v, cq, ck, ql, kl, backend=backend), reps)
+            b = _median_time(lambda q=q, k=k, v=v, out=out, lse=lse, dout=dout, cq=cq, ck=ck, ql=q_len, kl=kv_len:
+                             attn_backward(q, k, v, out, lse, dout, cq, ck, ql, kl, backend=backend), reps)
+            entries.append({"q_len": q_len, "kv_len": kv_len, "window": -1, "fwd_s": f, "bwd_s": b})
+    from distca.attention import resolve_backend
+
+    name = resolve_backend(backend, torch.device("cpu"), dtype).name
+    return CalibrationTable(name, "cpu", str(dtype).removeprefix("torch."), hq, hk, d, entries=entries)
+
+
+def measure_optimizer(n_params: int = 1 << 20, reps: int = 5) -> float:
+    p = torch.nn.Parameter(torch.randn(n_params))
+    p.grad = torch.randn(n_params)
+    opt = torch.optim.AdamW([p], lr=1e-3, foreach=False)
+    return _median_time(opt.step, reps) / n_params
+
+
+def measure_ipc_link(nbytes: int = 1 << 20, n: int = 20) -> Link:
+    """Latency and bandwidth of ZeroMQ ipc between two sockets (a sender thread and this thread)."""
+    import zmq
+
+    ctx = zmq.Context.instance()
+    with tempfile.TemporaryDirectory() as tmp:
+        addr = f"ipc://{os.path.join(tmp, 'cal')}"
+        pull = ctx.socket(zmq.PAIR)
+        pull.bind(addr)
+        push = ctx.socket(zmq.PAIR)
+        push.connect(addr)
+        try:
+            small, big = b"x" * 64, np.random.default_rng(0).bytes(nbytes)
+
+            def echo(k: int) -> None:
+                for _ in range(k):
+                    push.send(push.recv())
+
+            for sock in (pull, push):  # a calibration must never hang
+                sock.setsockopt(zmq.RCVTIMEO, 10_000)
+                sock.setsockopt(zmq.SNDTIMEO, 10_000)
+            th = threading.Thread(target=echo, args=(n + 1,), daemon=True)
+            pull.send(small)  # warm
+            th.start()
+            rtts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                pull.send(small)
+                pull.recv()
+                rtts.append(time.perf_counter() - t0)
+            pull.recv()
+            th.join()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                push.send(big, copy=True)
+                pull.recv(copy=True)
+            per = (time.perf_counter() - t0) / n
+        finally:
+            push.close(0)
+            pull.close(0)
+    lat = statistics.median(rtts) / 2
+    return Link(bandwidth=nbytes / max(per - lat, 1e-9), latency_s=lat)
+
+
+def calibrate_host(cfg: ModelConfig, tokens: tuple[int, int] = (1024, 4096), dtype: torch.dtype = torch.float32,
+                   threads: int = 1, cores: float | None = None, reps: int = 5, backend: str = "auto",
+                   name: str = "this host") -> tuple[Hardware, dict]:
+    """Measure this machine; returns the hardware model and the raw measurements."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lin = measure_linear(cfg, tokens, dtype, reps)
+        table = measure_attention(cfg, dtype, reps, backend)
+        opt = measure_optimizer()
+        link = measure_ipc_link()
+    finally:
+        torch.set_num_threads(old)
+    cores = float(cores if cores is not None else (os.cpu_count() or 1))
+    hw = Hardware(
+        name=name, linear_flops=lin["linear_flops"], linear_overhead_s=lin["linear_overhead_s"],
+        linear_bwd_overhead_s=lin["linear_bwd_overhead_s"], optimizer_s_per_param=opt,
+        attention_table=table.__dict__, intra=link, inter=link, p2p=link, devices_per_node=1 << 20, cores=cores,
+        sources={"linear": f"measured: one block fwd/bwd at {tokens} tokens, {threads} thread(s), {dtype}",
+                 "attention": f"measured: {len(table.entries)} single-task shapes, {table.backend}",
+                 "optimizer": "measured: AdamW step, 1M parameters", "links": "measured: ZeroMQ ipc in-process",
+                 "cores": "os.cpu_count()" if cores is None else "given"})
+    return hw, {"linear": lin, "optimizer_s_per_param": opt, "link": link.__dict__}

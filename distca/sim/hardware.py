@@ -1,0 +1,151 @@
+"""What a simulated device and its links cost: a calibrated kernel table plus network figures.
+
+A :class:`Hardware` holds everything the simulator charges time for:
+
+- **linear layers** (projections, MLP, norms, LM head): ``overhead + flops / rate`` per call, fitted
+  from measured layer times (``distca.sim.calibrate``) or, where nothing was measured, the published
+  dense bf16 peak times an assumed efficiency — every number says which in ``sources``;
+- **core attention**: a :class:`~distca.attention.CostModel` over task shapes (a calibrated table from
+  ``benchmarks/kernels.py``, or exact pair counts at a stated rate);
+- **links**: bandwidth and latency inside a node (NVLink, or loopback sockets on a CPU host) and
+  across nodes (InfiniBand); collectives are ring algorithms over them;
+- **cores**: a CPU host's processor count shared by every rank and server (``inf`` for GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from distca.attention.cost import AttentionShape, CalibrationTable, CostModel
+
+
+@dataclass(frozen=True)
+class Link:
+    """A point-to-point path: ``latency_s + bytes / bandwidth`` (bytes/s, one direction)."""
+
+    bandwidth: float
+    latency_s: float = 0.0
+
+    def time_s(self, nbytes: float) -> float:
+        return 0.0 if nbytes <= 0 else self.latency_s + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    linear_flops: float  # FLOP/s a real layer's matmuls achieve forward (backward charged 2x the FLOPs)
+    linear_overhead_s: float = 0.0  # per layer call, forward (launches, norms, elementwise, Python)
+    linear_bwd_overhead_s: float = 0.0
+    optimizer_s_per_param: float = 0.0  # optimizer step + gradient bookkeeping, per local parameter
+    step_overhead_s: float = 0.0  # per training step (engine, data, metrics)
+    micro_overhead_s: float = 0.0  # per micro-batch per stage (pipeline engine instruction loop)
+    attention_table: dict | None = None  # CalibrationTable fields; None: pairs at attention_flops
+    attention_flops: float = 0.0  # FLOP/s for the pairs fallback
+    attention_task_s: float = 0.0  # per fused varlen call (launch + loop), added to the pairs fallback
+    intra: Link = field(default_factory=lambda: Link(450e9, 3e-6))  # inside a node
+    inter: Link = field(default_factory=lambda: Link(50e9, 6e-6))  # across nodes
+    p2p: Link | None = None  # pipeline send/recv; None: same as the node links
+    devices_per_node: int = 8
+    cores: float = math.inf  # processors shared by all ranks and servers (CPU hosts)
+    sources: dict[str, str] = field(default_factory=dict)  # what each number came from
+
+    # -- costs ---------------------------------------------------------------------------------
+    def attention_model(self, shape: AttentionShape) -> CostModel:
+        """Cost model for ``shape`` (per device: pass the per-device head counts under TP)."""
+        if self.attention_table:
+            return CostModel.from_table(CalibrationTable(**self.attention_table), shape)
+        return CostModel(shape=shape, mode="pairs", peak_flops=self.attention_flops)
+
+    def linear_s(self, flops: float, which: str = "fwd", calls: float = 1.0) -> float:
+        if flops <= 0:
+            return 0.0
+        if which == "fwd":
+            return calls * self.linear_overhead_s + flops / self.linear_flops
+        return calls * self.linear_bwd_overhead_s + 2.0 * flops / self.linear_flops
+
+    def link(self, same_node: bool) -> Link:
+        return self.intra if same_node else self.inter
+
+    def allreduce_s(self, nbytes: float, n: int, same_node: bool) -> float:
+        """Ring all-reduce of ``nbytes`` over ``n`` devices."""
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        link = self.link(same_node)
+        return 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * nbytes / link.bandwidth
+
+    def allgather_s(self, nbytes_per_rank: float, n: int, same_node: bool) -> float:
+        """Ring all-gather: every rank ends with all ``n`` ranks' ``nbytes_per_rank``."""
+        if n <= 1 or nbytes_per_rank <= 0:
+            return 0.0
+        link = self.link(same_node)
+        return (n - 1) * (link.latency_s + nbytes_per_rank / link.bandwidth)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["cores"] = None if math.isinf(self.cores) else self.cores
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Hardware:
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read hardware file {path}: {exc}") from exc
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"hardware file {path} has unknown keys {unknown}")
+        for k in ("intra", "inter", "p2p"):
+            if d.get(k) is not None:
+                d[k] = Link(**d[k])
+        d["cores"] = math.inf if d.get("cores") is None else float(d["cores"])
+        return cls(**d)
+
+
+# Published figures (vendor datasheets), used where no measurement exists; marked in ``sources``.
+H100_BF16_DENSE = 989.4e12  # H100 SXM, dense bf16 tensor-core peak
+H200_BF16_DENSE = 989.4e12  # H200 has H100's compute
+NVLINK4_PER_DIR = 450e9  # 900 GB/s bidirectional per GPU
+IB_NDR_PER_GPU = 50e9  # one 400 Gb/s NDR NIC per GPU (the paper's Appendix A assumes 50 GB/s)
+# Assumed efficiencies for the published fallback only (no measurement behind them; see sources).
+ASSUMED_LINEAR_EFFICIENCY = 0.6
+ASSUMED_ATTENTION_EFFICIENCY = 0.5
+
+
+def published(name: str) -> Hardware:
+    """An H100 or H200 node from published figures only (every number marked ``published``/``assumed``)."""
+    peak = {"h100": H100_BF16_DENSE, "h200": H200_BF16_DENSE}.get(name)
+    if peak is None:
+        raise ValueError(f"no published figures for {name!r}; known: h100, h200")
+    return Hardware(
+        name=f"{name} (published)", linear_flops=peak * ASSUMED_LINEAR_EFFICIENCY, linear_overhead_s=20e-6,
+        linear_bwd_overhead_s=40e-6, optimizer_s_per_param=16 / 3.0e12,
+        attention_flops=peak * ASSUMED_ATTENTION_EFFICIENCY, attention_task_s=20e-6,
+        intra=Link(NVLINK4_PER_DIR, 3e-6), inter=Link(IB_NDR_PER_GPU, 6e-6), devices_per_node=8,
+        sources={"linear_flops": f"published bf16 dense peak {peak / 1e12:.0f} TFLOP/s x assumed "
+                                 f"{ASSUMED_LINEAR_EFFICIENCY}",
+                 "attention": f"pairs at published peak x assumed {ASSUMED_ATTENTION_EFFICIENCY}",
+                 "intra": "published NVLink 4: 450 GB/s per direction",
+                 "inter": "published NDR InfiniBand: 400 Gb/s = 50 GB/s per GPU",
+                 "optimizer": "assumed: 16 bytes per parameter over ~3 TB/s HBM"})
+
+
+def with_gpu_measurements(base: Hardware, measured: dict) -> Hardware:
+    """``base`` with what ``benchmarks/gpu_step.py`` measured on one GPU (linear rate and overhead, the
+    bf16 attention calibration table), the rest left as published; ``sources`` updated."""
+    src = dict(base.sources)
+    kw: dict = {}
+    if measured.get("linear_flops"):
+        kw["linear_flops"] = float(measured["linear_flops"])
+        src["linear_flops"] = f"measured: {measured.get('linear_source', 'gpu_step.py')}"
+    if measured.get("attention_table"):
+        kw["attention_table"] = measured["attention_table"]
+        src["attention"] = f"measured: calibration table ({measured['attention_table'].get('backend')}, bf16)"
+    return replace(base, name=measured.get("name", base.name), sources=src, **kw)

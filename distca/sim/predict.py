@@ -1,0 +1,142 @@
+"""Predictions at the paper's scales: CAD vs the WLB-LLM-style baseline (and plain colocated packing)
+over the paper's grid of models, GPU counts, maximum document lengths and length distributions.
+
+Grid (shared/research/paper.md §3, Tables 3 and 4): TP = 8 inside a node, so a node is one simulated
+device. 3D runs have no pipeline; 4D runs use PP = 2 (8B) or 4 (34B). Tokens per node and step follow
+the paper's batch sizes, which grow with the GPU count (8B 3D: 128K tokens per node; 34B 3D: 64K, 128K
+at 512K; 4D: 512K for 8B, 256K for 34B, halved where Table 4 does). Every replica's micro-batch holds
+``micro_tokens`` tokens (128K for 8B, 64K for 34B), documents split at replica boundaries.
+
+The baseline searches its context-parallel degree (every power of two whose group holds the longest
+document) and keeps the fastest, as the paper's "WLB-ideal" does over DP×CP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from distca.config import ModelConfig
+from distca.sim.hardware import Hardware
+from distca.sim.step import Parallelism, SimOptions, StepReport, _Costs, block_linear_params, simulate_step
+from distca.sim.workload import plain_packing, sample_documents, wlb_packing
+
+K = 1024
+# Published paper ranges (paper.md §3), for the plot and the table.
+PAPER_RANGES = {("3d", "pretrain"): (1.07, 1.20), ("3d", "prolong"): (1.05, 1.12),
+                ("4d", "pretrain"): (1.15, 1.30), ("4d", "prolong"): (1.10, 1.35)}
+PAPER_RANGES_34B_4D = {"pretrain": (1.0, 1.15), "prolong": (1.0, 1.25)}
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    model: str  # "8b" | "34b"
+    mode: str  # "3d" | "4d"
+    gpus: int
+    max_len: int
+    dist: str
+    tokens_per_node: int
+    pp: int
+    micro_tokens: int
+    tp: int = 8
+
+    @property
+    def nodes(self) -> int:
+        return self.gpus // self.tp
+
+    @property
+    def dp(self) -> int:
+        return self.nodes // self.pp
+
+    @property
+    def replica_micro_tokens(self) -> int:
+        """Tokens per replica per micro-batch: ``micro_tokens``, raised (to a multiple of 1K) when a
+        micro-batch over all replicas could not hold one longest document."""
+        need = -(-self.max_len // self.dp)
+        return max(self.micro_tokens, -(-need // K) * K)
+
+    @property
+    def micro_batches(self) -> int:
+        per_replica = self.tokens_per_node * self.nodes // self.dp
+        return max(1, per_replica // self.replica_micro_tokens)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.mode} {self.gpus}g {self.max_len // K}K {self.dist}"
+
+
+def paper_grid(dists=("pretrain", "prolong")) -> list[GridPoint]:
+    pts = []
+    for dist in dists:
+        for gpus in (64, 128, 256):
+            for L in (128 * K, 256 * K, 512 * K):
+                pts.append(GridPoint("8b", "3d", gpus, L, dist, 128 * K, 1, 128 * K))
+                pts.append(GridPoint("34b", "3d", gpus, L, dist, 128 * K if L == 512 * K else 64 * K, 1, 64 * K))
+                t4 = {128 * K: 512 * K, 256 * K: 512 * K if gpus < 256 else 256 * K,
+                      512 * K: 512 * K if gpus == 64 else 256 * K}[L]
+                pts.append(GridPoint("8b", "4d", gpus, L, dist, t4, 2, 128 * K))
+        for gpus in (128, 256, 512):
+            for L in (128 * K, 256 * K, 384 * K):
+                pts.append(GridPoint("34b", "4d", gpus, L, dist, 256 * K, 4, 64 * K))
+    return pts
+
+
+def _doc_cost(cfg: ModelConfig, hw: Hardware, tp: int):
+    costs = _Costs(cfg, hw, Parallelism(tp=tp), SimOptions())
+    _, per_block = block_linear_params(cfg)
+
+    def cost(n: int) -> float:
+        lin = 3 * 2.0 * per_block * n / tp / hw.linear_flops
+        att = float(costs.model.time_s(n, n, -1, "fwd")[()] + costs.model.time_s(n, n, -1, "bwd")[()])
+        return lin + att
+
+    return cost
+
+
+def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2, eps: float = 0.05,
+                  pingpong: bool = True, layer_chunks: int = 2, slack: float = 0.1) -> dict:
+    """Median step time of CAD, plain colocated and the best WLB-style CP degree over ``seeds`` steps."""
+    if pt.nodes % pt.pp:
+        raise ValueError(f"{pt.label}: {pt.nodes} nodes do not split into pp={pt.pp} stages")
+    m = pt.micro_batches
+    total = pt.dp * pt.replica_micro_tokens * m
+    base = Parallelism(pp=pt.pp, dp=pt.dp, tp=pt.tp, micro_batches=m)
+    cad_opt = SimOptions(system="cad", pingpong=pingpong, eps=eps, layer_chunks=layer_chunks)
+    col_opt = SimOptions(system="colocated", layer_chunks=layer_chunks)
+    cost = _doc_cost(cfg, hw, pt.tp)
+    rows = {"cad": [], "colocated": [], "wlb": []}
+    extra: dict = {"cad_attn": [], "col_attn": [], "wlb_cp": [], "wlb_attn": [], "wlb_tokens_max_min": []}
+    for seed in range(seeds):
+        lengths = sample_documents(pt.dist, pt.max_len, total, seed)
+        plain = plain_packing(lengths, pt.dp, pt.replica_micro_tokens, m)
+        r_cad = simulate_step(cfg, hw, base, cad_opt, plain)
+        r_col = simulate_step(cfg, hw, base, col_opt, plain)
+        rows["cad"].append(r_cad.step_s)
+        rows["colocated"].append(r_col.step_s)
+        extra["cad_attn"].append(r_cad.attention_max_over_mean)
+        extra["col_attn"].append(r_col.attention_max_over_mean)
+        best: tuple[float, int, StepReport] | None = None
+        cp = 1
+        while cp <= pt.dp:
+            if pt.dp % cp == 0 and (1 + slack) * cp * pt.replica_micro_tokens >= pt.max_len:
+                par = replace(base, cp=cp)
+                mbs = wlb_packing(lengths, pt.dp // cp, m, cost, slack)
+                r = simulate_step(cfg, hw, par, SimOptions(system="wlb", layer_chunks=layer_chunks), mbs)
+                if best is None or r.step_s < best[0]:
+                    best = (r.step_s, cp, r)
+            cp *= 2
+        if best is None:
+            raise ValueError(f"{pt.label}: no CP degree holds a {pt.max_len}-token document")
+        rows["wlb"].append(best[0])
+        extra["wlb_cp"].append(best[1])
+        extra["wlb_attn"].append(best[2].attention_max_over_mean)
+        extra["wlb_tokens_max_min"].append(best[2].tokens_max_over_min)
+    med = {k: float(np.median(v)) for k, v in rows.items()}
+    return {"point": pt.__dict__, "label": pt.label, "step_s": med, "micro_batches": m,
+            "speedup_vs_wlb": med["wlb"] / med["cad"], "speedup_vs_colocated": med["colocated"] / med["cad"],
+            "cad_attn_max_over_mean": float(np.mean(extra["cad_attn"])),
+            "colocated_attn_max_over_mean": float(np.mean(extra["col_attn"])),
+            "wlb_cp": int(np.median(extra["wlb_cp"])), "wlb_attn_max_over_mean": float(np.mean(extra["wlb_attn"])),
+            "wlb_tokens_max_over_min": float(np.mean(extra["wlb_tokens_max_min"])),
+            "tokens_per_step": total * pt.pp // pt.pp}

@@ -1,0 +1,59 @@
+"""Check the simulator against measured steps: replay every step that ``benchmarks/e2e.py`` measured
+(same model, parallelism, scheduler settings and the exact packed documents of each micro-batch) on
+a :class:`~distca.sim.hardware.Hardware` calibrated on the same machine, and compare step times.
+
+The CPU simulated cluster is modelled as it runs: every trainer and every attention server is a
+process, all sharing the machine's cores (processor sharing); CAD servers are separate processes
+serving requests in arrival order; the trainer blocks while its attention round is out; pipeline
+sends are asynchronous; the gradient all-reduce and the optimizer step close the step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from distca.config import ModelConfig
+from distca.sim.hardware import Hardware
+from distca.sim.step import MicroBatch, Parallelism, SimOptions, simulate_step
+
+
+def run_options(config: dict) -> tuple[ModelConfig, Parallelism, SimOptions]:
+    """The simulator's view of a resolved training config (``dataclasses.asdict`` of DistCAConfig)."""
+    t, cl = config["train"], config["cluster"]
+    model = ModelConfig(**config["model"])
+    pp = int(t["pipeline_parallel"])
+    par = Parallelism(pp=pp, dp=int(cl["n_trainers"]) // pp, micro_batches=int(t["micro_batches"]))
+    cad = t["core_attention"] == "cad"
+    if cad and int(cl["n_servers"]) != par.devices:
+        raise ValueError(f"validation models one server per trainer; config has {cl['n_servers']} servers "
+                         f"for {par.devices} trainers")
+    opt = SimOptions(system="cad" if cad else "colocated", server_streams=True, servers="all",
+                     eps=float(config["scheduler"]["eps"]), granularity=int(config["attention"]["shard_tokens"]),
+                     dtype_bytes=2 if t["precision"] == "bf16" else 4, layer_chunks=0)
+    return model, par, opt
+
+
+def replay(run: dict, hw: Hardware, skip: int = 1) -> dict:
+    """Simulate every recorded step of one run; medians of measured and predicted step times."""
+    model, par, opt = run_options(run["config"])
+    measured, predicted = [], []
+    for rec in run["records"][skip:]:
+        mbs = [MicroBatch(mb["ranks"], mb["continues"]) for mb in rec["micro_batches"]]
+        predicted.append(simulate_step(model, hw, par, opt, mbs).step_s)
+        measured.append(float(rec["step_s"]))
+    if not measured:
+        raise ValueError("the run has no steps after the warm-up step")
+    m, p = statistics.median(measured), statistics.median(predicted)
+    return {"system": opt.system, "steps": len(measured), "measured_s": m, "predicted_s": p,
+            "error": p / m - 1.0, "per_step": list(zip(measured, predicted, strict=True))}
+
+
+def validate_file(path: str | Path, hw: Hardware, skip: int = 1) -> dict[str, dict]:
+    """Replay every run of an ``e2e.json``; returns ``{run name: replay result}``."""
+    data = json.loads(Path(path).read_text())
+    runs = data.get("runs")
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(f"{path} has no 'runs' (write it with benchmarks/e2e.py)")
+    return {name: replay(run, hw, skip) for name, run in runs.items()}

@@ -1,0 +1,212 @@
+"""The cluster simulator: event engine semantics, step model invariants, predictions and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from distca.config import ModelConfig
+from distca.sim import (
+    Hardware,
+    Link,
+    MicroBatch,
+    Parallelism,
+    SimOptions,
+    TaskGraph,
+    published,
+    simulate,
+    simulate_step,
+)
+from distca.sim.engine import DeadlockError
+from distca.sim.predict import GridPoint, K, predict_point
+from distca.sim.step import pipeline_order
+from distca.sim.workload import plain_packing, sample_documents, wlb_packing
+
+TINY = ModelConfig(n_layers=4, hidden=256, n_heads=8, n_kv_heads=2, ffn_hidden=688, vocab_size=256)
+
+
+# -- engine ---------------------------------------------------------------------------------------
+def test_ordered_stream_and_cross_dependencies():
+    g = TaskGraph()
+    a, b = g.stream("a"), g.stream("b")
+    t1 = g.add(a, 1.0, "x")
+    t2 = g.add(b, 2.0, "y", (t1,))
+    t3 = g.add(a, 0.5, "x")  # runs while t2 runs
+    t4 = g.add(a, 1.0, "x", (t2,))
+    res = simulate(g)
+    assert res.tasks[t2].start == 1.0 and res.tasks[t3].start == 1.0
+    assert res.tasks[t4].start == 3.0 and res.makespan_s == 4.0
+    assert res.busy("a") == 2.5 and res.busy("b", ("y",)) == 2.0
+
+
+def test_fifo_stream_serves_in_arrival_order():
+    g = TaskGraph()
+    a, b, srv = g.stream("a"), g.stream("b"), g.stream("srv", ordered=False)
+    late = g.add(a, 2.0, "x")
+    early = g.add(b, 1.0, "x")
+    s_late = g.add(srv, 1.0, "serve", (late,))  # added first, but ready later
+    s_early = g.add(srv, 1.0, "serve", (early,))
+    res = simulate(g)
+    assert res.tasks[s_early].start == 1.0
+    assert res.tasks[s_late].start == 2.0
+
+
+def test_processor_sharing_slows_core_tasks_not_communication():
+    g = TaskGraph()
+    for i in range(3):
+        g.add(g.stream(f"s{i}"), 1.0, "x")
+    comm = g.add(g.stream("net"), 1.0, "comm", uses_core=False)
+    res = simulate(g, cores=2)
+    assert math.isclose(res.makespan_s, 1.5)  # 3 core-seconds on 2 cores
+    assert math.isclose(res.tasks[comm].end, 1.0)
+    assert math.isclose(simulate(g).makespan_s, 1.0)
+
+
+def test_deadlock_and_bad_work_are_reported():
+    g = TaskGraph()
+    a, b = g.stream("a"), g.stream("b")
+    x = g.add(a, 1.0, "x")
+    g.tasks[x].deps = (1,)
+    g.add(b, 1.0, "y", (x,))
+    with pytest.raises(DeadlockError, match="never ran"):
+        simulate(g)
+    with pytest.raises(ValueError, match="work"):
+        g.add(a, float("nan"), "x")
+
+
+# -- step model -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("pp,m", [(1, 1), (2, 4), (4, 3), (4, 8)])
+def test_pipeline_order_is_1f1b(pp, m):
+    for s in range(pp):
+        order = pipeline_order(s, pp, m)
+        assert sorted(order) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
+        assert all(order.index(("F", i)) < order.index(("B", i)) for i in range(m))
+        in_flight = max(sum(1 for k, _ in order[:j + 1] if k == "F") - sum(1 for k, _ in order[:j + 1] if k == "B")
+                        for j in range(len(order)))
+        assert in_flight == min(pp - s, m)
+
+
+def _hw(**kw):
+    base = dict(name="test", linear_flops=1e12, attention_flops=1e12, intra=Link(1e11, 1e-6), inter=Link(1e10, 5e-6),
+                devices_per_node=8)
+    base.update(kw)
+    return Hardware(**base)
+
+
+def test_single_device_step_is_the_sum_of_its_parts():
+    hw = _hw()
+    mb = [MicroBatch([[1024, 1024]], [False])]
+    rep = simulate_step(TINY, hw, Parallelism(), SimOptions(system="colocated"), mb)
+    from distca.attention.cost import attention_flops, pair_count
+    from distca.sim.step import block_linear_params
+
+    _, per_block = block_linear_params(TINY)
+    lin = 3 * 2 * per_block * 2048 * 4 / 1e12 + 3 * 2 * 256 * 256 * 2048 / 1e12
+    pairs = 2 * int(pair_count(1024, 1024))
+    att = 4 * sum(float(attention_flops(pairs, 8, 32, w)) for w in ("fwd", "bwd")) / 1e12
+    assert math.isclose(rep.step_s, lin + att, rel_tol=1e-9)
+    assert rep.tokens == 2048
+
+
+def _skewed(dp: int, per: int) -> list[MicroBatch]:
+    # replica 0 holds one long document, the others many short ones: attention is badly imbalanced
+    ranks = [[per]] + [[per // 16] * 16 for _ in range(dp - 1)]
+    return [MicroBatch(ranks, [False] * dp)]
+
+
+def test_cad_balances_what_colocated_cannot():
+    hw = _hw(linear_flops=1e14)  # attention-dominated
+    par = Parallelism(dp=4)
+    col = simulate_step(TINY, hw, par, SimOptions(system="colocated"), _skewed(4, 8192))
+    cad = simulate_step(TINY, hw, par, SimOptions(system="cad", eps=0.05), _skewed(4, 8192))
+    assert col.attention_max_over_mean > 3.0
+    assert cad.attention_max_over_mean <= 1.06
+    assert cad.step_s < 0.6 * col.step_s
+    assert cad.tokens_max_over_min == 1.0
+
+
+def test_pingpong_hides_communication():
+    hw = _hw(linear_flops=2e11, intra=Link(2e9, 1e-5), inter=Link(2e9, 1e-5))
+    par = Parallelism(dp=4)
+    flat = simulate_step(TINY, hw, par, SimOptions(system="cad"), _skewed(4, 8192))
+    pp = simulate_step(TINY, hw, par, SimOptions(system="cad", pingpong=True), _skewed(4, 8192))
+    assert pp.step_s < flat.step_s
+    comm = sum(d.get("cad_comm", 0.0) for d in flat.result.busy_s.values())
+    assert comm > 0
+
+
+def test_wlb_context_parallel_pays_gathers_and_splits_work():
+    hw = _hw(linear_flops=1e14)
+    docs = [[8192, 2048], [4096, 4096]]
+    one = simulate_step(TINY, hw, Parallelism(dp=2, cp=1), SimOptions(system="wlb"), [MicroBatch.whole(docs)])
+    cp2 = simulate_step(TINY, hw, Parallelism(dp=2, cp=2), SimOptions(system="wlb"),
+                        [MicroBatch.whole([docs[0] + docs[1]])])
+    assert cp2.attention_max_over_mean == 1.0 and one.attention_max_over_mean > 1.2
+    assert sum(d.get("cp_comm", 0.0) for d in cp2.per_device) > 0
+    with pytest.raises(ValueError, match="whole documents"):
+        simulate_step(TINY, hw, Parallelism(dp=2, cp=1), SimOptions(system="wlb"),
+                      [MicroBatch([[1], [1]], [False, True])])
+
+
+def test_bad_inputs_are_named():
+    hw = _hw()
+    with pytest.raises(ValueError, match="micro-batches"):
+        simulate_step(TINY, hw, Parallelism(micro_batches=2), SimOptions(), [MicroBatch([[8]], [False])])
+    with pytest.raises(ValueError, match="replicas"):
+        simulate_step(TINY, hw, Parallelism(dp=2), SimOptions(), [MicroBatch([[8]], [False])])
+    with pytest.raises(ValueError, match="multiple of cp"):
+        Parallelism(dp=3, cp=2)
+    with pytest.raises(ValueError, match="n_layers"):
+        simulate_step(TINY, hw, Parallelism(pp=3), SimOptions(), [MicroBatch([[8]], [False])])
+
+
+def test_hardware_round_trips_and_rejects_unknown_keys(tmp_path):
+    hw = published("h200")
+    hw.save(tmp_path / "h.json")
+    assert Hardware.load(tmp_path / "h.json") == hw
+    bad = json.loads((tmp_path / "h.json").read_text())
+    bad["warp_speed"] = 9
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="warp_speed"):
+        Hardware.load(tmp_path / "bad.json")
+
+
+# -- workloads and predictions -------------------------------------------------------------------
+def test_packings_keep_every_token():
+    lengths = sample_documents("pretrain", 128 * K, 4 * 32 * K * 2, seed=3)
+    assert lengths.max() <= 128 * K and lengths.sum() == 4 * 32 * K * 2
+    plain = plain_packing(lengths, 4, 32 * K, 2)
+    assert all(sum(r) == 32 * K for mb in plain for r in mb.ranks)
+    wlb = wlb_packing(lengths, 2, 2, lambda n: float(n) ** 2, slack=0.1)
+    got = sorted(x for mb in wlb for r in mb.ranks for x in r)
+    assert got == sorted(lengths.tolist())
+    cap = 1.1 * lengths.sum() / 4
+    assert max(sum(r) for mb in wlb for r in mb.ranks) <= max(cap, lengths.max())
+
+
+def test_prediction_of_a_paper_point():
+    from distca.config import load_config
+
+    cfg = load_config("configs/llama3-8b-128k.yaml", []).model
+    r = predict_point(GridPoint("8b", "3d", 64, 128 * K, "pretrain", 128 * K, 1, 128 * K), cfg, published("h200"),
+                      seeds=1)
+    assert r["cad_attn_max_over_mean"] <= 1.06
+    assert r["colocated_attn_max_over_mean"] > 1.5
+    assert r["speedup_vs_colocated"] > 1.2  # balance pays where attention is imbalanced
+    assert np.isfinite(r["speedup_vs_wlb"]) and r["wlb_cp"] in (1, 2, 4, 8)
+
+
+def test_cli_point_and_errors():
+    out = subprocess.run([sys.executable, "-m", "distca.cli", "simulate", "point", "--config",
+                          "configs/llama3-8b-128k.yaml", "--gpus", "64", "--seeds", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["speedup_vs_wlb"] > 0
+    bad = subprocess.run([sys.executable, "-m", "distca.cli", "simulate", "validate", "/nonexistent.json",
+                          "--hardware", "h100"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "nonexistent" in bad.stderr

@@ -83,8 +83,9 @@ class DataConfig:
     Training: ``source`` picks the documents — ``embedded`` (Python's standard library sources, one
     document per file, byte tokens; needs no download), ``tokens`` (a pre-tokenised memory-mapped token
     file, ``path`` is its prefix), ``text`` (jsonl/parquet at ``path`` with a local Hugging Face
-    ``tokenizer``) or ``synthetic`` (random tokens, lengths drawn from ``distribution``). Documents are
-    packed into per-rank budgets of ``train.tokens_per_rank`` and split at rank boundaries.
+    ``tokenizer``) or ``synthetic`` (random tokens, lengths drawn from ``distribution``, transformed by
+    ``upsample_long`` then ``elongate`` as in :mod:`distca.data.distributions`, capped at ``max_len``).
+    Documents are packed into per-rank budgets of ``train.tokens_per_rank`` and split at rank boundaries.
     Demo: ``doc_lengths`` packed in order into equal per-trainer budgets.
     """
 
@@ -95,6 +96,9 @@ class DataConfig:
     text_key: str = "text"
     distribution: str = "pretrain"  # synthetic: a length distribution of distca.data.DISTRIBUTIONS
     n_docs: int = 10000  # synthetic: documents per epoch
+    upsample_long: float = 1.0  # synthetic: sampling weight of documents > 16K (before elongation), >= 1
+    elongate: float = 1.0  # synthetic: every length × this factor (> 0; < 1 shrinks the family to fit small runs)
+    max_len: int = 0  # synthetic: > 0 caps every length at this many tokens (after elongation)
     max_doc_tokens: int = 0  # > 0: longer documents are cut into chunks of at most this many tokens
     shuffle: bool = True
 
@@ -107,6 +111,9 @@ class DataConfig:
             raise ConfigError("data.tokenizer (a local tokenizer.json) is required for data.source: text")
         if self.max_doc_tokens < 0 or self.n_docs < 1:
             raise ConfigError("data.max_doc_tokens must be >= 0 and data.n_docs >= 1")
+        if not (self.upsample_long >= 1 and self.elongate > 0 and self.max_len >= 0):
+            raise ConfigError(f"data.upsample_long must be >= 1, data.elongate > 0 and data.max_len >= 0, got "
+                              f"{self.upsample_long}, {self.elongate}, {self.max_len}")
 
 
 @dataclass

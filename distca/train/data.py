@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from distca.config import DistCAConfig
+from distca.data.distributions import LengthDistribution
 from distca.data.sources import DocumentSource, open_source
 
 
@@ -15,5 +16,6 @@ def make_source(cfg: DistCAConfig) -> DocumentSource:
         return open_source("tokens", path_prefix=d.path)
     if d.source == "text":
         return open_source("text", path=d.path, tokenizer_json=d.tokenizer, text_key=d.text_key)
-    return open_source("synthetic", distribution=d.distribution, n_docs=d.n_docs, vocab_size=cfg.model.vocab_size,
-                       seed=cfg.seed)
+    dist = LengthDistribution(d.distribution, upsample_long=d.upsample_long, elongate=d.elongate)
+    return open_source("synthetic", distribution=dist, n_docs=d.n_docs, vocab_size=cfg.model.vocab_size,
+                       seed=cfg.seed, max_len=d.max_len or None)

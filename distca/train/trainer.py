@@ -8,11 +8,26 @@ trainers; the stages share the server pool, each under its own plan ids (``CADCl
 
 Process groups, the server addresses and the metrics sink are passed in; nothing here reads
 environment variables (the launcher sets what ``torch.distributed`` needs before calling us).
+
+Per step and rank the trainer also measures where its time and memory go (``_combine`` lists them
+per rank, in global-rank order):
+
+- attention: ``local`` — seconds in the core-attention kernel, forward and backward (wall, and this
+  thread's CPU); ``cad`` — seconds the trainer blocked on the servers (the servers' own ``busy_s``
+  is the attention work);
+- compute: this process's CPU seconds during the step (``time.process_time``: every thread, so
+  gloo's and ZeroMQ's I/O threads count too); linear = compute − attention CPU (``local``) or
+  compute (``cad``); waiting = step wall − compute, which on an over-subscribed machine includes
+  waiting for a free core, not only for peers;
+- memory: the peak bytes of tensors autograd holds for backward (saved activations, counted once per
+  storage, parameters excluded) — what the tokens in flight cost, free of the process's baseline —
+  and the step's resident-set high-water mark (``VmHWM``, reset before the step where Linux allows).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -30,7 +45,7 @@ import torch
 from distca.attention import AttentionShape
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
-from distca.runtime.group_attention import GroupLocalCoreAttention, PrefixRows
+from distca.runtime.group_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.scheduler.work import cum_pairs
 from distca.train.data import make_source
@@ -94,6 +109,8 @@ class Trainer:
             raise ValueError(f"{info.world} processes started for cluster.n_trainers={cfg.cluster.n_trainers}")
         self.windows = sorted(set(attention_sublayers(cfg.model)))
         self.stop_requested = False
+        self.attn_timer = AttentionTimer()
+        self.saved = SavedActivations()
 
     def request_stop(self, *_signal) -> None:
         """Finish the current step, checkpoint, and leave (the SIGTERM/SIGINT handler)."""
@@ -163,7 +180,8 @@ class Trainer:
         layout = DocLayout.from_lengths(p.ranks[d], first_position=first)
         plans: dict[int, Any] = {}
         if self.client is None:
-            core = GroupLocalCoreAttention(layout, p.ranks, p.continues, d, self.dp_group, self.cfg.attention.backend)
+            core = GroupLocalCoreAttention(layout, p.ranks, p.continues, d, self.dp_group, self.cfg.attention.backend,
+                                           timer=self.attn_timer)
         else:
             from distca.runtime.cad_attention import CADCoreAttention
 
@@ -198,9 +216,16 @@ class Trainer:
             self.client.forget_plans()
         blocked0 = self.client.blocked_s if self.client is not None else 0.0
         before = self._server_stats()
+        timer0 = dataclasses.replace(self.attn_timer)
+        self.saved.reset(self.engine.module.parameters())
+        rss_reset = _reset_rss_peak()
+        cpu0, thread0 = time.process_time(), time.thread_time()
         t0 = time.perf_counter()
-        loss = float(self.engine.train_batch(data_iter=iter(self._batches(mbs))))
+        with torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack):
+            loss = float(self.engine.train_batch(data_iter=iter(self._batches(mbs))))
         step_s = time.perf_counter() - t0
+        cpu_s, thread_cpu_s = time.process_time() - cpu0, time.thread_time() - thread0
+        rss_peak_mb = _rss_peak_mb() if rss_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         after = self._server_stats()
         busy = [float(b.get("busy_s", 0.0)) - float(a.get("busy_s", 0.0)) for a, b in zip(before, after, strict=True)]
         blocked = (self.client.blocked_s - blocked0) if self.client is not None else 0.0
@@ -217,7 +242,22 @@ class Trainer:
                         load[r] += n * sum(cum_pairs(o + x, w) - cum_pairs(o, w) for x, o in
                                            zip(lens, offs, strict=True))
         docs = [n for mb in mbs for n in mb.packed.doc_lengths]
+        if self.client is None:
+            attn_s = self.attn_timer.wall_s - timer0.wall_s
+            attn_cpu_s = self.attn_timer.cpu_s - timer0.cpu_s
+            exchange_s = self.attn_timer.exchange_s - timer0.exchange_s
+        else:
+            attn_s, attn_cpu_s, exchange_s = blocked, 0.0, 0.0
+        timing = {
+            "stage": self.stage, "dp_rank": self.dp_rank, "attn_s": attn_s, "attn_cpu_s": attn_cpu_s,
+            "exchange_s": exchange_s, "cpu_s": cpu_s, "thread_cpu_s": thread_cpu_s,
+            "act_peak_mb": self.saved.peak / 2**20, "rss_peak_mb": rss_peak_mb,
+        }
+        if self.info.rank == 0:  # every rank draws the same micro-batches: one copy is enough
+            timing["micro_batches"] = [{"ranks": [[int(x) for x in r] for r in mb.packed.ranks],
+                                        "continues": [bool(c) for c in mb.packed.continues]} for mb in mbs]
         return {
+            **timing,
             "step": step, "loss": loss, "step_s": step_s, "plan_ms": plan_ms, "blocked_s": blocked,
             "tokens": sum(docs), "flops": step_flops(self.cfg.model, docs),
             "planned_load_max_over_mean": float(load.max() / load.mean()) if load.mean() > 0 else 1.0,
@@ -349,7 +389,116 @@ def _combine(every: list[dict[str, Any]], cfg: DistCAConfig, peak_flops: float) 
         "rss_mb_per_rank": [round(r["rss_mb"], 1) for r in every],
         "open_fds_per_rank": [r["open_fds"] for r in every],
         "server_peak_rss_mb": first["server_peak_rss_mb"],
+        "server_busy_s": list(busy),
+        **_per_rank(every),
+        "micro_batches": first.get("micro_batches"),
     }
+
+
+def _per_rank(every: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where each rank's step went (lists in global-rank order; see the module docstring)."""
+    attn = [r["attn_s"] for r in every]
+    attn_cpu = [r["attn_cpu_s"] for r in every]
+    compute = [r["cpu_s"] for r in every]
+    act = [r["act_peak_mb"] for r in every]
+    max_over_mean = lambda xs: max(xs) * len(xs) / sum(xs) if sum(xs) > 0 else None  # noqa: E731
+    return {
+        "stage_per_rank": [r["stage"] for r in every],
+        "dp_rank_per_rank": [r["dp_rank"] for r in every],
+        "step_s_per_rank": [r["step_s"] for r in every],
+        "attn_s_per_rank": attn,
+        "attn_cpu_s_per_rank": attn_cpu,
+        "exchange_s_per_rank": [r["exchange_s"] for r in every],
+        "blocked_s_per_rank": [r["blocked_s"] for r in every],
+        "compute_s_per_rank": compute,
+        "main_thread_cpu_s_per_rank": [r["thread_cpu_s"] for r in every],
+        "linear_s_per_rank": [c - r["attn_cpu_s"] for c, r in zip(compute, every, strict=True)],
+        "wait_s_per_rank": [r["step_s"] - c for c, r in zip(compute, every, strict=True)],
+        "act_peak_mb_per_rank": act,
+        "rss_peak_mb_per_rank": [r["rss_peak_mb"] for r in every],
+        "attn_max_over_mean_trainers": max_over_mean(attn),
+        "attn_cpu_max_over_mean_trainers": max_over_mean(attn_cpu),
+        "act_peak_max_over_min": max(act) / min(act) if min(act) > 0 else None,
+    }
+
+
+class SavedActivations:
+    """Bytes of the tensors autograd saves for backward that are alive now, and their peak since
+    :meth:`reset` — a trainer's activation memory, without the process's baseline.
+
+    Used as ``torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)`` around the step.
+    A storage counts once however many saved tensors view it (its whole ``nbytes``); the parameters'
+    storages are left out. Tensors saved inside a region with its own hooks (non-reentrant activation
+    checkpointing) are not seen.
+    """
+
+    def __init__(self) -> None:
+        self.live: dict[int, list[int]] = {}  # storage address -> [saved tensors holding it, bytes]
+        self.bytes = self.peak = 0
+        self.exclude: set[int] = set()
+
+    def reset(self, params) -> None:
+        """Start a new peak window; ``params`` (the model's parameters) are not activations."""
+        self.exclude = {p.untyped_storage().data_ptr() for p in params}
+        self.peak = self.bytes
+
+    def pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.exclude or storage.nbytes() == 0:
+            return t
+        entry = self.live.get(ptr)
+        if entry is None:
+            self.live[ptr] = [1, storage.nbytes()]
+            self.bytes += storage.nbytes()
+            self.peak = max(self.peak, self.bytes)
+        else:
+            entry[0] += 1
+        return _Held(self, ptr, t.detach())
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+    def release(self, ptr: int) -> None:
+        entry = self.live[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.bytes -= entry[1]
+            del self.live[ptr]
+
+
+class _Held:
+    """A saved tensor as autograd keeps it; gives its bytes back to the meter when autograd drops it
+    (the tensor keeps its storage alive until then, so the address cannot be reused meanwhile)."""
+
+    __slots__ = ("meter", "ptr", "tensor")
+
+    def __init__(self, meter: SavedActivations, ptr: int, tensor: torch.Tensor):
+        self.meter, self.ptr, self.tensor = meter, ptr, tensor
+
+    def __del__(self):
+        self.meter.release(self.ptr)
+
+
+def _reset_rss_peak() -> bool:
+    """Reset this process's resident-set high-water mark (Linux ``clear_refs`` 5); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_peak_mb() -> float:
+    """``VmHWM`` of this process in MB (0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
 
 
 def _current_rss_mb() -> float:

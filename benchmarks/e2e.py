@@ -1,0 +1,313 @@
+"""End to end on the simulated cluster: colocated core attention vs CAD on long-tailed documents.
+
+    python benchmarks/e2e.py [--steps 8] [--dists pretrain prolong] [--tokens-per-rank 2048]
+                             [--upsample-long U] [--max-doc M] [--config configs/tiny-cpu.yaml]
+                             [--out-dir out/e2e] [override ...]
+
+What runs is what ``distca train`` runs (``distca.train.launch.train``): 4 DeepSpeed trainer processes
+(pipeline parallel 2 × data parallel 2, 1F1B, ZeRO-1, gloo) and, for CAD, 4 attention servers on a
+local Ray. For every length distribution the colocated baseline (``train.core_attention: local``) and
+CAD (``cad``) train the same model (``--config``, tiny-cpu by default: 4 layers, hidden 256) on the
+same synthetic documents with the same seed and the same tokens per step, one after the other in this
+invocation; overrides (``--section.key=value``) go to both.
+
+Data: ``data.source: synthetic`` with lengths from ``pretrain`` or ``prolong``, documents longer than
+16K (before elongation) upsampled ×``--upsample-long`` (``data.upsample_long``), every length scaled
+by ``data.elongate = --max-doc / (the family's max length)``. Defaults (``DATA_DEFAULTS``, relative to
+``tokens_per_rank`` so that the pattern does not depend on it): pretrain ×16, max 16 × 2048 = 32,768
+tokens (elongate 0.26); prolong, whose tail holds 5× fewer documents, ×32, max 32 × 2048 = 65,536
+(elongate 0.19). A micro-batch holds ``DP × tokens_per_rank`` tokens (4096 by default); a document
+that does not fit continues in the next micro-batch as a new document, so an attention call sees
+documents of at most 4K tokens. A long document split at the replicas' boundary leaves the later
+half, whose queries see all the earlier keys, three times the attention of the first: the planned
+per-replica attention max/mean of these settings is about 1.4-1.5 (seed 0, steps 2-8), where a
+milder tail evens out over the step's micro-batches (~1.1-1.25). ``--tokens-per-rank 4096`` doubles
+the documents and takes about twice as long (10 minutes on a busy 2-core machine).
+
+Reported per rank (median over steps, the first step left out as warm-up; see the docstring of
+``distca/train/trainer.py`` for how each is measured):
+
+- attention: ``local`` — seconds in the core-attention kernel, forward and backward (wall; and CPU of
+  the calling thread); ``cad`` — seconds the trainer blocked on the servers;
+- linear: the process's CPU seconds in the step (``time.process_time``, every thread: gloo's and
+  ZeroMQ's I/O threads too) minus the attention kernel's CPU seconds (``local``); all of it (``cad``);
+- waiting: step wall − the process's CPU seconds (peers, servers, and here also a free core);
+- memory: peak of the activations autograd holds for backward (bytes of saved tensors, each storage
+  once, parameters excluded — the tokens in flight, free of the process's baseline of several hundred
+  MB), and the step's resident-set high-water mark (VmHWM, reset before each step).
+
+Per step: tokens/s; attention max/mean measured across trainers (baseline: kernel seconds) or across
+servers (CAD: their ``busy_s`` deltas), and as planned (pairs); exposed communication as % of the
+step, the largest over trainers (CAD: the trainer blocked on servers; baseline: the k/v all-gather of
+documents split at a rank boundary and its gradient all-reduce — collectives, so this also counts the
+lighter replica waiting there for the heavier one, every layer); scheduler ms; activation peak
+max/min across trainers — over all four, and between the data-parallel replicas of one stage (the
+stages differ by design: with 1F1B the first stage holds more micro-batches in flight than the last).
+
+What a 2-core machine can and cannot show. It can show that CAD computes the same step as the
+baseline, that it evens the attention work over the servers where the baseline leaves one trainer
+with most of it, that trainer memory stays equal, what the scheduler costs, and where each rank's
+time goes. It cannot show a wall-clock speed-up: that needs one core (one GPU) per rank, and here 4
+trainers and 4 servers share 2 cores, so a rank that waits hands its core to another (waiting is not
+idle hardware), every second of attention moved to a server is paid on the same 2 cores plus the
+copies, and both the servers' busy seconds and the ranks' waiting include time spent waiting for a
+core. tokens/s here measures the system's overhead, not its speed-up; the cluster simulator
+(``distca/sim``) replays the recorded micro-batches at scale.
+
+Output: a markdown table (machine, date, commit), ``out/e2e/e2e.json`` —
+``{"info", "notes", "runs": {"<dist>/<mode>": {"config", "summary", "records", "wall_s"}}}``, where each record
+is one step as ``distca.train.trainer._combine`` builds it, with ``micro_batches`` (every micro-batch's
+``ranks`` and ``continues``) for the simulator — and ``out/e2e/e2e.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header_lines, markdown_table, out_dir, run_info, write_json
+
+from distca.config import DistCAConfig, load_config
+from distca.data.distributions import LengthDistribution
+from distca.train.flops import measure_peak_flops
+from distca.train.launch import train
+
+MODES = ("local", "cad")
+# upsample_long, and the longest document in multiples of train.tokens_per_rank
+DATA_DEFAULTS = {"pretrain": (16.0, 16), "prolong": (32.0, 32)}
+CAN_AND_CANNOT = [
+    "2-core machine: 4 trainers + 4 attention servers share 2 cores. This shows exactness, where each rank's "
+    "time goes, attention balance (planned and measured), memory balance and scheduler cost.",
+    "It cannot show a wall-clock speed-up (that needs one core/GPU per rank): a waiting rank hands its core "
+    "to another, attention moved to a server is paid on the same cores plus copies, and busy/waiting times "
+    "include waiting for a core. tokens/s here is overhead, not speed-up.",
+]
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def build_config(args: argparse.Namespace, dist: str, mode: str, dest: Path, peak_tflops: float,
+                 overrides: list[str]) -> DistCAConfig:
+    """The run's config: ``--config`` + the data and size flags + overrides + this mode."""
+    upsample, max_doc = data_settings(args, dist)
+    elongate = LengthDistribution(dist).elongate_to(max_doc)
+    return load_config(args.config, [
+        f"--train.peak_tflops={peak_tflops}", "--data.source=synthetic", f"--data.distribution={dist}",
+        f"--data.upsample_long={upsample}", f"--data.elongate={elongate}",
+        f"--train.tokens_per_rank={args.tokens_per_rank}", *overrides, f"--train.steps={args.steps}",
+        f"--train.core_attention={mode}", f"--output_dir={dest / dist / mode}", "--train.progress=false",
+        "--train.log_every=1000000", "--train.tensorboard=false"])
+
+
+def data_settings(args: argparse.Namespace, dist: str) -> tuple[float, int]:
+    """``(upsample_long, max document tokens)`` for ``dist``: the flags where given, else ``DATA_DEFAULTS``."""
+    upsample, ratio = DATA_DEFAULTS.get(dist, (16.0, 16))
+    return (args.upsample_long or upsample, args.max_doc or ratio * args.tokens_per_rank)
+
+
+def summarise(records: list[dict[str, Any]], skip: int) -> dict[str, Any]:
+    """Medians over the steps after ``skip``: per step, per rank and per server."""
+    recs = records[skip:] if len(records) > skip else records
+    n_ranks = len(recs[0]["attn_s_per_rank"])
+    stages = recs[0]["stage_per_rank"]
+
+    def per_rank(key: str) -> list[float]:
+        return [statistics.median(r[key][i] for r in recs) for i in range(n_ranks)]
+
+    def within_stage(r: dict[str, Any]) -> float:
+        act = r["act_peak_mb_per_rank"]
+        ratios = []
+        for s in sorted(set(stages)):
+            mine = [a for a, st in zip(act, stages, strict=True) if st == s]
+            ratios.append(max(mine) / min(mine) if min(mine) > 0 else float("inf"))
+        return max(ratios)
+
+    cad = bool(recs[0]["server_busy_s"])
+    servers = len(recs[0]["server_busy_s"])
+    return {
+        "steps_used": [r["step"] for r in recs],
+        "step_s": _median(r["step_s"] for r in recs),
+        "tokens_per_s": _median(r["tokens_per_s"] for r in recs),
+        "tokens_per_step": recs[0]["tokens"],
+        "loss_first_last": [records[0]["loss"], records[-1]["loss"]],
+        # attention balance: measured over trainers (baseline) or servers (CAD), and as planned
+        "attn_max_over_mean_measured": _median(
+            (r["attn_load_max_over_mean_measured"] if cad else r["attn_max_over_mean_trainers"]) for r in recs),
+        "attn_measured_over": "servers (busy_s)" if cad else "trainers (kernel wall s)",
+        "attn_max_over_mean_planned": _median(r["attn_load_max_over_mean_planned"] for r in recs),
+        "trainer_attn_max_over_mean": _median(r["attn_max_over_mean_trainers"] for r in recs),
+        "trainer_attn_cpu_max_over_mean": _median(r["attn_cpu_max_over_mean_trainers"] for r in recs),
+        "exposed_comm_pct": _median(
+            (r["exposed_comm_pct"] if cad else
+             100 * max(e / s for e, s in zip(r["exchange_s_per_rank"], r["step_s_per_rank"], strict=True)))
+            for r in recs),
+        "plan_ms": _median(r["plan_ms"] for r in recs),
+        "act_peak_max_over_min": _median(r["act_peak_max_over_min"] for r in recs),
+        "act_peak_max_over_min_within_stage": _median(within_stage(r) for r in recs),
+        "rss_peak_max_over_min": _median(max(r["rss_peak_mb_per_rank"]) / min(r["rss_peak_mb_per_rank"])
+                                         for r in recs),
+        "stage_per_rank": stages,
+        "dp_rank_per_rank": recs[0]["dp_rank_per_rank"],
+        "per_rank": {k: per_rank(f"{k}_per_rank") for k in
+                     ("step_s", "attn_s", "attn_cpu_s", "linear_s", "wait_s", "compute_s", "blocked_s",
+                      "exchange_s", "act_peak_mb", "rss_peak_mb")},
+        "server_busy_s": [statistics.median(r["server_busy_s"][i] for r in recs) for i in range(servers)],
+    }
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def step_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    rows = []
+    for name, s in summaries.items():
+        rows.append([name, _f(s["step_s"], ".2f"), _f(s["tokens_per_s"], ".0f"),
+                     _f(s["attn_max_over_mean_measured"], ".2f") + (
+                         " servers" if name.endswith("cad") else
+                         f" trainers (CPU {_f(s['trainer_attn_cpu_max_over_mean'], '.2f')})"),
+                     _f(s["attn_max_over_mean_planned"], ".2f"), _f(s["exposed_comm_pct"], ".1f"),
+                     _f(s["plan_ms"], ".1f"), _f(max(s["per_rank"]["act_peak_mb"]), ".0f"),
+                     _f(s["act_peak_max_over_min"], ".2f"), _f(s["act_peak_max_over_min_within_stage"], ".3f"),
+                     _f(s["rss_peak_max_over_min"], ".3f")])
+    return markdown_table(["run", "step s", "tokens/s", "attn max/mean measured", "attn max/mean planned",
+                           "exposed comm %", "plan ms", "act peak MB (max)", "act max/min all",
+                           "act max/min in stage", "RSS HWM max/min"], rows)
+
+
+def rank_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    rows = []
+    for name, s in summaries.items():
+        pr = s["per_rank"]
+        for i, (stage, dp) in enumerate(zip(s["stage_per_rank"], s["dp_rank_per_rank"], strict=True)):
+            rows.append([name, f"{i} (pp{stage} dp{dp})", f"{pr['step_s'][i]:.2f}", f"{pr['attn_s'][i]:.2f}",
+                         f"{pr['attn_cpu_s'][i]:.2f}", f"{pr['linear_s'][i]:.2f}", f"{pr['wait_s'][i]:.2f}",
+                         f"{pr['exchange_s'][i]:.3f}" if name.endswith("local") else f"{pr['blocked_s'][i]:.2f}",
+                         f"{pr['act_peak_mb'][i]:.1f}", f"{pr['rss_peak_mb'][i]:.0f}"])
+        for i, busy in enumerate(s["server_busy_s"]):
+            rows.append([name, f"server {i}", "—", f"{busy:.2f}", "—", "—", "—", "—", "—", "—"])
+    return markdown_table(["run", "rank", "step s", "attention s", "attention CPU s", "linear s", "waiting s",
+                           "comm s", "act peak MB", "RSS HWM MB"], rows)
+
+
+def plot(summaries: dict[str, dict[str, Any]], dists: list[str], path: Path) -> bool:
+    """Per dist: stacked bars per trainer (attention, linear, waiting) for both modes, plus server busy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(len(dists), 2, figsize=(11, 3.4 * len(dists)), squeeze=False)
+    for row, dist in zip(axes, dists, strict=True):
+        for ax, mode in zip(row, MODES, strict=True):
+            s = summaries.get(f"{dist}/{mode}")
+            if s is None:
+                continue
+            pr = s["per_rank"]
+            n = len(pr["step_s"])
+            x = list(range(n))
+            attn = pr["attn_cpu_s"] if mode == "local" else [0.0] * n
+            blocked = [0.0] * n if mode == "local" else [min(b, w) for b, w in
+                                                          zip(pr["blocked_s"], pr["wait_s"], strict=True)]
+            other = [max(w - b, 0.0) for w, b in zip(pr["wait_s"], blocked, strict=True)]
+            ax.bar(x, attn, label="attention (kernel CPU)", color="tab:red")
+            ax.bar(x, pr["linear_s"], bottom=attn, label="linear (CPU)", color="tab:blue")
+            base = [a + b for a, b in zip(attn, pr["linear_s"], strict=True)]
+            if mode == "cad":
+                ax.bar(x, blocked, bottom=base, label="blocked on servers", color="tab:orange")
+                base = [a + b for a, b in zip(base, blocked, strict=True)]
+            ax.bar(x, other, bottom=base, label="waiting", color="lightgray")
+            labels = [f"r{i}\npp{st}dp{dp}" for i, (st, dp) in
+                      enumerate(zip(s["stage_per_rank"], s["dp_rank_per_rank"], strict=True))]
+            if s["server_busy_s"]:
+                xs = [n + 0.5 + i for i in range(len(s["server_busy_s"]))]
+                ax.bar(xs, s["server_busy_s"], color="tab:green", label="server busy")
+                x, labels = x + xs, labels + [f"srv{i}" for i in range(len(xs))]
+            ax.set_xticks(x, labels, fontsize=7)
+            ax.set(ylabel="seconds / step (median)",
+                   title=f"{dist} / {mode}: attn max/mean {_f(s['attn_max_over_mean_measured'], '.2f')} "
+                         f"({'servers' if mode == 'cad' else 'trainers'})")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/tiny-cpu.yaml")
+    p.add_argument("--steps", type=int, default=8, help="steps per run; the first is left out of the medians")
+    p.add_argument("--dists", nargs="+", default=["pretrain", "prolong"], help="synthetic length distributions")
+    p.add_argument("--tokens-per-rank", type=int, default=2048)
+    p.add_argument("--upsample-long", type=float, default=0.0,
+                   help="sampling weight of documents > 16K (default: DATA_DEFAULTS per distribution)")
+    p.add_argument("--max-doc", type=int, default=0, help="elongate each family so its longest document has "
+                   "this many tokens (default: DATA_DEFAULTS per distribution)")
+    p.add_argument("--out-dir", default=None, help="where results and the plot go (default out/e2e)")
+    args, overrides = p.parse_known_args()
+    dest = Path(args.out_dir) if args.out_dir else out_dir("e2e")
+    dest.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # one peak for every run, as a one-thread trainer process computes
+    peak = measure_peak_flops() / 1e12
+    runs: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    skip = 1 if args.steps > 1 else 0  # the first step pays for warm-up (allocation, plan registration)
+    for dist in args.dists:
+        for mode in MODES:
+            cfg = build_config(args, dist, mode, dest, peak, overrides)
+            res = train(cfg)
+            name = f"{dist}/{mode}"
+            summaries[name] = s = summarise(res.records, skip)
+            runs[name] = {"config": cfg.to_dict(), "summary": s, "records": res.records,
+                          "wall_s": res.wall_s}
+            print(f"{name}: median step {s['step_s']:.2f} s, {s['tokens_per_s']:.0f} tokens/s, attention "
+                  f"max/mean planned {s['attn_max_over_mean_planned']:.2f}, measured "
+                  f"{_f(s['attn_max_over_mean_measured'], '.2f')} over {s['attn_measured_over']} "
+                  f"({res.wall_s:.0f} s)", file=sys.stderr, flush=True)
+    cfg0 = build_config(args, args.dists[0], "cad", dest, peak, overrides)
+    info = run_info(torch.device("cpu"), config=args.config, steps=args.steps, skipped_steps=skip,
+                    dists=" ".join(args.dists), tokens_per_rank=args.tokens_per_rank,
+                    data=" ".join(f"{d}: upsample_long {u:g}, max_doc {m}" for d in args.dists
+                                  for u, m in [data_settings(args, d)]),
+                    overrides=" ".join(overrides),
+                    parallelism=f"PP={cfg0.train.pipeline_parallel} x DP={cfg0.data_parallel}, "
+                                f"{cfg0.train.micro_batches} micro-batches",
+                    servers=cfg0.cluster.n_servers, peak_tflops_per_trainer=round(peak, 3),
+                    tokens_per_step=next(iter(summaries.values()))["tokens_per_step"])
+    ratios = []
+    for dist in args.dists:
+        loc, cad = summaries[f"{dist}/local"], summaries[f"{dist}/cad"]
+        dloss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in
+                    zip(runs[f"{dist}/local"]["records"], runs[f"{dist}/cad"]["records"], strict=True))
+        ratios.append(f"{dist}: CAD / local tokens/s {cad['tokens_per_s'] / loc['tokens_per_s']:.2f}x, attention "
+                      f"max/mean {_f(loc['attn_max_over_mean_measured'], '.2f')} (trainers, local) -> "
+                      f"{_f(cad['attn_max_over_mean_measured'], '.2f')} (servers, CAD); largest relative loss "
+                      f"difference {dloss:.1e}")
+    lines = [*header_lines("End to end: colocated vs CAD on long-tailed documents", info),
+             *[f"- {x}" for x in CAN_AND_CANNOT], "",
+             "Per step (medians):", "", *step_table(summaries), "",
+             "Per rank (medians; attention = kernel seconds for local, blocked on servers for CAD; comm = k/v "
+             "all-gather for local, blocked for CAD; waiting includes waiting for a core):", "",
+             *rank_table(summaries), "", *[f"- {x}" for x in ratios]]
+    print("\n".join(lines))
+    write_json(dest / "e2e.json", {"info": info, "notes": CAN_AND_CANNOT, "runs": runs})
+    print(f"json: {dest / 'e2e.json'}")
+    if plot(summaries, args.dists, dest / "e2e.png"):
+        print(f"plot: {dest / 'e2e.png'}")
+    else:
+        print("matplotlib not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,8 @@
     (8B/34B; 64-512 GPUs; 128K-512K maximum document length; pretrain/prolong; 3D and 4D), with a
     table and a plot next to the paper's published ranges.
 
-    python benchmarks/simulate.py validate [--e2e out/e2e/e2e.json]
+    python benchmarks/simulate.py validate --run-e2e     # calibrate, run e2e.py, calibrate, compare
+    python benchmarks/simulate.py validate [--e2e out/e2e/e2e.json]   # replay an existing e2e.json
     python benchmarks/simulate.py grid [--hardware distca/sim/data/h200-measured.json] [--seeds 3]
 
 Results go to out/sim/ (JSON and PNG); the printed tables paste into BENCHMARKS.md.
@@ -19,7 +20,9 @@ Results go to out/sim/ (JSON and PNG); the printed tables paste into BENCHMARKS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,31 +36,58 @@ from distca.sim.cli import load_hardware
 from distca.sim.report import grid_rows, run_grid
 
 
-def validate(args) -> None:
+def _calibrate(config: dict):
     from distca.sim.calibrate import calibrate_host
+
+    model = ModelConfig(**config["model"])
+    dtype = torch.bfloat16 if config["train"]["precision"] == "bf16" else torch.float32
+    tokens = int(config["train"]["tokens_per_rank"])
+    hw, _ = calibrate_host(model, tokens=(max(tokens // 4, 256), max(tokens // 2, 512), tokens), dtype=dtype,
+                           threads=int(config.get("threads") or 1), name="this host (calibrated)",
+                           ranks=int(config["cluster"]["n_trainers"]))
+    return hw
+
+
+def validate(args) -> None:
+    import subprocess
+
+    from distca.sim.calibrate import average_hardware
     from distca.sim.validate import validate_file
 
-    data = json.loads(Path(args.e2e).read_text())
-    first = next(iter(data["runs"].values()))["config"]
-    model = ModelConfig(**first["model"])
-    dtype = torch.bfloat16 if first["train"]["precision"] == "bf16" else torch.float32
-    tokens = int(first["train"]["tokens_per_rank"])
-    hw, raw = calibrate_host(model, tokens=(max(tokens // 4, 256), tokens), dtype=dtype,
-                             threads=int(first.get("threads") or 1), name="this host (calibrated)")
     dest = out_dir("sim")
+    if args.run_e2e:
+        # calibrate, measure, calibrate: the machine drifts, so the model gets the mean of both sides
+        from distca.config import load_config
+
+        before = _calibrate(load_config(args.config, []).to_dict())
+        subprocess.run([sys.executable, str(Path(__file__).parent / "e2e.py"), "--config", args.config, "--steps",
+                        str(args.steps), "--out-dir", str(Path(args.e2e).parent)], check=True)
+        after = _calibrate(json.loads(Path(args.e2e).read_text())["runs"].popitem()[1]["config"])
+        parts = [before, after]
+    else:
+        parts = [_calibrate(next(iter(json.loads(Path(args.e2e).read_text())["runs"].values()))["config"])]
+    hw = average_hardware(parts, name="this host (calibrated)")
     hw.save(dest / "host.json")
+    spread = {f"calibration_{i}": validate_file(args.e2e, p) for i, p in enumerate(parts)}
     res = validate_file(args.e2e, hw)
-    info = run_info(torch.device("cpu"), e2e=args.e2e, cores=hw.cores,
+    nominal = validate_file(args.e2e, dataclasses.replace(hw, cores=float(os.cpu_count() or 1)))
+    info = run_info(torch.device("cpu"), e2e=args.e2e, effective_cores=round(hw.cores, 2),
                     linear_gflops=round(hw.linear_flops / 1e9, 2),
                     linear_overhead_ms=round(1e3 * hw.linear_overhead_s, 3),
                     ipc_gbps=round(hw.intra.bandwidth / 1e9, 2), ipc_latency_us=round(1e6 * hw.intra.latency_s, 1))
     rows = [[name, r["system"], r["steps"], f"{r['measured_s']:.3f}", f"{r['predicted_s']:.3f}",
-             f"{100 * r['error']:+.1f}%", "yes" if abs(r["error"]) <= 0.20 else "NO"] for name, r in res.items()]
+             f"{100 * r['error']:+.1f}%", "yes" if abs(r["error"]) <= 0.20 else "NO",
+             f"{nominal[name]['predicted_s']:.3f} ({100 * nominal[name]['error']:+.1f}%)"] for name, r in res.items()]
     lines = [*header_lines("Simulator validation: predicted vs measured step time (CPU simulated cluster)", info),
              *markdown_table(["run", "attention", "steps", "measured s (median)", "predicted s (median)", "error",
-                              "within 20%"], rows)]
+                              "within 20%", f"predicted with {os.cpu_count()} nominal cores"], rows)]
+    lines += ["", "Each calibration alone (the machine drifts between them): " + "; ".join(
+        f"#{i}: cores {p.cores:.2f}, linear {p.linear_flops / 1e9:.1f} GFLOP/s -> errors "
+        + ", ".join(f"{n} {100 * r['error']:+.0f}%" for n, r in spread[f'calibration_{i}'].items())
+        for i, p in enumerate(parts))]
     print("\n".join(lines))
-    write_json(dest / "validate.json", {"info": info, "results": res, "calibration": raw})
+    write_json(dest / "validate.json", {"info": info, "results": res, "nominal_cores": nominal,
+                                        "per_calibration": spread, "hardware": json.loads(hw.to_json())})
     try:
         import matplotlib
 
@@ -141,6 +171,10 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate")
     v.add_argument("--e2e", default="out/e2e/e2e.json")
+    v.add_argument("--run-e2e", action="store_true",
+                   help="run benchmarks/e2e.py now, between a calibration before and one after it")
+    v.add_argument("--config", default="configs/tiny-cpu.yaml")
+    v.add_argument("--steps", type=int, default=10)
     g = sub.add_parser("grid")
     g.add_argument("--hardware", default="distca/sim/data/h200-measured.json")
     g.add_argument("--seeds", type=int, default=3)

@@ -210,3 +210,47 @@ def test_cli_point_and_errors():
     bad = subprocess.run([sys.executable, "-m", "distca.cli", "simulate", "validate", "/nonexistent.json",
                           "--hardware", "h100"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "nonexistent" in bad.stderr
+
+
+# -- calibration and validation replay -----------------------------------------------------------
+def test_host_calibration_pieces_are_sane():
+    import torch
+
+    from distca.sim.calibrate import average_hardware, measure_attention, measure_ipc_link, measure_linear
+
+    small = ModelConfig(n_layers=1, hidden=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=32)
+    lin = measure_linear(small, (128, 256, 512), torch.float32, reps=2)
+    assert lin["linear_flops"] > 1e6 and all(b > 0 for b in lin["bwd_s"])
+    table = measure_attention(small, torch.float32, reps=1, q_lens=(32, 64), prefixes=(0, 64, 256))
+    assert len(table.entries) == 6 and all(e["bwd_s"] > 0 for e in table.entries)
+    link = measure_ipc_link(nbytes=1 << 16, n=4)
+    assert link.bandwidth > 1e6 and 0 < link.latency_s < 0.1
+    a = _hw(linear_flops=1e9, cores=2.0, attention_table=table.__dict__)
+    b = _hw(linear_flops=3e9, cores=1.0, attention_table=table.__dict__)
+    m = average_hardware([a, b])
+    assert m.linear_flops == 2e9 and m.cores == 1.5
+
+
+def test_validation_replays_recorded_steps(tmp_path):
+    from distca.config import load_config
+    from distca.sim.validate import run_options, validate_file
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["--train.tokens_per_rank", "512"]).to_dict()
+    lengths = sample_documents("pretrain", 2048, 2 * 512 * 2 * 3, seed=1)
+    mbs = plain_packing(lengths, 2, 512, 6)
+    hw = _hw(cores=2.0, attention_fused=False)
+    model, par, opt = run_options(cfg)
+    assert (par.pp, par.dp, par.micro_batches, opt.system) == (2, 2, 2, "cad")
+    records = []
+    for step in range(3):
+        pair = mbs[2 * step:2 * step + 2]
+        want = simulate_step(model, hw, par, opt, pair).step_s
+        records.append({"step_s": 1.5 * want, "micro_batches": [{"ranks": mb.ranks, "continues": mb.continues}
+                                                                for mb in pair]})
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps({"runs": {"x/cad": {"config": cfg, "records": records}}}))
+    res = validate_file(path, hw, skip=0)["x/cad"]
+    assert res["steps"] == 3 and math.isclose(res["error"], 1 / 1.5 - 1, rel_tol=1e-9)
+    path.write_text(json.dumps({"nothing": 1}))
+    with pytest.raises(ValueError, match="no 'runs'"):
+        validate_file(path, hw)

@@ -12,7 +12,9 @@ Measured (medians after a warm-up):
 - **links**: a ZeroMQ ``ipc`` round trip between two sockets of this process (latency) and a stream of
   1 MiB messages (bandwidth) — the path trainers and servers use on one host.
 
-``cores`` is the machine's processor count: every rank and server of the simulated cluster shares it.
+``cores`` is what the machine's processors deliver to ``ranks`` single-threaded processes running at
+once (measured; every rank and server of the simulated cluster shares it). On this project's 2-vCPU
+VM four such processes get about 1.7–1.95 cores' worth, not 2.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def _no_attention(q, k, v, window=-1):
     return q
 
 
-def measure_linear(cfg: ModelConfig, tokens: tuple[int, int], dtype: torch.dtype, reps: int) -> dict[str, float]:
-    """Per-call overhead and FLOP rate of one block's non-attention work, forward and backward."""
+def measure_linear(cfg: ModelConfig, tokens: tuple[int, ...], dtype: torch.dtype, reps: int) -> dict[str, float]:
+    """Per-call overhead and FLOP rate of one block's non-attention work, forward and backward: a
+    least-squares line ``overhead + flops / rate`` through the token counts measured."""
     from distca.model.layers import rope_cos_sin
     from distca.model.llama import Block
 
@@ -75,10 +78,11 @@ def measure_linear(cfg: ModelConfig, tokens: tuple[int, int], dtype: torch.dtype
         fb = _median_time(run_both, reps)
         fwd.append(f)
         bwd.append(max(fb - f, 1e-9))
-    flops = [2.0 * per_block * t for t in tokens]
-    rate = (flops[1] - flops[0]) / max(fwd[1] - fwd[0], 1e-12)
-    over_f = max(fwd[0] - flops[0] / rate, 0.0)
-    over_b = max(bwd[0] - 2 * flops[0] / rate, 0.0)
+    flops = np.array([2.0 * per_block * t for t in tokens])
+    slope, icept = np.polyfit(flops, np.array(fwd), 1)
+    rate = 1.0 / max(float(slope), 1e-18)
+    over_f = max(float(icept), 0.0)
+    over_b = max(float(np.mean(np.array(bwd) - 2 * flops / rate)), 0.0)
     return {"linear_flops": rate, "linear_overhead_s": over_f, "linear_bwd_overhead_s": over_b,
             "fwd_s": fwd, "bwd_s": bwd, "bwd_over_fwd": [b / f for b, f in zip(bwd, fwd, strict=True)]}
 
@@ -114,6 +118,44 @@ def measure_optimizer(n_params: int = 1 << 20, reps: int = 5) -> float:
     p.grad = torch.randn(n_params)
     opt = torch.optim.AdamW([p], lr=1e-3, foreach=False)
     return _median_time(opt.step, reps) / n_params
+
+
+def _matmul_worker(queue, barrier, reps: int) -> None:
+    torch.set_num_threads(1)
+    a, b = torch.randn(384, 384), torch.randn(384, 384)
+    for _ in range(20):
+        a @ b
+    barrier.wait(timeout=120)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    queue.put(time.perf_counter() - t0)
+
+
+def _concurrent_time(n: int, reps: int) -> float:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(n)
+    procs = [ctx.Process(target=_matmul_worker, args=(queue, barrier, reps), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        return max(queue.get(timeout=300) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+def measure_effective_cores(n_procs: int, reps: int = 1500, trials: int = 3) -> float:
+    """Throughput of ``n_procs`` single-threaded compute processes running at once, in units of one
+    process alone: the cores a cluster of that many ranks really gets (a VM's vCPUs may share
+    physical cores or be contended by its host, so this can be below ``os.cpu_count()``)."""
+    alone = statistics.median(_concurrent_time(1, reps) for _ in range(trials))
+    together = statistics.median(_concurrent_time(n_procs, reps) for _ in range(trials))
+    return min(float(n_procs), n_procs * alone / together)
 
 
 def measure_ipc_link(nbytes: int = 1 << 20, n: int = 20) -> Link:
@@ -160,9 +202,35 @@ def measure_ipc_link(nbytes: int = 1 << 20, n: int = 20) -> Link:
     return Link(bandwidth=nbytes / max(per - lat, 1e-9), latency_s=lat)
 
 
-def calibrate_host(cfg: ModelConfig, tokens: tuple[int, int] = (1024, 4096), dtype: torch.dtype = torch.float32,
+def average_hardware(parts: list[Hardware], name: str | None = None) -> Hardware:
+    """The mean of several calibrations of the same host (e.g. one before and one after a measured run,
+    so that a noisy machine's drift is averaged rather than frozen at one moment)."""
+    if not parts:
+        raise ValueError("no calibrations to average")
+    import dataclasses
+
+    mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
+    first = parts[0]
+    table = dict(first.attention_table or {})
+    if table:
+        entries = []
+        for i, e in enumerate(table["entries"]):
+            entries.append({**e, "fwd_s": mean([p.attention_table["entries"][i]["fwd_s"] for p in parts]),
+                            "bwd_s": mean([p.attention_table["entries"][i]["bwd_s"] for p in parts])})
+        table["entries"] = entries
+    link = Link(mean([p.intra.bandwidth for p in parts]), mean([p.intra.latency_s for p in parts]))
+    return dataclasses.replace(
+        first, name=name or first.name, linear_flops=mean([p.linear_flops for p in parts]),
+        linear_overhead_s=mean([p.linear_overhead_s for p in parts]),
+        linear_bwd_overhead_s=mean([p.linear_bwd_overhead_s for p in parts]),
+        optimizer_s_per_param=mean([p.optimizer_s_per_param for p in parts]), attention_table=table or None,
+        intra=link, inter=link, p2p=link, cores=mean([p.cores for p in parts]),
+        sources={**first.sources, "averaged": f"mean of {len(parts)} calibrations"})
+
+
+def calibrate_host(cfg: ModelConfig, tokens: tuple[int, ...] = (1024, 2048, 4096), dtype: torch.dtype = torch.float32,
                    threads: int = 1, cores: float | None = None, reps: int = 5, backend: str = "auto",
-                   name: str = "this host") -> tuple[Hardware, dict]:
+                   name: str = "this host", ranks: int = 4) -> tuple[Hardware, dict]:
     """Measure this machine; returns the hardware model and the raw measurements."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -173,13 +241,16 @@ def calibrate_host(cfg: ModelConfig, tokens: tuple[int, int] = (1024, 4096), dty
         link = measure_ipc_link()
     finally:
         torch.set_num_threads(old)
-    cores = float(cores if cores is not None else (os.cpu_count() or 1))
+    measured_cores = cores is None
+    if cores is None:
+        cores = measure_effective_cores(max(ranks, 1))
     hw = Hardware(
         name=name, linear_flops=lin["linear_flops"], linear_overhead_s=lin["linear_overhead_s"],
         linear_bwd_overhead_s=lin["linear_bwd_overhead_s"], optimizer_s_per_param=opt,
-        attention_table=table.__dict__, intra=link, inter=link, p2p=link, devices_per_node=1 << 20, cores=cores,
+        attention_table=table.__dict__, attention_fused=False, intra=link, inter=link, p2p=link,
+        devices_per_node=1 << 20, cores=cores,
         sources={"linear": f"measured: one block fwd/bwd at {tokens} tokens, {threads} thread(s), {dtype}",
                  "attention": f"measured: {len(table.entries)} single-task shapes, {table.backend}",
                  "optimizer": "measured: AdamW step, 1M parameters", "links": "measured: ZeroMQ ipc in-process",
-                 "cores": "os.cpu_count()" if cores is None else "given"})
-    return hw, {"linear": lin, "optimizer_s_per_param": opt, "link": link.__dict__}
+                 "cores": f"measured: {ranks} concurrent single-thread processes" if measured_cores else "given"})
+    return hw, {"linear": lin, "optimizer_s_per_param": opt, "link": link.__dict__, "cores": cores}

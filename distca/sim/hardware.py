@@ -45,6 +45,9 @@ class Hardware:
     attention_table: dict | None = None  # CalibrationTable fields; None: pairs at attention_flops
     attention_flops: float = 0.0  # FLOP/s for the pairs fallback
     attention_task_s: float = 0.0  # per fused varlen call (launch + loop), added to the pairs fallback
+    # GPU varlen kernels run a server's tasks in one launch: the calibrated per-task overhead is paid
+    # once per call. CPU backends loop over documents, paying it per task.
+    attention_fused: bool = True
     intra: Link = field(default_factory=lambda: Link(450e9, 3e-6))  # inside a node
     inter: Link = field(default_factory=lambda: Link(50e9, 6e-6))  # across nodes
     p2p: Link | None = None  # pipeline send/recv; None: same as the node links

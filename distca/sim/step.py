@@ -182,6 +182,9 @@ class _Costs:
         t = float(self.model.time_s(q, kv, window, which).sum())
         if self.model.mode == "pairs":
             t += self.hw.attention_task_s
+        elif self.hw.attention_fused and q.size > 1:  # one launch for the fused call, not one per task
+            coef = self.model.coef_fwd if which == "fwd" else self.model.coef_bwd
+            t -= (q.size - 1) * float(coef[0])
         return t
 
     def act_bytes(self, tokens: int) -> float:

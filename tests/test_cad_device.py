@@ -259,25 +259,17 @@ def test_cad_with_servers_on_the_gpu_equals_local_attention_on_the_gpu(backend_i
 
 @gpu
 def test_gpu_trainer_with_a_cpu_server_and_a_cpu_trainer_with_a_gpu_server():
-    tcfg = TCFG
-    # GPU trainer (fp32: its local tasks use the reference kernel on the GPU), server on the host.
-    cpu_server = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float32", backend="auto",
-                              device="cpu", transport=tcfg)
-    servers, client = _servers(1, cpu_server, False), None
-    try:
-        client = CADClient(0, [servers[0].address], tcfg, backend="auto")
-        _cad_vs_reference(client, _plan(1), torch.device("cuda"), torch.float32, 1e-4)
-    finally:
-        _close(servers, client)
-    # Host trainer (fp32, CPU kernel for its local tasks), server on the GPU with the reference kernel.
-    gpu_server = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float32", backend="reference",
-                              device="cuda", transport=tcfg)
-    servers, client = _servers(1, gpu_server, False), None
-    try:
-        client = CADClient(0, [servers[0].address], tcfg, backend="auto")
-        _cad_vs_reference(client, _plan(1), torch.device("cpu"), torch.float32, 1e-4)
-    finally:
-        _close(servers, client)
+    # (server device, server kernel, trainer device): a GPU trainer (fp32: its local tasks use the
+    # reference kernel on the GPU) with a host server, then a host trainer with a GPU server.
+    for server_device, kernel, trainer_device in (("cpu", "auto", "cuda"), ("cuda", "reference", "cpu")):
+        cfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float32", backend=kernel,
+                           device=server_device, transport=TCFG)
+        servers, client = _servers(1, cfg, False), None
+        try:
+            client = CADClient(0, [servers[0].address], TCFG, backend="auto")
+            _cad_vs_reference(client, _plan(1), torch.device(trainer_device), torch.float32, 1e-4)
+        finally:
+            _close(servers, client)
 
 
 @gpu

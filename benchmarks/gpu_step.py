@@ -91,18 +91,9 @@ def _op(namespace: str, name: str):
 
 
 def _call_by_schema(op, values: dict[str, Any]):
-    """Call ``op`` with the values its schema names: positional while every argument so far is known,
-    keywords after the first one we leave at its default."""
-    args, kwargs, positional = [], {}, True
-    for a in op.default._schema.arguments:
-        if a.name not in values:
-            positional = False
-            continue
-        if a.kwarg_only or not positional:
-            kwargs[a.name] = values[a.name]
-        else:
-            args.append(values[a.name])
-    return op(*args, **kwargs)
+    from distca.attention.backends.gpu_common import call_by_schema
+
+    return call_by_schema(op, values)
 
 
 def _schema_names(op) -> list[str]:

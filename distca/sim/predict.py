@@ -82,6 +82,13 @@ def paper_grid(dists=("pretrain", "prolong")) -> list[GridPoint]:
     return pts
 
 
+def idle_fraction(rep: StepReport) -> float:
+    """Mean share of the step a device's compute stream does nothing (pipeline bubbles, waiting on
+    peers or on communication): what pooling attention across stages could at most put to use."""
+    busy = [sum(d.values()) for d in rep.per_device]
+    return float(1.0 - np.mean(busy) / rep.step_s) if busy and rep.step_s > 0 else 0.0
+
+
 def _doc_cost(cfg: ModelConfig, hw: Hardware, tp: int):
     costs = _Costs(cfg, hw, Parallelism(tp=tp), SimOptions())
     _, per_block = block_linear_params(cfg)
@@ -106,7 +113,8 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
     col_opt = SimOptions(system="colocated", layer_chunks=layer_chunks)
     cost = _doc_cost(cfg, hw, pt.tp)
     rows = {"cad": [], "colocated": [], "wlb": []}
-    extra: dict = {"cad_attn": [], "col_attn": [], "wlb_cp": [], "wlb_attn": [], "wlb_tokens_max_min": []}
+    extra: dict = {"cad_attn": [], "col_attn": [], "wlb_cp": [], "wlb_attn": [], "wlb_tokens_max_min": [],
+                   "cad_idle": []}
     for seed in range(seeds):
         lengths = sample_documents(pt.dist, pt.max_len, total, seed)
         plain = plain_packing(lengths, pt.dp, pt.replica_micro_tokens, m)
@@ -116,6 +124,7 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
         rows["colocated"].append(r_col.step_s)
         extra["cad_attn"].append(r_cad.attention_max_over_mean)
         extra["col_attn"].append(r_col.attention_max_over_mean)
+        extra["cad_idle"].append(idle_fraction(r_cad))
         best: tuple[float, int, StepReport] | None = None
         cp = 1
         while cp <= pt.dp:
@@ -139,4 +148,4 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
             "colocated_attn_max_over_mean": float(np.mean(extra["col_attn"])),
             "wlb_cp": int(np.median(extra["wlb_cp"])), "wlb_attn_max_over_mean": float(np.mean(extra["wlb_attn"])),
             "wlb_tokens_max_over_min": float(np.mean(extra["wlb_tokens_max_min"])),
-            "tokens_per_step": total * pt.pp // pt.pp}
+            "cad_idle_fraction": float(np.median(extra["cad_idle"])), "tokens_per_step": total}

@@ -28,7 +28,7 @@ def run_grid(hw: Hardware, seeds: int = 2, eps: float = 0.05, pingpong: bool = T
 
 def grid_rows(results: list[dict]) -> list[str]:
     head = ["model", "mode", "GPUs", "max doc", "dist", "CAD s", "WLB s (CP)", "plain s", "CAD/WLB", "paper",
-            "CAD/plain", "attn max/mean CAD | WLB | plain", "WLB tokens max/min"]
+            "CAD/plain", "attn max/mean CAD | WLB | plain", "WLB tokens max/min", "CAD idle %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
         p, s = r["point"], r["step_s"]
@@ -38,5 +38,6 @@ def grid_rows(results: list[dict]) -> list[str]:
             f"{s['wlb']:.2f} ({r['wlb_cp']})", f"{s['colocated']:.2f}", f"{r['speedup_vs_wlb']:.2f}x",
             f"{lo:.2f}-{hi:.2f}x", f"{r['speedup_vs_colocated']:.2f}x",
             f"{r['cad_attn_max_over_mean']:.2f} / {r['wlb_attn_max_over_mean']:.2f} / "
-            f"{r['colocated_attn_max_over_mean']:.2f}", f"{r['wlb_tokens_max_over_min']:.2f}"]) + " |")
+            f"{r['colocated_attn_max_over_mean']:.2f}", f"{r['wlb_tokens_max_over_min']:.2f}",
+            f"{100 * r['cad_idle_fraction']:.0f}"]) + " |")
     return lines

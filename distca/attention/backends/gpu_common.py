@@ -35,3 +35,20 @@ def check_cuda(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in (torch.float16, torch.bfloat16):
         return f"flash kernels take fp16/bf16, got {dtype}"
     return None
+
+
+def call_by_schema(op, values: dict):
+    """Call a torch op with the values its schema names: positionally while every argument so far is
+    given, by keyword after the first one left at its default; names the schema lacks are dropped.
+    Private kernels change their argument lists between torch releases (``torch_attn::_varlen_attn``
+    has 14 arguments in 2.13 and 10 in 2.11, with the same names); calling by name works for both."""
+    args, kwargs, positional = [], {}, True
+    for a in op.default._schema.arguments:
+        if a.name not in values:
+            positional = False
+            continue
+        if a.kwarg_only or not positional:
+            kwargs[a.name] = values[a.name]
+        else:
+            args.append(values[a.name])
+    return op(*args, **kwargs)

@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 
 from distca.attention.backends.base import Backend, VarlenMeta
-from distca.attention.backends.gpu_common import check_cuda, lse_to_kernel, lse_to_token_major, window_size
+from distca.attention.backends.gpu_common import (
+    call_by_schema,
+    check_cuda,
+    lse_to_kernel,
+    lse_to_token_major,
+    window_size,
+)
 
 
 def _ops():
@@ -35,17 +41,18 @@ class TorchVarlenBackend(Backend):
 
     def forward(self, q, k, v, meta: VarlenMeta):
         ws = window_size(meta)
-        out, lse, _ = self._ops._varlen_attn(
-            q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
-            meta.window < 0, meta.softmax_scale, list(ws), q.shape[1] != k.shape[1], None, None, None,
-        )
+        out, lse, _ = call_by_schema(self._ops._varlen_attn, {
+            "query": q, "key": k, "value": v, "cu_seq_q": meta.cu_seqlens_q, "cu_seq_k": meta.cu_seqlens_k,
+            "max_q": meta.max_seqlen_q, "max_k": meta.max_seqlen_k, "is_causal": meta.window < 0,
+            "scale": meta.softmax_scale, "window_size": list(ws), "enable_gqa": q.shape[1] != k.shape[1]})
         return out, lse_to_token_major(lse, q.shape[0], q.shape[1])
 
     def backward(self, dout, q, k, v, out, lse, meta: VarlenMeta):
         ws = window_size(meta)
         rng = torch.zeros((2,), dtype=torch.uint64, device=q.device)
-        dq, dk, dv = self._ops._varlen_attn_backward(
-            dout.contiguous(), q, k, v, out, lse_to_kernel(lse), meta.cu_seqlens_q, meta.cu_seqlens_k,
-            meta.max_seqlen_q, meta.max_seqlen_k, meta.window < 0, rng, meta.softmax_scale, list(ws),
-        )
+        dq, dk, dv = call_by_schema(self._ops._varlen_attn_backward, {
+            "grad_out": dout.contiguous(), "query": q, "key": k, "value": v, "out": out, "lse": lse_to_kernel(lse),
+            "cu_seq_q": meta.cu_seqlens_q, "cu_seq_k": meta.cu_seqlens_k, "max_q": meta.max_seqlen_q,
+            "max_k": meta.max_seqlen_k, "is_causal": meta.window < 0, "rng_state": rng,
+            "scale": meta.softmax_scale, "window_size": list(ws)})
         return dq, dk, dv

@@ -90,6 +90,11 @@ def _validate(args) -> int:
 
     if not args.e2e:
         raise ValueError("simulate validate needs the e2e.json path")
+    if not Path(args.e2e).is_file():
+        raise ValueError(f"{args.e2e} does not exist (write it with benchmarks/e2e.py)")
+    if args.hardware in ("h100", "h200"):
+        raise ValueError("validate replays steps measured on this host: give --hardware FILE from "
+                         "`distca simulate calibrate` (or run benchmarks/simulate.py validate --run-e2e)")
     res = validate_file(args.e2e, load_hardware(args.hardware))
     print("| run | system | steps | measured s | predicted s | error |")
     print("|---|---|--:|--:|--:|--:|")

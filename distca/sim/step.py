@@ -433,8 +433,7 @@ class _Builder:
                                           (attn[(i, j)],), uses_core=False))
         for i, nb in enumerate(nanos):
             for r in range(self.n_rep):
-                wait = self._on((s, r), 0.0, "cad_wait", tuple(rets[i]), core=False)
-                del wait
+                self._on((s, r), 0.0, "cad_wait", tuple(rets[i]), core=False)
                 self._on((s, r), _scaled(full[r][1], nb["tokens"][r], self._tokens(m, r)), "linear")
 
     def _optimizer(self) -> None:

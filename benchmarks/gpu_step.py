@@ -71,6 +71,8 @@ from common import REPO_ROOT, fmt_ms, markdown_table, run_info, synchronize
 from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
 from distca.attention import resolve_backend, varlen_attention
+from distca.attention.backends.gpu_common import call_by_schema as _call_by_schema
+from distca.scheduler.work import cum_pairs
 
 GiB = 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,12 +90,6 @@ def _op(namespace: str, name: str):
         return getattr(getattr(torch.ops, namespace), name)
     except (AttributeError, RuntimeError):
         return None
-
-
-def _call_by_schema(op, values: dict[str, Any]):
-    from distca.attention.backends.gpu_common import call_by_schema
-
-    return call_by_schema(op, values)
 
 
 def _schema_names(op) -> list[str]:
@@ -328,12 +324,14 @@ def doc_lengths(args) -> list[int]:
 
 
 def linear_params_per_layer(cfg) -> int:
-    """Weights every token multiplies through in one standard block (q, k, v, o, gate, up, down)."""
-    return cfg.hidden * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.hidden * cfg.ffn_hidden
+    """Weights every token multiplies through in one standard block (the simulator's count)."""
+    from distca.sim.step import block_linear_params
+
+    return block_linear_params(cfg)[1]
 
 
 def pair_total(lengths: list[int]) -> int:
-    return sum(n * (n + 1) // 2 for n in lengths)
+    return sum(cum_pairs(n) for n in lengths)
 
 
 # ----------------------------------------------------------------------------------------------

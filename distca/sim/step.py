@@ -155,8 +155,7 @@ class _Costs:
             raise ValueError(f"n_layers={cfg.n_layers} must be a multiple of pp={par.pp}")
         per = cfg.n_layers // par.pp
         self.stage_blocks = [list(range(s * per, (s + 1) * per)) for s in range(par.pp)]
-        nodes_units = max(1, hw.devices_per_node // tp)
-        self.units_per_node = nodes_units
+        self.units_per_node = max(1, hw.devices_per_node // tp)  # simulated devices (TP groups) per node
 
     def same_node(self, a: int, b: int) -> bool:
         return a // self.units_per_node == b // self.units_per_node

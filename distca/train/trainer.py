@@ -45,7 +45,7 @@ import torch
 from distca.attention import AttentionShape
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
-from distca.runtime.group_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
+from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.scheduler.work import cum_pairs
 from distca.train.data import make_source

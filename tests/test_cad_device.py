@@ -11,6 +11,8 @@ runs as ``pytest --noconftest tests/test_cad_device.py`` (benchmarks/gpu_check.s
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from distca.runtime.client import CADClient
 from distca.runtime.plan_exec import RankTensors, execute_plan
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.server.loop import ServerConfig
+from distca.server.processes import server_processes
 from distca.transport.channel import TransportConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +36,13 @@ import gpu_step  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-TCFG = TransportConfig(timeout_s=60.0)
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60.0, secret=None, checksum=False)
 H, HKV, D = 8, 2, 64
 LENGTHS = [700, 300, 24]  # the 24-token document stays on the trainer (a LOCAL task) under "dedicated"
 
 
 def _plan(n_servers: int, kind: str = "dedicated"):
-    cfg = SchedulerConfig(eps=0.0, granularity=16)  # default offload threshold: tiny documents stay local
+    cfg = SchedulerConfig(eps=0.0, granularity=16, window=-1)  # default offload threshold: tiny documents stay local
     plan, _ = make_plan(BatchLayout.from_ranks([LENGTHS]), Placement(1, n_servers, kind), cfg)
     return plan
 
@@ -86,10 +89,11 @@ def _cad_vs_reference(client, plan, device, dtype, tol):
 
 
 def test_server_config_defaults_to_a_cpu_server_and_checks_the_device():
-    assert ServerConfig().device == "cpu"
-    assert ServerConfig(device="cuda:1").device == "cuda:1"  # a descriptor: no GPU needed to build it
+    shape = dict(n_heads=8, n_kv_heads=2, head_dim=32, dtype="float32", backend="auto", max_plans=8, transport=TCFG)
+    assert ServerConfig(**shape).device == "cpu"
+    assert ServerConfig(**shape, device="cuda:1").device == "cuda:1"  # a descriptor: no GPU needed to build it
     with pytest.raises(ValueError, match="cpu or cuda"):
-        ServerConfig(device="meta")
+        ServerConfig(**shape, device="meta")
 
 
 def test_execute_plan_keeps_host_results_on_the_host():
@@ -219,16 +223,15 @@ def backend_info():
     return gpu_step.ensure_backend("auto", torch.device("cuda"), torch.bfloat16)
 
 
-def _servers(n: int, cfg: ServerConfig, patch: bool):
-    return [gpu_step.SameDeviceServer(ServerConfig(**{**cfg.__dict__, "name": f"server{i}"}), patch, 120.0)
-            for i in range(n)]
-
-
-def _close(servers, client):
-    for i, s in enumerate(servers):
-        s.close(client.eps[i] if client is not None else None)
-    if client is not None:
-        client.close()
+@contextlib.contextmanager
+def _client(n: int, cfg: ServerConfig, patch: bool, backend: str):
+    """A CAD client over ``n`` server processes started as the benchmark starts its server."""
+    with server_processes(n, cfg, 120.0, functools.partial(gpu_step._serve, patch=patch)) as running:
+        client = CADClient(0, running.addresses, TCFG, backend=backend)
+        try:
+            yield client
+        finally:
+            client.close()
 
 
 @gpu
@@ -236,10 +239,8 @@ def test_cad_with_servers_on_the_gpu_equals_local_attention_on_the_gpu(backend_i
     assert backend_info["ok"], backend_info
     patch = bool(backend_info["patched"])
     cfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="bfloat16", backend=backend_info["name"],
-                       device="cuda", transport=TCFG)
-    servers, client = _servers(2, cfg, patch), None
-    try:
-        client = CADClient(0, [s.address for s in servers], TCFG, backend=backend_info["name"])
+                       device="cuda", transport=TCFG, max_plans=8)
+    with _client(2, cfg, patch, backend_info["name"]) as client:
         plan = _plan(2)
         assert (plan.task_server >= 0).all()  # every task on a server
         out, lse, grads = _cad_vs_reference(client, plan, torch.device("cuda"), torch.bfloat16, 2e-2)
@@ -253,8 +254,6 @@ def test_cad_with_servers_on_the_gpu_equals_local_attention_on_the_gpu(backend_i
             assert _normwise(a, b.double().cpu()) <= 3e-2
         pong = client.ping(0)
         assert pong["device"].startswith("cuda") and pong["busy_s"] > 0 and pong["stage_s"] > 0
-    finally:
-        _close(servers, client)
 
 
 @gpu
@@ -263,13 +262,9 @@ def test_gpu_trainer_with_a_cpu_server_and_a_cpu_trainer_with_a_gpu_server():
     # reference kernel on the GPU) with a host server, then a host trainer with a GPU server.
     for server_device, kernel, trainer_device in (("cpu", "auto", "cuda"), ("cuda", "reference", "cpu")):
         cfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float32", backend=kernel,
-                           device=server_device, transport=TCFG)
-        servers, client = _servers(1, cfg, False), None
-        try:
-            client = CADClient(0, [servers[0].address], TCFG, backend="auto")
+                           device=server_device, transport=TCFG, max_plans=8)
+        with _client(1, cfg, False, "auto") as client:
             _cad_vs_reference(client, _plan(1), torch.device(trainer_device), torch.float32, 1e-4)
-        finally:
-            _close(servers, client)
 
 
 @gpu

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cluster_harness import servers
 
 from distca.attention import varlen_attention
 from distca.runtime.cad_attention import cad_attention
@@ -13,17 +12,19 @@ from distca.runtime.client import CADClient
 from distca.runtime.pingpong import pingpong_layer, sequential_layer
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.server.loop import ServerConfig
+from distca.server.processes import server_processes
 from distca.transport.channel import TransportConfig
 
-TCFG = TransportConfig(timeout_s=30.0)
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=None, checksum=False)
 H, HKV, D = 4, 2, 8
 
 
 @pytest.fixture(scope="module")
 def client():
-    scfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float64", backend="reference", transport=TCFG)
-    with servers(2, scfg) as (addresses, _):
-        c = CADClient(0, addresses, TCFG, backend="reference")
+    scfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float64", backend="reference", max_plans=8,
+                        transport=TCFG)
+    with server_processes(2, scfg) as running:
+        c = CADClient(0, running.addresses, TCFG, backend="reference")
         yield c
         c.close()
 
@@ -31,7 +32,7 @@ def client():
 def _plan(lengths):
     batch = BatchLayout.from_ranks([lengths])
     plan, _ = make_plan(batch, Placement(1, 2, "dedicated"), SchedulerConfig(eps=0.0, granularity=16,
-                                                                            min_offload_pairs=0))
+                                                                            min_offload_pairs=0, window=-1))
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     return plan, cu, max(lengths)
 

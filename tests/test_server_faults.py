@@ -84,9 +84,10 @@ def _register(ep: Endpoint, plan) -> int:
 
 
 def test_garbage_frame(ep):
-    ep.sock.send_multipart([b"\x00garbage"])  # 9 bytes: shorter than the header prefix
-    assert f"header frame of 9 bytes is shorter than the {_PREFIX.size}-byte prefix" in _error(ep)
-    ep.sock.send_multipart([b"\x00garbage" * 8])  # long enough, but no DistCA magic
+    garbage = b"\x00garbage"  # shorter than the header prefix
+    ep.sock.send_multipart([garbage])
+    assert f"header frame of {len(garbage)} bytes is shorter than the {_PREFIX.size}-byte prefix" in _error(ep)
+    ep.sock.send_multipart([garbage * 8])  # long enough, but no DistCA magic
     assert "bad magic" in _error(ep)
     _still_serving(ep)
 

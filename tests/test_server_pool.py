@@ -59,12 +59,13 @@ def test_trainer_processes_run_a_step_through_the_pool(pool, cad_case, run_train
 def test_a_killed_server_is_detected_and_restarted(pool, cad_case, run_trainers):
     old = list(pool.addresses)
     os.kill(pool.pids()[0], signal.SIGKILL)
-    # Each health check waits up to 1 s for a PING reply: polling it needs no sleep of its own.
-    deadline = time.monotonic() + 60
-    while pool.health(timeout_s=1.0)[0]:
-        assert time.monotonic() < deadline, "the killed server still answers after 60 s"
-    assert pool.health(timeout_s=1.0) == [False, True]
-    assert pool.restart_dead(timeout_s=1.0) == [0]
-    assert pool.health() == [True, True] and pool.addresses[0] != old[0] and pool.addresses[1] == old[1]
+    # A bounded poll on the condition itself; each health check waits for its PING replies, so the poll
+    # needs no sleep, and a live server slow to answer on a busy machine only costs another round.
+    deadline = time.monotonic() + 120
+    while (health := pool.health(timeout_s=5.0)) != [False, True]:
+        assert time.monotonic() < deadline, f"health after killing server 0: {health}"
+    assert pool.restart_dead(timeout_s=5.0) == [0]
+    assert pool.health(timeout_s=30.0) == [True, True]
+    assert pool.addresses[0] != old[0] and pool.addresses[1] == old[1]
     errors = _step_errors(cad_case, run_trainers, pool.addresses)
     assert max(errors.values()) < 1e-10, errors

@@ -166,8 +166,8 @@ class Trainer:
         if cfg.train.core_attention == "cad":
             from distca.runtime.client import CADClient
 
-            client = client_settings(cfg)
-            self.client = CADClient(self.dp_rank, self.addresses, client.transport, backend=client.backend,
+            settings = client_settings(cfg)
+            self.client = CADClient(self.dp_rank, self.addresses, settings.transport, backend=settings.backend,
                                     group=self.stage)
         m = cfg.model
         self.shape = AttentionShape(m.n_heads, m.n_kv_heads, m.head_dim, 2 if cfg.train.precision == "bf16" else 4)

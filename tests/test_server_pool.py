@@ -46,7 +46,7 @@ def _step_errors(cad_case, run_trainers, addresses, spec=SPEC) -> dict[tuple[int
 
 
 def test_pool_starts_healthy_servers_on_loopback(pool):
-    assert pool.health() == [True, True]
+    assert pool.health(timeout_s=30.0) == [True, True]
     assert all(a.startswith("ipc://") for a in pool.addresses)
 
 

@@ -34,7 +34,7 @@ def test_pool_joins_an_existing_cluster_with_address_auto():
     try:
         cfg = PoolConfig(n_servers=2, placement="dedicated", cpus_per_server=0.0, address="auto", server=SERVER)
         with AttentionServerPool(cfg) as p:
-            assert p.health() == [True, True]
+            assert p.health(timeout_s=30.0) == [True, True]
         assert not ray.is_initialized()  # the driver disconnected ...
         status = subprocess.run([ray_bin, "status"], env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0  # ... and the cluster is still up

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from distca.config import DistCAConfig, config_from_dict
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_ROOT = REPO_ROOT / "out"
 
@@ -233,3 +235,13 @@ def fmt_ms(seconds: float | None, digits: int = 3) -> str:
 
 def _order(x: float) -> int:
     return len(str(int(abs(x)))) - 1 if abs(x) >= 1 else 0
+
+
+def attention_run_config(heads: int, kv_heads: int, head_dim: int, backend: str, timeout_s: float,
+                         precision: str = "fp32") -> DistCAConfig:
+    """A run config for a benchmark of core attention alone: the attention shape, kernel backend, transport
+    timeout and precision; everything else at the config's defaults. Its servers, transport and scheduler
+    settings come from :mod:`distca.parts`, as a training run's do."""
+    return config_from_dict({"model": {"hidden": heads * head_dim, "n_heads": heads, "n_kv_heads": kv_heads},
+                             "attention": {"backend": backend}, "transport": {"timeout_s": timeout_s},
+                             "train": {"precision": precision}})

@@ -15,7 +15,7 @@ call; each one guarded: a failure is recorded and the next one still runs):
 ``model_noop``  the same model with a no-op core attention (so ``local - model_noop`` is N layers of
                 attention, and ``model_noop - linear`` the embeddings, head and loss).
 ``cad``         the same model with core attention through ONE attention server process on the SAME
-                device (``ServerConfig(device=...)``, ipc transport, host staging), planned by
+                device (``ServerConfig.device``, ipc transport, host staging), planned by
                 ``make_plan`` for 1 trainer and 1 server; with the trainer's blocked time and the
                 server's busy time per step.
 
@@ -45,10 +45,9 @@ torch's private varlen ops, whose argument lists differ between torch releases.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import multiprocessing as mp
 import os
-import queue
 import statistics
 import sys
 import time
@@ -70,7 +69,6 @@ from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
 from distca.attention import resolve_backend, varlen_attention
 from distca.scheduler.work import cum_pairs
-from distca.server.loop import run_server
 
 GiB = 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -254,42 +252,6 @@ def pair_total(lengths: list[int]) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-class SameDeviceServer:
-    """One attention server process on the trainer's device; always shut down on exit."""
-
-    def __init__(self, cfg, start_timeout_s: float):
-        self.cfg = cfg
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        self.proc = ctx.Process(target=run_server, args=(cfg, q), daemon=True)
-        t0 = time.perf_counter()
-        self.proc.start()
-        while True:  # wait for the address, but not for a server that already died
-            try:
-                _name, self.address = q.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self.proc.is_alive() or time.perf_counter() - t0 > start_timeout_s:
-                    self.close()
-                    raise RuntimeError(f"attention server did not start within {start_timeout_s:.0f} s "
-                                       f"(exit code {self.proc.exitcode})") from None
-        self.start_s = time.perf_counter() - t0
-
-    def close(self, ep=None) -> None:
-        """Shut the server down: SHUTDOWN over ``ep`` (a client endpoint connected to it) and wait, or,
-        without one, kill it."""
-        from distca.transport.wire import Kind
-
-        if ep is not None and self.proc.is_alive():
-            try:
-                ep.send(Kind.SHUTDOWN)
-                ep.recv(timeout_s=10)
-            except Exception:
-                pass
-            self.proc.join(timeout=15)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(timeout=5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,52 +392,57 @@ class Run:
 
     def cad(self) -> dict[str, Any]:
         from distca.attention.cost import AttentionShape
-        from distca.runtime.cad_attention import CADCoreAttention
+        from distca.config import ClusterConfig, DistCAConfig, TrainConfig, TransportSection
+        from distca.parts import scheduler_settings, server_settings
         from distca.runtime.client import CADClient
-        from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
-        from distca.server.loop import ServerConfig
-        from distca.transport.channel import TransportConfig
+        from distca.scheduler import BatchLayout, Placement, make_plan
+        from distca.server.processes import server_processes
 
         cfg, args = self.cfg, self.args
+        # One trainer and one server on this device, settings built as a training run builds them.
+        run = DistCAConfig(model=cfg, cluster=ClusterConfig(n_trainers=1, n_servers=1, placement="colocated"),
+                           transport=TransportSection(timeout_s=args.transport_timeout_s),
+                           train=TrainConfig(pipeline_parallel=1))
         esize = torch.empty((), dtype=self.dtype).element_size()
         plan, timing = make_plan(BatchLayout.from_ranks([self.lengths]), Placement(1, 1, "colocated"),
-                                 SchedulerConfig(eps=args.eps),
+                                 dataclasses.replace(scheduler_settings(run, -1), eps=args.eps),
                                  AttentionShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, esize))
-        tcfg = TransportConfig(transport="ipc", timeout_s=args.transport_timeout_s)
-        scfg = ServerConfig(name="gpu-step-server", n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                            head_dim=cfg.head_dim, dtype=args.dtype, backend=self.backend, transport=tcfg,
-                            device=str(self.device))
+        scfg = dataclasses.replace(server_settings(run), name="gpu-step-server", dtype=args.dtype,
+                                   backend=self.backend, device=str(self.device))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        server = SameDeviceServer(scfg, args.server_start_timeout_s)
-        client = None
-        try:
-            client = CADClient(0, [server.address], tcfg, backend=self.backend)
-            core = CADCoreAttention(client, {-1: plan})
-            mark: dict[str, Any] = {}
-
-            def after_warmup():  # count the timed steps only (the first one registers the plan, grows buffers)
-                mark.update(client.ping(0), blocked_s=client.blocked_s)
-
-            res = self.model_step(core, keep="cad", after_warmup=after_warmup)
-            after = client.ping(0)
-            calls = len(res["samples_s"])
-            res.update(
-                blocked_s=(client.blocked_s - mark["blocked_s"]) / calls,
-                server_busy_s=(after["busy_s"] - mark["busy_s"]) / calls,
-                server_stage_s=(after.get("stage_s", 0.0) - mark.get("stage_s", 0.0)) / calls,
-                server_rounds=after["served"] - mark["served"], server=after, server_start_s=server.start_s,
-                per="timed step (all layers), mean over the timed steps",
-                plan={"n_tasks": int(plan.task_server.size), "plan_ms": timing.plan_ms,
-                      "compile_ms": timing.compile_ms, "placement": "colocated, 1 trainer, 1 server",
-                      "eps": args.eps},
-                bytes_per_layer_fwd=int(sum(self.lengths) * esize * cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads)
-                                        + sum(self.lengths) * (esize * cfg.head_dim + 4) * cfg.n_heads))
-            return res
-        finally:
-            server.close(client.eps[0] if client is not None else None)
-            if client is not None:
+        with server_processes(1, scfg, args.server_start_timeout_s) as server:
+            client = CADClient(0, server.addresses, scfg.transport, backend=self.backend)
+            try:
+                return self._cad_steps(client, plan, timing, esize, server.start_s)
+            finally:
                 client.close()
+
+    def _cad_steps(self, client, plan, timing, esize: int, server_start_s: float) -> dict[str, Any]:
+        from distca.runtime.cad_attention import CADCoreAttention
+
+        cfg, args = self.cfg, self.args
+        core = CADCoreAttention(client, {-1: plan})
+        mark: dict[str, Any] = {}
+
+        def after_warmup():  # count the timed steps only (the first one registers the plan, grows buffers)
+            mark.update(client.ping(0), blocked_s=client.blocked_s)
+
+        res = self.model_step(core, keep="cad", after_warmup=after_warmup)
+        after = client.ping(0)
+        calls = len(res["samples_s"])
+        res.update(
+            blocked_s=(client.blocked_s - mark["blocked_s"]) / calls,
+            server_busy_s=(after["busy_s"] - mark["busy_s"]) / calls,
+            server_stage_s=(after.get("stage_s", 0.0) - mark.get("stage_s", 0.0)) / calls,
+            server_rounds=after["served"] - mark["served"], server=after, server_start_s=server_start_s,
+            per="timed step (all layers), mean over the timed steps",
+            plan={"n_tasks": int(plan.task_server.size), "plan_ms": timing.plan_ms,
+                  "compile_ms": timing.compile_ms, "placement": "colocated, 1 trainer, 1 server",
+                  "eps": args.eps},
+            bytes_per_layer_fwd=int(sum(self.lengths) * esize * cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads)
+                                    + sum(self.lengths) * (esize * cfg.head_dim + 4) * cfg.n_heads))
+        return res
 
     # -- driver ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

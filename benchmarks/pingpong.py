@@ -12,6 +12,7 @@ Trainer and server each get one thread (two cores: wall-clock overlap is real he
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -20,15 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from cluster_harness import servers
-from common import header_lines, markdown_table, out_dir, run_info, write_json
+from common import attention_run_config, header_lines, markdown_table, out_dir, run_info, write_json
 
+from distca.parts import scheduler_settings, server_settings
 from distca.runtime.client import CADClient
 from distca.runtime.pingpong import pingpong_layer, sequential_layer, train_backward, train_forward
-from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
-from distca.server.loop import ServerConfig
-from distca.transport.channel import TransportConfig
+from distca.scheduler import BatchLayout, Placement, make_plan
+from distca.server.processes import server_processes
 
 
 def main() -> None:
@@ -47,8 +46,10 @@ def main() -> None:
     docs = args.docs or [args.tokens // 2, args.tokens // 4, args.tokens // 4]
     if sum(docs) != args.tokens:
         raise SystemExit(f"--docs must sum to --tokens ({args.tokens}), got {sum(docs)}")
+    run = attention_run_config(h, hkv, d, backend="sdpa", timeout_s=120.0)
+    sched = dataclasses.replace(scheduler_settings(run, -1), min_offload_pairs=0)  # every task on the server
     batch = BatchLayout.from_ranks([docs])
-    plans = [make_plan(batch, Placement(1, 1, "dedicated"), SchedulerConfig(min_offload_pairs=0))[0]] * 2
+    plans = [make_plan(batch, Placement(1, 1, "dedicated"), sched)[0]] * 2
     gen = torch.Generator().manual_seed(0)
     layers = [tuple(w.requires_grad_() for w in (
         torch.randn(hidden, (h + 2 * hkv) * d, generator=gen) / hidden**0.5,
@@ -56,13 +57,12 @@ def main() -> None:
         torch.randn(hidden, 4 * hidden, generator=gen) / hidden**0.5,
         torch.randn(4 * hidden, hidden, generator=gen) / (4 * hidden)**0.5)) for _ in range(args.layers)]
     xs0 = [torch.randn(args.tokens, hidden, generator=gen) for _ in range(2)]
-    tcfg = TransportConfig(timeout_s=120.0)
-    scfg = ServerConfig(n_heads=h, n_kv_heads=hkv, head_dim=d, dtype="float32", backend="sdpa", transport=tcfg)
+    scfg = server_settings(run)
     info = run_info(torch.device("cpu"), tokens_per_nano=args.tokens, docs=docs, layers=args.layers,
                     heads=f"{h}/{hkv}x{d}", steps=args.steps, trainer_threads=1, server_threads=1)
     results = {}
-    with servers(1, scfg) as (addresses, _):
-        client = CADClient(0, addresses, tcfg, backend="sdpa")
+    with server_processes(1, scfg) as running:
+        client = CADClient(0, running.addresses, scfg.transport, backend="sdpa")
         client.register(plans[0])
 
         def make_fns(wqkv, wo, w1, w2):

@@ -15,6 +15,7 @@ wall clock on this machine: the median over seeds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -28,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header_lines, markdown_table, out_dir, run_info, write_json
 
 from distca.attention.cost import AttentionShape
+from distca.config import DistCAConfig
 from distca.data.distributions import LengthDistribution
 from distca.data.packing import pack_into_ranks
+from distca.parts import scheduler_settings
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, compile_plan, plan_assignment
 from distca.scheduler.baselines import deficit_greedy, no_rebalance, whole_doc_lpt
 
@@ -61,6 +64,11 @@ def _measure(planner, batch, placement, shape, reps: int = 1):
             "plan_ms": plan_s * 1e3, "compile_ms": compile_s * 1e3, "n_tasks": plan.n_tasks}
 
 
+def _sched(eps: float) -> SchedulerConfig:
+    """The default run's planner settings (full causal), at tolerance ``eps``."""
+    return dataclasses.replace(scheduler_settings(DistCAConfig(), -1), eps=eps)
+
+
 def _cad(batch, placement, cfg, shape):
     return plan_assignment(batch, placement, cfg, shape)
 
@@ -76,13 +84,13 @@ def run(dists, contexts, servers, epsilons, seeds) -> list[dict]:
                 planners = {"none": no_rebalance, "lpt": whole_doc_lpt}
                 fixed = {name: [_measure(f, b, placement, shape) for b in batches] for name, f in planners.items()}
                 for eps in epsilons:
-                    cad = partial(_cad, cfg=SchedulerConfig(eps=eps), shape=shape)
+                    cad = partial(_cad, cfg=_sched(eps), shape=shape)
                     greedy = partial(deficit_greedy, eps=eps, shape=shape)
                     res = {"cad": [_measure(cad, b, placement, shape, reps=5) for b in batches],
                            "greedy": [_measure(greedy, b, placement, shape) for b in batches], **fixed}
                     # The same balance: CAD asked for exactly the imbalance the greedy reached.
                     res["cad_at_greedy"] = [
-                        _measure(partial(_cad, cfg=SchedulerConfig(eps=max(0.0, g["max_over_mean"] - 1)), shape=shape),
+                        _measure(partial(_cad, cfg=_sched(max(0.0, g["max_over_mean"] - 1)), shape=shape),
                                  b, placement, shape)
                         for b, g in zip(batches, res["greedy"], strict=True)
                     ]

@@ -23,7 +23,7 @@ import torch
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header_lines, markdown_table, out_dir, run_info, write_json
+from common import attention_run_config, header_lines, markdown_table, out_dir, run_info, write_json
 
 from distca.transport.channel import Endpoint, TransportConfig
 from distca.transport.wire import Kind
@@ -34,7 +34,7 @@ SIZES = [64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 def _sender(transport: str, address_q, sizes: list[int], reps: int) -> None:
     torch.set_num_threads(1)
     ctx = zmq.Context()
-    cfg = TransportConfig(transport=transport, timeout_s=60)
+    cfg = TransportConfig(transport=transport, host="127.0.0.1", timeout_s=60, secret=None, checksum=False)
     ep = Endpoint.client(ctx, cfg, address_q.get())
     for size in sizes:
         x = torch.ones(size, dtype=torch.uint8)
@@ -66,7 +66,7 @@ def _memcpy_gbps(size: int, reps: int) -> float:
 
 def measure(transport: str, reps: int) -> tuple[list[dict], float, int]:
     ctx = zmq.Context()
-    cfg = TransportConfig(transport=transport, timeout_s=60)
+    cfg = TransportConfig(transport=transport, host="127.0.0.1", timeout_s=60, secret=None, checksum=False)
     srv = Endpoint.server(ctx, cfg, "bench")
     q = mp.get_context("spawn").Queue()
     proc = mp.get_context("spawn").Process(target=_sender, args=(transport, q, SIZES, reps), daemon=True)
@@ -114,20 +114,22 @@ def measure(transport: str, reps: int) -> tuple[list[dict], float, int]:
 
 def server_memory(rounds: int) -> dict:
     """Peak RSS and receive-buffer bytes of a server process before and after ``rounds`` forward rounds."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from cluster_harness import servers
+    import dataclasses
 
+    from distca.parts import scheduler_settings, server_settings
     from distca.runtime.client import CADClient
     from distca.runtime.plan_exec import RankTensors
-    from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
-    from distca.server.loop import ServerConfig
+    from distca.scheduler import BatchLayout, Placement, make_plan
+    from distca.server.processes import server_processes
 
     h, hkv, d = 8, 2, 64
-    plan, _ = make_plan(BatchLayout.from_ranks([[4096, 2048, 2048]]), Placement(1, 1, "dedicated"),
-                        SchedulerConfig(min_offload_pairs=0))
+    run = attention_run_config(h, hkv, d, backend="sdpa", timeout_s=120)
+    sched = dataclasses.replace(scheduler_settings(run, -1), min_offload_pairs=0)  # every task on the server
+    plan, _ = make_plan(BatchLayout.from_ranks([[4096, 2048, 2048]]), Placement(1, 1, "dedicated"), sched)
     t = RankTensors(*(torch.randn(8192, n, d) for n in (h, hkv, hkv)))
-    tcfg = TransportConfig(timeout_s=120)
-    with servers(1, ServerConfig(n_heads=h, n_kv_heads=hkv, head_dim=d, backend="sdpa", transport=tcfg)) as (a, _):
+    server = server_settings(run)
+    with server_processes(1, server) as running:
+        a, tcfg = running.addresses, server.transport
         client = CADClient(0, a, tcfg, backend="sdpa")
         for _ in range(5):
             client.forward(plan, t)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from distca.config import load_config
+from distca.config import AttentionConfig, SchedulerSection, load_config
 from distca.errors import DistCAError
 
 # Tolerances for the demo's own exactness check, per dtype (see tests for the property versions).
@@ -43,9 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lengths", required=True,
                    help='JSON: per-rank lists of document lengths, or {"ranks": [[...]], "continues": [...]}')
     s.add_argument("--servers", type=int, required=True, help="number of attention servers")
-    s.add_argument("--eps", type=float, default=0.05, help="balance tolerance: max <= (1+eps) * mean (0.05)")
-    s.add_argument("--window", type=int, default=-1, help="sliding window in keys incl. self (-1: full causal)")
-    s.add_argument("--granularity", type=int, default=128, help="preferred shard multiple in tokens (128)")
+    # Defaults are the run config's (scheduler.eps, attention.window, attention.shard_tokens): one home each.
+    sched, attn = SchedulerSection(), AttentionConfig()
+    s.add_argument("--eps", type=float, default=sched.eps,
+                   help=f"balance tolerance: max <= (1+eps) * mean ({sched.eps})")
+    s.add_argument("--window", type=int, default=attn.window,
+                   help=f"sliding window in keys incl. self (-1: full causal; default {attn.window})")
+    s.add_argument("--granularity", type=int, default=attn.shard_tokens,
+                   help=f"preferred shard multiple in tokens ({attn.shard_tokens})")
     s.add_argument("--placement", choices=["colocated", "dedicated"], default="colocated",
                    help="colocated: server i shares trainer i's device; dedicated: no server is local")
     s.add_argument("--heads", type=int, default=32, help="query heads (Llama-3-8B: 32)")
@@ -83,14 +88,12 @@ def _plan(args) -> int:
 def _serve(cfg, hold_s: float) -> int:
     import time
 
-    from distca.server.pool import AttentionServerPool, PoolConfig, local_ray_on_loopback, server_config
+    from distca.parts import pool_settings
+    from distca.server.pool import AttentionServerPool, local_ray_on_loopback
 
     if not cfg.cluster.ray_address:
         local_ray_on_loopback()
-    pool_cfg = PoolConfig(n_servers=cfg.cluster.n_servers, placement=cfg.cluster.placement,
-                          cpus_per_server=cfg.cluster.cpus_per_server, address=cfg.cluster.ray_address or None,
-                          server=server_config(cfg))
-    with AttentionServerPool(pool_cfg) as pool:
+    with AttentionServerPool(pool_settings(cfg)) as pool:
         print(json.dumps({"servers": pool.addresses, "healthy": pool.health()}), flush=True)
         try:
             deadline = None if hold_s < 0 else time.monotonic() + hold_s

@@ -20,8 +20,9 @@ import torch
 from distca.attention import AttentionShape, CATask, resolve_backend, varlen_attention, varlen_metadata
 from distca.config import DistCAConfig
 from distca.data.packing import pack_into_ranks
+from distca.parts import scheduler_settings
 from distca.runtime.plan_exec import RankTensors, execute_plan
-from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.scheduler import BatchLayout, Placement, make_plan
 from distca.scheduler.work import cum_pairs
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def run_demo(cfg: DistCAConfig) -> DemoReport:
     packed = pack_into_ranks(cfg.data.doc_lengths, c.n_trainers, per_rank)
     batch = BatchLayout.from_ranks(packed.ranks, packed.continues)
     shape = AttentionShape(m.n_heads, m.n_kv_heads, m.head_dim, torch.empty(0, dtype=dtype).element_size())
-    sched = SchedulerConfig(eps=cfg.scheduler.eps, granularity=cfg.attention.shard_tokens, window=w)
+    sched = scheduler_settings(cfg, w)
     plan, timing = make_plan(batch, Placement(c.n_trainers, c.n_servers, c.placement), sched, shape)
 
     gen = torch.Generator().manual_seed(cfg.seed)

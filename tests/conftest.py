@@ -1,11 +1,24 @@
-"""Shared fixtures and hypothesis profiles for the DistCA test suite."""
+"""Shared fixtures and hypothesis profiles for the DistCA test suite.
+
+Functions that spawned processes run live at module level here (a spawned child imports them by
+name); tests reach them through fixtures, never by importing this file."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import queue as queue_mod
+from collections.abc import Callable
+from types import SimpleNamespace
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from distca.runtime.client import CADClient
+from distca.runtime.plan_exec import RankTensors
+from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.transport.channel import TransportConfig
 
 # Two cores: keep torch from oversubscribing them (pytest may run beside other processes).
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -16,3 +29,75 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("DISTCA_HYPOTHESIS_PROFILE", "default"))
+
+
+def _run_processes(target: Callable, args_per_rank: list[tuple], timeout_s: float = 180.0) -> dict[int, object]:
+    """Spawn one process per entry of ``args_per_rank``; each calls ``target(*args, queue)`` and puts
+    ``(rank, result)``; returns the results by rank, failing the test if any is missing in time."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, q), daemon=True) for a in args_per_rank]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, res = q.get(timeout=timeout_s)
+            results[rank] = res
+    except queue_mod.Empty:
+        raise AssertionError(f"processes did not finish within {timeout_s} s; got ranks {sorted(results)}") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return results
+
+
+@pytest.fixture(scope="session")
+def run_trainers() -> Callable[..., dict[int, object]]:
+    """``run_trainers(target, args_per_rank, timeout_s=180)``: one spawned process per rank, results by rank."""
+    return _run_processes
+
+
+# -- one CAD step from trainer processes (the server tests and the pool tests run the same case) --------
+
+CAD_HEADS, CAD_KV_HEADS, CAD_DIM = 4, 2, 8
+
+
+def _make_cad_case(spec: dict):
+    """A plan and per-rank q/k/v and output gradients for ``spec`` (ranks, continues, servers, placement,
+    eps, window, seed, dtype)."""
+    batch = BatchLayout.from_ranks(spec["ranks"], spec["continues"])
+    placement = Placement(batch.n_ranks, spec["servers"], spec["placement"])
+    cfg = SchedulerConfig(eps=spec["eps"], window=spec["window"], granularity=16, min_offload_pairs=300)
+    plan, _ = make_plan(batch, placement, cfg)
+    gen = torch.Generator().manual_seed(spec["seed"])
+    dtype = getattr(torch, spec["dtype"])
+    ranks = [RankTensors(*(torch.randn(int(n), h, CAD_DIM, generator=gen).to(dtype)
+                           for h in (CAD_HEADS, CAD_KV_HEADS, CAD_KV_HEADS))) for n in batch.rank_tokens]
+    douts = [torch.randn(t.q.shape, generator=gen).to(dtype) for t in ranks]
+    return plan, ranks, douts
+
+
+def _cad_trainer(rank: int, addresses: list[str], spec: dict, tcfg: TransportConfig, q) -> None:
+    """Spawned trainer: one CAD forward and backward of ``spec``'s plan; puts its tensors or its error."""
+    torch.set_num_threads(1)
+    plan, ranks, douts = _make_cad_case(spec)
+    client = CADClient(rank, addresses, tcfg, backend=spec["backend"])
+    try:
+        out, lse = client.forward(plan, ranks[rank])
+        dq, dk, dv = client.backward(plan, ranks[rank], out, lse, douts[rank])
+        q.put((rank, {k: v.numpy() for k, v in dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv).items()}))
+    except Exception as exc:  # report, never hang the parent
+        q.put((rank, repr(exc)))
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def cad_case() -> SimpleNamespace:
+    """The CAD step case: ``make(spec)`` -> (plan, ranks, douts); ``trainer``, a spawnable target
+    ``trainer(rank, addresses, spec, tcfg, queue)``; and the attention shape ``heads``, ``kv_heads``, ``dim``."""
+    return SimpleNamespace(make=_make_cad_case, trainer=_cad_trainer, heads=CAD_HEADS, kv_heads=CAD_KV_HEADS,
+                           dim=CAD_DIM)

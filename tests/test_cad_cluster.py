@@ -1,48 +1,50 @@
 """CAD attention on a real simulated cluster: trainer processes and attention-server processes talking
 ZeroMQ over loopback. Results must equal the in-process plan execution (itself tested against
-per-document attention), including documents spanning trainer ranks and sliding windows."""
+per-document attention), including documents spanning trainer ranks and sliding windows.
+
+Two module-scoped server sets serve every test: float64 reference servers on ipc, and float32 sdpa
+servers on tcp (both authenticated and checksummed)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from cluster_harness import run_trainers, servers
 
 from distca.runtime.client import CADClient
-from distca.runtime.plan_exec import RankTensors, execute_plan
-from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.runtime.plan_exec import execute_plan
 from distca.server.loop import ServerConfig
+from distca.server.processes import server_processes
 from distca.transport.channel import TransportConfig
 
-HEADS, KV_HEADS, DIM = 4, 2, 8
+IPC = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60.0, secret=b"test-secret", checksum=True)
+TCP = dataclasses.replace(IPC, transport="tcp")
 
 
-def make_case(spec: dict):
-    batch = BatchLayout.from_ranks(spec["ranks"], spec["continues"])
-    placement = Placement(batch.n_ranks, spec["servers"], spec["placement"])
-    cfg = SchedulerConfig(eps=spec["eps"], window=spec["window"], granularity=16, min_offload_pairs=300)
-    plan, _ = make_plan(batch, placement, cfg)
-    gen = torch.Generator().manual_seed(spec["seed"])
-    dtype = getattr(torch, spec["dtype"])
-    ranks = [RankTensors(*(torch.randn(int(n), h, DIM, generator=gen).to(dtype) for h in (HEADS, KV_HEADS, KV_HEADS)))
-             for n in batch.rank_tokens]
-    douts = [torch.randn(t.q.shape, generator=gen).to(dtype) for t in ranks]
-    return plan, ranks, douts
+def _server(cad_case, dtype: str, backend: str, transport: TransportConfig) -> ServerConfig:
+    return ServerConfig(n_heads=cad_case.heads, n_kv_heads=cad_case.kv_heads, head_dim=cad_case.dim, dtype=dtype,
+                        backend=backend, max_plans=8, transport=transport)
 
 
-def _trainer(rank: int, addresses: list[str], spec: dict, tcfg: TransportConfig, q) -> None:
-    torch.set_num_threads(1)
-    plan, ranks, douts = make_case(spec)
-    client = CADClient(rank, addresses, tcfg, backend=spec["backend"])
-    try:
-        out, lse = client.forward(plan, ranks[rank])
-        dq, dk, dv = client.backward(plan, ranks[rank], out, lse, douts[rank])
-        q.put((rank, {k: v.numpy() for k, v in dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv).items()}))
-    except Exception as exc:  # report, never hang the parent
-        q.put((rank, repr(exc)))
-    finally:
-        client.close()
+@pytest.fixture(scope="module")
+def f64_servers(cad_case) -> list[str]:
+    """Three float64 reference servers on ipc; a test with fewer servers uses the first ones."""
+    with server_processes(3, _server(cad_case, "float64", "reference", IPC)) as running:
+        yield running.addresses
+
+
+@pytest.fixture(scope="module")
+def f32_servers(cad_case) -> list[str]:
+    """Three float32 sdpa servers on tcp."""
+    with server_processes(3, _server(cad_case, "float32", "sdpa", TCP)) as running:
+        yield running.addresses
+
+
+def _servers_for(spec: dict, f64_servers, f32_servers) -> tuple[list[str], TransportConfig]:
+    addresses, tcfg = (f64_servers, IPC) if spec["dtype"] == "float64" else (f32_servers, TCP)
+    return addresses[:spec["servers"]], tcfg
 
 
 CASES = {
@@ -59,15 +61,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_cad_over_zeromq_equals_in_process_plan_execution(name):
+def test_cad_over_zeromq_equals_in_process_plan_execution(name, cad_case, run_trainers, f64_servers, f32_servers):
     spec = CASES[name]
-    tcfg = TransportConfig(transport="ipc" if spec["dtype"] == "float64" else "tcp", timeout_s=60.0,
-                           secret=b"test-secret", checksum=True)
-    scfg = ServerConfig(n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=DIM, dtype=spec["dtype"],
-                        backend=spec["backend"], transport=tcfg)
-    plan, ranks, douts = make_case(spec)
-    with servers(spec["servers"], scfg) as (addresses, _):
-        got = run_trainers(_trainer, [(r, addresses, spec, tcfg) for r in range(len(ranks))])
+    addresses, tcfg = _servers_for(spec, f64_servers, f32_servers)
+    plan, ranks, douts = cad_case.make(spec)
+    got = run_trainers(cad_case.trainer, [(r, addresses, spec, tcfg) for r in range(len(ranks))])
     want = execute_plan(plan, ranks, douts, backend=spec["backend"])
     tol = 1e-10 if spec["dtype"] == "float64" else 1e-5
     for r in range(len(ranks)):
@@ -80,7 +78,8 @@ def test_cad_over_zeromq_equals_in_process_plan_execution(name):
             assert err <= tol * max(1.0, np.abs(b[finite]).max(initial=0.0)), f"rank {r} {key}: error {err:.2e}"
 
 
-def _trainer_two_in_flight(rank: int, addresses: list[str], specs: list[dict], tcfg: TransportConfig, q) -> None:
+def _trainer_two_in_flight(rank: int, addresses: list[str], specs: list[dict], tcfg: TransportConfig, make_case,
+                           q) -> None:
     torch.set_num_threads(1)
     cases = [make_case(s) for s in specs]
     client = CADClient(rank, addresses, tcfg, backend=specs[0]["backend"])
@@ -101,17 +100,13 @@ def _trainer_two_in_flight(rank: int, addresses: list[str], specs: list[dict], t
         client.close()
 
 
-def test_two_rounds_in_flight_from_several_trainers_stay_apart():
+def test_two_rounds_in_flight_from_several_trainers_stay_apart(cad_case, run_trainers, f64_servers):
     base = dict(servers=2, placement="dedicated", eps=0.02, window=-1, dtype="float64", backend="reference")
     specs = [dict(base, ranks=[[400, 100], [500]], continues=[False, True], seed=7),
              dict(base, ranks=[[250, 250], [120, 380]], continues=[False, False], seed=8)]
-    tcfg = TransportConfig(timeout_s=60.0)
-    scfg = ServerConfig(n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=DIM, dtype="float64", backend="reference",
-                        transport=tcfg)
-    with servers(2, scfg) as (addresses, _):
-        got = run_trainers(_trainer_two_in_flight, [(r, addresses, specs, tcfg) for r in range(2)])
+    got = run_trainers(_trainer_two_in_flight, [(r, f64_servers[:2], specs, IPC, cad_case.make) for r in range(2)])
     for i, spec in enumerate(specs):
-        plan, ranks, douts = make_case(spec)
+        plan, ranks, douts = cad_case.make(spec)
         want = execute_plan(plan, ranks, douts, backend="reference")
         for r in range(2):
             assert isinstance(got[r], list), f"trainer {r} failed: {got[r]}"
@@ -120,7 +115,7 @@ def test_two_rounds_in_flight_from_several_trainers_stay_apart():
 
 
 @pytest.mark.parametrize("seed", [11, 12])
-def test_random_documents_over_the_cluster(seed):
+def test_random_documents_over_the_cluster(seed, cad_case, run_trainers, f64_servers, f32_servers):
     """Seeded random long-tailed documents packed over 3 trainers (spanning ranks), 2 servers."""
     from distca.data import sample_batch
 
@@ -130,13 +125,10 @@ def test_random_documents_over_the_cluster(seed):
                 "dedicated", eps=0.02, window=window, seed=seed, dtype="float64", backend="reference")
     if spec["placement"] == "colocated":
         spec["servers"] = 3
-    tcfg = TransportConfig(timeout_s=60.0)
-    scfg = ServerConfig(n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=DIM, dtype="float64", backend="reference",
-                        transport=tcfg)
-    plan, ranks, douts = make_case(spec)
+    addresses, tcfg = _servers_for(spec, f64_servers, f32_servers)
+    plan, ranks, douts = cad_case.make(spec)
     assert any(packed.continues), "the sample should hold a document spanning trainer ranks"
-    with servers(spec["servers"], scfg) as (addresses, _):
-        got = run_trainers(_trainer, [(r, addresses, spec, tcfg) for r in range(3)])
+    got = run_trainers(cad_case.trainer, [(r, addresses, spec, tcfg) for r in range(3)])
     want = execute_plan(plan, ranks, douts, backend="reference")
     for r in range(3):
         assert isinstance(got[r], dict), f"trainer {r} failed: {got[r]}"
@@ -144,22 +136,20 @@ def test_random_documents_over_the_cluster(seed):
             assert np.abs(got[r][key] - want[key][r].numpy()).max() < 1e-10, (r, key)
 
 
-def test_server_memory_stays_flat_over_many_rounds():
+def test_server_memory_stays_flat_over_many_rounds(cad_case, f32_servers):
     """100 forward rounds of one plan: receive buffers are reused, so peak RSS and buffer bytes stay put."""
     spec = dict(ranks=[[1024, 1024]], continues=[False], servers=1, placement="dedicated", eps=0.0, window=-1,
                 seed=3, dtype="float32", backend="sdpa")
-    tcfg = TransportConfig(timeout_s=60.0)
-    scfg = ServerConfig(n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=DIM, dtype="float32", backend="sdpa",
-                        transport=tcfg)
-    plan, ranks, _ = make_case(spec)
-    with servers(1, scfg) as (addresses, _):
-        client = CADClient(0, addresses, tcfg, backend="sdpa")
+    plan, ranks, _ = cad_case.make(spec)
+    client = CADClient(0, f32_servers[:1], TCP, backend="sdpa")
+    try:
         for _ in range(10):
             client.forward(plan, ranks[0])
         warm = client.ping(0)
         for _ in range(100):
             client.forward(plan, ranks[0])
         after = client.ping(0)
+    finally:
         client.close()
     assert after["served"] - warm["served"] == 100
     assert after["buffer_bytes"] == warm["buffer_bytes"]

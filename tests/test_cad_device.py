@@ -38,13 +38,13 @@ from distca.transport.wire import Kind
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-TCFG = TransportConfig(timeout_s=60.0)
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60.0, secret=None, checksum=False)
 H, HKV, D = 8, 2, 64
 LENGTHS = [700, 300, 24]  # the 24-token document stays on the trainer (a LOCAL task) under "dedicated"
 
 
 def _plan(n_servers: int, kind: str = "dedicated"):
-    cfg = SchedulerConfig(eps=0.0, granularity=16)  # default offload threshold: tiny documents stay local
+    cfg = SchedulerConfig(eps=0.0, granularity=16, window=-1)  # default offload threshold: tiny documents stay local
     plan, _ = make_plan(BatchLayout.from_ranks([LENGTHS]), Placement(1, n_servers, kind), cfg)
     return plan
 
@@ -111,10 +111,11 @@ def _servers(n: int, cfg: ServerConfig):
 
 
 def test_server_config_defaults_to_a_cpu_server_and_checks_the_device():
-    assert ServerConfig().device == "cpu"
-    assert ServerConfig(device="cuda:1").device == "cuda:1"  # a descriptor: no GPU needed to build it
+    shape = dict(n_heads=8, n_kv_heads=2, head_dim=32, dtype="float32", backend="auto", max_plans=8, transport=TCFG)
+    assert ServerConfig(**shape).device == "cpu"
+    assert ServerConfig(**shape, device="cuda:1").device == "cuda:1"  # a descriptor: no GPU needed to build it
     with pytest.raises(ValueError, match="cpu or cuda"):
-        ServerConfig(device="meta")
+        ServerConfig(**shape, device="meta")
 
 
 def test_execute_plan_keeps_host_results_on_the_host():
@@ -239,7 +240,7 @@ def gpu_backend():
 @gpu
 def test_cad_with_servers_on_the_gpu_equals_local_attention_on_the_gpu(gpu_backend):
     cfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="bfloat16", backend=gpu_backend,
-                       device="cuda", transport=TCFG)
+                       device="cuda", transport=TCFG, max_plans=8)
     with _servers(2, cfg) as client:
         plan = _plan(2)
         assert (plan.task_server >= 0).all()  # every task on a server
@@ -263,7 +264,7 @@ def test_gpu_trainer_with_a_cpu_server_and_a_cpu_trainer_with_a_gpu_server(serve
     # A GPU trainer (fp32: its local tasks use the reference kernel on the GPU) with a host server, then a host
     # trainer with a GPU server: results come back on the trainer's device, equal to the fp64 reference.
     cfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float32", backend=kernel,
-                       device=server_device, transport=TCFG)
+                       device=server_device, transport=TCFG, max_plans=8)
     with _servers(1, cfg) as client:
         out, _, _, errs = _cad_vs_reference(client, _plan(1), torch.device(trainer_device), torch.float32, 1e-4)
         assert out.device.type == trainer_device and max(errs.values()) <= 1e-4, errs

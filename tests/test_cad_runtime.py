@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cluster_harness import servers
 
 from distca.attention import varlen_attention
 from distca.runtime.cad_attention import cad_attention
@@ -15,9 +14,10 @@ from distca.runtime.pingpong import pingpong_layer, sequential_layer
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.server.layout import plan_id
 from distca.server.loop import ServerConfig
+from distca.server.processes import server_processes
 from distca.transport.channel import TransportConfig
 
-TCFG = TransportConfig(timeout_s=30.0)
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=None, checksum=False)
 H, HKV, D = 4, 2, 8
 
 
@@ -30,9 +30,11 @@ def events() -> list[tuple[str, object]]:
 
 @pytest.fixture(scope="module")
 def client(events):
-    scfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float64", backend="reference", transport=TCFG)
-    with servers(2, scfg) as (addresses, _):
-        c = CADClient(0, addresses, TCFG, backend="reference", on_event=lambda what, pid: events.append((what, pid)))
+    scfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float64", backend="reference", max_plans=8,
+                        transport=TCFG)
+    with server_processes(2, scfg) as running:
+        c = CADClient(0, running.addresses, TCFG, backend="reference",
+                      on_event=lambda what, pid: events.append((what, pid)))
         yield c
         c.close()
 
@@ -40,7 +42,7 @@ def client(events):
 def _plan(lengths):
     batch = BatchLayout.from_ranks([lengths])
     plan, _ = make_plan(batch, Placement(1, 2, "dedicated"), SchedulerConfig(eps=0.0, granularity=16,
-                                                                            min_offload_pairs=0))
+                                                                            min_offload_pairs=0, window=-1))
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     return plan, cu, max(lengths)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cluster_harness import run_trainers
 
 from distca.attention import CATask, varlen_attention, varlen_metadata
 from distca.train.colocated_attention import GroupLocalCoreAttention, PrefixRows
@@ -74,7 +73,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_group_local_attention_equals_whole_documents(name):
+def test_group_local_attention_equals_whole_documents(name, run_trainers):
     from distca.train.launch import free_port
 
     ranks, continues, window = CASES[name]

@@ -71,7 +71,7 @@ def test_sdpa_backend_executes_a_realistic_plan_in_fp32():
 
     packed = sample_batch("pretrain", 4, 2048, seed=0, elongate=0.3)
     batch = BatchLayout.from_ranks(packed.ranks, packed.continues)
-    plan, _ = make_plan(batch, Placement(4, 4), SchedulerConfig(eps=0.02))
+    plan, _ = make_plan(batch, Placement(4, 4), SchedulerConfig(eps=0.02, granularity=128, window=-1))
     assert plan.max_over_mean <= 1.02
     gen = torch.Generator().manual_seed(0)
     ranks = [RankTensors(*(torch.randn(2048, h, 16, generator=gen) for h in (4, 1, 1))) for _ in range(4)]
@@ -86,7 +86,8 @@ def test_sdpa_backend_executes_a_realistic_plan_in_fp32():
 
 
 def test_execute_plan_rejects_wrong_rank_count():
-    plan, _ = make_plan(BatchLayout.from_ranks([[8], [8]]), Placement(2, 2))
+    plan, _ = make_plan(BatchLayout.from_ranks([[8], [8]]), Placement(2, 2),
+                        SchedulerConfig(eps=0.05, granularity=128, window=-1))
     t = RankTensors(torch.zeros(8, 2, 4), torch.zeros(8, 2, 4), torch.zeros(8, 2, 4))
     with pytest.raises(ValueError, match="plan is for 2 ranks"):
         execute_plan(plan, [t])

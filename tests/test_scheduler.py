@@ -105,7 +105,8 @@ def test_plan_covers_every_query_once_with_exact_key_ranges_and_correct_manifest
 @given(batch=batches(max_ranks=12, max_tokens=20000), eps=st.sampled_from([0.0, 0.01, 0.02, 0.05, 0.1]),
        window=st.sampled_from([-1, 512]))
 def test_busiest_server_is_within_one_plus_eps_of_the_mean(batch, eps, window):
-    plan, _ = make_plan(batch, Placement(batch.n_ranks, batch.n_ranks), SchedulerConfig(eps=eps, window=window))
+    plan, _ = make_plan(batch, Placement(batch.n_ranks, batch.n_ranks),
+                        SchedulerConfig(eps=eps, window=window, granularity=128))
     loads = plan.server_pairs
     mean = loads.mean()
     # Token-granular cuts: the bound holds up to one query token's work (<= the longest document).
@@ -121,7 +122,7 @@ def test_bound_is_met_exactly_at_realistic_scale():
         packed = sample_batch(dist, 32, 131072, seed=3)
         batch = BatchLayout.from_ranks(packed.ranks, packed.continues)
         for eps in (0.02, 0.05):
-            plan, _ = make_plan(batch, Placement(32, 32), SchedulerConfig(eps=eps))
+            plan, _ = make_plan(batch, Placement(32, 32), SchedulerConfig(eps=eps, granularity=128, window=-1))
             assert plan.max_over_mean <= 1 + eps + 1e-9, (dist, eps, plan.max_over_mean)
 
 
@@ -143,7 +144,8 @@ def _ranks_of(batch: BatchLayout):
 @pytest.mark.parametrize("window", [-1, 256])
 def test_balanced_batch_moves_nothing(window):
     ranks = [[4096, 1000, 3000]] * 6
-    plan, _ = make_plan(BatchLayout.from_ranks(ranks), Placement(6, 6), SchedulerConfig(eps=0.0, window=window))
+    plan, _ = make_plan(BatchLayout.from_ranks(ranks), Placement(6, 6),
+                        SchedulerConfig(eps=0.0, window=window, granularity=128))
     assert plan.bytes_moved == 0 and plan.bytes_returned == 0
     assert (plan.task_server == plan.task_rank).all()
     assert plan.n_tasks == 18
@@ -152,7 +154,7 @@ def test_balanced_batch_moves_nothing(window):
 def test_only_the_excess_moves_and_the_heaviest_work_is_cut_at_tile_multiples():
     # Rank 0 holds one long document, rank 1 short ones: rank 0 sheds a suffix of its document.
     batch = BatchLayout.from_ranks([[16384], [1024] * 16])
-    plan, _ = make_plan(batch, Placement(2, 2), SchedulerConfig(eps=0.02))
+    plan, _ = make_plan(batch, Placement(2, 2), SchedulerConfig(eps=0.02, granularity=128, window=-1))
     moved = (plan.task_server != plan.task_rank)
     assert moved.sum() == 1
     i = int(np.flatnonzero(moved)[0])
@@ -163,7 +165,7 @@ def test_only_the_excess_moves_and_the_heaviest_work_is_cut_at_tile_multiples():
 
 def test_windowed_work_is_tokens_times_window():
     batch = BatchLayout.from_ranks([[65536], [8192]])
-    plan, _ = make_plan(batch, Placement(2, 2), SchedulerConfig(eps=0.02, window=128))
+    plan, _ = make_plan(batch, Placement(2, 2), SchedulerConfig(eps=0.02, window=128, granularity=128))
     assert int(plan.server_pairs.sum()) == cum_pairs(65536, 128) + cum_pairs(8192, 128)
     assert plan.server_pairs.sum() < 74000 * 128
     assert plan.max_over_mean <= 1.02
@@ -171,7 +173,7 @@ def test_windowed_work_is_tokens_times_window():
 
 def test_dedicated_servers_keep_tiny_pieces_on_their_trainer():
     batch = BatchLayout.from_ranks([[4096, 8], [4096, 16]])
-    cfg = SchedulerConfig(eps=0.1, min_offload_pairs=1000)
+    cfg = SchedulerConfig(eps=0.1, min_offload_pairs=1000, granularity=128, window=-1)
     plan, _ = make_plan(batch, Placement(2, 2, "dedicated"), cfg)
     local = plan.task_server < 0
     assert sorted((plan.task_q1[local] - plan.task_q0[local]).tolist()) == [8, 16]
@@ -180,7 +182,7 @@ def test_dedicated_servers_keep_tiny_pieces_on_their_trainer():
 def test_plan_executes_to_exact_attention():
     """Invariant 1 through a plan: per-server fused calls reproduce whole-document attention."""
     batch = BatchLayout.from_ranks([[700, 60], [300, 500], [200]], [False, True, False])
-    plan, _ = make_plan(batch, Placement(3, 3), SchedulerConfig(eps=0.0, granularity=16))
+    plan, _ = make_plan(batch, Placement(3, 3), SchedulerConfig(eps=0.0, granularity=16, window=-1))
     gen = torch.Generator().manual_seed(0)
     total = int(batch.doc_len.sum())
     q, k, v = (torch.randn(total, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
@@ -228,16 +230,17 @@ def test_bad_batches_are_rejected_with_a_reason(ranks, continues, match):
 
 def test_bad_config_and_placement():
     with pytest.raises(ValueError, match="eps must be >= 0"):
-        SchedulerConfig(eps=-1)
+        SchedulerConfig(eps=-1, granularity=128, window=-1)
     with pytest.raises(ValueError, match="placement must be"):
         Placement(2, 2, "shared")
     with pytest.raises(ValueError, match="3 trainers but the batch has 2"):
-        make_plan(BatchLayout.from_ranks([[4], [4]]), Placement(3, 3))
+        make_plan(BatchLayout.from_ranks([[4], [4]]), Placement(3, 3),
+                  SchedulerConfig(eps=0.05, granularity=128, window=-1))
 
 
 def test_pass_messages_and_link_bytes():
     batch = BatchLayout.from_ranks([[16384], [1024] * 16])
-    plan, _ = make_plan(batch, Placement(2, 2), SchedulerConfig(eps=0.02))
+    plan, _ = make_plan(batch, Placement(2, 2), SchedulerConfig(eps=0.02, granularity=128, window=-1))
     assert plan.link_bytes("fwd") == plan.bytes_moved + plan.bytes_returned
     q_rows = int(plan.q_xfer.n[plan.q_xfer.remote].sum())
     kv_rows = int(plan.kv_xfer.n[plan.kv_xfer.remote].sum())
@@ -250,7 +253,7 @@ def test_pass_messages_and_link_bytes():
 
 def test_dedicated_default_keeps_documents_below_one_shard_local():
     batch = BatchLayout.from_ranks([[4096, 100, 127, 128], [4096, 20]])
-    plan, _ = make_plan(batch, Placement(2, 2, "dedicated"), SchedulerConfig(eps=0.1))
+    plan, _ = make_plan(batch, Placement(2, 2, "dedicated"), SchedulerConfig(eps=0.1, granularity=128, window=-1))
     local = plan.task_server < 0
     assert sorted((plan.task_q1[local] - plan.task_q0[local]).tolist()) == [20, 100, 127]
 

@@ -9,7 +9,8 @@ from distca.server.loop import ServerConfig
 from distca.server.pool import AttentionServerPool, PoolConfig
 from distca.transport.channel import TransportConfig
 
-TCFG = TransportConfig(timeout_s=30.0)
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=None, checksum=False)
+SERVER = ServerConfig(n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32", backend="sdpa", max_plans=8, transport=TCFG)
 
 
 def test_pool_joins_an_existing_cluster_with_address_auto():
@@ -31,9 +32,9 @@ def test_pool_joins_an_existing_cluster_with_address_auto():
                            timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
-        cfg = PoolConfig(n_servers=2, address="auto", server=ServerConfig(backend="sdpa", transport=TCFG))
+        cfg = PoolConfig(n_servers=2, placement="dedicated", cpus_per_server=0.0, address="auto", server=SERVER)
         with AttentionServerPool(cfg) as p:
-            assert p.health() == [True, True]
+            assert p.health(timeout_s=30.0) == [True, True]
         assert not ray.is_initialized()  # the driver disconnected ...
         status = subprocess.run([ray_bin, "status"], env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0  # ... and the cluster is still up

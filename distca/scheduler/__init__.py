@@ -22,11 +22,9 @@ class PlanTiming:
 
 
 def make_plan(
-    batch: BatchLayout, placement: Placement, cfg: SchedulerConfig | None = None,
-    shape: AttentionShape | None = None,
+    batch: BatchLayout, placement: Placement, cfg: SchedulerConfig, shape: AttentionShape | None = None,
 ) -> tuple[Plan, PlanTiming]:
     """Plan and compile one batch; returns the plan and how long each phase took."""
-    cfg = cfg or SchedulerConfig()
     shape = shape or AttentionShape()
     t0 = time.perf_counter()
     assignment = plan_assignment(batch, placement, cfg, shape)

@@ -36,13 +36,15 @@ from distca.scheduler.work import cum_pairs, first_reaching, key_start
 LOCAL = -1  # task runs on its own trainer, outside the server pool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
-    """Knobs of the CAD planner."""
+    """Knobs of the CAD planner. ``eps``, ``granularity`` and ``window`` have no default here: a run takes
+    them from its config (``scheduler.eps``, ``attention.shard_tokens``, the layer's window; see
+    :mod:`distca.parts`), so each default lives in one place."""
 
-    eps: float = 0.05  # every server's work <= (1 + eps) * mean
-    granularity: int = 128  # preferred cut multiple (tokens, document positions)
-    window: int = -1  # -1 full causal; w > 0 sliding window of w keys including self
+    eps: float  # every server's work <= (1 + eps) * mean
+    granularity: int  # preferred cut multiple (tokens, document positions)
+    window: int  # -1 full causal; w > 0 sliding window of w keys including self
     # Heaviest pieces of a donor considered per move (plus the ones closest in size to the need).
     # 0 = auto: 3 under a tight bound (eps < 0.01), where the choice matters most, else 1.
     candidates: int = 0
@@ -425,11 +427,9 @@ class _Receivers:
 
 
 def plan_assignment(
-    batch: BatchLayout, placement: Placement, cfg: SchedulerConfig | None = None,
-    shape: AttentionShape | None = None,
+    batch: BatchLayout, placement: Placement, cfg: SchedulerConfig, shape: AttentionShape | None = None,
 ) -> Assignment:
     """Assign every query token of the batch to exactly one server with max work <= (1+ε)·mean."""
-    cfg = cfg or SchedulerConfig()
     if placement.n_trainers != batch.n_ranks:
         raise ValueError(f"placement has {placement.n_trainers} trainers but the batch has {batch.n_ranks} ranks")
     planner = _Planner(batch, placement, cfg, shape or AttentionShape())

@@ -37,19 +37,20 @@ FWD_INPUTS = ("q", "k", "v")
 BWD_INPUTS = ("q", "k", "v", "out", "dout", "lse")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
-    """One attention server."""
+    """One attention server. The fields a run's config decides (shape, dtype, backend, ``max_plans``,
+    transport) have no default here; :mod:`distca.parts` builds them from the config."""
 
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: str
+    backend: str
+    max_plans: int  # plan layouts kept (ping/pong × forward/backward of a few steps)
+    transport: TransportConfig
     name: str = "server"
-    n_heads: int = 8
-    n_kv_heads: int = 2
-    head_dim: int = 32
-    dtype: str = "float32"
-    backend: str = "auto"
     reject_nonfinite: bool = True  # NaN/inf inputs get an ERROR instead of a result
-    max_plans: int = 8  # plan layouts kept (ping/pong × forward/backward of a few steps)
-    transport: TransportConfig = field(default_factory=TransportConfig)
     device: str = "cpu"  # where the fused call runs: "cpu", "cuda" or "cuda:N" (rows staged through host)
 
     def __post_init__(self) -> None:

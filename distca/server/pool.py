@@ -7,38 +7,40 @@ through Ray: Ray only manages lifetimes and placement.
 
 Local mode starts Ray on demand bound to 127.0.0.1 (every Ray listener on loopback: Ray ignores a
 loopback node address given to ``ray.init``, so the environment is set before Ray starts, see
-``local_ray_on_loopback``); ``address="auto"`` joins an existing cluster.
+``local_ray_on_loopback``); ``address="auto"`` joins an existing cluster. Plain server processes without Ray:
+:mod:`distca.server.processes`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import zmq
 
+from distca.server.control import answers_ping, remove_ipc_socket, request_shutdown
 from distca.server.loop import AttentionServer, ServerConfig
-from distca.transport.channel import Endpoint, TransportTimeout
-from distca.transport.wire import Kind, WireError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PoolConfig:
-    """How many servers, where they run, and how the pool reaches Ray."""
+    """How many servers, where they run, and how the pool reaches Ray. The fields a run's ``cluster``
+    section decides have no default here; :mod:`distca.parts` builds them from the config."""
 
-    n_servers: int = 2
-    placement: Literal["colocated", "dedicated"] = "dedicated"
-    cpus_per_server: float = 0.0  # Ray resources each actor reserves (0: no reservation, as in tests)
-    address: str | None = None  # None: start a local Ray on 127.0.0.1; "auto": join the running cluster
+    n_servers: int
+    placement: Literal["colocated", "dedicated"]
+    cpus_per_server: float  # Ray resources each actor reserves (0: no reservation)
+    address: str | None  # None: start a local Ray on 127.0.0.1; "auto": join the running cluster
+    server: ServerConfig
     local_cpus: int = 4  # CPUs a local Ray advertises (this machine reports 2; actors must not pend)
     start_timeout_s: float = 120.0
-    server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
         if self.n_servers < 1:
@@ -77,18 +79,6 @@ class _ServerActor:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def server_config(cfg) -> ServerConfig:
-    """The attention-server settings implied by a run's :class:`~distca.config.DistCAConfig`."""
-    from distca.transport.channel import TransportConfig
-
-    t = cfg.transport
-    transport = TransportConfig(transport=t.kind, host=t.host, timeout_s=t.timeout_s,
-                                secret=bytes.fromhex(t.secret_hex) or None, checksum=t.checksum)
-    return ServerConfig(name="server", n_heads=cfg.model.n_heads, n_kv_heads=cfg.model.n_kv_heads,
-                        head_dim=cfg.model.head_dim, dtype=cfg.attention.dtype, backend=cfg.attention.backend,
-                        transport=transport)
 
 
 def local_ray_on_loopback() -> None:
@@ -138,7 +128,7 @@ class AttentionServerPool:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=False)
         else:
             opts["scheduling_strategy"] = "SPREAD"
-        cfg = ServerConfig(**{**self.cfg.server.__dict__, "name": f"{self.cfg.server.name}{i}"})
+        cfg = dataclasses.replace(self.cfg.server, name=f"{self.cfg.server.name}{i}")
         return self.actor_cls.options(**opts).remote(cfg)
 
     def __enter__(self) -> AttentionServerPool:
@@ -147,23 +137,9 @@ class AttentionServerPool:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def _request(self, i: int, kind: Kind, timeout_s: float):
-        ep = Endpoint.client(self.ctx, self.cfg.server.transport, self.addresses[i])
-        try:
-            ep.send(kind)
-            return ep.recv(timeout_s=timeout_s)[1]
-        finally:
-            ep.close()
-
     def health(self, timeout_s: float = 2.0) -> list[bool]:
         """Whether each server answers a PING within ``timeout_s``."""
-        ok = []
-        for i in range(len(self.actors)):
-            try:
-                ok.append(self._request(i, Kind.PING, timeout_s).kind == Kind.PONG)
-            except (TransportTimeout, WireError):
-                ok.append(False)
-        return ok
+        return [answers_ping(self.ctx, self.cfg.server.transport, a, timeout_s) for a in self.addresses]
 
     def restart_dead(self, timeout_s: float = 2.0) -> list[int]:
         """Replace servers that do not answer; returns their indices (addresses change)."""
@@ -171,9 +147,7 @@ class AttentionServerPool:
         for i in dead:
             with contextlib.suppress(Exception):
                 self.ray.kill(self.actors[i], no_restart=True)
-            if self.addresses[i].startswith("ipc://"):  # a killed server cannot remove its socket file
-                with contextlib.suppress(OSError):
-                    os.unlink(self.addresses[i][len("ipc://"):])
+            remove_ipc_socket(self.addresses[i])
             self.actors[i] = self._start(i)
             self.addresses[i] = self.ray.get(self.actors[i].address.remote(), timeout=self.cfg.start_timeout_s)
             log.warning("restarted attention server %d at %s", i, self.addresses[i])
@@ -184,9 +158,7 @@ class AttentionServerPool:
 
     def shutdown(self) -> None:
         """Stop every server loop, kill the actors, and stop Ray if this pool started it."""
-        for i in range(len(self.actors)):
-            with contextlib.suppress(Exception):
-                self._request(i, Kind.SHUTDOWN, 2.0)
+        request_shutdown(self.ctx, self.cfg.server.transport, list(self.addresses), timeout_s=2.0)
         for a in self.actors:
             with contextlib.suppress(Exception):
                 self.ray.kill(a, no_restart=True)

@@ -168,15 +168,10 @@ def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None)
     try:
         addresses: list[str] = []
         if cfg.train.core_attention == "cad":
-            from distca.server.pool import AttentionServerPool, PoolConfig, server_config
+            from distca.parts import pool_settings
+            from distca.server.pool import AttentionServerPool
 
-            server = server_config(cfg)
-            server = type(server)(**{**server.__dict__, "max_plans": cfg.train.max_server_plans,
-                                     "dtype": "bfloat16" if cfg.train.precision == "bf16" else "float32"})
-            pool = AttentionServerPool(PoolConfig(
-                n_servers=cfg.cluster.n_servers, placement=cfg.cluster.placement,
-                cpus_per_server=cfg.cluster.cpus_per_server, address=cfg.cluster.ray_address or None,
-                server=server))
+            pool = AttentionServerPool(pool_settings(cfg))
             addresses = list(pool.addresses)
         return _with_restarts(cfg, world, pool, addresses, run_steps, timeout_s, t_start)
     finally:

@@ -52,7 +52,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
 def train_on_ray(cfg: DistCAConfig, run_steps: int = 0) -> TrainResult:
     """Start (or join) Ray, the server pool and ``cluster.n_trainers`` Ray Train workers; train."""
-    from distca.server.pool import AttentionServerPool, PoolConfig, local_ray_on_loopback, server_config
+    from distca.parts import pool_settings
+    from distca.server.pool import AttentionServerPool, local_ray_on_loopback
 
     t_start = time.perf_counter()
     _check_source(cfg)
@@ -62,13 +63,8 @@ def train_on_ray(cfg: DistCAConfig, run_steps: int = 0) -> TrainResult:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    server = server_config(cfg)
-    server = type(server)(**{**server.__dict__, "max_plans": cfg.train.max_server_plans,
-                             "dtype": "bfloat16" if cfg.train.precision == "bf16" else "float32"})
     n = cfg.cluster.n_trainers
-    pool_cfg = PoolConfig(n_servers=cfg.cluster.n_servers, placement=cfg.cluster.placement,
-                          cpus_per_server=cfg.cluster.cpus_per_server, address=cfg.cluster.ray_address or None,
-                          local_cpus=n + 2, server=server)
+    pool_cfg = pool_settings(cfg, local_cpus=n + 2)  # the local Ray also runs the n trainers
     metrics = Path(cfg.output_dir) / "metrics.jsonl"
     before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     restore = _child_malloc_arenas(cfg.train.malloc_arena_max)  # a local Ray's workers inherit it

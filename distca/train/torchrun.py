@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from distca.config import DistCAConfig, load_config
+from distca.parts import server_settings
+from distca.server.processes import server_processes
 
 log = logging.getLogger(__name__)
 
@@ -39,48 +40,6 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
     if value is None:
         raise SystemExit(f"distca.train.torchrun: {name} is not set — start this module with torchrun")
     return int(value)
-
-
-def start_node_servers(cfg: DistCAConfig, n: int, node: int):
-    """Start ``n`` attention-server processes on this node; returns ``(addresses, processes)``."""
-    from distca.server.loop import run_server
-    from distca.server.pool import server_config
-
-    base = server_config(cfg)
-    base = replace(base, max_plans=cfg.train.max_server_plans,
-                   dtype="bfloat16" if cfg.train.precision == "bf16" else "float32")
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = []
-    for i in range(n):
-        p = ctx.Process(target=run_server, args=(replace(base, name=f"server{node}-{i}"), q), daemon=True)
-        p.start()
-        procs.append(p)
-    got = dict(q.get(timeout=120) for _ in range(n))
-    return [got[f"server{node}-{i}"] for i in range(n)], procs
-
-
-def stop_node_servers(cfg: DistCAConfig, addresses: list[str], procs) -> None:
-    """Ask each server to stop, then make sure its process is gone."""
-    import zmq
-
-    from distca.server.pool import server_config
-    from distca.transport.channel import Endpoint
-    from distca.transport.wire import Kind
-
-    tcfg = server_config(cfg).transport
-    ctx = zmq.Context()
-    for addr in addresses:
-        with contextlib.suppress(Exception):
-            ep = Endpoint.client(ctx, tcfg, addr)
-            ep.send(Kind.SHUTDOWN)
-            ep.recv(timeout_s=5)
-            ep.close()
-    ctx.term()
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
 
 
 def run(cfg: DistCAConfig, env: Mapping[str, str], run_steps: int = 0) -> dict | None:
@@ -100,13 +59,15 @@ def run(cfg: DistCAConfig, env: Mapping[str, str], run_steps: int = 0) -> dict |
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     dist.init_process_group("gloo", init_method=f"tcp://{info.master_addr}:{info.master_port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=cfg.train.step_timeout_s))
-    mine, procs = [], []
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(_destroy_process_group)  # runs last, after this node's servers have stopped
+        mine: list[str] = []
         if cfg.train.core_attention == "cad" and local == 0:
             if cfg.cluster.n_servers != world:
                 raise SystemExit(f"torchrun launches colocate one server per trainer: cluster.n_servers must equal "
                                  f"the world size {world}, got {cfg.cluster.n_servers}")
-            mine, procs = start_node_servers(cfg, per_node, rank // per_node)
+            server = dataclasses.replace(server_settings(cfg), name=f"server{rank // per_node}-")
+            mine = stack.enter_context(server_processes(per_node, server)).addresses
         every: list = [None] * world
         dist.all_gather_object(every, mine)
         addresses = [a for node in every for a in node]
@@ -122,11 +83,13 @@ def run(cfg: DistCAConfig, env: Mapping[str, str], run_steps: int = 0) -> dict |
             print(summary_table(cfg, result), flush=True)
             return {"losses": result.losses, "records": result.records}
         return None
-    finally:
-        if procs:
-            stop_node_servers(cfg, mine, procs)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

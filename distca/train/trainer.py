@@ -45,7 +45,8 @@ import torch
 from distca.attention import AttentionShape
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
-from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.parts import client_settings, scheduler_settings
+from distca.scheduler import BatchLayout, Placement, make_plan
 from distca.scheduler.work import cum_pairs
 from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.train.data import make_source
@@ -164,10 +165,10 @@ class Trainer:
         self.client = None
         if cfg.train.core_attention == "cad":
             from distca.runtime.client import CADClient
-            from distca.server.pool import server_config
 
-            self.client = CADClient(self.dp_rank, self.addresses, server_config(cfg).transport,
-                                    backend=cfg.attention.backend, group=self.stage)
+            settings = client_settings(cfg)
+            self.client = CADClient(self.dp_rank, self.addresses, settings.transport, backend=settings.backend,
+                                    group=self.stage)
         m = cfg.model
         self.shape = AttentionShape(m.n_heads, m.n_kv_heads, m.head_dim, 2 if cfg.train.precision == "bf16" else 4)
         self.placement = Placement(cfg.data_parallel, cfg.cluster.n_servers, cfg.cluster.placement, self.devices)
@@ -187,9 +188,7 @@ class Trainer:
 
             batch = BatchLayout.from_ranks(p.ranks, p.continues)
             for w in self.windows:
-                sched = SchedulerConfig(eps=self.cfg.scheduler.eps, granularity=self.cfg.attention.shard_tokens,
-                                        window=w)
-                plans[w], _ = make_plan(batch, self.placement, sched, self.shape)
+                plans[w], _ = make_plan(batch, self.placement, scheduler_settings(self.cfg, w), self.shape)
             core = CADCoreAttention(self.client, plans)
         return MicroContext(layout, core), plans
 

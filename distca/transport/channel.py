@@ -28,15 +28,16 @@ class TransportTimeout(DistCAError, TimeoutError):
     """No (complete) message arrived from a peer within the timeout."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TransportConfig:
-    """How attention servers and trainers talk."""
+    """How attention servers and trainers talk. No field has a default here: a run's ``transport``
+    section holds them (:mod:`distca.parts` translates it)."""
 
-    transport: Literal["ipc", "tcp"] = "ipc"
-    host: str = "127.0.0.1"  # servers bind here; binding another interface is an explicit choice
-    timeout_s: float = 30.0
-    secret: bytes | None = None  # shared HMAC key: unauthenticated peers are refused
-    checksum: bool = False  # CRC32 of every tensor payload
+    transport: Literal["ipc", "tcp"]
+    host: str  # servers bind here; binding another interface is an explicit choice
+    timeout_s: float
+    secret: bytes | None  # shared HMAC key: unauthenticated peers are refused; None: no authentication
+    checksum: bool  # CRC32 of every tensor payload
 
     def __post_init__(self) -> None:
         if self.transport not in ("ipc", "tcp"):

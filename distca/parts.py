@@ -1,0 +1,66 @@
+"""The one translation from a run's :class:`~distca.config.DistCAConfig` to the settings of its running
+parts: the transport, the attention servers, the Ray server pool, the trainer-side CAD client and the
+scheduler. Every launcher, ``distca serve``, the trainer and the benchmarks build their parts here, so
+a knob means the same thing everywhere and its default lives in one place: the config section. The
+library dataclasses built here have no defaults of their own for these knobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distca.config import DistCAConfig
+from distca.scheduler import SchedulerConfig
+from distca.server.loop import ServerConfig
+from distca.server.pool import PoolConfig
+from distca.transport.channel import TransportConfig
+
+# Activation precision of training -> the dtype attention tensors travel and are computed in.
+_SERVER_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What a trainer's :class:`~distca.runtime.client.CADClient` needs besides its rank and addresses."""
+
+    transport: TransportConfig
+    backend: str  # kernel backend for the tasks a trainer runs itself
+
+
+def transport_settings(cfg: DistCAConfig) -> TransportConfig:
+    """How trainers and servers talk, from ``cfg.transport``."""
+    t = cfg.transport
+    return TransportConfig(transport=t.kind, host=t.host, timeout_s=t.timeout_s,
+                           secret=bytes.fromhex(t.secret_hex) or None, checksum=t.checksum)
+
+
+def server_dtype(cfg: DistCAConfig) -> str:
+    """The dtype attention servers compute in: the training precision's activation dtype."""
+    return _SERVER_DTYPE[cfg.train.precision]
+
+
+def server_settings(cfg: DistCAConfig) -> ServerConfig:
+    """One attention server's settings (named ``server``; launchers number them ``server0``, ...)."""
+    m = cfg.model
+    return ServerConfig(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, dtype=server_dtype(cfg),
+                        backend=cfg.attention.backend, max_plans=cfg.train.max_server_plans,
+                        transport=transport_settings(cfg))
+
+
+def pool_settings(cfg: DistCAConfig, local_cpus: int | None = None) -> PoolConfig:
+    """The Ray-managed server pool; ``local_cpus``: what a Ray started here advertises (None: the pool's own
+    choice), raised by launchers that also run their trainers on that Ray."""
+    c = cfg.cluster
+    extra = {} if local_cpus is None else {"local_cpus": local_cpus}
+    return PoolConfig(n_servers=c.n_servers, placement=c.placement, cpus_per_server=c.cpus_per_server,
+                      address=c.ray_address or None, server=server_settings(cfg), **extra)
+
+
+def client_settings(cfg: DistCAConfig) -> ClientSettings:
+    """A trainer's CAD client settings."""
+    return ClientSettings(transport=transport_settings(cfg), backend=cfg.attention.backend)
+
+
+def scheduler_settings(cfg: DistCAConfig, window: int) -> SchedulerConfig:
+    """The CAD planner's settings for layers of attention ``window`` (-1: full causal)."""
+    return SchedulerConfig(eps=cfg.scheduler.eps, granularity=cfg.attention.shard_tokens, window=window)

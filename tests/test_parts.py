@@ -1,0 +1,82 @@
+"""The one translation from a run's config to its running parts' settings (``distca.parts``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from distca.config import config_from_dict
+from distca.parts import client_settings, pool_settings, scheduler_settings, server_settings, transport_settings
+
+
+def _cfg(**sections):
+    return config_from_dict(sections)
+
+
+def test_bf16_precision_gives_a_bfloat16_server_and_fp32_a_float32_one():
+    assert server_settings(_cfg(train={"precision": "bf16"})).dtype == "bfloat16"
+    assert server_settings(_cfg(train={"precision": "fp32"})).dtype == "float32"
+
+
+def test_server_settings_follow_model_attention_and_train_sections():
+    cfg = _cfg(model={"hidden": 384, "n_heads": 6, "n_kv_heads": 3}, attention={"backend": "sdpa"},
+               train={"max_server_plans": 17})
+    s = server_settings(cfg)
+    assert (s.n_heads, s.n_kv_heads, s.head_dim) == (6, 3, 64)
+    assert s.backend == "sdpa" and s.max_plans == 17 and s.device == "cpu"
+    assert s.transport == transport_settings(cfg)
+
+
+def test_serve_and_train_get_identical_server_settings():
+    """``distca serve`` and every training launcher start servers from the same pool settings."""
+    cfg = _cfg(train={"precision": "bf16", "max_server_plans": 32}, transport={"timeout_s": 12.5})
+    assert pool_settings(cfg).server == server_settings(cfg)
+    assert pool_settings(cfg, local_cpus=6).server == pool_settings(cfg).server
+    assert pool_settings(cfg, local_cpus=6).local_cpus == 6
+
+
+def test_transport_settings_from_the_transport_section():
+    cfg = _cfg(transport={"kind": "tcp", "host": "10.0.0.7", "timeout_s": 7.0, "secret_hex": "abcd", "checksum": True})
+    t = transport_settings(cfg)
+    assert (t.transport, t.host, t.timeout_s, t.secret, t.checksum) == ("tcp", "10.0.0.7", 7.0, b"\xab\xcd", True)
+    assert transport_settings(_cfg()).secret is None  # an empty secret means no authentication
+
+
+def test_scheduler_eps_granularity_and_window_flow_from_the_config():
+    cfg = _cfg(scheduler={"eps": 0.125}, attention={"shard_tokens": 64})
+    s = scheduler_settings(cfg, window=256)
+    assert (s.eps, s.granularity, s.window) == (0.125, 64, 256)
+    assert scheduler_settings(_cfg(), -1).eps == _cfg().scheduler.eps  # the default lives in the config
+
+
+@pytest.mark.parametrize("placement", ["colocated", "dedicated"])
+def test_pool_placement_and_ray_settings_flow_from_the_cluster_section(placement):
+    cfg = _cfg(cluster={"n_trainers": 4, "n_servers": 3, "placement": placement, "cpus_per_server": 0.5,
+                        "ray_address": "auto"})
+    p = pool_settings(cfg)
+    assert (p.n_servers, p.placement, p.cpus_per_server, p.address) == (3, placement, 0.5, "auto")
+    assert pool_settings(_cfg()).address is None  # "": start a local Ray
+
+
+def test_client_settings_share_the_servers_transport():
+    cfg = _cfg(attention={"backend": "reference"}, transport={"secret_hex": "00ff"})
+    c = client_settings(cfg)
+    assert c.backend == "reference" and c.transport == server_settings(cfg).transport
+
+
+def test_library_settings_have_no_defaults_of_their_own_for_config_knobs():
+    """Each default lives in the config: the library dataclasses require what the config decides."""
+    from distca.scheduler import SchedulerConfig
+    from distca.server.loop import ServerConfig
+    from distca.server.pool import PoolConfig
+    from distca.transport.channel import TransportConfig
+
+    def required(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+
+    assert {"eps", "granularity", "window"} <= required(SchedulerConfig)
+    assert {"n_heads", "n_kv_heads", "head_dim", "dtype", "backend", "max_plans", "transport"} <= required(ServerConfig)
+    assert {"n_servers", "placement", "cpus_per_server", "address", "server"} <= required(PoolConfig)
+    assert {"transport", "host", "timeout_s", "secret", "checksum"} <= required(TransportConfig)

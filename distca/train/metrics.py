@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,10 @@ import torch
 from distca.config import DistCAConfig, save_config
 from distca.scheduler.work import cum_pairs
 from distca.train.flops import attention_sublayers, step_flops
+
+if TYPE_CHECKING:
+    from distca.runtime.client import CADClient
+    from distca.runtime.group_attention import AttentionTimer
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,8 @@ class StepMeter:
     and peak memory. ``attn_timer`` accumulates the local attention kernel's time.
     """
 
-    def __init__(self, cfg: DistCAConfig, rank: int, stage: int, dp_rank: int, client: Any, attn_timer: Any):
+    def __init__(self, cfg: DistCAConfig, rank: int, stage: int, dp_rank: int, client: CADClient | None,
+                 attn_timer: AttentionTimer):
         self.cfg, self.rank, self.stage, self.dp_rank = cfg, rank, stage, dp_rank
         self.client, self.attn_timer = client, attn_timer
         sublayers = attention_sublayers(cfg.model)

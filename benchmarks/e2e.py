@@ -56,7 +56,7 @@ core. tokens/s here measures the system's overhead, not its speed-up; the cluste
 
 Output: a markdown table (machine, date, commit), ``out/e2e/e2e.json`` —
 ``{"info", "notes", "runs": {"<dist>/<mode>": {"config", "summary", "records", "wall_s"}}}``, where each record
-is one step as ``distca.train.trainer._combine`` builds it, with ``micro_batches`` (every micro-batch's
+is one step as ``distca.train.metrics.combine_ranks`` builds it, with ``micro_batches`` (every micro-batch's
 ``ranks`` and ``continues``) for the simulator — and ``out/e2e/e2e.png``.
 """
 

@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--run-steps", type=int, default=0,
                            help="stop after this many steps in this invocation (0: run to train.steps); "
                                 "with --train.resume true a later call continues")
+            s.add_argument("--verbose", action="store_true",
+                           help="let the libraries (DeepSpeed, torch.distributed, Ray) log and print to the console")
         if name == "serve":
             s.add_argument("--hold-s", type=float, default=-1.0,
                            help="keep the pool up this many seconds (-1: until interrupted)")
@@ -106,21 +108,22 @@ def _serve(cfg, hold_s: float) -> int:
     return 0
 
 
-def _train(cfg, run_steps: int) -> int:
-    from distca.train.launch import summary_table, train
+def _train(cfg, run_steps: int, verbose: bool) -> int:
+    from distca.train.launch import train
+    from distca.train.metrics import run_header, summary_table
 
-    print(json.dumps({"config": cfg.to_dict()}), flush=True)
-    result = train(cfg, run_steps=run_steps)
+    print(run_header(cfg), flush=True)
+    result = train(cfg, run_steps=run_steps, verbose=verbose)
     print(summary_table(cfg, result), flush=True)
     return 0
 
 
-def _launch(cfg, engine: str, run_steps: int) -> int:
-    from distca.train.launch import summary_table
+def _launch(cfg, engine: str, run_steps: int, verbose: bool) -> int:
+    from distca.train.metrics import run_header, summary_table
     from distca.train.ray_launch import train_on_ray
 
-    print(json.dumps({"config": cfg.to_dict()}), flush=True)
-    result = train_on_ray(cfg, run_steps=run_steps)
+    print(run_header(cfg), flush=True)
+    result = train_on_ray(cfg, run_steps=run_steps, verbose=verbose)
     print(summary_table(cfg, result), flush=True)
     return 0
 
@@ -148,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(cfg, args.hold_s)
         if args.command == "train":
-            return _train(cfg, args.run_steps)
+            return _train(cfg, args.run_steps, args.verbose)
         if args.command == "launch":
-            return _launch(cfg, args.engine, args.run_steps)
+            return _launch(cfg, args.engine, args.run_steps, args.verbose)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         from distca.demo import format_report, run_demo

@@ -379,3 +379,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         data = _merge(data, parse_overrides(overrides))
     return config_from_dict(data)
+
+
+def save_config(cfg: DistCAConfig, path: str | Path) -> None:
+    """Write ``cfg`` resolved (every default filled in) as YAML that :func:`load_config` reads back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distca.config import DistCAConfig, load_config, parse_overrides
+from distca.config import DistCAConfig, load_config, parse_overrides, save_config
 from distca.errors import ConfigError
 
 ROOT_CONFIGS = Path(__file__).parent.parent / "configs"
@@ -16,6 +16,14 @@ CONFIGS = sorted(ROOT_CONFIGS.glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), DistCAConfig)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_saved_config_loads_back_equal(path, tmp_path):
+    """What a run writes into its output folder (config.yaml) is the same config when read back."""
+    cfg = load_config(path, ["--transport.secret_hex", "00ff", "--model.norm_eps", "0.000001", "--data.path", "a b:c"])
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    assert load_config(tmp_path / "out" / "config.yaml") == cfg
 
 
 def test_overrides_change_typed_fields(tmp_path):

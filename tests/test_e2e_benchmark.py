@@ -14,7 +14,7 @@ import torch
 from distca.config import load_config
 from distca.data.distributions import LengthDistribution
 from distca.train.data import make_source
-from distca.train.trainer import SavedActivations
+from distca.train.metrics import SavedActivations
 
 ROOT = Path(__file__).parent.parent
 PER_RANK = ("step_s", "attn_s", "attn_cpu_s", "exchange_s", "blocked_s", "compute_s", "linear_s", "wait_s",

@@ -34,6 +34,11 @@ def _model(seed: int, **kw) -> LlamaModel:
     return LlamaModel(_cfg(**kw))
 
 
+def _load(model: LlamaModel, folder, **kw) -> list[str]:
+    """Load into a whole model: its config and every parameter under its own name."""
+    return load_hf_weights(model.cfg, dict(model.named_parameters()), folder, **kw)
+
+
 def _logits(model: LlamaModel, lengths=(9, 14)) -> torch.Tensor:
     lay = DocLayout.from_lengths(list(lengths))
     tokens = torch.randint(0, model.cfg.vocab_size, (sum(lengths),), generator=torch.Generator().manual_seed(7))
@@ -131,7 +136,7 @@ def test_loaded_model_computes_hugging_face_llama(tmp_path, tied):
     sd = _hf_tensors(cfg)
     _write(tmp_path, sd)
     model = LlamaModel(cfg).double()
-    assert load_hf_weights(model, tmp_path) == []
+    assert _load(model, tmp_path) == []
     tokens = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(2))
     lay = DocLayout.from_lengths([20])
     with torch.no_grad():
@@ -162,7 +167,7 @@ def test_round_trip_gives_identical_outputs(tmp_path):
 
     dst = _model(1)
     assert not torch.equal(_logits(dst), _logits(src))
-    assert load_hf_weights(dst, tmp_path) == []
+    assert _load(dst, tmp_path) == []
     assert torch.equal(_logits(dst), _logits(src))
 
 
@@ -184,12 +189,31 @@ def test_sharded_round_trip(tmp_path):
     assert set(files) == {*shards, tmp_path / "model.safetensors.index.json", tmp_path / "config.json"}
 
     dst = _model(1)
-    assert load_hf_weights(dst, tmp_path) == []
+    assert _load(dst, tmp_path) == []
     assert torch.equal(_logits(dst), _logits(src))
 
     # Saving again unsharded replaces the shards (no stale, ambiguous files are left behind).
     save_hf_weights(src, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_part_of_the_model_loads_only_its_tensors(tmp_path):
+    """One pipeline stage's parameters (here block 1, the final norm and the head, by LlamaModel names)
+    take their tensors; the rest keep their values; the checkpoint is still judged as a whole."""
+    src = _model(0)
+    save_hf_weights(src, tmp_path)
+    dst = _model(1)
+    before = _params(dst)
+    part = {n: p for n, p in dst.named_parameters() if n.startswith(("blocks.1.", "norm.", "head."))}
+    assert load_hf_weights(dst.cfg, part, tmp_path) == []
+    for name, p in dst.named_parameters():
+        want = dict(src.named_parameters())[name] if name in part else before[name]
+        assert torch.equal(p, want), name
+    with pytest.raises(ValueError, match=r"\['block\.0\.attn\.q\.weight'\] are not parameter names"):
+        load_hf_weights(dst.cfg, {"block.0.attn.q.weight": dst.blocks[0].attn.q.weight}, tmp_path)
+    _write(tmp_path / "short", {k: v for k, v in _hf_tensors(dst.cfg).items() if "layers.0.mlp.up" not in k})
+    with pytest.raises(ValueError, match=r"lacks tensor 'model\.layers\.0\.mlp\.up_proj\.weight'"):
+        load_hf_weights(dst.cfg, part, tmp_path / "short")  # block 0 is not in the part, yet it is checked
 
 
 def test_strict_errors_name_the_tensor_and_file(tmp_path):
@@ -201,22 +225,22 @@ def test_strict_errors_name_the_tensor_and_file(tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
     _write(tmp_path / "missing", {k: v for k, v in sd.items() if k != name})
     with pytest.raises(ValueError, match=rf"missing/model.safetensors lacks tensor '{name}' for blocks.1.mlp.up"):
-        load_hf_weights(model, tmp_path / "missing")
+        _load(model, tmp_path / "missing")
 
     _write(tmp_path / "shape", {**sd, "model.norm.weight": torch.ones(cfg.hidden + 1)})
     with pytest.raises(ValueError, match=r"'model.norm.weight' in .*shape/model.safetensors has shape \[33\]"):
-        load_hf_weights(model, tmp_path / "shape", strict=False)  # a wrong shape is an error even non-strict
+        _load(model, tmp_path / "shape", strict=False)  # a wrong shape is an error even non-strict
 
     extra = "model.layers.0.self_attn.q_proj.bias"
     _write(tmp_path / "extra", {**sd, extra: torch.zeros(cfg.hidden)})
     with pytest.raises(ValueError, match=rf"'{extra}' in .*extra/model.safetensors has no place"):
-        load_hf_weights(model, tmp_path / "extra")
+        _load(model, tmp_path / "extra")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # checked before loading
 
     # Non-strict: the extra tensor is ignored, the missing one is reported and keeps its initialisation.
-    assert load_hf_weights(model, tmp_path / "extra", strict=False) == []
+    assert _load(model, tmp_path / "extra", strict=False) == []
     model = _model(0)
-    assert load_hf_weights(model, tmp_path / "missing", strict=False) == ["blocks.1.mlp.up.weight"]
+    assert _load(model, tmp_path / "missing", strict=False) == ["blocks.1.mlp.up.weight"]
     assert torch.equal(model.blocks[1].mlp.up.weight, before["blocks.1.mlp.up.weight"])
     assert torch.equal(model.blocks[1].mlp.down.weight, sd["model.layers.1.mlp.down_proj.weight"])
 
@@ -225,29 +249,29 @@ def test_index_and_config_problems(tmp_path, caplog):
     cfg = _cfg()
     sd = {k: v.float() for k, v in _hf_tensors(cfg).items()}
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
-        load_hf_weights(_model(0), tmp_path)
+        _load(_model(0), tmp_path)
 
     _write(tmp_path, sd, "model-00001-of-00001.safetensors")
     weight_map = dict.fromkeys(sd, "model-00001-of-00001.safetensors")
     weight_map["model.norm.weight"] = "model-00002-of-00002.safetensors"
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ValueError, match=r"'model\.norm\.weight' in shard 'model-00002-of-00002\.safetensors'"):
-        load_hf_weights(_model(0), tmp_path)
+        _load(_model(0), tmp_path)
 
     # Old checkpoints carry RoPE's inv_freq buffer: skipped, not unexpected.
     sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(cfg.head_dim // 2)
     _write(tmp_path / "ok", sd)
-    assert load_hf_weights(_model(0), tmp_path / "ok") == []
+    assert _load(_model(0), tmp_path / "ok") == []
 
     # config.json: a head count that shapes cannot see is an error; rope_scaling is warned about.
     raw = hf_config(cfg)
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**raw, "num_attention_heads": 8}))
     with pytest.raises(ValueError, match="n_heads: checkpoint 8, model 4"):
-        load_hf_weights(_model(0), tmp_path / "ok")
+        _load(_model(0), tmp_path / "ok")
     scaling = {"rope_type": "llama3", "factor": 8.0}
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**raw, "rope_scaling": scaling}))
     with caplog.at_level(logging.WARNING, logger="distca.model.hf"):
-        load_hf_weights(_model(0), tmp_path / "ok")
+        _load(_model(0), tmp_path / "ok")
     assert "rope_scaling" in caplog.text
 
 
@@ -259,20 +283,20 @@ def test_tied_embeddings(tmp_path):
     assert "lm_head.weight" not in keys
     assert json.loads((tmp_path / "tied" / "config.json").read_text())["tie_word_embeddings"] is True
     dst = _model(1, tie_embeddings=True)
-    assert load_hf_weights(dst, tmp_path / "tied") == []
+    assert _load(dst, tmp_path / "tied") == []
     assert dst.head.weight is dst.embed.weight and torch.equal(_logits(dst), _logits(src))
 
     # A tied checkpoint into an untied model: the head is missing, with a hint.
     with pytest.raises(ValueError, match=r"lacks tensor 'lm_head.weight' .*set model.tie_embeddings"):
-        load_hf_weights(_model(1), tmp_path / "tied")
+        _load(_model(1), tmp_path / "tied")
 
     # A tied checkpoint that also stores its head: accepted when equal to the embeddings, else unexpected.
     sd = {k: v.float() for k, v in _hf_tensors(_cfg(tie_embeddings=True)).items()}
     _write(tmp_path / "with_head", {**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()})
-    assert load_hf_weights(dst, tmp_path / "with_head") == []
+    assert _load(dst, tmp_path / "with_head") == []
     _write(tmp_path / "untied", {**sd, "lm_head.weight": sd["model.embed_tokens.weight"] + 1})
     with pytest.raises(ValueError, match=r"'lm_head\.weight' .* ties embeddings but this head differs"):
-        load_hf_weights(dst, tmp_path / "untied")
+        _load(dst, tmp_path / "untied")
 
 
 @pytest.mark.parametrize("variant", [dict(residual="shortswa"), dict(residual="shortswa", shortswa_every=2),
@@ -283,7 +307,7 @@ def test_variants_load_a_standard_checkpoint_and_report_their_extras(tmp_path, v
     model = _model(1, **variant)
     before = _params(model)
     with caplog.at_level(logging.INFO, logger="distca.model.hf"):
-        left = load_hf_weights(model, tmp_path)
+        left = _load(model, tmp_path)
     shared = set(hf_state_dict_mapping(model.cfg).values())
     assert left == [n for n in before if n not in shared]
     assert bool(left) is (variant != dict(residual="shortswa", shortswa_every=2))
@@ -306,6 +330,6 @@ def test_dtype_is_converted_to_the_models(tmp_path):
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
         assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
     dst = _model(1).double()
-    load_hf_weights(dst, tmp_path)
+    _load(dst, tmp_path)
     assert dst.embed.weight.dtype == torch.float64
     assert torch.equal(dst.embed.weight, src.embed.weight.double())

@@ -9,7 +9,8 @@ import torch
 
 from distca.config import ModelConfig
 from distca.model import DocLayout, LlamaModel, LocalCoreAttention
-from distca.model.llama import next_token_labels
+from distca.model.init import INIT_STD
+from distca.model.llama import Block, TokenEmbedding, next_token_labels
 from distca.model.residual import DeltaResidual
 
 TINY = dict(n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=97, shortswa_window=8)
@@ -111,3 +112,49 @@ def test_config_from_hugging_face_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="lacks 'num_hidden_layers'"):
         LlamaModel.config_from_hf(tmp_path)
+
+
+def test_one_initialisation_for_the_model_and_its_pipeline_stages():
+    """Llama's init (Linear and Embedding N(0, 0.02²), norm gains 1, DDL its own), and the pipeline stages,
+    subclasses of the model's parts, start exactly as those parts do under the same seed."""
+    from distca.train.pipe import BlockStage, EmbedStage, StepContext
+
+    cfg = ModelConfig(**{**TINY, "hidden": 256, "ffn_hidden": 512, "residual": "ddl", "ddl_beta_init": 0.5})
+    torch.manual_seed(0)
+    model = LlamaModel(cfg)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif "_delta." in name:
+            continue
+        else:
+            assert p.ndim == 2 and abs(p.std().item() - INIT_STD) < 0.1 * INIT_STD, (name, p.std().item())
+    delta = model.blocks[0].attn_delta
+    assert torch.equal(delta.beta.weight, torch.zeros_like(delta.beta.weight))
+    torch.testing.assert_close(2 * torch.sigmoid(delta.beta.bias), torch.tensor([0.5]))
+    assert delta.v.weight.abs().max() <= 1 / 16 and delta.v.weight.std() > 0.5 / 16  # U(±1/√d), d = 256
+
+    torch.manual_seed(7)
+    want = Block(cfg, 1).state_dict()
+    torch.manual_seed(7)
+    got = BlockStage(cfg, 1, StepContext()).state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    torch.manual_seed(7)
+    want = TokenEmbedding(cfg).weight
+    torch.manual_seed(7)
+    assert torch.equal(EmbedStage(cfg).weight, want)
+
+
+def test_no_weight_decay_for_vectors():
+    """Two optimiser groups: matrices (the embedding included) decay, vectors (norm gains, biases) do not."""
+    from distca.train.trainer import param_groups
+
+    model = LlamaModel(ModelConfig(**{**TINY, "residual": "ddl"}))
+    decay, plain = param_groups(model, 0.1)
+    assert (decay["weight_decay"], plain["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in plain["params"]} == {n for n, p in model.named_parameters() if p.ndim < 2}
+    assert "embed.weight" in {names[id(p)] for p in decay["params"]}
+    assert {"norm.weight", "blocks.0.attn_norm.weight", "blocks.1.mlp_delta.beta.bias"} <= \
+        {names[id(p)] for p in plain["params"]}
+    assert len(decay["params"]) + len(plain["params"]) == len(list(model.parameters()))

@@ -192,7 +192,7 @@ def test_pipeline_loss_equals_the_plain_model_on_the_same_batch(tmp_path):
     res = train(cfg)
 
     ref = LlamaModel(cfg.model).double()
-    load_hf_weights(ref, tmp_path / "hf")
+    load_hf_weights(ref.cfg, dict(ref.named_parameters()), tmp_path / "hf")
     stream = PackedStream(open_source("embedded"), cfg.data_parallel, cfg.train.tokens_per_rank, cfg.seed)
     per_micro = []
     with torch.no_grad():

@@ -21,6 +21,7 @@ import json
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -133,45 +134,35 @@ def _check_config(folder: Path, cfg: ModelConfig, strict: bool) -> None:
         log.warning("%s has hidden_act %r; our MLP uses silu", path, raw["hidden_act"])
 
 
-def _variant_names(cfg: ModelConfig) -> list[str]:
-    """Our parameter names that no Llama checkpoint holds (a residual variant's extras)."""
-    from distca.model.llama import LlamaModel
-
+def _model_names(cfg: ModelConfig) -> list[str]:
+    """Every parameter name of the :class:`LlamaModel` that ``cfg`` describes (built on the meta device)."""
     with torch.device("meta"):
-        names = [n for n, _ in LlamaModel(cfg).named_parameters()]
-    return [n for n in names if n not in set(hf_state_dict_mapping(cfg).values())]
+        return [n for n, _ in LlamaModel(cfg).named_parameters()]
 
 
-def load_hf_weights(model: LlamaModel, folder: str | Path, strict: bool = True,
-                    params: dict[str, torch.nn.Parameter] | None = None) -> list[str]:
-    """Load a local Hugging Face Llama safetensors checkpoint into ``model`` (or, with ``params``, into just
-    those parameters, keyed by :class:`LlamaModel` names — one pipeline stage's); returns the names of our
-    parameters left at their initialisation (a variant's extra parameters; with ``strict=False`` also
-    those the checkpoint lacks).
+def load_hf_weights(cfg: ModelConfig, params: Mapping[str, torch.nn.Parameter], folder: str | Path,
+                    strict: bool = True) -> list[str]:
+    """Load a local Hugging Face Llama safetensors checkpoint into ``params``: parameters of the
+    :class:`LlamaModel` that ``cfg`` describes, keyed by its names — a whole model's
+    (``dict(model.named_parameters())``) or a part's (one pipeline stage's). Returns the names in ``params``
+    left at their initialisation (a variant's extra parameters; with ``strict=False`` also those the
+    checkpoint lacks).
 
-    Everything is checked before any parameter changes: names (with ``strict``, a tensor the model wants
-    but the checkpoint lacks, or one the model has no place for, is a :class:`ValueError` naming it and
-    its file), shapes (a mismatch is always an error), and the folder's ``config.json`` if present (a
+    Everything is checked before any parameter changes, against the whole model whichever part ``params``
+    holds, so every pipeline stage judges a checkpoint alike: names (with ``strict``, a tensor the model
+    wants but the checkpoint lacks, or one the model has no place for, is a :class:`ValueError` naming it
+    and its file), shapes (a mismatch is always an error), and the folder's ``config.json`` if present (a
     different ``n_heads``/``rope_theta``/... is an error with ``strict``, else a warning). Tensors are then
     read one at a time with ``safe_open`` and copied into the parameters, converted to each parameter's
     dtype and device, so the checkpoint is never held in memory beside the model. A tied model accepts an
     ``lm_head.weight`` equal to the embeddings; ``rotary_emb.inv_freq`` buffers are skipped.
     """
     folder = Path(folder)
-    cfg = model.cfg
     mapping = hf_state_dict_mapping(cfg)
-    partial = params is not None
-    if not partial:
-        params = dict(model.named_parameters())
-    else:  # a part of the model (a pipeline stage): only its tensors are wanted, the rest are not unexpected
-        unknown = sorted(set(params) - set(dict.fromkeys(mapping.values())) - set(_variant_names(cfg)))
-        if unknown:
-            raise ValueError(f"parameters {unknown[:5]} are not LlamaModel parameter names")
-        skipped = {hf for hf, ours in mapping.items() if ours not in params}
-        mapping = {hf: ours for hf, ours in mapping.items() if ours in params}
+    unknown = sorted(set(params) - set(_model_names(cfg)))
+    if unknown:
+        raise ValueError(f"parameters {unknown[:5]} are not parameter names of the configured LlamaModel")
     where, source = _checkpoint(folder)
-    if partial:
-        where = {n: f for n, f in where.items() if n not in skipped}
     _check_config(folder, cfg, strict)
 
     unexpected = [n for n in where if n not in mapping and not _IGNORED.fullmatch(n)]
@@ -197,25 +188,25 @@ def load_hf_weights(model: LlamaModel, folder: str | Path, strict: bool = True,
             raise ValueError(msg)
         log.warning("%s; those parameters keep their initialisation", msg)
 
+    wanted = {hf: ours for hf, ours in mapping.items() if ours in params and hf in where}
     by_file: dict[Path, list[str]] = defaultdict(list)
-    for name in mapping:
-        if name in where:
-            by_file[where[name]].append(name)
+    for name in wanted:
+        by_file[where[name]].append(name)
     for path, names in by_file.items():
         with safe_open(path, framework="pt") as f:
             for name in names:
-                shape, want = tuple(f.get_slice(name).get_shape()), tuple(params[mapping[name]].shape)
+                shape, want = tuple(f.get_slice(name).get_shape()), tuple(params[wanted[name]].shape)
                 if shape != want:
-                    raise ValueError(f"tensor {name!r} in {path} has shape {list(shape)}, but {mapping[name]} "
+                    raise ValueError(f"tensor {name!r} in {path} has shape {list(shape)}, but {wanted[name]} "
                                      f"is {list(want)}")
 
     with torch.no_grad():
         for path, names in by_file.items():
             with safe_open(path, framework="pt") as f:
                 for name in names:
-                    params[mapping[name]].copy_(f.get_tensor(name))
+                    params[wanted[name]].copy_(f.get_tensor(name))
 
-    loaded = {mapping[n] for n in mapping if n in where}
+    loaded = set(wanted.values())
     left = [n for n in params if n not in loaded]
     extras = [n for n in left if n not in mapping.values()]
     if extras:

@@ -11,6 +11,7 @@ from torch import nn
 from distca.config import ModelConfig
 from distca.model.attention import SelfAttention
 from distca.model.core import CoreAttention, DocLayout
+from distca.model.init import init_weights
 from distca.model.layers import RMSNorm, SwiGLU, rope_cos_sin
 from distca.model.residual import DeltaResidual
 
@@ -42,6 +43,7 @@ class Block(nn.Module):
         if cfg.residual == "ddl":
             self.attn_delta = DeltaResidual(cfg.hidden, cfg.ddl_beta_init)
             self.mlp_delta = DeltaResidual(cfg.hidden, cfg.ddl_beta_init)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor, core: CoreAttention, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.swa is not None:
@@ -54,16 +56,40 @@ class Block(nn.Module):
         return self.mlp_delta(x, h, c) if self.cfg.residual == "ddl" else x + h
 
 
+class TokenEmbedding(nn.Embedding):
+    """Token ids -> hidden vectors, initialised N(0, 0.02²) (:func:`~distca.model.init.init_weights`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.vocab_size, cfg.hidden)
+
+    def reset_parameters(self) -> None:
+        init_weights(self)
+
+
+class LMHead(nn.Linear):
+    """Hidden vectors -> next-token logits (an untied head), initialised N(0, 0.02²)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.hidden, cfg.vocab_size, bias=False)
+
+    def reset_parameters(self) -> None:
+        init_weights(self)
+
+
 class LlamaModel(nn.Module):
-    """Embeddings, blocks, final norm, LM head (tied or untied)."""
+    """Embedding, blocks, final norm, LM head (tied to the embedding or not).
+
+    Each part initialises itself (:mod:`distca.model.init`), so the pipeline stages, built from these same
+    classes one layer at a time, start as this model's parts do.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.embed = TokenEmbedding(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.head = LMHead(cfg)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 

@@ -22,12 +22,22 @@ EPS_K = 1e-5
 class DeltaResidual(nn.Module):
     def __init__(self, dim: int, beta_init: float = 1.0):
         super().__init__()
+        self.beta_init = beta_init
         self.beta = nn.Linear(dim, 1)
         self.v = nn.Linear(dim, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DDL's own init: ``w_β = 0`` and ``b_β = logit(β₀/2)``, so β starts at ``ddl_beta_init`` for every
+        token; ``W_v``, ``b_v`` ~ U(±1/√d) (PyTorch's Linear init, std ≈ 0.58/√d, close to the DDL
+        reference code's N(0, 0.5/√d)) rather than the backbone's 0.02, as DDL runs have started so far."""
+        bound = 1 / math.sqrt(self.v.in_features)
         with torch.no_grad():
             self.beta.weight.zero_()
-            p = min(max(beta_init / 2, 1e-6), 1 - 1e-6)
+            p = min(max(self.beta_init / 2, 1e-6), 1 - 1e-6)
             self.beta.bias.fill_(math.log(p / (1 - p)))
+            self.v.weight.uniform_(-bound, bound)
+            self.v.bias.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """New residual from state ``x``, sublayer output ``h`` and its normalised input ``c``."""

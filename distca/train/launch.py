@@ -1,10 +1,10 @@
 """``distca train`` on one machine: a local Ray with the attention-server pool, and one spawned process
 per trainer rank joined by gloo on 127.0.0.1 — the simulated cluster the tests and ``make train`` run.
 
-The driver owns the user-facing side: progress bar, per-step lines, the metrics JSONL file, TensorBoard,
-and the final summary table. Trainer rank 0 streams its records to the driver over a queue. A rank
-that fails reports its traceback and the driver stops the others; a rank that goes silent for
-``train.step_timeout_s`` fails the run — nothing hangs.
+The driver owns the user-facing side (:class:`~distca.train.metrics.MetricsSink`): progress bar,
+per-step lines, the metrics JSONL file, TensorBoard and the resolved config. Trainer rank 0 streams its
+records to the driver over a queue. A rank that fails reports its traceback and the driver stops the
+others; a rank that goes silent for ``train.step_timeout_s`` fails the run — nothing hangs.
 """
 
 from __future__ import annotations
@@ -18,37 +18,20 @@ import os
 import queue as queue_mod
 import signal
 import socket
-import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distca.config import DistCAConfig, config_from_dict
 from distca.errors import DistCAError
+from distca.train.metrics import MetricsSink, TrainResult, collect
 
 log = logging.getLogger(__name__)
 
 
 class TrainError(DistCAError, RuntimeError):
     """A training run failed: a rank raised, died or went silent."""
-
-
-@dataclass
-class TrainResult:
-    records: list[dict[str, Any]]
-    start_step: int
-    end_step: int
-    checkpoints: list[str] = field(default_factory=list)
-    metrics_path: str = ""
-    wall_s: float = 0.0
-    stopped_early: bool = False  # a SIGTERM/SIGINT ended the run at a step boundary
-    restarts: int = 0  # times the ranks were restarted from a checkpoint after a failure
-
-    @property
-    def losses(self) -> list[float]:
-        return [r["loss"] for r in self.records]
 
 
 def free_port() -> int:
@@ -58,21 +41,22 @@ def free_port() -> int:
 
 
 def _trainer_process(cfg_dict: dict, rank: int, world: int, port: int, addresses: list[str], run_steps: int,
-                     out: Any) -> None:
+                     out: Any, verbose: bool = False) -> None:
     """Entry of a spawned trainer: the environment DeepSpeed reads, then the :class:`Trainer`."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "DS_ACCELERATOR": "cpu"})
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the driver asks for stacks when a run hangs
-    logging.basicConfig(level=logging.WARNING, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     try:
+        from distca.train.quiet import quiet_libraries
         from distca.train.trainer import RankInfo, Trainer
 
+        quiet_libraries(verbose)
         cfg = config_from_dict(cfg_dict)
         trainer = Trainer(cfg, RankInfo(rank, world, "127.0.0.1", port), addresses,
-                          report=lambda rec: out.put(("report", rank, rec)))
+                          report=lambda rec: out.put(("report", rank, rec)), verbose=verbose)
         trainer.install_signal_handlers()
         res = trainer.run(run_steps)
         out.put(("done", rank, {k: v for k, v in res.items() if k != "records"} if rank else res))
@@ -81,83 +65,10 @@ def _trainer_process(cfg_dict: dict, rank: int, world: int, port: int, addresses
         raise SystemExit(1) from None
 
 
-class _Sink:
-    """Progress bar, log lines, metrics JSONL and TensorBoard, on the driver."""
-
-    def __init__(self, cfg: DistCAConfig, metrics_path: Path):
-        self.cfg = cfg
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        self.jsonl = metrics_path.open("a")
-        self.bar = None
-        self.tb = None
-        if cfg.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard"))
-            except ImportError as exc:  # tensorboard is a dependency; a broken install only loses the logs
-                log.warning("TensorBoard logging off: %s", exc)
-
-    def start(self, rec: dict[str, Any]) -> None:
-        if self.cfg.train.progress and self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=rec["end_step"], initial=rec["start_step"], desc="train", unit="step",
-                            file=sys.stderr, dynamic_ncols=True)
-
-    def step(self, rec: dict[str, Any]) -> None:
-        self.jsonl.write(json.dumps(rec) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for key in ("loss", "lr", "tokens_per_s", "mfu", "exposed_comm_pct", "plan_ms", "peak_rss_mb",
-                        "attn_load_max_over_mean_planned", "attn_load_max_over_mean_measured"):
-                if rec.get(key) is not None:
-                    self.tb.add_scalar(f"train/{key}", rec[key], rec["step"] + 1)
-        line = format_step(rec)
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            self.bar.update(1)
-            if (rec["step"] + 1) % self.cfg.train.log_every == 0:
-                self.bar.write(line, file=sys.stderr)
-        elif (rec["step"] + 1) % self.cfg.train.log_every == 0:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.jsonl.close()
-
-
-def collect(result: TrainResult, sink: _Sink, rec: dict[str, Any]) -> None:
-    """Apply one of rank 0's reports (``start``, ``step``, ``checkpoint``, ``stopping``) to the run's
-    result and its progress/metrics sink — for every launcher."""
-    ev = rec.pop("event")
-    if ev == "start":
-        result.start_step, result.end_step = rec["start_step"], rec["end_step"]
-        sink.start(rec)
-    elif ev == "step":
-        result.records.append(rec)
-        sink.step(rec)
-    elif ev == "checkpoint":
-        result.checkpoints.append(rec["tag"])
-    elif ev == "stopping":
-        result.stopped_early, result.end_step = True, rec["step"]
-        log.warning("stopping after step %d as asked (checkpoint follows)", rec["step"])
-
-
-def format_step(r: dict[str, Any]) -> str:
-    measured = r.get("attn_load_max_over_mean_measured")
-    return (f"step {r['step'] + 1:>5}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:.0f} tok/s  "
-            f"MFU {100 * r['mfu']:.2f}%  attn max/mean {r['attn_load_max_over_mean_planned']:.3f}"
-            + (f" (measured {measured:.3f})" if measured else "")
-            + f"  exposed comm {r['exposed_comm_pct']:.1f}%  plan {r['plan_ms']:.1f} ms  "
-            f"peak {r['peak_rss_mb']:.0f} MB")
-
-
-def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None) -> TrainResult:
-    """Run training on a simulated cluster on this machine; returns rank 0's per-step records."""
+def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None,
+          verbose: bool = False) -> TrainResult:
+    """Run training on a simulated cluster on this machine; returns rank 0's per-step records.
+    ``verbose`` lets the libraries (DeepSpeed, torch.distributed) in the trainer ranks log and print."""
     t_start = time.perf_counter()
     world = cfg.cluster.n_trainers
     # longer than the collectives' own timeout, so a rank's own error is what usually surfaces
@@ -173,7 +84,7 @@ def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None)
 
             pool = AttentionServerPool(pool_settings(cfg))
             addresses = list(pool.addresses)
-        return _with_restarts(cfg, world, pool, addresses, run_steps, timeout_s, t_start)
+        return _with_restarts(cfg, world, pool, addresses, run_steps, timeout_s, t_start, verbose)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -192,14 +103,14 @@ def _child_malloc_arenas(n: int):
 
 
 def _with_restarts(cfg: DistCAConfig, world: int, pool, addresses: list[str], run_steps: int, timeout_s: float,
-                   t_start: float) -> TrainResult:
+                   t_start: float, verbose: bool) -> TrainResult:
     """Run the ranks; when a run fails and ``train.max_restarts`` allows, replace dead attention servers
     and start the ranks again from the latest checkpoint (resume is exact, so the loss curve is the one
     an undisturbed run draws; steps after that checkpoint are trained again)."""
     attempt, done = cfg, []
     for restart in range(cfg.train.max_restarts + 1):
         try:
-            res = _run_ranks(attempt, world, addresses, run_steps, timeout_s, t_start)
+            res = _run_ranks(attempt, world, addresses, run_steps, timeout_s, t_start, verbose)
         except TrainError as exc:
             if restart == cfg.train.max_restarts:
                 raise
@@ -243,14 +154,15 @@ def _check_source(cfg: DistCAConfig) -> None:
 
 
 def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: int, timeout_s: float,
-               t_start: float) -> TrainResult:
+               t_start: float, verbose: bool = False) -> TrainResult:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_trainer_process, args=(cfg.to_dict(), r, world, port, addresses, run_steps, out),
-                         daemon=True, name=f"distca-trainer{r}") for r in range(world)]
+    procs = [ctx.Process(target=_trainer_process, args=(cfg.to_dict(), r, world, port, addresses, run_steps, out,
+                                                        verbose), daemon=True, name=f"distca-trainer{r}")
+             for r in range(world)]
     metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
-    sink = _Sink(cfg, metrics_path)
+    sink = MetricsSink(cfg, metrics_path)
     result = TrainResult([], 0, 0, metrics_path=str(metrics_path))
     done: set[int] = set()
     signals = _GracefulStop(procs)
@@ -356,39 +268,3 @@ def _errors(out, rank: int, payload: str, grace_s: float = 5.0) -> str:
         if kind == "error":
             msgs.append(f"trainer rank {r} failed:\n{p}")
     return "\n".join(msgs)
-
-
-def summary_table(cfg: DistCAConfig, res: TrainResult) -> str:
-    """The run's final table: configuration, then medians over its steps (first step excluded when possible)."""
-    import statistics
-
-    recs = res.records[1:] if len(res.records) > 2 else res.records
-    med = lambda key: statistics.median(r[key] for r in recs if r.get(key) is not None)  # noqa: E731
-    measured = [r["attn_load_max_over_mean_measured"] for r in recs if r.get("attn_load_max_over_mean_measured")]
-    t, m = cfg.train, cfg.model
-    rows = [
-        ("model", f"{m.n_layers} layers, hidden {m.hidden}, {m.n_heads}/{m.n_kv_heads} heads, residual {m.residual}"),
-        ("parallelism", f"PP={t.pipeline_parallel} x DP={cfg.data_parallel}, {t.micro_batches} micro-batches, "
-                        f"ZeRO-{t.zero_stage}, {t.precision}"),
-        ("core attention", t.core_attention + (f" on {cfg.cluster.n_servers} servers ({cfg.cluster.placement})"
-                                               if t.core_attention == "cad" else " (colocated)")),
-        ("steps", f"{res.start_step} -> {res.end_step}" + (" (stopped by a signal)" if res.stopped_early else "")),
-        ("loss first -> last", f"{res.records[0]['loss']:.4f} -> {res.records[-1]['loss']:.4f}" if res.records
-         else "-"),
-        ("tokens / step", f"{res.records[0]['tokens']}" if res.records else "-"),
-        ("tokens/s (median)", f"{med('tokens_per_s'):.0f}"),
-        ("step time (median)", f"{med('step_s'):.2f} s"),
-        ("MFU (median)", f"{100 * med('mfu'):.2f}% (model FLOPs, attention from exact pairs; see distca.train.flops)"),
-        ("attention share of FLOPs", f"{100 * med('attention_flops_share'):.1f}%"),
-        ("attention load max/mean", f"planned {med('attn_load_max_over_mean_planned'):.3f}"
-         + (f", measured {statistics.median(measured):.3f}" if measured else "")),
-        ("exposed communication (median)", f"{med('exposed_comm_pct'):.1f}% of step time"),
-        ("scheduler time (median)", f"{med('plan_ms'):.1f} ms / step"),
-        ("peak memory (max rank)", f"{max(r['peak_rss_mb'] for r in res.records):.0f} MB RSS"),
-        ("wall time", f"{res.wall_s:.1f} s" + (f" ({res.restarts} restart(s) from a checkpoint)" if res.restarts
-                                               else "")),
-        ("metrics", res.metrics_path),
-    ] if res.records else [("steps", "none run")]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(["| " + "metric".ljust(width) + " | value |", "|" + "-" * (width + 2) + "|---|",
-                      *(f"| {k.ljust(width)} | {v} |" for k, v in rows)])

@@ -1,4 +1,10 @@
-"""The Llama decoder as a DeepSpeed ``PipelineModule``: embedding, one layer per block, norm + head.
+"""The Llama decoder as a DeepSpeed ``PipelineModule``: :class:`~distca.model.llama.LlamaModel`'s own parts
+(embedding, one layer per block, final norm, head), each as one pipeline layer.
+
+The stage classes here subclass those parts and change only what ``forward`` takes and returns, so a
+stage holds the same parameters under the same names (after the layer index) and is initialised the
+same way (:mod:`distca.model.init`); :func:`llama_parameters` gives a stage's parameters their
+``LlamaModel`` names.
 
 Activations between stages are ``(hidden [T, d], micro [1])``: ``micro`` is the micro-batch's index
 in the step, which every stage uses to find that micro-batch's document layout (per-document RoPE
@@ -22,7 +28,7 @@ from torch import nn
 from distca.config import ModelConfig
 from distca.model.core import CoreAttention, DocLayout
 from distca.model.layers import RMSNorm, rope_cos_sin
-from distca.model.llama import Block
+from distca.model.llama import Block, LMHead, TokenEmbedding
 
 
 @dataclass
@@ -57,22 +63,12 @@ class StepContext:
         return self.micro[i]
 
 
-INIT_STD = 0.02  # Hugging Face Llama's initializer_range
-
-
-class EmbedStage(nn.Module):
-    """Token embedding; ``weight`` is a direct attribute so a tied head can share it. Initialised
-    N(0, 0.02²) as HF Llama does — with a tied head, nn.Embedding's N(0, 1) would start the logits at
-    O(√hidden) and the loss in the hundreds."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden))
-        nn.init.normal_(self.weight, std=INIT_STD)
+class EmbedStage(TokenEmbedding):
+    """The model's embedding, passing the micro-batch index on. Its ``weight`` is the tied head's too."""
 
     def forward(self, inputs):
         tokens, micro = inputs
-        return F.embedding(tokens, self.weight), micro
+        return super().forward(tokens), micro
 
 
 def tied_head(stage: EmbedStage, x: torch.Tensor) -> torch.Tensor:
@@ -80,38 +76,29 @@ def tied_head(stage: EmbedStage, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, stage.weight)
 
 
-class BlockStage(nn.Module):
+class BlockStage(Block):
     """One decoder block; finds its micro-batch's layout and core attention in the step context."""
 
     def __init__(self, cfg: ModelConfig, index: int, ctx: StepContext):
-        super().__init__()
-        self.cfg, self.ctx = cfg, ctx
-        self.block = Block(cfg, index)
+        super().__init__(cfg, index)
+        self.ctx = ctx
 
     def forward(self, inputs):
         x, micro = inputs
         m = self.ctx[micro]
         cos, sin = m.rope(self.cfg, x.dtype, x.device)
-        return self.block(x, m.core, cos, sin), micro
+        return super().forward(x, m.core, cos, sin), micro
 
 
-class NormStage(nn.Module):
+class NormStage(RMSNorm):
+    """The final norm; the micro-batch index stops here (the head and the loss take plain tensors)."""
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        super().__init__(cfg.hidden, cfg.norm_eps)
 
     def forward(self, inputs):
         x, _micro = inputs
-        return self.norm(x)
-
-
-class HeadStage(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
-
-    def forward(self, x):
-        return self.head(x)
+        return super().forward(x)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -123,11 +110,24 @@ def pipeline_layers(cfg: ModelConfig, ctx: StepContext) -> list:
     """Layer specs in order: embedding, blocks, final norm, head (tied to the embedding if configured)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+    # the tie key is the embedding's LlamaModel name, which llama_parameters relies on
     first = TiedLayerSpec("embed", EmbedStage, cfg) if cfg.tie_embeddings else LayerSpec(EmbedStage, cfg)
     last = (TiedLayerSpec("embed", EmbedStage, cfg, forward_fn=tied_head) if cfg.tie_embeddings
-            else LayerSpec(HeadStage, cfg))
+            else LayerSpec(LMHead, cfg))
     return [first, *(LayerSpec(BlockStage, cfg, i, ctx) for i in range(cfg.n_layers)), LayerSpec(NormStage, cfg),
             last]
+
+
+def llama_parameters(pipe: nn.Module, cfg: ModelConfig) -> dict[str, nn.Parameter]:
+    """This stage's parameters under their :class:`LlamaModel` names. ``PipelineModule`` names layer ``i``
+    of :func:`pipeline_layers` ``"i"`` and a tied module ``tied_modules.<key>``; the rest of each name is
+    the part's own, the same as inside ``LlamaModel``."""
+    prefixes = ["embed", *(f"blocks.{i}" for i in range(cfg.n_layers)), "norm", "head"]  # pipeline_layers' order
+    out = {}
+    for name, p in pipe.named_parameters():
+        layer, rest = name.split(".", 1)
+        out[rest if layer == "tied_modules" else f"{prefixes[int(layer)]}.{rest}"] = p
+    return out
 
 
 def _seed_layer(seed) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from distca.config import DistCAConfig, config_from_dict
-from distca.train.launch import TrainError, TrainResult, _check_source, _child_malloc_arenas
+from distca.train.launch import TrainError, _check_source, _child_malloc_arenas
+from distca.train.metrics import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from distca.train.launch import _Sink, collect
+    from distca.train.metrics import MetricsSink, collect
+    from distca.train.quiet import quiet_libraries
     from distca.train.trainer import RankInfo, Trainer
 
     ctx = ray.train.get_context()
@@ -38,20 +40,23 @@ def _worker(loop_config: dict[str, Any]) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(ctx.get_local_rank()),
                        "LOCAL_WORLD_SIZE": str(ctx.get_local_world_size()),
                        "DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu"})
-    sink = _Sink(cfg, Path(cfg.output_dir) / "metrics.jsonl") if rank == 0 else None
+    quiet_libraries(loop_config["verbose"])
+    sink = MetricsSink(cfg, Path(cfg.output_dir) / "metrics.jsonl") if rank == 0 else None
 
     result = TrainResult([], 0, 0)  # the driver reads the records back from metrics.jsonl
     report = (lambda rec: collect(result, sink, rec)) if sink else None
     try:
-        trainer = Trainer(cfg, RankInfo(rank, world), loop_config["addresses"], report=report)
+        trainer = Trainer(cfg, RankInfo(rank, world), loop_config["addresses"], report=report,
+                          verbose=loop_config["verbose"])
         trainer.run(loop_config["run_steps"])
     finally:
         if sink is not None:
             sink.close()
 
 
-def train_on_ray(cfg: DistCAConfig, run_steps: int = 0) -> TrainResult:
-    """Start (or join) Ray, the server pool and ``cluster.n_trainers`` Ray Train workers; train."""
+def train_on_ray(cfg: DistCAConfig, run_steps: int = 0, verbose: bool = False) -> TrainResult:
+    """Start (or join) Ray, the server pool and ``cluster.n_trainers`` Ray Train workers; train. ``verbose``
+    lets Ray Train and the libraries in the workers (DeepSpeed, torch.distributed) log and print."""
     from distca.parts import pool_settings
     from distca.server.pool import AttentionServerPool, local_ray_on_loopback
 
@@ -60,7 +65,7 @@ def train_on_ray(cfg: DistCAConfig, run_steps: int = 0) -> TrainResult:
     if not cfg.cluster.ray_address:
         local_ray_on_loopback()
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     n = cfg.cluster.n_trainers
@@ -81,10 +86,11 @@ def train_on_ray(cfg: DistCAConfig, run_steps: int = 0) -> TrainResult:
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"cfg": cfg.to_dict(), "addresses": list(pool.addresses) if pool else [],
-                               "run_steps": run_steps},
+                               "run_steps": run_steps, "verbose": verbose},
             scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
             torch_config=TorchConfig(backend="gloo", timeout_s=int(cfg.train.step_timeout_s)),
-            run_config=RunConfig(name="distca", storage_path=str(Path(cfg.output_dir, "ray").resolve())),
+            run_config=RunConfig(name="distca", storage_path=str(Path(cfg.output_dir, "ray").resolve()),
+                                 logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
         )
         try:
             trainer.fit()

@@ -42,14 +42,16 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
     return int(value)
 
 
-def run(cfg: DistCAConfig, env: Mapping[str, str], run_steps: int = 0) -> dict | None:
+def run(cfg: DistCAConfig, env: Mapping[str, str], run_steps: int = 0, verbose: bool = False) -> dict | None:
     """Train as this torchrun rank (``env``: torchrun's variables, handed in by the entry point); rank 0
-    prints progress and the summary and returns its records."""
+    prints the run's header, progress and the summary and returns its records. ``verbose`` lets the
+    libraries (DeepSpeed, torch.distributed) log and print."""
     import time
 
     import torch.distributed as dist
 
-    from distca.train.launch import TrainResult, _Sink, collect, summary_table
+    from distca.train.metrics import MetricsSink, TrainResult, collect, run_header, summary_table
+    from distca.train.quiet import quiet_libraries
     from distca.train.trainer import RankInfo, Trainer
 
     t_start = time.perf_counter()
@@ -57,6 +59,9 @@ def run(cfg: DistCAConfig, env: Mapping[str, str], run_steps: int = 0) -> dict |
     local, per_node = _env_int(env, "LOCAL_RANK"), _env_int(env, "LOCAL_WORLD_SIZE")
     info = RankInfo(rank, world, env.get("MASTER_ADDR", "127.0.0.1"), _env_int(env, "MASTER_PORT"))
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    quiet_libraries(verbose)
+    if rank == 0:
+        print(run_header(cfg), flush=True)
     dist.init_process_group("gloo", init_method=f"tcp://{info.master_addr}:{info.master_port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=cfg.train.step_timeout_s))
     with contextlib.ExitStack() as stack:
@@ -71,11 +76,11 @@ def run(cfg: DistCAConfig, env: Mapping[str, str], run_steps: int = 0) -> dict |
         every: list = [None] * world
         dist.all_gather_object(every, mine)
         addresses = [a for node in every for a in node]
-        sink = _Sink(cfg, Path(cfg.output_dir) / "metrics.jsonl") if rank == 0 else None
+        sink = MetricsSink(cfg, Path(cfg.output_dir) / "metrics.jsonl") if rank == 0 else None
         result = TrainResult([], 0, 0, metrics_path=str(sink.jsonl.name) if sink else "")
 
         report = (lambda rec: collect(result, sink, rec)) if rank == 0 else None
-        trainer = Trainer(cfg, info, addresses, report=report)
+        trainer = Trainer(cfg, info, addresses, report=report, verbose=verbose)
         trainer.run(run_steps)  # destroys the process group at the end
         if sink is not None:
             sink.close()
@@ -98,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--run-steps", type=int, default=0)
     p.add_argument("--result-json", default="", help="rank 0 writes the per-step losses here (tests)")
+    p.add_argument("--verbose", action="store_true", help="let DeepSpeed and torch.distributed log and print")
     args, overrides = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     cfg = load_config(args.config, overrides)
     torch.set_num_threads(cfg.threads or 1)
-    out = run(cfg, dict(os.environ), args.run_steps)  # the entry point reads torchrun's environment, once
+    out = run(cfg, dict(os.environ), args.run_steps, args.verbose)  # torchrun's environment, read once here
     if out is not None and args.result_json:
         with open(args.result_json, "w") as f:
             json.dump(out, f)

@@ -10,9 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from distca.attention import forward, varlen_metadata
+from distca.attention.cost import cum_pairs
 from distca.attention.tasks import CATask
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
-from distca.scheduler.work import cum_pairs, first_reaching, key_start
+from distca.scheduler.work import first_reaching, key_start
 
 
 @st.composite

@@ -19,6 +19,7 @@ import uuid
 import torch
 import zmq
 
+from distca.attention import lse_dtype
 from distca.attention.tasks import row_ranges
 from distca.errors import DistCAError
 from distca.runtime.plan_exec import RankTensors, _run_local_tasks
@@ -168,9 +169,8 @@ class CADClient:
             qr, kr = rows[s]
             sends[s] = [("q", _host(t.q[qr])), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
             self.eps[s].send(Kind.FWD, sends[s], plan_id=pid, extra={"rank": self.rank})
-        lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
         res = {"out": [torch.zeros_like(t.q)],
-               "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype, device=dev)]}
+               "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype(t.q.dtype), device=dev)]}
         self._local(plan, t, None, res)  # overlaps with the servers' work
         return PendingForward(self, pid, servers, rows, sends, res)
 
@@ -185,12 +185,11 @@ class CADClient:
         servers = self._servers(plan)
         dev = t.q.device
         rows = {s: (_rows(plan.q_xfer, self.rank, s, dev), _rows(plan.kv_xfer, self.rank, s, dev)) for s in servers}
-        lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
         sends = {}
         for s in servers:
             qr, kr = rows[s]
             sends[s] = [("q", _host(t.q[qr])), ("out", _host(out[qr])), ("dout", _host(dout[qr])),
-                        ("lse", _host(lse[qr].to(lse_dtype))), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
+                        ("lse", _host(lse[qr].to(lse_dtype(t.q.dtype)))), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
             self.eps[s].send(Kind.BWD, sends[s], plan_id=pid, extra={"rank": self.rank})
         res = {"out": [torch.zeros_like(t.q)], "lse": [torch.zeros(t.q.shape[:2], dtype=lse.dtype, device=dev)],
                "dq": [torch.zeros_like(t.q)], "dk": [torch.zeros_like(t.k)], "dv": [torch.zeros_like(t.v)]}

@@ -19,8 +19,9 @@ import numpy as np
 
 from distca.config import ModelConfig
 from distca.sim.hardware import Hardware
-from distca.sim.step import Parallelism, SimOptions, StepReport, _Costs, block_linear_params, simulate_step
+from distca.sim.step import Parallelism, SimOptions, StepReport, _Costs, simulate_step
 from distca.sim.workload import plain_packing, sample_documents, wlb_packing
+from distca.train.flops import block_linear_params
 
 K = 1024
 # Published paper ranges (paper.md §3), for the plot and the table.

@@ -43,13 +43,13 @@ import numpy as np
 import torch
 
 from distca.attention import AttentionShape
+from distca.attention.cost import cum_pairs
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
 from distca.runtime.group_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
-from distca.scheduler.work import cum_pairs
 from distca.train.data import make_source
-from distca.train.flops import attention_sublayers, measure_peak_flops, step_flops
+from distca.train.flops import measure_peak_flops, step_flops
 from distca.train.pipe import MicroContext, StepContext, build_pipeline
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Trainer:
             raise ValueError("train.core_attention is 'cad' but no attention-server addresses were given")
         if info.world != cfg.cluster.n_trainers:
             raise ValueError(f"{info.world} processes started for cluster.n_trainers={cfg.cluster.n_trainers}")
-        self.windows = sorted(set(attention_sublayers(cfg.model)))
+        self.windows = sorted(set(cfg.model.attention_windows()))
         self.stop_requested = False
         self.attn_timer = AttentionTimer()
         self.saved = SavedActivations()
@@ -231,7 +231,7 @@ class Trainer:
         blocked = (self.client.blocked_s - blocked0) if self.client is not None else 0.0
 
         # Attention load: per server as planned (pairs summed over the step's calls), else per replica.
-        calls = {w: attention_sublayers(self.cfg.model).count(w) for w in self.windows}
+        calls = {w: self.cfg.model.attention_windows().count(w) for w in self.windows}
         if self.client is not None:
             load = sum(calls[w] * plans[w].server_pairs.astype(np.float64) for _, plans in built for w in plans)
         else:

@@ -126,9 +126,13 @@ class Plan:
                    for _, tensors, x in self.messages(which))
 
     def digest(self) -> bytes:
-        """A byte string identifying the plan exactly (for determinism checks)."""
+        """A byte string identifying the plan exactly: its sizes, window, capacity and shape, then every
+        task and server array and both transfer lists (ranks compare plans by it; plan ids hash it)."""
+        s = self.shape
+        header = np.array([self.n_ranks, self.n_servers, self.window, self.capacity, s.n_heads, s.n_kv_heads,
+                           s.head_dim, s.dtype_bytes], dtype=np.int64)
         arrays = [getattr(self, f) for f in self.__dataclass_fields__ if f.startswith(("task_", "server_"))]
-        return b"".join(a.tobytes() for a in arrays) + self.q_xfer.digest() + self.kv_xfer.digest()
+        return header.tobytes() + b"".join(a.tobytes() for a in arrays) + self.q_xfer.digest() + self.kv_xfer.digest()
 
 
 def _excl_cumsum(values: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
-"""One source per derived quantity (DESIGN.md §5, invariant 7): the real model, the FLOPs counter and the
-simulator agree with the one home of the layer windows (``ModelConfig.block_windows``), of the parameter
-count (``distca.train.flops``), of the pair count (``distca.attention.cost.cum_pairs``) and of the lse
-dtype (``distca.attention.lse_dtype``) — each checked against something computed independently of it."""
+"""One source per derived quantity: the real model, the FLOPs counter and the simulator agree with the one
+home of the layer windows (``ModelConfig.block_windows``), of the parameter count (``distca.train.flops``),
+of the pair count (``distca.attention.cost.cum_pairs``) and of the lse dtype (``distca.attention.lse_dtype``),
+each checked against something computed independently of it (the real modules, a brute-force mask count)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from distca.errors import CalibrationError
 ArrayLike = int | np.ndarray
 Pass = Literal["fwd", "bwd"]
 
-BWD_OVER_FWD = 2.5  # DESIGN.md §6: backward ≈ 2.5× forward FLOPs
+BWD_OVER_FWD = 2.5  # backward ≈ 2.5× forward FLOPs (recomputed scores, then dS, dQ, dK, dV)
 DEFAULT_TILE = 128  # FlashAttention-2 tile edge on current GPUs
 
 
@@ -30,7 +30,7 @@ def _as_i64(x: ArrayLike) -> np.ndarray:
 
 def cum_pairs(y: ArrayLike, window: ArrayLike = -1) -> ArrayLike:
     """Pairs attended by queries ``[0, y)`` of one document: ``Σ_{i<y} min(i + 1, w)`` (``w < 0``: full
-    causal, ``y(y + 1)/2``) — the one closed form of the pair count (DESIGN.md §6).
+    causal, ``y(y + 1)/2``) — the one closed form of the pair count.
 
     Python ints in, a Python int out (the planner calls it a few times per move, where numpy's per-call
     overhead would dominate); numpy arrays in, an array out, elementwise. A query range ``[x, y)``
@@ -48,7 +48,7 @@ def cum_pairs(y: ArrayLike, window: ArrayLike = -1) -> ArrayLike:
 
 
 def pair_count(q_len: ArrayLike, kv_len: ArrayLike, window: ArrayLike = -1) -> np.ndarray:
-    """Number of attended (query, key) pairs of a task (DESIGN.md §6), exact, elementwise."""
+    """Number of attended (query, key) pairs of a task, exact, elementwise."""
     q, k, w = np.broadcast_arrays(_as_i64(q_len), _as_i64(kv_len), _as_i64(window))
     # Bottom-right alignment: the task's queries are queries [k - q, k) of a document of k keys (those
     # before key 0, when q > k, see nothing).
@@ -199,7 +199,7 @@ class CalibrationTable:
 class CostModel:
     """Predicts task time (seconds) forward and backward.
 
-    ``mode="pairs"``: FLOPs from exact pair counts at ``peak_flops`` (the closed form of DESIGN.md §6).
+    ``mode="pairs"``: FLOPs from exact pair counts at ``peak_flops`` (the closed form of :func:`cum_pairs`).
     ``mode="tiles"``: FLOPs of every computed tile plus a fixed per-task overhead — short shards and
     short windows cost more than their pairs say. ``mode="calibrated"``: a non-negative linear model
     over (per-task, tile area, pairs, tokens, windowed pairs) fitted to a measured :class:`CalibrationTable`; compute

@@ -68,7 +68,7 @@ from common import REPO_ROOT, fmt_ms, markdown_table, run_info, synchronize
 from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
 from distca.attention import resolve_backend, varlen_attention
-from distca.scheduler.work import cum_pairs
+from distca.attention.cost import cum_pairs
 
 GiB = 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -238,7 +238,7 @@ def doc_lengths(args) -> list[int]:
 
 def linear_params_per_layer(cfg) -> int:
     """Weights every token multiplies through in one standard block (the simulator's count)."""
-    from distca.sim.step import block_linear_params
+    from distca.train.flops import block_linear_params
 
     return block_linear_params(cfg)[1]
 

@@ -59,6 +59,25 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden // self.n_heads
 
+    def block_windows(self) -> list[tuple[int, ...]]:
+        """The window of each block's core-attention calls, in call order (-1 = full causal).
+
+        The one source of the layer windows: the model builds its attention sublayers from it, the FLOPs
+        counter and the simulator count from it. ``standard``/``ddl``: ``(-1,)`` per block. ``shortswa``
+        with ``shortswa_every == 1``: ``(w, -1)``, the sliding-window sublayer before full attention.
+        ``shortswa_every = k > 1``: every k-th block's attention is windowed, ``(w,)``, the others ``(-1,)``.
+        """
+        if self.residual != "shortswa":
+            return [(-1,)] * self.n_layers
+        if self.shortswa_every == 1:
+            return [(self.shortswa_window, -1)] * self.n_layers
+        k = self.shortswa_every
+        return [(self.shortswa_window,) if i % k == k - 1 else (-1,) for i in range(self.n_layers)]
+
+    def attention_windows(self) -> list[int]:
+        """The window of every core-attention call of one forward pass, in order (-1 = full causal)."""
+        return [w for block in self.block_windows() for w in block]
+
 
 @dataclass
 class AttentionConfig:

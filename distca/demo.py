@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from distca.attention import AttentionShape, CATask, resolve_backend, varlen_attention, varlen_metadata
+from distca.attention.cost import cum_pairs
 from distca.config import DistCAConfig
 from distca.data.packing import pack_into_ranks
 from distca.parts import scheduler_settings
 from distca.runtime.plan_exec import RankTensors, execute_plan
 from distca.scheduler import BatchLayout, Placement, make_plan
-from distca.scheduler.work import cum_pairs
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Training data pipeline: document sources (distca.data.sources, token_files, text_source) and the
+"""Training data pipeline: document sources (distca.data.sources and the source modules) and the
 resumable packing stream (distca.data.stream)."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from distca.data import (
     tokenize_to_file,
     write_token_file,
 )
-from distca.data.sources import EXCLUDED_DIRS
+from distca.data.embedded_corpus import EXCLUDED_DIRS
 
 # ---------------------------------------------------------------- helpers
 

@@ -10,9 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from distca.attention import forward, varlen_metadata
+from distca.attention.cost import cum_pairs
 from distca.attention.tasks import CATask
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
-from distca.scheduler.work import cum_pairs, first_reaching, key_start
+from distca.scheduler.work import first_reaching, key_start
 
 
 @st.composite
@@ -258,9 +259,71 @@ def test_dedicated_default_keeps_documents_below_one_shard_local():
     assert sorted((plan.task_q1[local] - plan.task_q0[local]).tolist()) == [20, 100, 127]
 
 
-@pytest.mark.parametrize(("trainers", "servers", "kind"), [(4, 4, "colocated"), (6, 4, "colocated"),
-                                                            (3, 5, "colocated"), (6, 4, "dedicated")])
-def test_vectorised_placement_matches_scalar(trainers, servers, kind):
-    p = Placement(trainers, servers, kind)
-    assert p.home_servers().tolist() == [p.home_server(r) for r in range(trainers)]
-    assert p.has_local_server().tolist() == [p.local_server(r) >= 0 for r in range(trainers)]
+@st.composite
+def placements(draw):
+    """Any trainer/server counts, either kind, trainers on the first devices or on any distinct ones."""
+    trainers, servers = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    kind = draw(st.sampled_from(["colocated", "dedicated"]))
+    devices = None
+    if draw(st.booleans()):
+        devices = tuple(draw(st.lists(st.integers(0, 24), min_size=trainers, max_size=trainers, unique=True)))
+    return Placement(trainers, servers, kind, devices)
+
+
+@given(placements())
+def test_vectorised_placement_matches_a_scalar_reference(p):
+    # The placement rules, written out one trainer at a time from the Placement docstring.
+    for t in range(p.n_trainers):
+        device = t if p.devices is None else p.devices[t]
+        local = device if p.kind == "colocated" and device < p.n_servers else -1
+        block = t * p.n_servers // p.n_trainers  # contiguous blocks: neighbouring trainers share a server
+        assert p.local_server(t) == local
+        assert p.home_server(t) == (local if local >= 0 else block)
+        assert bool(p.has_local_server()[t]) == (local >= 0)
+        for s in range(p.n_servers):
+            assert bool(p.is_remote(t, s)) == (p.kind == "dedicated" or device != s)
+    assert p.home_servers().tolist() == [p.home_server(t) for t in range(p.n_trainers)]
+    trainers = np.repeat(np.arange(p.n_trainers), p.n_servers)
+    servers = np.tile(np.arange(p.n_servers), p.n_trainers)
+    assert p.is_remote(trainers, servers).tolist() == [bool(p.is_remote(int(t), int(s)))
+                                                       for t, s in zip(trainers, servers, strict=True)]
+
+
+# Every rank computes the plans itself, so a plan must not depend on anything process-specific (str
+# hashing, set/dict order of hashed keys). Each subprocess writes the digests of a fixed grid of plans.
+_PLAN_GRID = """
+import sys
+from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+
+ranks = [[3000, 900, 4292], [8192], [1200, 5000, 1992], [700] * 8 + [2592], [8192], [4000, 4192]]
+continues = [False, True, True, False, True, False]  # documents split across ranks 0-2 and 3-4
+batch = BatchLayout.from_ranks(ranks, continues)
+out, n_tasks = [], []
+for placement in (Placement(6, 6), Placement(6, 3), Placement(6, 4, "dedicated")):
+    for window in (-1, 256, 4096):
+        for eps in (0.0, 0.05):
+            plan, _ = make_plan(batch, placement, SchedulerConfig(eps=eps, granularity=64, window=window))
+            out.append(plan.digest())
+            n_tasks.append(plan.n_tasks)
+assert max(n_tasks) > batch.n_pieces  # the planner cut pieces into shards: the interesting case
+open(sys.argv[1], "wb").write(b"".join(len(d).to_bytes(8, "little") + d for d in out))
+"""
+
+
+def test_plans_are_byte_identical_across_processes_with_different_hash_seeds(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    outputs = []
+    for seed in ("0", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed,
+               "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        path = tmp_path / f"plans-{seed}.bin"
+        done = subprocess.run([sys.executable, "-c", _PLAN_GRID, str(path)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs.append(path.read_bytes())
+    assert len(outputs[0]) > 0 and outputs[0] == outputs[1]

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,18 +99,29 @@ def _hw(**kw):
     return Hardware(**base)
 
 
-def test_single_device_step_is_the_sum_of_its_parts():
-    hw = _hw()
-    mb = [MicroBatch([[1024, 1024]], [False])]
-    rep = simulate_step(TINY, hw, Parallelism(), SimOptions(system="colocated"), mb)
-    from distca.attention.cost import attention_flops, pair_count
-    from distca.sim.step import block_linear_params
-
-    _, per_block = block_linear_params(TINY)
-    lin = 3 * 2 * per_block * 2048 * 4 / 1e12 + 3 * 2 * 256 * 256 * 2048 / 1e12
-    pairs = 2 * int(pair_count(1024, 1024))
-    att = 4 * sum(float(attention_flops(pairs, 8, 32, w)) for w in ("fwd", "bwd")) / 1e12
-    assert math.isclose(rep.step_s, lin + att, rel_tol=1e-9)
+# Hand-counted for TINY (d = 256, 8 query heads and 2 kv heads of 32, ffn 688, vocab 256, 4 layers):
+#   weights per block: q and o 256·256 = 65,536 each, k and v 256·64 = 16,384 each → attention 163,840;
+#   MLP 3·256·688 = 528,384; DDL adds two gate vectors per residual update, 2·2·256 = 1,024.
+#   W (weights per token) = 4 blocks · per block + LM head 256·256 = 65,536.
+#   pairs of a 1024-token document: full causal 1024·1025/2 = 524,800; window 128:
+#   128·129/2 + (1024 - 128)·128 = 8,256 + 114,688 = 122,944. Two such documents per attention call.
+@pytest.mark.parametrize(("variant", "weights", "pairs"), [
+    # 4·(163,840 + 528,384) + 65,536; 4 full calls · 2 · 524,800
+    ({}, 2_834_432, 4_198_400),
+    # a windowed sublayer before every full one: 4·(2·163,840 + 528,384) + 65,536; 4 · 2 · (524,800 + 122,944)
+    ({"residual": "shortswa", "shortswa_window": 128}, 3_489_792, 5_181_952),
+    # every 2nd layer windowed instead: the standard weights; 2 · 2 · 524,800 + 2 · 2 · 122,944
+    ({"residual": "shortswa", "shortswa_window": 128, "shortswa_every": 2}, 2_834_432, 2_590_976),
+    # 4·(692,224 + 1,024) + 65,536; as standard
+    ({"residual": "ddl"}, 2_838_528, 4_198_400),
+])
+def test_single_device_step_is_the_sum_of_its_parts(variant, weights, pairs):
+    mb = MicroBatch([[1024, 1024]], [False])
+    rep = simulate_step(replace(TINY, **variant), _hw(), Parallelism(), SimOptions(system="colocated"), [mb])
+    # linear: 2 FLOPs per weight per token forward, x3 with the backward, at 1e12 FLOP/s;
+    # attention: 4 · head_dim 32 · 8 heads = 1,024 FLOPs per pair forward, 2.5x that backward, at 1e12 FLOP/s.
+    want = (6 * weights * 2048 + 3.5 * 1024 * pairs) / 1e12
+    assert math.isclose(rep.step_s, want, rel_tol=1e-9), (rep.step_s, want)
     assert rep.tokens == 2048
 
 
@@ -229,6 +241,25 @@ def test_host_calibration_pieces_are_sane():
     b = _hw(linear_flops=3e9, cores=1.0, attention_table=table.__dict__)
     m = average_hardware([a, b])
     assert m.linear_flops == 2e9 and m.cores == 1.5
+
+
+def test_validation_replays_a_hand_counted_step(tmp_path):
+    from distca.config import load_config
+    from distca.sim.validate import validate_file
+
+    # tiny-cpu's model is TINY: one device, local attention, the standard model's step of two 1024-token
+    # documents is 0.049876566016 s on _hw() (test_single_device_step_is_the_sum_of_its_parts, standard row:
+    # (6 · 2,834,432 · 2048 + 3.5 · 1024 · 4,198,400) / 1e12).
+    cfg = load_config("configs/tiny-cpu.yaml", ["--train.pipeline_parallel=1", "--cluster.n_trainers=1",
+                                                "--cluster.n_servers=1", "--train.core_attention=local",
+                                                "--train.micro_batches=1"]).to_dict()
+    record = {"step_s": 0.1, "micro_batches": [{"ranks": [[1024, 1024]], "continues": [False]}]}
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps({"runs": {"x/local": {"config": cfg, "records": [record] * 2}}}))
+    res = validate_file(path, _hw(), skip=1)["x/local"]
+    assert res["steps"] == 1 and res["system"] == "colocated"
+    assert math.isclose(res["predicted_s"], 0.049876566016, rel_tol=1e-9)
+    assert math.isclose(res["error"], 0.049876566016 / 0.1 - 1, rel_tol=1e-9)
 
 
 def test_validation_replays_recorded_steps(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distca.config import load_config
-from distca.train.flops import attention_sublayers, model_params, step_flops
+from distca.train.flops import model_params, step_flops
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -44,7 +44,7 @@ def test_attention_flops_follow_exact_pairs():
     assert one["attention"] == 3 * 4 * cfg.head_dim * cfg.n_heads * 2 * 1000 * 1001 // 2
     assert two["attention"] == 3 * 4 * cfg.head_dim * cfg.n_heads * 2 * 2 * 500 * 501 // 2
     swa = load_config(None, ["--model.n_layers=2", "--model.residual=shortswa", "--model.shortswa_window=8"]).model
-    assert attention_sublayers(swa) == [8, -1, 8, -1]
+    assert swa.attention_windows() == [8, -1, 8, -1]
 
 
 def test_linear_flops_match_a_counted_forward():

@@ -1,11 +1,13 @@
 """Core attention as pure math: task shapes, kernels (backends) and the cost model. No networking."""
 
 from distca.attention.backends import BACKEND_NAMES, available_backends, get_backend_reason, resolve_backend
+from distca.attention.backends.base import lse_dtype
 from distca.attention.cost import (
     AttentionShape,
     CalibrationTable,
     CostModel,
     attention_flops,
+    cum_pairs,
     pair_count,
     tile_count,
 )
@@ -22,9 +24,11 @@ __all__ = [
     "attention_flops",
     "available_backends",
     "backward",
+    "cum_pairs",
     "forward",
     "get_backend_reason",
     "key_range",
+    "lse_dtype",
     "pair_count",
     "resolve_backend",
     "shard_document",

@@ -20,7 +20,7 @@ from distca.errors import CalibrationError
 ArrayLike = int | np.ndarray
 Pass = Literal["fwd", "bwd"]
 
-BWD_OVER_FWD = 2.5  # DESIGN.md §6: backward ≈ 2.5× forward FLOPs
+BWD_OVER_FWD = 2.5  # backward ≈ 2.5× forward FLOPs (recomputed scores, then dS, dQ, dK, dV)
 DEFAULT_TILE = 128  # FlashAttention-2 tile edge on current GPUs
 
 
@@ -28,22 +28,31 @@ def _as_i64(x: ArrayLike) -> np.ndarray:
     return np.asarray(x, dtype=np.int64)
 
 
-def _sum_min(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Σ_{x=a}^{b} min(x, w) for 1 <= a, elementwise; 0 where b < a."""
-    n = np.maximum(b - a + 1, 0)
-    lo_end = np.minimum(b, w)  # x in [a, lo_end] contributes x
-    n_lo = np.maximum(lo_end - a + 1, 0)
-    s_lo = n_lo * (a + np.maximum(lo_end, a - 1)) // 2
-    return s_lo + (n - n_lo) * w
+def cum_pairs(y: ArrayLike, window: ArrayLike = -1) -> ArrayLike:
+    """Pairs attended by queries ``[0, y)`` of one document: ``Σ_{i<y} min(i + 1, w)`` (``w < 0``: full
+    causal, ``y(y + 1)/2``) — the one closed form of the pair count.
+
+    Python ints in, a Python int out (the planner calls it a few times per move, where numpy's per-call
+    overhead would dominate); numpy arrays in, an array out, elementwise. A query range ``[x, y)``
+    attends ``cum_pairs(y) - cum_pairs(x)`` pairs.
+    """
+    # The first min(y, w) queries see 1, 2, ... keys; each later one sees w.
+    if isinstance(window, int):  # one window for all (the planner's Python ints: keep it cheap)
+        if window < 0:
+            return y * (y + 1) // 2
+        later = (y - window) * (y > window)
+    else:
+        later = (y - window) * ((window >= 0) & (y > window))
+    first = y - later
+    return first * (first + 1) // 2 + later * window
 
 
 def pair_count(q_len: ArrayLike, kv_len: ArrayLike, window: ArrayLike = -1) -> np.ndarray:
-    """Number of attended (query, key) pairs of a task (DESIGN.md §6), exact, elementwise."""
+    """Number of attended (query, key) pairs of a task, exact, elementwise."""
     q, k, w = np.broadcast_arrays(_as_i64(q_len), _as_i64(kv_len), _as_i64(window))
-    w = np.where(w < 0, np.iinfo(np.int64).max // 4, w)
-    # Query j sees min(k - q + j + 1, w) keys, clipped at 0 when q > kv_len.
-    a = np.maximum(k - q + 1, 1)
-    return _sum_min(a, k, w)
+    # Bottom-right alignment: the task's queries are queries [k - q, k) of a document of k keys (those
+    # before key 0, when q > k, see nothing).
+    return cum_pairs(k, w) - cum_pairs(np.maximum(k - q, 0), w)
 
 
 def tile_count(
@@ -190,7 +199,7 @@ class CalibrationTable:
 class CostModel:
     """Predicts task time (seconds) forward and backward.
 
-    ``mode="pairs"``: FLOPs from exact pair counts at ``peak_flops`` (the closed form of DESIGN.md §6).
+    ``mode="pairs"``: FLOPs from exact pair counts at ``peak_flops`` (the closed form of :func:`cum_pairs`).
     ``mode="tiles"``: FLOPs of every computed tile plus a fixed per-task overhead — short shards and
     short windows cost more than their pairs say. ``mode="calibrated"``: a non-negative linear model
     over (per-task, tile area, pairs, tokens, windowed pairs) fitted to a measured :class:`CalibrationTable`; compute

@@ -1,6 +1,6 @@
 """CA tasks: a query shard of one document plus exactly the keys its mask lets it see.
 
-Convention (DESIGN.md §2, pinned by tests): a query at document position ``p`` sees keys
+Convention (the project's one, pinned by tests): a query at document position ``p`` sees keys
 ``[0, p]`` under full causal attention (``window=-1``) and ``[max(0, p - w + 1), p]`` under a
 sliding window of ``w`` keys (itself included). A shard ``[q0, q1)`` therefore needs keys
 ``[0, q1)`` or ``[max(0, q0 - w + 1), q1)``. Inside a task the causal mask is bottom-right

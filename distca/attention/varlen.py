@@ -76,7 +76,7 @@ def forward(
     max_seqlen_q: int, max_seqlen_k: int, window: int = -1, softmax_scale: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Graph-free forward: ``(out [total_q, Hq, D], lse [total_q, Hq] fp32)``."""
+    """Graph-free forward: ``(out [total_q, Hq, D], lse [total_q, Hq])``, the lse in ``lse_dtype(q.dtype)``."""
     meta = make_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, softmax_scale)
     with torch.no_grad():
         return resolve_backend(backend, q.device, q.dtype).forward(q, k, v, meta)
@@ -127,7 +127,7 @@ def varlen_attention(
     is rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of q against ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``
     of k/v. The causal mask is bottom-right aligned; ``window=w`` lets each query see at most ``w``
     keys including itself (flash-attn ``window_size=(w-1, 0)``). Returns ``(out, lse)`` with
-    ``lse [total_q, Hq]`` the natural-log log-sum-exp in fp32 (not differentiable).
+    ``lse [total_q, Hq]`` the natural-log log-sum-exp in ``lse_dtype(q.dtype)`` (not differentiable).
     """
     meta = make_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, softmax_scale)
     return _VarlenAttention.apply(q, k, v, meta, backend)

@@ -11,16 +11,12 @@ from distca.data.distributions import (
     long_token_share,
     sample_lengths,
 )
+from distca.data.document_source import DocumentSource
+from distca.data.embedded_corpus import ByteTokenizer, EmbeddedCorpus
 from distca.data.packing import PackedBatch, pack_into_ranks, sample_batch
-from distca.data.sources import (
-    SOURCE_KINDS,
-    ByteTokenizer,
-    DocumentSource,
-    EmbeddedCorpus,
-    SyntheticSource,
-    open_source,
-)
+from distca.data.sources import SOURCE_KINDS, open_source
 from distca.data.stream import IGNORE_INDEX, DocSlice, MicroBatch, PackedStream
+from distca.data.synthetic_source import SyntheticSource
 from distca.data.text_source import TextSource, load_tokenizer
 from distca.data.token_files import TokenFileSource, token_file_paths, tokenize_to_file, write_token_file
 

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from distca.data.distributions import DataError, _is_int
+from distca.data.document_source import DocumentSource
 from distca.data.packing import PackedBatch, pack_into_ranks
-from distca.data.sources import DocumentSource
 
 IGNORE_INDEX = -100
 STATE_FORMAT = "distca-packed-stream"

@@ -27,7 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from distca.data.distributions import DataError
-from distca.data.sources import check_index
+from distca.data.document_source import check_index
 
 TEXT_SUFFIXES = (".jsonl", ".parquet")
 

@@ -30,7 +30,7 @@ from typing import IO, Any
 import numpy as np
 
 from distca.data.distributions import DataError, _is_int
-from distca.data.sources import DocumentSource, check_index
+from distca.data.document_source import DocumentSource, check_index
 
 FORMAT = "distca-tokens"
 VERSION = 1

@@ -30,12 +30,11 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.cfg = cfg
-        interleaved = cfg.residual == "shortswa" and cfg.shortswa_every > 1
-        window = cfg.shortswa_window if interleaved and index % cfg.shortswa_every == cfg.shortswa_every - 1 else -1
+        *swa_window, window = cfg.block_windows()[index]  # a ShortSWA sublayer's window first, if any
         self.swa = None
-        if cfg.residual == "shortswa" and not interleaved:
+        if swa_window:
             self.swa_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-            self.swa = SelfAttention(cfg, cfg.shortswa_window)
+            self.swa = SelfAttention(cfg, swa_window[0])
         self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.attn = SelfAttention(cfg, window)
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 import zmq
 
+from distca.attention import lse_dtype
 from distca.attention.tasks import row_ranges
 from distca.errors import DistCAError
 from distca.runtime.plan_exec import RankTensors, run_local_backward, run_local_forward
@@ -187,9 +188,8 @@ class CADClient:
             sends[s] = [("q", _host(t.q[qr])), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
             self.eps[s].send(Kind.FWD, sends[s], plan_id=pid, extra={"rank": self.rank})
         self.note("forward_sent", pid)
-        lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
         out = torch.zeros_like(t.q)
-        lse = torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype, device=dev)
+        lse = torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype(t.q.dtype), device=dev)
         run_local_forward(plan, self.rank, t, out, lse, self.backend)  # overlaps with the servers' work
         return PendingForward(self, pid, servers, rows, sends, (out, lse))
 
@@ -204,16 +204,16 @@ class CADClient:
         servers = self._servers(plan)
         dev = t.q.device
         rows = {s: (_rows(plan.q_xfer, self.rank, s, dev), _rows(plan.kv_xfer, self.rank, s, dev)) for s in servers}
-        lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
         sends = {}
         for s in servers:
             qr, kr = rows[s]
             sends[s] = [("q", _host(t.q[qr])), ("out", _host(out[qr])), ("dout", _host(dout[qr])),
-                        ("lse", _host(lse[qr].to(lse_dtype))), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
+                        ("lse", _host(lse[qr].to(lse_dtype(t.q.dtype)))), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
             self.eps[s].send(Kind.BWD, sends[s], plan_id=pid, extra={"rank": self.rank})
         self.note("backward_sent", pid)
         dq, dk, dv = torch.zeros_like(t.q), torch.zeros_like(t.k), torch.zeros_like(t.v)
-        run_local_backward(plan, self.rank, t, out, lse.to(lse_dtype), dout, dq, dk, dv, self.backend)  # overlaps too
+        # local tasks overlap with the servers' work too
+        run_local_backward(plan, self.rank, t, out, lse.to(lse_dtype(t.q.dtype)), dout, dq, dk, dv, self.backend)
         return PendingBackward(self, pid, servers, rows, sends, (dq, dk, dv))
 
     def backward(self, plan: Plan, t: RankTensors, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):

@@ -17,6 +17,7 @@ import torch
 
 from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
+from distca.attention import lse_dtype
 from distca.attention.tasks import row_ranges
 from distca.scheduler import Plan
 from distca.scheduler.calls import local_tasks, server_call
@@ -61,9 +62,8 @@ def execute_plan(
     hq, d, hkv = ref.shape[1], ref.shape[2], ranks[0].k.shape[1]
     dev = ref.device
     q_moves, kv_moves = _rows(plan.q_xfer, dev), _rows(plan.kv_xfer, dev)
-    lse_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
     res = {"out": [torch.zeros_like(t.q) for t in ranks],
-           "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype, device=dev) for t in ranks]}
+           "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype(ref.dtype), device=dev) for t in ranks]}
     if douts is not None:
         res.update(dq=[torch.zeros_like(t.q) for t in ranks], dk=[torch.zeros_like(t.k) for t in ranks],
                    dv=[torch.zeros_like(t.v) for t in ranks])

@@ -20,15 +20,10 @@ import heapq
 
 import numpy as np
 
-from distca.attention.cost import AttentionShape
+from distca.attention.cost import AttentionShape, cum_pairs
 from distca.scheduler.batch import BatchLayout
 from distca.scheduler.placement import Placement
 from distca.scheduler.planner import Assignment
-from distca.scheduler.work import cum_pairs
-
-
-def _pairs(q0: np.ndarray, q1: np.ndarray) -> np.ndarray:
-    return q1 * (q1 + 1) // 2 - q0 * (q0 + 1) // 2
 
 
 def _assignment(doc, q0, q1, rank, row, server, capacity=0) -> Assignment:
@@ -46,7 +41,7 @@ def no_rebalance(batch: BatchLayout, placement: Placement) -> Assignment:
 
 def whole_doc_lpt(batch: BatchLayout, placement: Placement) -> Assignment:
     """Whole documents, heaviest first, each onto the least-loaded server."""
-    work = batch.doc_len * (batch.doc_len + 1) // 2
+    work = cum_pairs(batch.doc_len)
     order = np.argsort(-work, kind="stable")
     heap = [(0, s) for s in range(placement.n_servers)]
     doc_server = np.empty(batch.n_docs, dtype=np.int64)

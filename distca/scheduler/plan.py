@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distca.attention.cost import AttentionShape, pair_count
+from distca.attention.cost import AttentionShape, cum_pairs
 from distca.scheduler.batch import BatchLayout
 from distca.scheduler.placement import Placement
 from distca.scheduler.planner import Assignment
@@ -82,13 +82,12 @@ class Plan:
     def row_bytes(self, tensor: str) -> int:
         """Bytes per row of ``q``, ``out``, ``dout``, ``dq`` (query heads), ``k``, ``v``, ``dk``, ``dv``
         (kv heads) or ``lse`` (fp32 per query head)."""
-        s = self.shape
         if tensor in ("q", "out", "dout", "dq"):
-            return s.n_heads * s.head_dim * s.dtype_bytes
+            return int(self.shape.q_bytes(1))
         if tensor in ("k", "v", "dk", "dv"):
-            return s.n_kv_heads * s.head_dim * s.dtype_bytes
+            return int(self.shape.kv_bytes(1)) // 2  # kv_bytes counts k and v together
         if tensor == "lse":
-            return s.n_heads * 4
+            return int(self.shape.lse_bytes(1))
         raise ValueError(f"unknown tensor {tensor!r}")
 
     @property
@@ -127,9 +126,13 @@ class Plan:
                    for _, tensors, x in self.messages(which))
 
     def digest(self) -> bytes:
-        """A byte string identifying the plan exactly (for determinism checks)."""
+        """A byte string identifying the plan exactly: its sizes, window, capacity and shape, then every
+        task and server array and both transfer lists (ranks compare plans by it; plan ids hash it)."""
+        s = self.shape
+        header = np.array([self.n_ranks, self.n_servers, self.window, self.capacity, s.n_heads, s.n_kv_heads,
+                           s.head_dim, s.dtype_bytes], dtype=np.int64)
         arrays = [getattr(self, f) for f in self.__dataclass_fields__ if f.startswith(("task_", "server_"))]
-        return b"".join(a.tobytes() for a in arrays) + self.q_xfer.digest() + self.kv_xfer.digest()
+        return header.tobytes() + b"".join(a.tobytes() for a in arrays) + self.q_xfer.digest() + self.kv_xfer.digest()
 
 
 def _excl_cumsum(values: np.ndarray) -> np.ndarray:
@@ -147,8 +150,7 @@ def compile_plan(
     k0 = np.zeros_like(a.q0) if window < 0 else np.maximum(0, a.q0 - window + 1)
     k1 = a.q1
     qlen = a.q1 - a.q0
-    # Full causal: queries [q0, q1) see q0 + 1 ... q1 keys.
-    pairs = qlen * (a.q0 + a.q1 + 1) // 2 if window < 0 else pair_count(qlen, k1 - k0, window)
+    pairs = cum_pairs(a.q1, window) - cum_pairs(a.q0, window)
     # Tasks are sorted by (server, doc, q0) with LOCAL (-1) first: the server tasks are a suffix.
     r = slice(int(np.searchsorted(a.server, 0)), None)
     srv, doc_r, k0_r, k1_r, qlen_r, rank_r = a.server[r], a.doc[r], k0[r], k1[r], qlen[r], a.rank[r]

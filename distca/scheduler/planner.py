@@ -28,10 +28,10 @@ from math import isqrt
 
 import numpy as np
 
-from distca.attention.cost import AttentionShape, pair_count
+from distca.attention.cost import AttentionShape, cum_pairs
 from distca.scheduler.batch import BatchLayout
 from distca.scheduler.placement import Placement
-from distca.scheduler.work import cum_pairs, first_reaching, key_start
+from distca.scheduler.work import first_reaching, key_start
 
 LOCAL = -1  # task runs on its own trainer, outside the server pool
 
@@ -73,7 +73,7 @@ class SchedulerConfig:
     def offload_threshold(self) -> int:
         """Pairs below which a piece stays on its trainer when no server is local."""
         g = self.granularity
-        return g * (g + 1) // 2 if self.min_offload_pairs == -1 else self.min_offload_pairs
+        return cum_pairs(g) if self.min_offload_pairs == -1 else self.min_offload_pairs
 
 
 @dataclass(frozen=True)
@@ -145,10 +145,7 @@ class _Planner:
     def place_home(self) -> None:
         b, w = self.b, self.w
         self.q1_arr = b.piece_off + b.piece_len
-        if w < 0:  # queries [q0, q1) see q0 + 1 ... q1 keys
-            work = b.piece_len * (b.piece_off + self.q1_arr + 1) // 2
-        else:
-            work = pair_count(b.piece_len, self.q1_arr - np.maximum(0, b.piece_off - w + 1), w)
+        work = cum_pairs(self.q1_arr, w) - cum_pairs(b.piece_off, w)
         server = self.p.home_servers()[b.piece_rank]
         threshold = self.cfg.offload_threshold
         has_local = self.p.has_local_server()

@@ -27,6 +27,7 @@ import zmq
 
 from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
+from distca.attention import lse_dtype
 from distca.server.layout import ServerLayout
 from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
 from distca.transport.wire import Kind, Message, TensorSpec, WireError
@@ -77,8 +78,7 @@ class _Buffers:
         dtype = getattr(torch, c.dtype)
         heads = c.n_kv_heads if role in ("k", "v") else c.n_heads
         shape = (heads,) if role == "lse" else (heads, c.head_dim)
-        lse_dt = torch.float64 if dtype == torch.float64 else torch.float32  # as the kernels produce it
-        return shape, lse_dt if role == "lse" else dtype
+        return shape, lse_dtype(dtype) if role == "lse" else dtype  # lse: as the kernels produce it
 
     def get(self, role: str, rows: int, slot: int = 0) -> torch.Tensor:
         tail, dt = self._spec(role)

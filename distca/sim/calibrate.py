@@ -34,7 +34,7 @@ from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
 from distca.config import ModelConfig
 from distca.sim.hardware import Hardware, Link
-from distca.sim.step import block_linear_params
+from distca.train.flops import block_linear_params
 
 
 def _median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distca.attention.cost import AttentionShape, CalibrationTable, CostModel
@@ -139,16 +139,3 @@ def published(name: str) -> Hardware:
                  "inter": "published NDR InfiniBand: 400 Gb/s = 50 GB/s per GPU",
                  "optimizer": "assumed: 16 bytes per parameter over ~3 TB/s HBM"})
 
-
-def with_gpu_measurements(base: Hardware, measured: dict) -> Hardware:
-    """``base`` with what ``benchmarks/gpu_step.py`` measured on one GPU (linear rate and overhead, the
-    bf16 attention calibration table), the rest left as published; ``sources`` updated."""
-    src = dict(base.sources)
-    kw: dict = {}
-    if measured.get("linear_flops"):
-        kw["linear_flops"] = float(measured["linear_flops"])
-        src["linear_flops"] = f"measured: {measured.get('linear_source', 'gpu_step.py')}"
-    if measured.get("attention_table"):
-        kw["attention_table"] = measured["attention_table"]
-        src["attention"] = f"measured: calibration table ({measured['attention_table'].get('backend')}, bf16)"
-    return replace(base, name=measured.get("name", base.name), sources=src, **kw)

@@ -1,7 +1,7 @@
 """Predictions at the paper's scales: CAD vs the WLB-LLM-style baseline (and plain colocated packing)
 over the paper's grid of models, GPU counts, maximum document lengths and length distributions.
 
-Grid (the DistCA paper's §3, Tables 3 and 4): TP = 8 inside a node, so a node is one simulated
+Grid (the DistCA paper, §3, Tables 3 and 4): TP = 8 inside a node, so a node is one simulated
 device. 3D runs have no pipeline; 4D runs use PP = 2 (8B) or 4 (34B). Tokens per node and step follow
 the paper's batch sizes, which grow with the GPU count (8B 3D: 128K tokens per node; 34B 3D: 64K, 128K
 at 512K; 4D: 512K for 8B, 256K for 34B, halved where Table 4 does). Every replica's micro-batch holds
@@ -19,11 +19,12 @@ import numpy as np
 
 from distca.config import ModelConfig
 from distca.sim.hardware import Hardware
-from distca.sim.step import Parallelism, SimOptions, StepReport, _Costs, block_linear_params, simulate_step
+from distca.sim.step import Parallelism, SimOptions, StepReport, _Costs, simulate_step
 from distca.sim.workload import plain_packing, sample_documents, wlb_packing
+from distca.train.flops import block_linear_params
 
 K = 1024
-# Published paper ranges (paper.md §3), for the plot and the table.
+# Published paper ranges (the DistCA paper, §3), for the plot and the table.
 PAPER_RANGES = {("3d", "pretrain"): (1.07, 1.20), ("3d", "prolong"): (1.05, 1.12),
                 ("4d", "pretrain"): (1.15, 1.30), ("4d", "prolong"): (1.10, 1.35)}
 PAPER_RANGES_34B_4D = {"pretrain": (1.0, 1.15), "prolong": (1.0, 1.25)}

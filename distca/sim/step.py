@@ -36,7 +36,7 @@ from distca.config import ModelConfig
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.sim.engine import SimResult, TaskGraph, simulate
 from distca.sim.hardware import Hardware
-from distca.train.flops import model_params
+from distca.train.flops import block_linear_params, model_params
 
 System = Literal["colocated", "cad", "wlb"]
 
@@ -103,32 +103,6 @@ class StepReport:
         return self.tokens / self.step_s
 
 
-def block_windows(cfg: ModelConfig) -> list[list[int]]:
-    """Windows of each block's core-attention calls (-1 full causal)."""
-    out = []
-    for i in range(cfg.n_layers):
-        if cfg.residual == "shortswa" and cfg.shortswa_every == 1:
-            out.append([cfg.shortswa_window, -1])
-        elif cfg.residual == "shortswa" and i % cfg.shortswa_every == cfg.shortswa_every - 1:
-            out.append([cfg.shortswa_window])
-        else:
-            out.append([-1])
-    return out
-
-
-def block_linear_params(cfg: ModelConfig) -> tuple[int, int]:
-    """Matmul weights of one block: ``(before attention: q/k/v projections, total)``."""
-    d, hd = cfg.hidden, cfg.head_dim
-    qkv = d * hd * (cfg.n_heads + 2 * cfg.n_kv_heads)
-    attn = qkv + d * hd * cfg.n_heads
-    per = attn + 3 * d * cfg.ffn_hidden
-    if cfg.residual == "shortswa" and cfg.shortswa_every == 1:
-        per += attn
-    if cfg.residual == "ddl":
-        per += 4 * d
-    return qkv, per
-
-
 def pipeline_order(stage: int, pp: int, m: int) -> list[tuple[str, int]]:
     """1F1B order of one stage: warm-up forwards, alternating F/B, cool-down backwards."""
     warm = min(pp - stage - 1, m)
@@ -150,7 +124,7 @@ class _Costs:
         self.shape = AttentionShape(cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.head_dim, opt.dtype_bytes)
         self.model: CostModel = hw.attention_model(self.shape)
         self.qkv_params, self.block_params = block_linear_params(cfg)
-        self.windows = block_windows(cfg)
+        self.windows = cfg.block_windows()
         if cfg.n_layers % par.pp:
             raise ValueError(f"n_layers={cfg.n_layers} must be a multiple of pp={par.pp}")
         per = cfg.n_layers // par.pp
@@ -515,5 +489,5 @@ def _plan_bytes(plan, which: str) -> tuple[dict[int, float], dict[int, float]]:
     return to_srv, to_rank
 
 
-__all__ = ["MicroBatch", "Parallelism", "SimOptions", "StepReport", "block_windows", "pipeline_order",
+__all__ = ["MicroBatch", "Parallelism", "SimOptions", "StepReport", "pipeline_order",
            "simulate_step"]

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from distca.config import DistCAConfig
-from distca.data.distributions import LengthDistribution
-from distca.data.sources import DocumentSource, open_source
+from distca.data import DocumentSource, LengthDistribution, open_source
 
 
 def make_source(cfg: DistCAConfig) -> DocumentSource:

@@ -14,33 +14,28 @@ import time
 
 import torch
 
+from distca.attention.cost import cum_pairs
 from distca.config import ModelConfig
-from distca.scheduler.work import cum_pairs
 
 
-def attention_sublayers(cfg: ModelConfig) -> list[int]:
-    """The window of every core-attention call of one forward pass (-1 = full causal)."""
-    windows = []
-    for i in range(cfg.n_layers):
-        if cfg.residual == "shortswa" and cfg.shortswa_every == 1:
-            windows += [cfg.shortswa_window, -1]
-        elif cfg.residual == "shortswa" and i % cfg.shortswa_every == cfg.shortswa_every - 1:
-            windows.append(cfg.shortswa_window)
-        else:
-            windows.append(-1)
-    return windows
+def block_linear_params(cfg: ModelConfig) -> tuple[int, int]:
+    """Matmul weights of one block: ``(q/k/v projections of one attention sublayer, all of the block's)``.
+
+    The one parameter counter (with :func:`model_params`): the FLOPs counter and the simulator read it.
+    """
+    d, hd = cfg.hidden, cfg.head_dim
+    qkv = d * hd * (cfg.n_heads + 2 * cfg.n_kv_heads)
+    attn = qkv + d * hd * cfg.n_heads  # and the output projection
+    # Every block has the same attention sublayers: a ShortSWA sublayer has projections of its own.
+    total = len(cfg.block_windows()[0]) * attn + 3 * d * cfg.ffn_hidden
+    if cfg.residual == "ddl":
+        total += 2 * 2 * d  # the β and value gates (one d-vector each) of both residual updates
+    return qkv, total
 
 
 def linear_params_per_token(cfg: ModelConfig) -> int:
     """Weights every token multiplies through (projections, MLP, DDL gates, LM head; not the embedding)."""
-    d, hd = cfg.hidden, cfg.head_dim
-    attn = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
-    per_block = attn + 3 * d * cfg.ffn_hidden
-    if cfg.residual == "shortswa" and cfg.shortswa_every == 1:
-        per_block += attn
-    if cfg.residual == "ddl":
-        per_block += 2 * 2 * d
-    return cfg.n_layers * per_block + d * cfg.vocab_size
+    return cfg.n_layers * block_linear_params(cfg)[1] + cfg.hidden * cfg.vocab_size
 
 
 def step_flops(cfg: ModelConfig, doc_lengths: list[int]) -> dict[str, float]:
@@ -50,7 +45,7 @@ def step_flops(cfg: ModelConfig, doc_lengths: list[int]) -> dict[str, float]:
     """
     tokens = sum(doc_lengths)
     linear = 3 * 2 * linear_params_per_token(cfg) * tokens
-    pairs = sum(sum(cum_pairs(n, w) for n in doc_lengths) for w in attention_sublayers(cfg))
+    pairs = sum(sum(cum_pairs(n, w) for n in doc_lengths) for w in cfg.attention_windows())
     attention = 3 * 4 * cfg.head_dim * cfg.n_heads * pairs
     return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
 
@@ -70,9 +65,7 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, reps: 
 def model_params(cfg: ModelConfig) -> int:
     """Parameter count of the model (embedding, blocks, norms, head unless tied)."""
     d = cfg.hidden
-    norms = cfg.n_layers * 2 * d + d
-    if cfg.residual == "shortswa" and cfg.shortswa_every == 1:
-        norms += cfg.n_layers * d
+    norms = cfg.n_layers * (len(cfg.block_windows()[0]) + 1) * d + d  # a norm before each sublayer, and the final
     if cfg.residual == "ddl":
         norms += cfg.n_layers * 2 * 2  # the β and v gates' biases
     embed = 0 if cfg.tie_embeddings else cfg.vocab_size * d

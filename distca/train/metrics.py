@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from distca.attention.cost import cum_pairs
 from distca.config import DistCAConfig, save_config
-from distca.scheduler.work import cum_pairs
-from distca.train.flops import attention_sublayers, step_flops
+from distca.train.flops import step_flops
 
 if TYPE_CHECKING:
     from distca.runtime.client import CADClient
@@ -60,7 +60,7 @@ class StepMeter:
                  attn_timer: AttentionTimer):
         self.cfg, self.rank, self.stage, self.dp_rank = cfg, rank, stage, dp_rank
         self.client, self.attn_timer = client, attn_timer
-        sublayers = attention_sublayers(cfg.model)
+        sublayers = cfg.model.attention_windows()
         self.calls = {w: sublayers.count(w) for w in sorted(set(sublayers))}  # attention calls per window
         self.saved = SavedActivations()
         self._window: dict[str, Any] = {}

@@ -33,7 +33,7 @@ from distca.parts import client_settings, scheduler_settings
 from distca.scheduler import BatchLayout, Placement, make_plan
 from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.train.data import make_source
-from distca.train.flops import attention_sublayers, measure_peak_flops
+from distca.train.flops import measure_peak_flops
 from distca.train.metrics import StepMeter, combine_ranks
 from distca.train.pipe import MicroContext, StepContext, build_pipeline, llama_parameters
 from distca.train.quiet import library_prints
@@ -108,7 +108,7 @@ class Trainer:
             raise ValueError("train.core_attention is 'cad' but no attention-server addresses were given")
         if info.world != cfg.cluster.n_trainers:
             raise ValueError(f"{info.world} processes started for cluster.n_trainers={cfg.cluster.n_trainers}")
-        self.windows = sorted(set(attention_sublayers(cfg.model)))
+        self.windows = sorted(set(cfg.model.attention_windows()))
         self.stop_requested = False
         self.attn_timer = AttentionTimer()
 

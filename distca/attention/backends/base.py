@@ -40,7 +40,11 @@ class VarlenMeta:
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 log-sum-exp, except fp64 for fp64 inputs (the reference's ground truth)."""
+    """The dtype of the log-sum-exp for inputs of ``dtype``: fp32, except fp64 for fp64 inputs.
+
+    The one home of this rule: the kernels produce their lse in it, and the trainer's and the attention
+    server's buffers are allocated in it.
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

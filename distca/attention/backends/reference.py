@@ -23,10 +23,6 @@ def visible_mask(q_len: int, kv_len: int, window: int, device: torch.device | No
     return mask
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _heads_first(x: torch.Tensor, groups: int, ct: torch.dtype) -> torch.Tensor:
     """``[S, H, D]`` → ``[H·groups, S, D]`` in compute dtype (GQA: kv head h serves q heads h·g…)."""
     x = x.to(ct).transpose(0, 1)
@@ -49,7 +45,7 @@ class ReferenceBackend(Backend):
 
     def forward(self, q, k, v, meta: VarlenMeta):
         groups = q.shape[1] // k.shape[1]
-        ct = _compute_dtype(q.dtype)
+        ct = lse_dtype(q.dtype)  # computes in the dtype of its lse (fp32, fp64 for fp64 inputs)
         out = torch.zeros_like(q)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         for q0, q1, k0, k1 in meta.spans():
@@ -65,7 +61,7 @@ class ReferenceBackend(Backend):
     def backward(self, dout, q, k, v, out, lse, meta: VarlenMeta):
         hq, hkv = q.shape[1], k.shape[1]
         groups = hq // hkv
-        ct = _compute_dtype(q.dtype)
+        ct = lse_dtype(q.dtype)  # computes in the dtype of its lse (fp32, fp64 for fp64 inputs)
         dq = torch.zeros_like(q)
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)

@@ -145,8 +145,8 @@ class SdpaBackend(Backend):
         lay = _Layout(q.shape[1], k.shape[1])
         # Overlapping pieces' gradients are summed: accumulate half precision in fp32.
         acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-        # The CPU kernel wants its lse in the dtype it produces (fp32, or fp64 for fp64 inputs).
-        kernel_lse = torch.float64 if q.dtype == torch.float64 else torch.float32
+        # The CPU kernel wants its lse in the dtype it produces.
+        kernel_lse = lse_dtype(q.dtype)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for q0, q1, k0, k1 in meta.spans():
             if q1 == q0 or k1 == k0:

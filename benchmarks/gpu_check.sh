@@ -25,8 +25,8 @@
 #      skips them)
 #   6. only with DISTCA_GPU_BACKEND_TESTS=1: tests/test_attention_backends.py (needs hypothesis)
 # Kernel steps run through `benchmarks/gpu_step.py kernels ...`, which checks the attention backend first
-# and, if torch's own varlen kernel rejects the call (its private op's arguments changed between torch
-# releases), calls the op through its schema instead (recorded in the log and in gpu_step.json).
+# (the library's own backend: torch's varlen kernel is called by argument name, so its private op's
+# changing argument lists need no patch; the op schemas are recorded in the log and in probe.json).
 #
 # flash-attn cannot be pip-installed from a PyPI-only network (it ships as an sdist that needs nvcc
 # and a CUDA torch to build; see docker/), so `auto` resolves to torch's own CUDA varlen kernel,

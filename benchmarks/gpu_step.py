@@ -37,11 +37,9 @@ Kernel benchmarks through the same backend check (used by ``benchmarks/gpu_check
 
     python benchmarks/gpu_step.py kernels calibrate --device cuda --dtype bfloat16
 
-The backend check runs the resolved attention backend on a tiny GQA case (full causal and a window)
-against the fp64 reference. If torch's own varlen kernel (``torch_varlen``) fails there — its private
-op's arguments differ between torch releases — the backend's two calls are replaced, in this process
-and in the server process, by calls built from the op's schema, and the check is run again; the JSON
-records which path ran.
+The backend check runs the resolved attention backend (the library's, unpatched) on a tiny GQA case
+(full causal and a window) against the fp64 reference; the JSON records the result and the schemas of
+torch's private varlen ops, whose argument lists differ between torch releases.
 """
 
 from __future__ import annotations
@@ -71,18 +69,16 @@ from common import REPO_ROOT, fmt_ms, markdown_table, run_info, synchronize
 from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
 from distca.attention import resolve_backend, varlen_attention
-from distca.attention.backends.gpu_common import call_by_schema as _call_by_schema
 from distca.scheduler.work import cum_pairs
+from distca.server.loop import run_server
 
 GiB = 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------
-# attention backend check, and the schema-built fallback for torch's varlen op
+# attention backend check
 # ----------------------------------------------------------------------------------------------
-
-_COMPAT_PATH: str | None = None  # which op family the patched torch_varlen backend calls
 
 
 def _op(namespace: str, name: str):
@@ -90,82 +86,6 @@ def _op(namespace: str, name: str):
         return getattr(getattr(torch.ops, namespace), name)
     except (AttributeError, RuntimeError):
         return None
-
-
-def _schema_names(op) -> list[str]:
-    return [a.name for a in op.default._schema.arguments]
-
-
-def _compat_forward(self, q, k, v, meta):
-    from distca.attention.backends.gpu_common import lse_to_token_major, window_size
-
-    global _COMPAT_PATH
-    ws = list(window_size(meta))
-    causal = meta.window < 0
-    errors = []
-    op = _op("torch_attn", "_varlen_attn")
-    if op is not None and _COMPAT_PATH in (None, "torch_attn"):
-        names = _schema_names(op)
-        if meta.window > 0 and "window_size" not in names:
-            errors.append("torch_attn::_varlen_attn has no window_size argument")
-        else:
-            try:
-                res = _call_by_schema(op, {
-                    "query": q, "key": k, "value": v, "cu_seq_q": meta.cu_seqlens_q, "cu_seq_k": meta.cu_seqlens_k,
-                    "max_q": meta.max_seqlen_q, "max_k": meta.max_seqlen_k, "is_causal": causal,
-                    "scale": meta.softmax_scale, "window_size": ws, "enable_gqa": q.shape[1] != k.shape[1]})
-                _COMPAT_PATH = "torch_attn"
-                return res[0], lse_to_token_major(res[1], q.shape[0], q.shape[1])
-            except Exception as exc:
-                errors.append(f"torch_attn::_varlen_attn: {type(exc).__name__}: {exc}")
-    op = _op("aten", "_flash_attention_forward")
-    if op is None:
-        raise RuntimeError("; ".join([*errors, "no aten::_flash_attention_forward"]))
-    try:
-        res = _call_by_schema(op, {
-            "query": q, "key": k, "value": v, "cum_seq_q": meta.cu_seqlens_q, "cum_seq_k": meta.cu_seqlens_k,
-            "max_q": meta.max_seqlen_q, "max_k": meta.max_seqlen_k, "dropout_p": 0.0, "is_causal": causal,
-            "return_debug_mask": False, "scale": meta.softmax_scale, "window_size_left": ws[0],
-            "window_size_right": ws[1]})
-    except Exception as exc:
-        raise RuntimeError("; ".join([*errors, f"aten::_flash_attention_forward: {type(exc).__name__}: {exc}"])
-                           ) from exc
-    _COMPAT_PATH = "aten"
-    return res[0], lse_to_token_major(res[1], q.shape[0], q.shape[1])
-
-
-def _compat_backward(self, dout, q, k, v, out, lse, meta):
-    from distca.attention.backends.gpu_common import lse_to_kernel, window_size
-
-    ws = list(window_size(meta))
-    causal = meta.window < 0
-    kl = lse_to_kernel(lse)
-    rng = torch.zeros((2,), dtype=torch.uint64, device=q.device)
-    op = _op("torch_attn", "_varlen_attn_backward")
-    if op is not None and _COMPAT_PATH in (None, "torch_attn"):
-        dq, dk, dv = _call_by_schema(op, {
-            "grad_out": dout.contiguous(), "query": q, "key": k, "value": v, "out": out, "lse": kl,
-            "cu_seq_q": meta.cu_seqlens_q, "cu_seq_k": meta.cu_seqlens_k, "max_q": meta.max_seqlen_q,
-            "max_k": meta.max_seqlen_k, "is_causal": causal, "rng_state": rng, "scale": meta.softmax_scale,
-            "window_size": ws, "enable_gqa": q.shape[1] != k.shape[1]})
-        return dq, dk, dv
-    op = _op("aten", "_flash_attention_backward")
-    dq, dk, dv = _call_by_schema(op, {
-        "grad_out": dout.contiguous(), "query": q, "key": k, "value": v, "out": out, "logsumexp": kl,
-        "cum_seq_q": meta.cu_seqlens_q, "cum_seq_k": meta.cu_seqlens_k, "max_q": meta.max_seqlen_q,
-        "max_k": meta.max_seqlen_k, "dropout_p": 0.0, "is_causal": causal, "philox_seed": rng, "rng_state": rng,
-        "philox_offset": torch.empty(0, device=q.device), "unused": torch.empty(0, device=q.device),
-        "scale": meta.softmax_scale,
-        "window_size_left": ws[0], "window_size_right": ws[1]})
-    return dq, dk, dv
-
-
-def apply_compat() -> None:
-    """Replace ``torch_varlen``'s two kernel calls by schema-built ones (this process only)."""
-    from distca.attention.backends.torch_varlen import TorchVarlenBackend
-
-    TorchVarlenBackend.forward = _compat_forward
-    TorchVarlenBackend.backward = _compat_backward
 
 
 def op_schemas() -> dict[str, str]:
@@ -216,8 +136,8 @@ def probe_backend(name: str, device: torch.device, dtype: torch.dtype) -> dict[s
 
 
 def ensure_backend(requested: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Resolve and check the attention backend; patch ``torch_varlen`` when its stock call fails."""
-    info: dict[str, Any] = {"requested": requested, "patched": False}
+    """Resolve the attention backend and check it against the fp64 reference (``ok``, ``window_ok``)."""
+    info: dict[str, Any] = {"requested": requested}
     try:
         name = resolve_backend(requested, device, dtype).name
     except Exception as exc:
@@ -227,13 +147,8 @@ def ensure_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
     info["probe"] = probe_backend(name, device, dtype)
     if info["probe"].get("full") is not None and name == "torch_varlen":
         info["schemas"] = op_schemas()
-        apply_compat()
-        info["patched"] = True
-        info["probe_patched"] = probe_backend(name, device, dtype)
-        info["compat_path"] = _COMPAT_PATH
-    final = info.get("probe_patched", info["probe"])
-    info["ok"] = final.get("full") is None
-    info["window_ok"] = final.get("window") is None
+    info["ok"] = info["probe"].get("full") is None
+    info["window_ok"] = info["probe"].get("window") is None
     return info
 
 
@@ -339,23 +254,14 @@ def pair_total(lengths: list[int]) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _serve(cfg, address_queue, patch: bool) -> None:
-    """Server process entry point (spawned): the same backend fallback as the trainer, then the loop."""
-    if patch:
-        apply_compat()
-    from distca.server.loop import run_server
-
-    run_server(cfg, address_queue)
-
-
 class SameDeviceServer:
     """One attention server process on the trainer's device; always shut down on exit."""
 
-    def __init__(self, cfg, patch: bool, start_timeout_s: float):
+    def __init__(self, cfg, start_timeout_s: float):
         self.cfg = cfg
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        self.proc = ctx.Process(target=_serve, args=(cfg, q, patch), daemon=True)
+        self.proc = ctx.Process(target=run_server, args=(cfg, q), daemon=True)
         t0 = time.perf_counter()
         self.proc.start()
         while True:  # wait for the address, but not for a server that already died
@@ -541,7 +447,7 @@ class Run:
                             device=str(self.device))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        server = SameDeviceServer(scfg, bool(self.backend_info.get("patched")), args.server_start_timeout_s)
+        server = SameDeviceServer(scfg, args.server_start_timeout_s)
         client = None
         try:
             client = CADClient(0, [server.address], tcfg, backend=self.backend)
@@ -779,8 +685,8 @@ def out_path(args) -> Path:
 
 
 def run_kernels(argv: list[str]) -> int:
-    """``gpu_step.py kernels <mode> [flags]``: benchmarks/kernels.py behind the backend check (and the
-    torch_varlen fallback when needed; windowed calibration shapes dropped when windows fail)."""
+    """``gpu_step.py kernels <mode> [flags]``: benchmarks/kernels.py behind the backend check (windowed
+    calibration shapes dropped when windows fail)."""
     import kernels
 
     args = kernels.build_parser().parse_args(argv)
@@ -824,8 +730,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     lines = [f"### GPU step — {report['info'].get('device_name', report['info']['device'])}, {args.dtype}, "
              f"{report['model']['n_layers']} layers of hidden {report['model']['hidden']}, {args.tokens} tokens "
-             f"({report['docs']['n_docs']} docs, longest {report['docs']['max_len']}), backend {run.backend}"
-             f"{' (patched)' if run.backend_info.get('patched') else ''}", "", *table(report)]
+             f"({report['docs']['n_docs']} docs, longest {report['docs']['max_len']}), backend {run.backend}", "",
+             *table(report)]
     print("\n".join(lines))
     failed = [k for k, v in report["measurements"].items() if not v.get("ok") and not v.get("skipped")]
     bad = report["correctness"] and not report["correctness"].get("ok")

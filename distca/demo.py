@@ -1,4 +1,4 @@
-"""A short, honest demo of the attention core and the CAD scheduler (the main job until training lands).
+"""`distca demo`: the attention core and the CAD scheduler on one batch, in one process (no servers, no model).
 
 The configured documents are packed into ``cluster.n_trainers`` equal token budgets (documents split
 at rank boundaries), the CAD scheduler plans their core attention over ``cluster.n_servers``

@@ -19,3 +19,7 @@ class BackendUnavailableError(DistCAError, RuntimeError):
 
 class CalibrationError(DistCAError, ValueError):
     """A kernel calibration table is malformed or does not match the requested shape."""
+
+
+class BackendBrokenError(DistCAError, RuntimeError):
+    """An attention backend's package is installed but fails to load (a broken build, not a missing one)."""

@@ -116,6 +116,42 @@ def test_unknown_or_unusable_backend_is_a_clear_error():
             forward(q, q, q, _cu(4), _cu(4), 4, 4, backend="torch_varlen")
 
 
+def test_gpu_backends_are_unavailable_only_without_cuda_or_their_package(monkeypatch):
+    import sys
+
+    from distca.attention.backends import flash, torch_varlen
+
+    for backend in (flash.FlashBackend(), torch_varlen.TorchVarlenBackend()):
+        assert "CUDA" in backend.unavailable_reason(torch.device("cpu"), torch.bfloat16)
+    # Not installed: unavailable, not an error.
+    monkeypatch.setattr(flash.importlib.util, "find_spec", lambda name: None)
+    assert flash._interface() is None
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # as in a torch without the module
+    assert torch_varlen._varlen_ops() is None
+
+
+def test_a_broken_gpu_build_is_an_error_not_a_missing_backend(monkeypatch):
+    import builtins
+    import sys
+
+    from distca.attention.backends import flash, torch_varlen
+    from distca.errors import BackendBrokenError
+
+    def broken(name, *args, **kwargs):
+        raise OSError(f"libcudart.so.12: cannot open shared object file (loading {name})")
+
+    monkeypatch.setattr(flash.importlib.util, "find_spec", lambda name: object())  # flash_attn is installed
+    monkeypatch.setattr(flash.importlib, "import_module", broken)
+    with pytest.raises(BackendBrokenError, match=r"flash_attn is installed but does not import.*libcudart"):
+        flash._interface()
+    real_import = builtins.__import__
+    monkeypatch.delitem(sys.modules, "torch.nn.attention.varlen", raising=False)
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: broken(name) if name ==
+                        "torch.nn.attention.varlen" else real_import(name, *a, **k))
+    with pytest.raises(BackendBrokenError, match=r"torch.nn.attention.varlen does not import \(OSError"):
+        torch_varlen._varlen_ops()
+
+
 def test_auto_picks_sdpa_on_cpu():
     from distca.attention import resolve_backend
 

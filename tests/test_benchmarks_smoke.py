@@ -42,6 +42,35 @@ def test_pingpong_benchmark_runs():
     assert "| forward, ping-pong " in out and "| fwd+bwd, ping-pong " in out
 
 
+def test_gpu_step_checks_the_backend_and_runs_end_to_end_on_the_cpu(tmp_path):
+    import json
+
+    probe = json.loads(_run("benchmarks/gpu_step.py", "probe", "cpu"))
+    assert probe["ok"] and probe["window_ok"] and probe["name"] == "sdpa", probe
+    out = tmp_path / "gpu_step.json"
+    _run("benchmarks/gpu_step.py", "--device", "cpu", "--dtype", "float32", "--small", "--tokens", "512", "--reps", "1",
+         "--warmup", "0", "--threads", "2", "--skip", "matmul,model_noop", "--out", str(out))
+    report = json.loads(out.read_text())
+    m = report["measurements"]
+    for name in ("attention", "linear", "local", "cad"):
+        assert m[name]["ok"], m[name]
+    assert m["matmul"]["skipped"] == "--skip"
+    assert m["cad"]["server"]["device"] == "cpu" and m["cad"]["server_busy_s"] > 0
+    assert report["correctness"]["ok"] and report["correctness"]["loss_rel_diff"] <= 1e-4
+    assert report["sim"]["linear_flops"] > 0 and report["docs"]["n_docs"] >= 1
+
+
+def test_gpu_step_imports_without_ray_deepspeed_or_tqdm():
+    """The GPU check runs on machines without the training stack: the benchmark needs only the CAD path."""
+    code = ("import runpy, sys\n"
+            "for m in ('ray', 'deepspeed', 'tqdm', 'tensorboard', 'pyarrow', 'hypothesis'): sys.modules[m] = None\n"
+            "sys.argv = ['gpu_step.py', '--help']\n"
+            "sys.path.insert(0, 'benchmarks')  # what `python benchmarks/gpu_step.py` does\n"
+            "runpy.run_path('benchmarks/gpu_step.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage" in r.stdout, r.stderr[-2000:]
+
+
 def test_train_benchmark_runs(tmp_path):
     out = _run("benchmarks/train.py", "--steps", "2", "--out-dir", str(tmp_path), "--model.n_layers=2",
                "--model.hidden=64", "--model.n_heads=4", "--model.ffn_hidden=128", "--train.tokens_per_rank=128",

@@ -1,5 +1,6 @@
 """The trainer-side runtime over a real server process: CAD attention as an autograd function, and the
-ping-pong schedule, both equal to local attention."""
+ping-pong schedule, both equal to local attention; ping-pong overlaps one nano-batch's round with the
+other's linear work (checked from the order of the client's round events, not from timings)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from distca.runtime.cad_attention import cad_attention
 from distca.runtime.client import CADClient
 from distca.runtime.pingpong import pingpong_layer, sequential_layer
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.server.layout import plan_id
 from distca.server.loop import ServerConfig
 from distca.transport.channel import TransportConfig
 
@@ -20,10 +22,17 @@ H, HKV, D = 4, 2, 8
 
 
 @pytest.fixture(scope="module")
-def client():
+def events() -> list[tuple[str, object]]:
+    """What happened, in order: the client's round events ``(what, plan_id)`` and the tests' own
+    linear-work calls ``("pre" | "post", nano-batch)``. Each test clears it first."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def client(events):
     scfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float64", backend="reference", transport=TCFG)
     with servers(2, scfg) as (addresses, _):
-        c = CADClient(0, addresses, TCFG, backend="reference")
+        c = CADClient(0, addresses, TCFG, backend="reference", on_event=lambda what, pid: events.append((what, pid)))
         yield c
         c.close()
 
@@ -55,9 +64,10 @@ def test_cad_attention_autograd_equals_local_attention(client):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_pingpong_equals_sequential_and_local(client):
+def test_pingpong_equals_sequential_and_local_and_overlaps(client, events):
     lengths = [[500, 12], [256, 256]]
     plans = [_plan(x)[0] for x in lengths]
+    a, b = (plan_id(p) for p in plans)
     gen = torch.Generator().manual_seed(1)
     hidden = H * D
     wqkv = torch.randn(hidden, (H + 2 * HKV) * D, generator=gen, dtype=torch.float64) / hidden**0.5
@@ -65,16 +75,25 @@ def test_pingpong_equals_sequential_and_local(client):
     xs = [torch.randn(512, hidden, generator=gen, dtype=torch.float64) for _ in range(2)]
 
     def pre(i, x):
+        events.append(("pre", i))
         q, k, v = (x @ wqkv).split([H * D, HKV * D, HKV * D], dim=1)
         return q.reshape(-1, H, D).contiguous(), k.reshape(-1, HKV, D).contiguous(), v.reshape(-1, HKV, D).contiguous()
 
     def post(i, x, attn):
+        events.append(("post", i))
         return x + attn.reshape(x.shape[0], -1) @ wo
 
-    blocked0 = client.blocked_s
+    events.clear()
     got = pingpong_layer(xs, plans, client, pre, post)
-    assert client.blocked_s >= blocked0
+    # Overlap: A's round is on the servers while the trainer computes B's pre-attention work, and B's round
+    # was started before A's wait completed, so it is in flight while A's post-attention work runs.
+    assert events == [("pre", 0), ("forward_sent", a), ("pre", 1), ("forward_sent", b), ("forward_received", a),
+                      ("post", 0), ("forward_received", b), ("post", 1)]
+    events.clear()
     seq = sequential_layer(xs, plans, client, pre, post)
+    # The control overlaps nothing: each round completes before the next linear work starts.
+    assert events == [("pre", 0), ("forward_sent", a), ("forward_received", a), ("post", 0), ("pre", 1),
+                      ("forward_sent", b), ("forward_received", b), ("post", 1)]
     for i in range(2):
         q, k, v = pre(i, xs[i])
         _, cu, m = _plan(lengths[i])
@@ -86,11 +105,12 @@ def test_pingpong_equals_sequential_and_local(client):
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_train_forward_backward_overlapped_equals_local_autograd(client, overlap):
+def test_train_forward_backward_overlapped_equals_local_autograd(client, events, overlap):
     from distca.runtime.pingpong import train_backward, train_forward
 
     lengths = [[300, 212], [512]]
     plans = [_plan(x)[0] for x in lengths]
+    a, b = (plan_id(p) for p in plans)
     gen = torch.Generator().manual_seed(2)
     hidden = H * D
     wqkv = (torch.randn(hidden, (H + 2 * HKV) * D, generator=gen, dtype=torch.float64) / hidden**0.5).requires_grad_()
@@ -105,8 +125,13 @@ def test_train_forward_backward_overlapped_equals_local_autograd(client, overlap
     def post(i, x, attn):
         return x + attn.reshape(x.shape[0], -1) @ wo
 
+    events.clear()
     ys, states = train_forward(xs, plans, client, pre, post, overlap=overlap)
     dxs = train_backward(states, dys, plans, client, params=[wqkv, wo], overlap=overlap)
+    # With overlap, B's round (forward, then backward) starts before A's completes; without, never.
+    for kind in ("forward", "backward"):
+        b_started_before_a_done = events.index((f"{kind}_sent", b)) < events.index((f"{kind}_received", a))
+        assert b_started_before_a_done == overlap, (kind, events)
     got_w = (wqkv.grad.clone(), wo.grad.clone())
     wqkv.grad = wo.grad = None
     # Reference: the same layer with local attention, through autograd.

@@ -1,6 +1,6 @@
 """Deep Delta Learning residual update (arXiv 2601.00417), scalar value state (d_v = 1).
 
-Pinned choices (the paper and its code differ; see shared/research/variants.md §2):
+Pinned choices (where the paper and its reference code differ):
 - ``k = h / sqrt(‖h‖² + ε_k²)``: the sublayer output gives only a direction, ε_k = 1e-5.
 - ``β = 2·σ(w_βᵀ c + b_β)`` with ``c`` the sublayer's pre-norm input, computed in fp32; ``b_β`` is set
   so that β starts at ``ddl_beta_init`` (the code's default 1.0 = exact overwrite of the k-component).

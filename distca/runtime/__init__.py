@@ -1,2 +1,5 @@
-"""Plan execution on trainers and servers (CAD attention functions and ping-pong arrive with the
-transport; ``plan_exec`` runs a plan in one process, the oracle the networked runtime must match)."""
+"""The trainer's side of CAD: the client that sends a rank's rows of a plan to the attention servers and
+collects the results (``client``), CAD attention as an autograd function behind the model's core-attention
+interface (``cad_attention``), two nano-batches overlapping attention with linear work (``pingpong``), and
+plan execution in one process (``plan_exec``: the oracle the networked path must match, and the tasks a
+plan keeps on the trainer)."""

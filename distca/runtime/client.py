@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 import torch
 import zmq
 
 from distca.attention.tasks import row_ranges
 from distca.errors import DistCAError
-from distca.runtime.plan_exec import RankTensors, _run_local_tasks
+from distca.runtime.plan_exec import RankTensors, run_local_backward, run_local_forward
 from distca.scheduler import Plan
 from distca.server.layout import plan_id, server_layout
 from distca.transport.channel import Endpoint, TransportConfig
@@ -53,37 +54,44 @@ def _like(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 class _Pending:
     """Replies still on their way from the servers; ``wait`` records how long the trainer blocked."""
 
-    def __init__(self, client, pid, servers, rows, sends, res):
-        self.client, self.pid, self.servers, self.rows, self.sends, self.res = client, pid, servers, rows, sends, res
+    def __init__(self, client: CADClient, pid: int, servers: list[int], rows: dict, sends: dict,
+                 results: tuple[torch.Tensor, ...]):
+        self.client, self.pid, self.servers, self.rows, self.sends = client, pid, servers, rows, sends
+        self.results = results  # local tasks already written; the servers' rows land here
         self.blocked_s = 0.0
+
+    def _done(self, t0: float, event: str) -> None:
+        self.blocked_s = time.perf_counter() - t0
+        self.client.blocked_s += self.blocked_s
+        self.client.note(event, self.pid)
 
 
 class PendingForward(_Pending):
     def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block until every server's ``out``/``lse`` rows are in; returns this rank's ``(out, lse)``."""
         t0 = time.perf_counter()
-        out, lse = self.res["out"][0], self.res["lse"][0]
+        out, lse = self.results
         for s in self.servers:
             _, got = self.client._expect(s, (Kind.FWD_OUT,), self.pid)
             qr = self.rows[s][0]
             out[qr] = _like(got["out"], out)
             lse[qr] = _like(got["lse"], lse)
-        self.blocked_s = time.perf_counter() - t0
-        self.client.blocked_s += self.blocked_s
+        self._done(t0, "forward_received")
         return out, lse
 
 
 class PendingBackward(_Pending):
     def wait(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block until every server's gradient rows are in; returns this rank's ``(dq, dk, dv)``."""
         t0 = time.perf_counter()
-        dq, dk, dv = self.res["dq"][0], self.res["dk"][0], self.res["dv"][0]
+        dq, dk, dv = self.results
         for s in self.servers:
             _, got = self.client._expect(s, (Kind.BWD_OUT,), self.pid)
             qr, kr = self.rows[s]
             dq[qr] = _like(got["dq"], dq)
             dk.index_add_(0, kr, _like(got["dk"], dk))
             dv.index_add_(0, kr, _like(got["dv"], dv))
-        self.blocked_s = time.perf_counter() - t0
-        self.client.blocked_s += self.blocked_s
+        self._done(t0, "backward_received")
         return dq, dk, dv
 
 
@@ -91,10 +99,14 @@ class CADClient:
     """One trainer's connections to every attention server."""
 
     def __init__(self, rank: int, addresses: list[str], cfg: TransportConfig, ctx: zmq.Context | None = None,
-                 backend: str = "auto", group: int = 0):
+                 backend: str = "auto", group: int = 0, on_event: Callable[[str, int], None] | None = None):
         """``rank`` is this trainer's rank *in the plans it runs*; ``group`` tells apart trainer groups that
-        run the same plans on one server pool (e.g. the pipeline stage; see ``plan_id``)."""
+        run the same plans on one server pool (e.g. the pipeline stage; see ``plan_id``). ``on_event(what,
+        plan_id)``, when given, hears when a round's requests are sent (``forward_sent``, ``backward_sent``)
+        and when its replies are all in (``forward_received``, ``backward_received``): the order in which
+        rounds overlap, for tests and traces."""
         self.rank, self.cfg, self.backend, self.group = rank, cfg, backend, group
+        self.on_event = on_event
         self.ctx = ctx or zmq.Context.instance()
         tag = uuid.uuid4().hex[:6]
         self.eps = [Endpoint.client(self.ctx, cfg, a, name=f"trainer{rank}-{tag}-{i}") for i, a in enumerate(addresses)]
@@ -103,8 +115,14 @@ class CADClient:
         self.stash: dict[int, list] = {}  # replies that arrived while another request was awaited
 
     def close(self) -> None:
+        """Close the connections to the servers."""
         for ep in self.eps:
             ep.close()
+
+    def note(self, what: str, pid: int) -> None:
+        """Report one round event to ``on_event`` (see ``__init__``)."""
+        if self.on_event is not None:
+            self.on_event(what, pid)
 
     def _expect(self, s: int, kinds: tuple[Kind, ...], pid: int | None = None):
         """The next reply from server ``s`` of one of ``kinds`` (for plan ``pid``). Replies to other
@@ -168,11 +186,12 @@ class CADClient:
             qr, kr = rows[s]
             sends[s] = [("q", _host(t.q[qr])), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
             self.eps[s].send(Kind.FWD, sends[s], plan_id=pid, extra={"rank": self.rank})
+        self.note("forward_sent", pid)
         lse_dtype = torch.float64 if t.q.dtype == torch.float64 else torch.float32
-        res = {"out": [torch.zeros_like(t.q)],
-               "lse": [torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype, device=dev)]}
-        self._local(plan, t, None, res)  # overlaps with the servers' work
-        return PendingForward(self, pid, servers, rows, sends, res)
+        out = torch.zeros_like(t.q)
+        lse = torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype, device=dev)
+        run_local_forward(plan, self.rank, t, out, lse, self.backend)  # overlaps with the servers' work
+        return PendingForward(self, pid, servers, rows, sends, (out, lse))
 
     def forward(self, plan: Plan, t: RankTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's ``out`` and ``lse`` (its local row layout)."""
@@ -192,22 +211,11 @@ class CADClient:
             sends[s] = [("q", _host(t.q[qr])), ("out", _host(out[qr])), ("dout", _host(dout[qr])),
                         ("lse", _host(lse[qr].to(lse_dtype))), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
             self.eps[s].send(Kind.BWD, sends[s], plan_id=pid, extra={"rank": self.rank})
-        res = {"out": [torch.zeros_like(t.q)], "lse": [torch.zeros(t.q.shape[:2], dtype=lse.dtype, device=dev)],
-               "dq": [torch.zeros_like(t.q)], "dk": [torch.zeros_like(t.k)], "dv": [torch.zeros_like(t.v)]}
-        self._local(plan, t, dout, res)
-        return PendingBackward(self, pid, servers, rows, sends, res)
+        self.note("backward_sent", pid)
+        dq, dk, dv = torch.zeros_like(t.q), torch.zeros_like(t.k), torch.zeros_like(t.v)
+        run_local_backward(plan, self.rank, t, out, lse.to(lse_dtype), dout, dq, dk, dv, self.backend)  # overlaps too
+        return PendingBackward(self, pid, servers, rows, sends, (dq, dk, dv))
 
     def backward(self, plan: Plan, t: RankTensors, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
         """This rank's ``dq, dk, dv``; a key row sent to several servers sums their gradients here."""
         return self.start_backward(plan, t, out, lse, dout).wait()
-
-    def _local(self, plan: Plan, t: RankTensors, dout, res) -> None:
-        """Run the tasks the plan keeps on this trainer (their rows are all local)."""
-        from distca.scheduler import LOCAL
-
-        if not bool(((plan.task_server == LOCAL) & (plan.task_rank == self.rank)).any()):
-            return
-        ranks = [t if r == self.rank else None for r in range(plan.n_ranks)]
-        douts = None if dout is None else [dout if r == self.rank else None for r in range(plan.n_ranks)]
-        pad = {k: [v[0] if r == self.rank else None for r in range(plan.n_ranks)] for k, v in res.items()}
-        _run_local_tasks(plan, ranks, douts, pad, self.backend, only_rank=self.rank)

@@ -10,7 +10,8 @@ Per layer, with nano-batches A and B::
 ``pingpong_layer`` is the inference-style forward; ``train_forward``/``train_backward`` keep what the
 backward needs and overlap both passes: in the backward, one nano-batch's attention gradients are
 computed on the servers while the trainer computes the other's linear gradients.
-Exposed communication = the time the trainer blocks on servers (``CADClient.blocked_s``).
+Exposed communication = the time the trainer blocks on servers (``CADClient.blocked_s``); the order in
+which rounds were sent and completed (whether they overlapped) is reported to ``CADClient(on_event=...)``.
 """
 
 from __future__ import annotations

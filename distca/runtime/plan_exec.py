@@ -5,20 +5,21 @@ networked runtime performs, written down once, and the oracle its tests compare 
 Per server: copy q rows and deduplicated k/v rows into receive buffers (``q_xfer``, ``kv_xfer``),
 gather each task's contiguous key range out of the k/v buffer, run one varlen call over all tasks,
 then send out/lse (forward) or dq and the key gradients (summed on the server per key row, then
-added at the trainer) back along the same rows.
+added at the trainer) back along the same rows. The tasks a plan keeps on their trainer run there
+(``run_local_forward``/``run_local_backward``, which the networked client runs too).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
 from distca.attention.tasks import row_ranges
 from distca.scheduler import Plan
+from distca.scheduler.calls import local_tasks, server_call
 from distca.scheduler.plan import Transfers
 
 
@@ -29,33 +30,6 @@ class RankTensors:
     q: torch.Tensor  # [tokens, Hq, D]
     k: torch.Tensor  # [tokens, Hkv, D]
     v: torch.Tensor
-
-
-@dataclass
-class ServerCall:
-    """Everything one server's fused varlen call needs, derived from the plan."""
-
-    server: int
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    max_q: int
-    max_k: int
-    key_rows: torch.Tensor  # rows of the server's k/v buffer, task by task (keys of a task contiguous)
-
-
-def server_call(plan: Plan, server: int) -> ServerCall:
-    """The varlen metadata of ``server``'s tasks (in plan order, queries contiguous in its q buffer)."""
-    m = np.flatnonzero(plan.task_server == server)
-    q_len = plan.task_q1[m] - plan.task_q0[m]
-    k_len = plan.task_k1[m] - plan.task_k0[m]
-    cu_q = np.zeros(m.size + 1, dtype=np.int32)
-    cu_k = np.zeros(m.size + 1, dtype=np.int32)
-    np.cumsum(q_len, out=cu_q[1:])
-    np.cumsum(k_len, out=cu_k[1:])
-    if m.size and not np.array_equal(plan.task_q_row[m], cu_q[:-1]):
-        raise ValueError(f"server {server}: task query rows are not laid out contiguously in plan order")
-    return ServerCall(server, torch.from_numpy(cu_q), torch.from_numpy(cu_k), int(q_len.max(initial=0)),
-                      int(k_len.max(initial=0)), torch.from_numpy(row_ranges(plan.task_kv_row[m], k_len)))
 
 
 def _rows(x: Transfers, device: torch.device | None = None) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -95,10 +69,9 @@ def execute_plan(
                    dv=[torch.zeros_like(t.v) for t in ranks])
     for s in range(plan.n_servers):
         call = server_call(plan, s)
-        if call.cu_q.numel() == 1:
+        if call.n_tasks == 0:
             continue
-        if dev.type != "cpu":
-            call = ServerCall(s, call.cu_q.to(dev), call.cu_k.to(dev), call.max_q, call.max_k, call.key_rows.to(dev))
+        cu_q, cu_k, key_rows = (torch.from_numpy(a).to(dev) for a in (call.cu_q, call.cu_k, call.key_rows))
         # Receive: q rows in task order; k/v once per (server, document) hull.
         qb = ref.new_zeros((int(plan.server_q_rows[s]), hq, d))
         kb = ref.new_zeros((int(plan.server_kv_rows[s]), hkv, d))
@@ -110,8 +83,8 @@ def execute_plan(
             if ss == s:
                 kb[dst] = ranks[r].k[src]
                 vb[dst] = ranks[r].v[src]
-        kt, vt = kb[call.key_rows], vb[call.key_rows]  # each task's keys contiguous, as varlen needs
-        args = (call.cu_q, call.cu_k, call.max_q, call.max_k)
+        kt, vt = kb[key_rows], vb[key_rows]  # each task's keys contiguous, as varlen needs
+        args = (cu_q, cu_k, call.max_q, call.max_k)
         out, lse = attn_forward(qb, kt, vt, *args, window=plan.window, backend=backend)
         if douts is not None:
             dob = torch.zeros_like(qb)
@@ -120,8 +93,8 @@ def execute_plan(
                     dob[dst] = douts[r][src]
             dq, dkt, dvt = attn_backward(qb, kt, vt, out, lse, dob, *args, window=plan.window, backend=backend)
             # A key row used by several tasks here: sum its gradients on the server before returning.
-            dkb = torch.zeros_like(kb).index_add_(0, call.key_rows, dkt)
-            dvb = torch.zeros_like(vb).index_add_(0, call.key_rows, dvt)
+            dkb = torch.zeros_like(kb).index_add_(0, key_rows, dkt)
+            dvb = torch.zeros_like(vb).index_add_(0, key_rows, dvt)
         for r, ss, src, dst in q_moves:  # return along the same rows
             if ss == s:
                 res["out"][r][src] = out[dst]
@@ -133,31 +106,41 @@ def execute_plan(
                 if ss == s:
                     res["dk"][r].index_add_(0, src, dkb[dst])
                     res["dv"][r].index_add_(0, src, dvb[dst])
-    _run_local_tasks(plan, ranks, douts, res, backend)
+    for r, t in enumerate(ranks):
+        run_local_forward(plan, r, t, res["out"][r], res["lse"][r], backend)
+        if douts is not None:
+            run_local_backward(plan, r, t, res["out"][r], res["lse"][r], douts[r], res["dq"][r], res["dk"][r],
+                               res["dv"][r], backend)
     return res
 
 
-def _run_local_tasks(plan: Plan, ranks, douts, res, backend, only_rank: int | None = None) -> None:
-    """Tasks kept on their trainer: their queries and keys are that trainer's own rows."""
-    from distca.scheduler import LOCAL
+def _local_meta(n_q: int, n_k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """varlen arguments of one task: its queries and its keys as one sequence each."""
+    cu_q = torch.tensor([0, n_q], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, n_k], dtype=torch.int32, device=device)
+    return cu_q, cu_k, n_q, n_k
 
-    mine = plan.task_server == LOCAL
-    if only_rank is not None:
-        mine &= plan.task_rank == only_rank
-    for i in np.flatnonzero(mine).tolist():
-        r, row = int(plan.task_rank[i]), int(plan.task_row[i])
-        n, kn = int(plan.task_q1[i] - plan.task_q0[i]), int(plan.task_k1[i] - plan.task_k0[i])
-        k_row = row - int(plan.task_q0[i] - plan.task_k0[i])
-        t = ranks[r]
-        cu_q = torch.tensor([0, n], dtype=torch.int32, device=t.q.device)
-        cu_k = torch.tensor([0, kn], dtype=torch.int32, device=t.q.device)
-        q, k, v = t.q[row:row + n], t.k[k_row:k_row + kn], t.v[k_row:k_row + kn]
-        out, lse = attn_forward(q, k, v, cu_q, cu_k, n, kn, window=plan.window, backend=backend)
-        res["out"][r][row:row + n] = out
-        res["lse"][r][row:row + n] = lse
-        if douts is not None:
-            dq, dk, dv = attn_backward(q, k, v, out, lse, douts[r][row:row + n], cu_q, cu_k, n, kn,
-                                       window=plan.window, backend=backend)
-            res["dq"][r][row:row + n] = dq
-            res["dk"][r][k_row:k_row + kn] += dk
-            res["dv"][r][k_row:k_row + kn] += dv
+
+def run_local_forward(plan: Plan, rank: int, t: RankTensors, out: torch.Tensor, lse: torch.Tensor,
+                      backend: str = "auto") -> None:
+    """Compute the tasks ``plan`` keeps on trainer ``rank`` over its rows ``t``, writing their ``out``/``lse`` rows."""
+    for task in local_tasks(plan, rank):
+        qs, ks = slice(task.q_row, task.q_row + task.n_q), slice(task.k_row, task.k_row + task.n_k)
+        o, l_ = attn_forward(t.q[qs], t.k[ks], t.v[ks], *_local_meta(task.n_q, task.n_k, t.q.device),
+                             window=plan.window, backend=backend)
+        out[qs] = o
+        lse[qs] = l_
+
+
+def run_local_backward(plan: Plan, rank: int, t: RankTensors, out: torch.Tensor, lse: torch.Tensor,
+                       dout: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                       backend: str = "auto") -> None:
+    """Gradients of trainer ``rank``'s local tasks from their forward ``out``/``lse``: writes their ``dq`` rows
+    and adds into ``dk``/``dv`` (a key row may also serve remote tasks)."""
+    for task in local_tasks(plan, rank):
+        qs, ks = slice(task.q_row, task.q_row + task.n_q), slice(task.k_row, task.k_row + task.n_k)
+        g = attn_backward(t.q[qs], t.k[ks], t.v[ks], out[qs], lse[qs], dout[qs],
+                          *_local_meta(task.n_q, task.n_k, t.q.device), window=plan.window, backend=backend)
+        dq[qs] = g[0]
+        dk[ks] += g[1]
+        dv[ks] += g[2]

@@ -2,8 +2,9 @@
 
 The trainers derive it deterministically from the plan (every rank computes the same plan), so any
 of them can register it; the server keeps a few of these small layouts, never tensors, between
-rounds. Each sender's rows are one contiguous block of the server's q buffer and one of its k/v
-buffer — the plan compiler lays receive buffers out in document order, which is rank order.
+rounds. The layout is the wire form of the plan's :class:`~distca.scheduler.calls.ServerCall`: each
+sender's rows are one contiguous block of the server's q buffer and one of its k/v buffer — the plan
+compiler lays receive buffers out in document order, which is rank order.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from distca.scheduler import Plan
+from distca.scheduler.calls import server_call
 from distca.transport.wire import WireError
 
 
@@ -79,28 +80,9 @@ class ServerLayout:
                 raise WireError(f"PLAN: rows of rank {r} fall outside the receive buffers")
 
 
-def _block(x, server: int, rank: int, what: str) -> tuple[int, int, int]:
-    """The contiguous destination block of ``rank``'s transfers to ``server``: (dst, n, count)."""
-    m = (x.rank == rank) & (x.server == server)
-    if not m.any():
-        return 0, 0, 0
-    dst, n = x.dst_row[m], x.n[m]
-    if not np.array_equal(dst[1:], (dst + n)[:-1]):
-        raise ValueError(f"{what} rows of rank {rank} on server {server} are not one contiguous block")
-    return int(dst[0]), int(n.sum()), int(m.sum())
-
-
 def server_layout(plan: Plan, server: int, group: int = 0) -> ServerLayout:
     """Server ``server``'s layout of ``plan`` (for trainer group ``group``, see :func:`plan_id`)."""
-    from distca.runtime.plan_exec import server_call
-
     call = server_call(plan, server)
-    ranks = sorted(set(plan.q_xfer.rank[plan.q_xfer.server == server].tolist())
-                   | set(plan.kv_xfer.rank[plan.kv_xfer.server == server].tolist()))
-    senders = {}
-    for r in ranks:
-        qd, nq, _ = _block(plan.q_xfer, server, r, "q")
-        kd, nk, _ = _block(plan.kv_xfer, server, r, "kv")
-        senders[r] = (qd, nq, kd, nk)
-    return ServerLayout(plan_id(plan, group), plan.window, call.cu_q, call.cu_k, call.max_q, call.max_k, call.key_rows,
-                        int(plan.server_q_rows[server]), int(plan.server_kv_rows[server]), senders)
+    return ServerLayout(plan_id(plan, group), plan.window, torch.from_numpy(call.cu_q), torch.from_numpy(call.cu_k),
+                        call.max_q, call.max_k, torch.from_numpy(call.key_rows), call.q_rows, call.kv_rows,
+                        call.senders)

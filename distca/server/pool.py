@@ -5,8 +5,9 @@ Each actor runs the ZeroMQ server loop (``distca.server.loop``) on a thread of i
 stays responsive to Ray calls (address, pid, stop). Trainers talk to servers over ZeroMQ, never
 through Ray: Ray only manages lifetimes and placement.
 
-Local mode starts Ray on demand bound to 127.0.0.1 (every Ray listener on loopback; see
-shared/research/platform.md §5); ``address="auto"`` joins an existing cluster.
+Local mode starts Ray on demand bound to 127.0.0.1 (every Ray listener on loopback: Ray ignores a
+loopback node address given to ``ray.init``, so the environment is set before Ray starts, see
+``local_ray_on_loopback``); ``address="auto"`` joins an existing cluster.
 """
 
 from __future__ import annotations

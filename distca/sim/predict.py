@@ -1,7 +1,7 @@
 """Predictions at the paper's scales: CAD vs the WLB-LLM-style baseline (and plain colocated packing)
 over the paper's grid of models, GPU counts, maximum document lengths and length distributions.
 
-Grid (shared/research/paper.md §3, Tables 3 and 4): TP = 8 inside a node, so a node is one simulated
+Grid (the DistCA paper's §3, Tables 3 and 4): TP = 8 inside a node, so a node is one simulated
 device. 3D runs have no pipeline; 4D runs use PP = 2 (8B) or 4 (34B). Tokens per node and step follow
 the paper's batch sizes, which grow with the GPU count (8B 3D: 128K tokens per node; 34B 3D: 64K, 128K
 at 512K; 4D: 512K for 8B, 256K for 34B, halved where Table 4 does). Every replica's micro-batch holds

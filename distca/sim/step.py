@@ -6,7 +6,7 @@ Three ways to run core attention (``SimOptions.system``):
 ``colocated``
     Each replica attends its own documents (plain packing: equal tokens per replica, documents split at
     replica boundaries). A document split across replicas makes the stage's replicas gather each
-    other's keys every layer (``distca.runtime.group_attention``): a barrier across the stage.
+    other's keys every layer (``distca.train.colocated_attention``): a barrier across the stage.
 ``cad``
     The real scheduler (``distca.scheduler.make_plan``) places every micro-batch's attention tasks on
     the attention servers; each layer is an all-to-all round: replicas send q/k/v rows, servers run

@@ -45,9 +45,9 @@ import torch
 from distca.attention import AttentionShape
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
-from distca.runtime.group_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.scheduler.work import cum_pairs
+from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.train.data import make_source
 from distca.train.flops import attention_sublayers, measure_peak_flops, step_flops
 from distca.train.pipe import MicroContext, StepContext, build_pipeline
@@ -88,8 +88,8 @@ def deepspeed_config(cfg: DistCAConfig) -> dict[str, Any]:
 
 
 def _cpu_deepspeed() -> None:
-    """DeepSpeed on CPU without JIT-compiled ops (shared/research/platform.md §3): its shared-memory
-    all-reduce would compile a C++ op at init; gloo does the collectives instead."""
+    """DeepSpeed on CPU without JIT-compiled ops: its shared-memory all-reduce would compile a C++ op at
+    init (about 26 s on a 2-core machine); gloo does the collectives instead."""
     import importlib
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
@@ -332,7 +332,7 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Release sockets and the engine, and leave the process group (platform.md §3)."""
+        """Release sockets and the engine, and leave the process group (else torch + gloo may abort at exit)."""
         import torch.distributed as dist
 
         if getattr(self, "client", None) is not None:

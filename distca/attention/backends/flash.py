@@ -8,31 +8,45 @@ backward, whose positional signature changed across 2.x releases, so arguments a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 
 import torch
 
 from distca.attention.backends.base import Backend, VarlenMeta
 from distca.attention.backends.gpu_common import check_cuda, lse_to_kernel, lse_to_token_major, window_size
+from distca.errors import BackendBrokenError
 
 
 def _interface():
+    """flash-attn's interface module, or None when flash-attn is not installed.
+
+    An installed flash-attn that fails to import (a CUDA extension built for another torch or CUDA) raises
+    :class:`BackendBrokenError`: a broken GPU build must fail loudly, not pass for a missing package."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
     try:
         return importlib.import_module("flash_attn.flash_attn_interface")
-    except Exception:  # ImportError, or a broken CUDA extension
-        return None
+    except Exception as exc:
+        raise BackendBrokenError(f"flash_attn is installed but does not import ({type(exc).__name__}: {exc}); "
+                                 "rebuild it for this torch and CUDA, or uninstall it") from exc
 
 
 class FlashBackend(Backend):
     name = "flash"
 
     def __init__(self) -> None:
-        self._fa = _interface()
+        self._fa = None  # imported on the first check that finds CUDA (its extension needs the CUDA runtime)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        reason = check_cuda(device, dtype)
+        if reason is not None:
+            return reason
         if self._fa is None:
-            return "flash_attn is not importable (install the 'gpu' extra on a CUDA machine)"
-        return check_cuda(device, dtype)
+            self._fa = _interface()
+        if self._fa is None:
+            return "flash_attn is not installed (install the 'gpu' extra on a CUDA machine)"
+        return None
 
     def forward(self, q, k, v, meta: VarlenMeta):
         left, right = window_size(meta)

@@ -10,7 +10,7 @@ import torch
 from cluster_harness import run_trainers
 
 from distca.attention import CATask, varlen_attention, varlen_metadata
-from distca.runtime.group_attention import GroupLocalCoreAttention, PrefixRows
+from distca.train.colocated_attention import GroupLocalCoreAttention, PrefixRows
 
 H, HKV, D = 4, 2, 8
 

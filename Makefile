@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/tiny-cpu.yaml
 
-.PHONY: train test lint venv clean
+.PHONY: train test test-fast lint venv clean
 
 # (Re)install when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -20,8 +20,13 @@ train: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Everything: pure tests and the multi-process simulated-cluster tests (trainers, servers, a local Ray).
 test: lint
 	$(VENV)/bin/python -m pytest -q
+
+# The inner loop: pure, single-process tests only (no spawned trainers, servers or Ray), under 2 minutes.
+test-fast: lint
+	$(VENV)/bin/python -m pytest -q -m "not cluster and not slow"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .hypothesis

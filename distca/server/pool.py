@@ -107,8 +107,8 @@ class AttentionServerPool:
         self.ray = ray
         self.started_ray = False
         if not ray.is_initialized():
-            if cfg.address is None:
-                ray.init(num_cpus=cfg.local_cpus, include_dashboard=False, log_to_driver=False,
+            if cfg.address is None:  # "local": a Ray of our own, even where a `ray start` cluster runs here
+                ray.init(address="local", num_cpus=cfg.local_cpus, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.WARNING)
             else:
                 ray.init(address=cfg.address, log_to_driver=False, logging_level=logging.WARNING)

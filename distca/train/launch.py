@@ -10,6 +10,7 @@ others; a rank that goes silent for ``train.step_timeout_s`` fails the run — n
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import faulthandler
 import json
 import logging
@@ -47,6 +48,7 @@ def _trainer_process(cfg_dict: dict, rank: int, world: int, port: int, addresses
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "DS_ACCELERATOR": "cpu"})
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the driver asks for stacks when a run hangs
+    _limit_malloc_arenas(cfg_dict["train"]["malloc_arena_max"])
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     try:
@@ -65,30 +67,41 @@ def _trainer_process(cfg_dict: dict, rank: int, world: int, port: int, addresses
         raise SystemExit(1) from None
 
 
-def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None,
-          verbose: bool = False) -> TrainResult:
+def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None, verbose: bool = False,
+          pool=None) -> TrainResult:
     """Run training on a simulated cluster on this machine; returns rank 0's per-step records.
-    ``verbose`` lets the libraries (DeepSpeed, torch.distributed) in the trainer ranks log and print."""
+    ``verbose`` lets the libraries (DeepSpeed, torch.distributed) in the trainer ranks log and print.
+
+    With ``core_attention: cad`` the run starts its own attention-server pool, unless ``pool`` (a running
+    :class:`~distca.server.pool.AttentionServerPool` with this run's server settings) is given: then the run
+    uses it and leaves it running (several runs, e.g. a test module's, share one pool and its Ray)."""
     t_start = time.perf_counter()
     world = cfg.cluster.n_trainers
     # longer than the collectives' own timeout, so a rank's own error is what usually surfaces
     timeout_s = timeout_s or 1.5 * cfg.train.step_timeout_s + 30
-    pool = None
+    own_pool = None
     _check_source(cfg)  # bad data settings fail here, before any server or rank starts
     restore = _child_malloc_arenas(cfg.train.malloc_arena_max)
     try:
-        addresses: list[str] = []
-        if cfg.train.core_attention == "cad":
+        if cfg.train.core_attention == "cad" and pool is None:
             from distca.parts import pool_settings
             from distca.server.pool import AttentionServerPool
 
-            pool = AttentionServerPool(pool_settings(cfg))
-            addresses = list(pool.addresses)
+            pool = own_pool = AttentionServerPool(pool_settings(cfg))
+        addresses = list(pool.addresses) if cfg.train.core_attention == "cad" else []
         return _with_restarts(cfg, world, pool, addresses, run_steps, timeout_s, t_start, verbose)
     finally:
-        if pool is not None:
-            pool.shutdown()
+        if own_pool is not None:
+            own_pool.shutdown()
         restore()
+
+
+def _limit_malloc_arenas(n: int) -> None:
+    """This process uses at most ``n`` glibc malloc arenas from now on (``mallopt(M_ARENA_MAX)``; 0 or a libc
+    without it: unchanged). A rank forked from the fork server does not read ``MALLOC_ARENA_MAX`` again."""
+    if n > 0:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
 
 
 def _child_malloc_arenas(n: int):
@@ -153,9 +166,20 @@ def _check_source(cfg: DistCAConfig) -> None:
                          f"{cfg.model.vocab_size}")
 
 
+def rank_context():
+    """How trainer ranks are started: from a fork server that has imported torch (and its compiler stack, which
+    every rank's first optimizer imports) once, so a rank starts in well under a second instead of importing them
+    for seconds on every start — a restart after a failure, or one run after another, pays it once. The fork
+    server is a fresh interpreter (never a fork of this possibly multi-threaded driver) and lives as long as this
+    process; DeepSpeed itself is imported in each rank, after the rank has set its accelerator."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo"])
+    return ctx
+
+
 def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: int, timeout_s: float,
                t_start: float, verbose: bool = False) -> TrainResult:
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_trainer_process, args=(cfg.to_dict(), r, world, port, addresses, run_steps, out,

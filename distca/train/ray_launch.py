@@ -80,7 +80,7 @@ def train_on_ray(cfg: DistCAConfig, run_steps: int = 0, verbose: bool = False) -
         raise
     try:
         if pool is None and not ray.is_initialized():
-            ray.init(address=cfg.cluster.ray_address or None, num_cpus=None if cfg.cluster.ray_address else n + 2,
+            ray.init(address=cfg.cluster.ray_address or "local", num_cpus=None if cfg.cluster.ray_address else n + 2,
                      include_dashboard=False, log_to_driver=False)
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
         trainer = TorchTrainer(

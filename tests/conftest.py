@@ -5,7 +5,6 @@ name); tests reach them through fixtures, never by importing this file."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue as queue_mod
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from distca.runtime.client import CADClient
 from distca.runtime.plan_exec import RankTensors
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.train.launch import rank_context
 from distca.transport.channel import TransportConfig
 
 # Two cores: keep torch from oversubscribing them (pytest may run beside other processes).
@@ -32,9 +32,10 @@ settings.load_profile(os.environ.get("DISTCA_HYPOTHESIS_PROFILE", "default"))
 
 
 def _run_processes(target: Callable, args_per_rank: list[tuple], timeout_s: float = 180.0) -> dict[int, object]:
-    """Spawn one process per entry of ``args_per_rank``; each calls ``target(*args, queue)`` and puts
-    ``(rank, result)``; returns the results by rank, failing the test if any is missing in time."""
-    ctx = mp.get_context("spawn")
+    """Start one process per entry of ``args_per_rank`` (from the trainers' fork server, as training starts its
+    ranks); each calls ``target(*args, queue)`` and puts ``(rank, result)``; returns the results by rank, failing
+    the test if any is missing in time."""
+    ctx = rank_context()
     q = ctx.Queue()
     procs = [ctx.Process(target=target, args=(*a, q), daemon=True) for a in args_per_rank]
     for p in procs:

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
+
 ROOT = Path(__file__).parent.parent
 
 

@@ -19,6 +19,8 @@ from distca.server.loop import ServerConfig
 from distca.server.processes import server_processes
 from distca.transport.channel import TransportConfig
 
+pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
+
 IPC = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60.0, secret=b"test-secret", checksum=True)
 TCP = dataclasses.replace(IPC, transport="tcp")
 

@@ -17,6 +17,8 @@ from distca.server.loop import ServerConfig
 from distca.server.processes import server_processes
 from distca.transport.channel import TransportConfig
 
+pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
+
 TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=None, checksum=False)
 H, HKV, D = 4, 2, 8
 

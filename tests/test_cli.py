@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -72,6 +74,7 @@ def test_plan_command_rejects_bad_lengths(tmp_path):
     assert r.returncode == 2 and "cannot read lengths file" in r.stderr
 
 
+@pytest.mark.cluster
 def test_serve_starts_a_pool_prints_addresses_and_stops():
     r = _run("serve", "--config", "configs/tiny-cpu.yaml", "--cluster.n_servers", "2", "--hold-s", "0",
              "--transport.secret_hex", "00ff")

@@ -11,6 +11,8 @@ import torch
 from distca.attention import CATask, varlen_attention, varlen_metadata
 from distca.train.colocated_attention import GroupLocalCoreAttention, PrefixRows
 
+pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
+
 H, HKV, D = 4, 2, 8
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from distca.config import load_config
@@ -44,6 +45,7 @@ def test_saved_activation_meter_counts_storages_once_and_frees_them():
     assert torch.allclose(x.grad, 2 * (x @ w) @ w.T)
 
 
+@pytest.mark.cluster
 def test_e2e_benchmark_runs_and_records_the_layouts(tmp_path):
     r = subprocess.run(
         [sys.executable, "benchmarks/e2e.py", "--steps", "2", "--dists", "pretrain", "--tokens-per-rank", "256",

@@ -23,6 +23,8 @@ from distca.server.processes import server_processes
 from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
 from distca.transport.wire import _PREFIX, MAGIC, Kind, WireError, encode
 
+pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
+
 SECRET = b"shared-secret"
 TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=5.0, secret=SECRET, checksum=False)
 SCFG = ServerConfig(n_heads=2, n_kv_heads=1, head_dim=4, dtype="float32", backend="sdpa", max_plans=8, transport=TCFG)

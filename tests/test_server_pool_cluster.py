@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from distca.server.loop import ServerConfig
 from distca.server.pool import AttentionServerPool, PoolConfig
 from distca.transport.channel import TransportConfig
+
+pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
 
 TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=None, checksum=False)
 SERVER = ServerConfig(n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32", backend="sdpa", max_plans=8, transport=TCFG)

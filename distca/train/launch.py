@@ -120,6 +120,9 @@ def _with_restarts(cfg: DistCAConfig, world: int, pool, addresses: list[str], ru
     """Run the ranks; when a run fails and ``train.max_restarts`` allows, replace dead attention servers
     and start the ranks again from the latest checkpoint (resume is exact, so the loss curve is the one
     an undisturbed run draws; steps after that checkpoint are trained again)."""
+    ckpt = Path(cfg.train.checkpoint_dir or Path(cfg.output_dir) / "checkpoints")
+    # run_steps counts from where this call starts; a restart resumes earlier, so it gets the steps left
+    stop_at = (_checkpoint_step(ckpt) if cfg.train.resume else 0) + run_steps if run_steps > 0 else 0
     attempt, done = cfg, []
     for restart in range(cfg.train.max_restarts + 1):
         try:
@@ -133,10 +136,11 @@ def _with_restarts(cfg: DistCAConfig, world: int, pool, addresses: list[str], ru
                 replaced = pool.restart_dead()
                 addresses = list(pool.addresses)
                 log.warning("replaced attention servers %s", replaced)
-            ckpt = Path(cfg.train.checkpoint_dir or Path(cfg.output_dir) / "checkpoints")
             resume = (ckpt / "latest").exists()
             attempt = config_from_dict({**attempt.to_dict(), "train": {**attempt.to_dict()["train"],
                                                                         "resume": resume or cfg.train.resume}})
+            if stop_at:
+                run_steps = stop_at - (_checkpoint_step(ckpt) if resume else 0)
             done = _records_so_far(Path(cfg.output_dir) / "metrics.jsonl")
             continue
         if restart:
@@ -144,6 +148,14 @@ def _with_restarts(cfg: DistCAConfig, world: int, pool, addresses: list[str], ru
             res.restarts = restart
         return res
     raise AssertionError("unreachable")
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    """The step of the latest checkpoint in ``ckpt`` (its ``latest`` tag, ``stepNNNNNNNN``); 0 if there is none."""
+    try:
+        return int((ckpt / "latest").read_text().strip().removeprefix("step"))
+    except (OSError, ValueError):
+        return 0
 
 
 def _records_so_far(path: Path) -> list[dict[str, Any]]:

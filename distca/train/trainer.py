@@ -244,6 +244,7 @@ class Trainer:
         import torch.distributed as dist
 
         self._init()
+        finished = False
         try:
             t = self.cfg.train
             start = self.load() if t.resume else 0
@@ -273,13 +274,15 @@ class Trainer:
                 if stopping:
                     end = step + 1
                     break
+            finished = True
             return {"rank": self.info.rank, "records": records, "start_step": start, "end_step": end}
         finally:
-            self.close()
+            self.close(barrier=finished)
 
-    def close(self) -> None:
-        """Release sockets and the engine, and leave the process group (a barrier first, so no rank leaves
-        while a peer still talks to it)."""
+    def close(self, barrier: bool = True) -> None:
+        """Release sockets and the engine, and leave the process group: after a finished run with a barrier
+        first, so no rank leaves while a peer still talks to it; after a failure without one, so the error
+        reaches the launcher at once instead of after the peers' collective timeout (the launcher stops them)."""
         import torch.distributed as dist
 
         if getattr(self, "client", None) is not None:
@@ -287,6 +290,7 @@ class Trainer:
         self.engine = None
         gc.collect()
         if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.barrier()
+            if barrier:
+                with contextlib.suppress(Exception):
+                    dist.barrier()
             dist.destroy_process_group()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_scheduler import batches
 
+from distca.data import pack_into_ranks
 from distca.runtime.plan_exec import RankTensors, execute_plan
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 
@@ -46,7 +46,18 @@ def _scatter_to_docs(batch: BatchLayout, per_rank: list[torch.Tensor], d: int):
     return out
 
 
-@given(batch=batches(max_ranks=5, max_tokens=700), eps=st.sampled_from([0.0, 0.05]),
+@st.composite
+def packed_batches(draw, max_ranks: int = 5, max_rank_tokens: int = 400) -> BatchLayout:
+    """Documents packed into equal per-rank budgets by the trainers' own packer: a document may start on one rank
+    and continue on the next ones (the case where rows of one document come from several trainers)."""
+    n, budget = draw(st.integers(1, max_ranks)), draw(st.integers(1, max_rank_tokens))
+    lengths = draw(st.lists(st.integers(1, n * budget), min_size=1, max_size=10))
+    lengths.append(max(1, n * budget - sum(lengths)))  # enough tokens to fill every rank
+    packed = pack_into_ranks(lengths, n, budget)
+    return BatchLayout.from_ranks(packed.ranks, packed.continues)
+
+
+@given(batch=packed_batches(), eps=st.sampled_from([0.0, 0.05]),
        window=st.sampled_from([-1, 40]), kind=st.sampled_from(["colocated", "dedicated"]),
        n_servers=st.integers(1, 5), seed=st.integers(0, 1000))
 def test_executed_plan_equals_per_document_attention(batch, eps, window, kind, n_servers, seed):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -31,11 +33,17 @@ def test_pool_joins_an_existing_cluster_with_address_auto():
     assert not ray.is_initialized()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    start = subprocess.run([ray_bin, "start", "--head", "--num-cpus", "4", "--disable-usage-stats",
-                            "--include-dashboard", "false", "--port", "0"], env=env, capture_output=True, text=True,
-                           timeout=120)
-    assert start.returncode == 0, start.stderr[-2000:]
+    # --block: the head lives as long as this one process, and ending it stops exactly that head's processes
+    # (`ray stop` would stop every Ray on the machine, other runs' included)
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "4", "--disable-usage-stats",
+                             "--include-dashboard", "false", "--port", "0"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray_bin, "status"], env=env, capture_output=True, timeout=60).returncode != 0:
+            assert head.poll() is None, head.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the Ray head did not come up within 120 s"
+            time.sleep(0.5)
         cfg = PoolConfig(n_servers=2, placement="dedicated", cpus_per_server=0.0, address="auto", server=SERVER)
         with AttentionServerPool(cfg) as p:
             assert p.health(timeout_s=30.0) == [True, True]
@@ -43,4 +51,9 @@ def test_pool_joins_an_existing_cluster_with_address_auto():
         status = subprocess.run([ray_bin, "status"], env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0  # ... and the cluster is still up
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=10)

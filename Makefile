@@ -21,14 +21,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # Everything: pure tests and the multi-process simulated-cluster tests (trainers, servers, a local Ray).
-# Two workers, whole files each (a file's shared runs and pools stay in one worker): the multi-process tests
-# spend most of their time waiting on processes, sockets and timeouts, so two at a time fill the two cores.
 test: lint
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -q
 
 # The inner loop: pure, single-process tests only (no spawned trainers, servers or Ray), under 2 minutes.
 test-fast: lint
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not cluster and not slow"
+	$(VENV)/bin/python -m pytest -q -m "not cluster and not slow"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .hypothesis

@@ -31,17 +31,6 @@ settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("DISTCA_HYPOTHESIS_PROFILE", "default"))
 
 
-# The longest files first, so that with two workers (`make test`: -n 2 --dist loadfile) neither worker is left
-# with a long file at the end while the other idles. Within a file the order is unchanged.
-_LONGEST_FIRST = ["test_train.py", "test_benchmarks_smoke.py", "test_train_signals.py", "test_e2e_benchmark.py",
-                  "test_server_pool.py", "test_cad_cluster.py", "test_server_faults.py"]
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 def _run_processes(target: Callable, args_per_rank: list[tuple], timeout_s: float = 180.0) -> dict[int, object]:
     """Start one process per entry of ``args_per_rank`` (from the trainers' fork server, as training starts its
     ranks); each calls ``target(*args, queue)`` and puts ``(rank, result)``; returns the results by rank, failing

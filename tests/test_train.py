@@ -9,15 +9,19 @@ run of the same tiny config carry parity, resume, metrics files and the launcher
 - exact resume: a checkpoint written in the middle of a run, resumed, continues the same curve bit for bit;
 - launchers: two "nodes" under torchrun, and a Ray launch, train exactly like ``train()``;
 - every residual variant learns; bf16 + tied embeddings + activation checkpointing train like bf16 without;
-- failures (bad data, unreachable servers, a server killed mid-run) end the run with a clear error or recover.
+- failures (bad data, unreachable servers, a server killed mid-run) end the run with a clear error or recover;
+- SIGTERM stops a run cleanly at a step boundary, and it resumes from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -234,9 +238,7 @@ def test_a_server_killed_mid_run_is_replaced_and_the_curve_is_unchanged(tmp_path
     replaces it (new address), the ranks resume from the last checkpoint, and the loss curve equals the
     undisturbed run's."""
     import os
-    import signal
     import threading
-    import time
 
     _, undisturbed = cad_run
     cfg = tiny(tmp_path, **{"train.core_attention": "cad", "train.checkpoint_every": 1, "train.max_restarts": 1,
@@ -295,3 +297,61 @@ def test_pipeline_loss_equals_the_plain_model_on_the_same_batch(tmp_path):
             per_micro.append(sum(float(c[y != -100].mean()) for c, y in ranks) / cfg.data_parallel)
     expected = sum(per_micro) / len(per_micro)
     assert abs(res.losses[0] - expected) <= 1e-5 * expected, (res.losses[0], expected)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out.update(kids)
+        todo += kids
+    return out
+
+
+def _alive(pids: set[int]) -> list[int]:
+    out = []
+    for p in pids:
+        with contextlib.suppress(OSError):
+            if "zombie" not in Path(f"/proc/{p}/status").read_text().lower():
+                out.append(p)
+    return out
+
+
+def test_sigterm_checkpoints_and_stops_cleanly_then_resumes(tmp_path, pools):
+    """Operating a run: SIGTERM to ``distca train`` mid-run stops every rank after the same step, checkpoints,
+    prints the summary, shuts its servers down and leaves no process behind; the run then resumes from there."""
+    long_run = tiny(tmp_path, **{"train.core_attention": "cad", "train.steps": 200})
+    cmd = [sys.executable, "-m", "distca.cli", "train", "--config", same_config(long_run, tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    started = _descendants(proc.pid)  # the rank fork server and ranks, the local Ray and its server actors
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    done = steps[-1] + 1
+    assert 3 <= done < 200
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step{done:08d}"
+    assert f"0 -> {done}" in out  # the summary table still prints
+    deadline = time.monotonic() + 60  # Ray's own processes may take a moment to go
+    while _alive(started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(started), f"processes left behind: {_alive(started)}"
+
+    resumed = run(tiny(tmp_path, **{"train.core_attention": "cad", "train.steps": done + 2, "train.resume": True}),
+                  pools)
+    assert (resumed.start_step, resumed.end_step) == (done, done + 2)
+    assert (tmp_path / "checkpoints" / f"step{done + 2:08d}").exists()

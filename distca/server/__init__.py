@@ -1,3 +1,5 @@
-"""Attention servers: the request loop of one server (``loop``: fused varlen calls over the rows many trainers
-send), the plan layout a server registers (``layout``), and the Ray-managed pool (``pool``: start, health-check,
-restart, shut down)."""
+"""Attention servers: the request loop of one server (``loop``: fused varlen calls over the rows many
+trainers send), the plan layout a server registers (``layout``), plain server processes for torchrun
+nodes, tests and benchmarks (``processes``: start, collect addresses, always shut down), the Ray-managed
+pool (``pool``: start, health-check, restart, shut down), and the control requests both use
+(``control``: one request and its reply, stopping servers, removing a dead server's ipc socket)."""

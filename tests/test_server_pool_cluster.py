@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -38,12 +39,22 @@ def test_pool_joins_an_existing_cluster_with_address_auto():
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "4", "--disable-usage-stats",
                              "--include-dashboard", "false", "--port", "0"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
+    # `ray start` writes the head's address where `address="auto"` finds it; `ray stop` would remove the file,
+    # ending the head does not, and a stale file sends a later plain `ray.init()` to a cluster that is gone
+    from ray._common.utils import get_ray_address_file
+
+    address_file, ours = Path(get_ray_address_file(None)), None
     try:
         deadline = time.monotonic() + 120
-        while subprocess.run([ray_bin, "status"], env=env, capture_output=True, timeout=60).returncode != 0:
+        def up() -> bool:
+            return (address_file.exists() and bool(address_file.read_text().strip())
+                    and subprocess.run([ray_bin, "status"], env=env, capture_output=True, timeout=60).returncode == 0)
+
+        while not up():
             assert head.poll() is None, head.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "the Ray head did not come up within 120 s"
             time.sleep(0.5)
+        ours = address_file.read_text()
         cfg = PoolConfig(n_servers=2, placement="dedicated", cpus_per_server=0.0, address="auto", server=SERVER)
         with AttentionServerPool(cfg) as p:
             assert p.health(timeout_s=30.0) == [True, True]
@@ -57,3 +68,6 @@ def test_pool_joins_an_existing_cluster_with_address_auto():
         except subprocess.TimeoutExpired:
             head.kill()
             head.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            if ours is not None and address_file.read_text() == ours:
+                address_file.unlink()

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distca.attention import AttentionShape
 from distca.config import DistCAConfig
 from distca.scheduler import SchedulerConfig
 from distca.server.loop import ServerConfig
 from distca.server.pool import PoolConfig
 from distca.transport.channel import TransportConfig
 
-# Activation precision of training -> the dtype attention tensors travel and are computed in.
+# Activation precision of training -> the dtype attention tensors travel and are computed in, and its size.
 _SERVER_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,13 @@ def transport_settings(cfg: DistCAConfig) -> TransportConfig:
 def server_dtype(cfg: DistCAConfig) -> str:
     """The dtype attention servers compute in: the training precision's activation dtype."""
     return _SERVER_DTYPE[cfg.train.precision]
+
+
+def attention_shape(cfg: DistCAConfig) -> AttentionShape:
+    """The shape of the attention rows that move (heads, kv heads, head dim, bytes per element): what the
+    scheduler counts bytes with."""
+    m = cfg.model
+    return AttentionShape(m.n_heads, m.n_kv_heads, m.head_dim, _DTYPE_BYTES[server_dtype(cfg)])
 
 
 def server_settings(cfg: DistCAConfig) -> ServerConfig:

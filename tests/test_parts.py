@@ -6,8 +6,15 @@ import dataclasses
 
 import pytest
 
-from distca.config import config_from_dict
-from distca.parts import client_settings, pool_settings, scheduler_settings, server_settings, transport_settings
+from distca.config import config_from_dict, load_config
+from distca.parts import (
+    attention_shape,
+    client_settings,
+    pool_settings,
+    scheduler_settings,
+    server_settings,
+    transport_settings,
+)
 
 
 def _cfg(**sections):
@@ -80,3 +87,11 @@ def test_library_settings_have_no_defaults_of_their_own_for_config_knobs():
     assert {"n_heads", "n_kv_heads", "head_dim", "dtype", "backend", "max_plans", "transport"} <= required(ServerConfig)
     assert {"n_servers", "placement", "cpus_per_server", "address", "server"} <= required(PoolConfig)
     assert {"transport", "host", "timeout_s", "secret", "checksum"} <= required(TransportConfig)
+
+
+def test_attention_shape_counts_bytes_in_the_training_precision():
+    fp32 = attention_shape(load_config(None, ["--model.hidden=256", "--model.n_heads=8", "--model.n_kv_heads=2"]))
+    bf16 = attention_shape(load_config(None, ["--model.hidden=256", "--model.n_heads=8", "--model.n_kv_heads=2",
+                                              "--train.precision=bf16"]))
+    assert (fp32.n_heads, fp32.n_kv_heads, fp32.head_dim, fp32.dtype_bytes) == (8, 2, 32, 4)
+    assert bf16.dtype_bytes == 2

@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from distca.attention import AttentionShape
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
-from distca.parts import client_settings, scheduler_settings
+from distca.parts import attention_shape, client_settings, scheduler_settings
 from distca.scheduler import BatchLayout, Placement, make_plan
 from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.train.data import make_source
@@ -170,8 +169,7 @@ class Trainer:
             settings = client_settings(cfg)
             self.client = CADClient(self.dp_rank, self.addresses, settings.transport, backend=settings.backend,
                                     group=self.stage)
-        m = cfg.model
-        self.shape = AttentionShape(m.n_heads, m.n_kv_heads, m.head_dim, 2 if cfg.train.precision == "bf16" else 4)
+        self.shape = attention_shape(cfg)
         self.placement = Placement(cfg.data_parallel, cfg.cluster.n_servers, cfg.cluster.placement, self.devices)
         self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops()
         self.meter = StepMeter(cfg, info.rank, self.stage, self.dp_rank, self.client, self.attn_timer)

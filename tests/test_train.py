@@ -37,7 +37,7 @@ from distca.train.launch import TrainError, free_port, train
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 20
+STEPS = 12
 TINY = {"seed": 3, "threads": 1, "model.n_layers": 2, "model.hidden": 64, "model.n_heads": 4, "model.n_kv_heads": 2,
         "model.ffn_hidden": 172, "model.vocab_size": 256, "cluster.n_trainers": 4, "cluster.n_servers": 4,
         "transport.timeout_s": 60, "train.steps": STEPS, "train.pipeline_parallel": 2, "train.micro_batches": 2,
@@ -82,7 +82,7 @@ def run(cfg, pools, **kw):
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local")
-    cfg = tiny(tmp, **{"train.core_attention": "local", "train.tensorboard": True, "train.checkpoint_every": 10})
+    cfg = tiny(tmp, **{"train.core_attention": "local", "train.tensorboard": True, "train.checkpoint_every": 6})
     return cfg, train(cfg)
 
 
@@ -111,14 +111,14 @@ def test_cad_matches_local_loss_every_step(local_run, cad_run):
 
 def test_resume_from_a_mid_run_checkpoint_continues_the_same_curve_exactly(local_run, tmp_path):
     cfg, straight = local_run
-    assert straight.checkpoints == ["step00000010", "step00000020"]
+    assert straight.checkpoints == ["step00000006", f"step{STEPS:08d}"]
     ckpt = tmp_path / "checkpoints"
     shutil.copytree(Path(cfg.output_dir) / "checkpoints", ckpt)
-    (ckpt / "latest").write_text("step00000010")  # as if the run had stopped after step 10
+    (ckpt / "latest").write_text("step00000006")  # as if the run had stopped after step 6
     resumed = train(tiny(tmp_path, **{"train.core_attention": "local", "train.resume": True,
                                       "train.checkpoint_dir": str(ckpt)}))
-    assert (resumed.start_step, resumed.end_step) == (10, STEPS)
-    assert resumed.losses == straight.losses[10:]  # bit for bit
+    assert (resumed.start_step, resumed.end_step) == (6, STEPS)
+    assert resumed.losses == straight.losses[6:]  # bit for bit
 
 
 def test_metrics_files(local_run):

@@ -214,7 +214,7 @@ def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: i
                 if dead:
                     late = _get(out, 5.0)  # give a dying rank's error report a moment to arrive
                     if late is not None and late[0] == "error":
-                        raise TrainError(_errors(out, late[1], late[2]))
+                        raise TrainError(_errors(out, late[1], late[2], procs))
                     raise TrainError(f"trainer rank(s) {dead} exited without a result "
                                      f"(exit codes {[procs[r].exitcode for r in dead]})")
                 if time.monotonic() - last > timeout_s:
@@ -226,7 +226,7 @@ def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: i
             last = time.monotonic()
             if kind == "error":
                 _dump_stacks(procs)
-                raise TrainError(_errors(out, rank, payload))
+                raise TrainError(_errors(out, rank, payload, procs))
             if kind == "report":
                 collect(result, sink, payload)
             elif kind == "done":
@@ -291,16 +291,21 @@ def _dump_stacks(procs) -> None:
     time.sleep(1.0)
 
 
-def _errors(out, rank: int, payload: str, grace_s: float = 5.0) -> str:
+def _errors(out, rank: int, payload: str, procs, grace_s: float = 5.0) -> str:
     """The first failure, plus whatever other ranks report within ``grace_s`` (a hang on one rank
-    usually shows as a timeout on its peers: both sides help)."""
+    usually shows as a timeout on its peers: both sides help); done early once every other rank has
+    reported or exited."""
     msgs = [f"trainer rank {rank} failed:\n{payload}"]
+    reported = {rank}
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        try:
-            kind, r, p = out.get(timeout=max(deadline - time.monotonic(), 0.01))
-        except queue_mod.Empty:
+        if all(r in reported or not proc.is_alive() for r, proc in enumerate(procs)):
             break
+        try:
+            kind, r, text = out.get(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
+        except queue_mod.Empty:
+            continue
         if kind == "error":
-            msgs.append(f"trainer rank {r} failed:\n{p}")
+            msgs.append(f"trainer rank {r} failed:\n{text}")
+            reported.add(r)
     return "\n".join(msgs)

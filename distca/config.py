@@ -142,6 +142,17 @@ class ClusterConfig:
     n_trainers: int = 4
     n_servers: int = 4
     placement: Literal["colocated", "dedicated"] = "colocated"
+    # How attention rows move between trainers and servers (DESIGN §2):
+    #   inplace    - every trainer is also an attention server in its own process; rows move by one
+    #                torch.distributed all-to-all per round over the stage's data-parallel group (NCCL on
+    #                GPUs, gloo on the CPU cluster); no server pool is started, n_servers is not used
+    #   collective - the Ray pool's servers and the trainers form a separate data-plane process group
+    #                (all-to-all there); ZeroMQ carries only control (plans, rounds, errors, health)
+    #   shm        - pool servers on the trainer's host read and write rows in shared memory, ZeroMQ
+    #                carries the headers; a server on another host falls back to zmq (metrics say so)
+    #   zmq        - rows as ZeroMQ frames (host staging; any host)
+    #   auto       - inplace on CUDA, shm on the CPU
+    data_plane: Literal["auto", "inplace", "collective", "shm", "zmq"] = "auto"
     ray_address: str = ""  # "": start a local Ray on 127.0.0.1; "auto": join the running cluster
     cpus_per_server: float = 0.0  # Ray CPUs each attention-server actor reserves
 
@@ -198,6 +209,9 @@ class TrainConfig:
     micro_batches: int = 2
     tokens_per_rank: int = 1024
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Where trainers compute: "cuda" (each rank takes its local GPU; NCCL; DeepSpeed's CUDA accelerator),
+    # "cpu" (gloo, DeepSpeed's CPU accelerator) or "auto" (cuda when torch sees a GPU, else cpu).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     zero_stage: int = 1
     activation_checkpointing: bool = False
     lr: float = 1e-3
@@ -255,6 +269,9 @@ class DistCAConfig:
                               f"train.pipeline_parallel ({pp})")
         if pp > self.model.n_layers:
             raise ConfigError(f"train.pipeline_parallel ({pp}) exceeds model.n_layers ({self.model.n_layers})")
+        if self.cluster.data_plane == "inplace" and self.cluster.placement != "colocated":
+            raise ConfigError("cluster.data_plane: inplace makes every trainer an attention server; it needs "
+                              f"cluster.placement: colocated, got {self.cluster.placement!r}")
 
     @property
     def data_parallel(self) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from distca.attention import AttentionShape
 from distca.config import DistCAConfig
+from distca.errors import ConfigError
 from distca.scheduler import SchedulerConfig
 from distca.server.loop import ServerConfig
 from distca.server.pool import PoolConfig
@@ -73,3 +74,30 @@ def client_settings(cfg: DistCAConfig) -> ClientSettings:
 def scheduler_settings(cfg: DistCAConfig, window: int) -> SchedulerConfig:
     """The CAD planner's settings for layers of attention ``window`` (-1: full causal)."""
     return SchedulerConfig(eps=cfg.scheduler.eps, granularity=cfg.attention.shard_tokens, window=window)
+
+
+def train_device(cfg: DistCAConfig, cuda_available: bool | None = None) -> str:
+    """``"cuda"`` or ``"cpu"``: where this run's trainers compute (``train.device``; ``auto`` asks torch).
+    ``cuda`` asked for on a machine without a GPU is a :class:`~distca.errors.ConfigError`."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    want = cfg.train.device
+    if want == "cuda" and not cuda_available:
+        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU "
+                          "visible); use train.device: cpu or auto")
+    return "cuda" if want == "cuda" or (want == "auto" and cuda_available) else "cpu"
+
+
+def data_plane(cfg: DistCAConfig, device: str) -> str:
+    """How CAD rows move in this run (``cluster.data_plane``; ``auto``: ``inplace`` on CUDA, ``shm`` on the CPU)."""
+    plane = cfg.cluster.data_plane
+    if plane != "auto":
+        return plane
+    return "inplace" if device == "cuda" else "shm"
+
+
+def uses_pool(cfg: DistCAConfig, device: str) -> bool:
+    """Whether the run needs the attention-server pool: CAD on any data plane but ``inplace``."""
+    return cfg.train.core_attention == "cad" and data_plane(cfg, device) != "inplace"

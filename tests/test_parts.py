@@ -95,3 +95,27 @@ def test_attention_shape_counts_bytes_in_the_training_precision():
                                               "--train.precision=bf16"]))
     assert (fp32.n_heads, fp32.n_kv_heads, fp32.head_dim, fp32.dtype_bytes) == (8, 2, 32, 4)
     assert bf16.dtype_bytes == 2
+
+
+def test_train_device_auto_follows_torch_and_cuda_without_a_gpu_is_refused():
+    from distca.errors import ConfigError
+    from distca.parts import train_device
+
+    assert train_device(_cfg(train={"device": "auto"}), cuda_available=False) == "cpu"
+    assert train_device(_cfg(train={"device": "auto"}), cuda_available=True) == "cuda"
+    assert train_device(_cfg(train={"device": "cpu"}), cuda_available=True) == "cpu"
+    with pytest.raises(ConfigError, match=r"train\.device"):
+        train_device(_cfg(train={"device": "cuda"}), cuda_available=False)
+
+
+def test_data_plane_auto_is_inplace_on_cuda_and_shm_on_cpu_and_inplace_needs_colocated():
+    from distca.errors import ConfigError
+    from distca.parts import data_plane, uses_pool
+
+    assert data_plane(_cfg(), "cuda") == "inplace" and data_plane(_cfg(), "cpu") == "shm"
+    assert data_plane(_cfg(cluster={"data_plane": "zmq"}), "cuda") == "zmq"
+    assert not uses_pool(_cfg(cluster={"data_plane": "inplace"}), "cpu")
+    assert uses_pool(_cfg(cluster={"data_plane": "collective", "placement": "dedicated"}), "cpu")
+    assert not uses_pool(_cfg(train={"core_attention": "local"}), "cpu")
+    with pytest.raises(ConfigError, match="colocated"):
+        _cfg(cluster={"data_plane": "inplace", "placement": "dedicated"})

@@ -96,9 +96,48 @@ def _cad_trainer(rank: int, addresses: list[str], spec: dict, tcfg: TransportCon
         client.close()
 
 
+def _inplace_trainer(rank: int, world: int, port: int, spec: dict, q) -> None:
+    """Spawned in-place trainer: joins a gloo group of ``world`` trainers and runs ``spec``'s plan forward and
+    backward with every trainer also its plan server; puts its tensors or its error."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from distca.runtime.exchange import GroupRoles, RowExchange, RowFormat
+    from distca.runtime.inplace import InPlaceClient
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=spec.get("timeout_s", 60)))
+        if spec.get("absent") == rank:  # a peer that never joins a round: the others must fail, not hang
+            import time
+
+            time.sleep(spec["timeout_s"] + 3)
+            q.put((rank, "absent"))
+            return
+        plan, ranks, douts = _make_cad_case(spec)
+        fmt = RowFormat(CAD_HEADS, CAD_KV_HEADS, CAD_DIM, getattr(torch, spec["dtype"]))
+        client = InPlaceClient(RowExchange(dist.group.WORLD, GroupRoles.inplace(world, rank), fmt, "cpu"),
+                               backend=spec["backend"])
+        got = {}
+        for rep in range(spec.get("repeat", 1)):  # buffers are reused across rounds
+            out, lse = client.forward(plan, ranks[rank])
+            dq, dk, dv = client.backward(plan, ranks[rank], out, lse, douts[rank])
+            got[rep] = {k: v.numpy() for k, v in dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv).items()}
+        q.put((rank, {**got[0], "stats": client.server_stats()[0], "same_each_repeat": all(
+            all((got[i][k] == got[0][k]).all() for k in got[0]) for i in got)}))
+    except Exception as exc:  # report, never hang the parent
+        q.put((rank, repr(exc)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def cad_case() -> SimpleNamespace:
     """The CAD step case: ``make(spec)`` -> (plan, ranks, douts); ``trainer``, a spawnable target
-    ``trainer(rank, addresses, spec, tcfg, queue)``; and the attention shape ``heads``, ``kv_heads``, ``dim``."""
-    return SimpleNamespace(make=_make_cad_case, trainer=_cad_trainer, heads=CAD_HEADS, kv_heads=CAD_KV_HEADS,
-                           dim=CAD_DIM)
+    ``trainer(rank, addresses, spec, tcfg, queue)``; ``inplace_trainer(rank, world, port, spec, queue)``, the same
+    step with in-place servers over a gloo group; and the attention shape ``heads``, ``kv_heads``, ``dim``."""
+    return SimpleNamespace(make=_make_cad_case, trainer=_cad_trainer, inplace_trainer=_inplace_trainer,
+                           heads=CAD_HEADS, kv_heads=CAD_KV_HEADS, dim=CAD_DIM)

@@ -83,12 +83,16 @@ def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None,
     _check_source(cfg)  # bad data settings fail here, before any server or rank starts
     restore = _child_malloc_arenas(cfg.train.malloc_arena_max)
     try:
-        if cfg.train.core_attention == "cad" and pool is None:
-            from distca.parts import pool_settings
+        from distca.parts import pool_settings, train_device, uses_pool
+
+        needs_pool = uses_pool(cfg, train_device(cfg))
+        if needs_pool and pool is None:
             from distca.server.pool import AttentionServerPool
 
             pool = own_pool = AttentionServerPool(pool_settings(cfg))
-        addresses = list(pool.addresses) if cfg.train.core_attention == "cad" else []
+        if not needs_pool:
+            pool = None  # in-place servers (or local attention): the trainers are all there is
+        addresses = list(pool.addresses) if pool is not None else []
         return _with_restarts(cfg, world, pool, addresses, run_steps, timeout_s, t_start, verbose)
     finally:
         if own_pool is not None:

@@ -66,8 +66,13 @@ class StepMeter:
         self._window: dict[str, Any] = {}
 
     def _server_stats(self) -> list[dict]:
-        """Every server's PING answer (busy seconds, peak RSS), asked by rank 0 between steps."""
-        if self.client is None or self.rank != 0:
+        """Every server's PING answer (busy seconds, peak RSS), asked by rank 0 between steps; with in-place
+        servers, every rank's own server."""
+        if self.client is None:
+            return []
+        if hasattr(self.client, "server_stats"):
+            return self.client.server_stats()
+        if self.rank != 0:
             return []
         return [self.client.ping(s, timeout_s=self.cfg.transport.timeout_s) for s in range(len(self.client.eps))]
 
@@ -75,6 +80,7 @@ class StepMeter:
     def measure(self, params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
         """Measure the step run inside the block; ``params`` (the model's) are not activations."""
         blocked0 = self.client.blocked_s if self.client is not None else 0.0
+        attn0 = getattr(self.client, "attn_s", 0.0)
         before = self._server_stats()
         timer0 = dataclasses.replace(self.attn_timer)
         self.saved.reset(params)
@@ -93,6 +99,7 @@ class StepMeter:
             "busy": [float(b.get("busy_s", 0.0)) - float(a.get("busy_s", 0.0)) for a, b in zip(before, after,
                                                                                             strict=True)],
             "blocked": (self.client.blocked_s - blocked0) if self.client is not None else 0.0,
+            "attn": getattr(self.client, "attn_s", 0.0) - attn0,
         }
 
     def record(self, step: int, loss: float, lr: float, micro_batches: list, plans: list[dict[int, Any]],
@@ -105,6 +112,8 @@ class StepMeter:
             timer, timer0 = self.attn_timer, w["timer0"]
             attn_s, attn_cpu_s = timer.wall_s - timer0.wall_s, timer.cpu_s - timer0.cpu_s
             exchange_s = timer.exchange_s - timer0.exchange_s
+        elif hasattr(self.client, "attn_s"):  # in-place: this rank computes attention too
+            attn_s, attn_cpu_s, exchange_s = w["attn"], 0.0, w["blocked"]
         else:
             attn_s, attn_cpu_s, exchange_s = w["blocked"], 0.0, 0.0
         load = self._attention_load(micro_batches, plans)
@@ -122,6 +131,7 @@ class StepMeter:
             "tokens": sum(docs), "flops": step_flops(self.cfg.model, docs),
             "planned_load_max_over_mean": float(load.max() / load.mean()) if load.mean() > 0 else 1.0,
             "server_busy_s": w["busy"], "lr": lr,
+            "data_plane": "local" if self.client is None else getattr(self.client, "data_plane", "zmq"),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_mb": _current_rss_mb(), "open_fds": _open_fds(),
             "server_peak_rss_mb": [float(s.get("peak_rss_kb", 0)) / 1024 for s in w["after"]],
@@ -145,10 +155,14 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
     step_s = max(r["step_s"] for r in every)
     first = every[0]
     flops = first["flops"]
-    busy = first["server_busy_s"] or next((r["server_busy_s"] for r in every if r["server_busy_s"]), [])
+    if first.get("data_plane") == "inplace":  # every rank measured its own server
+        busy = [b for r in every for b in r["server_busy_s"]]
+    else:
+        busy = first["server_busy_s"] or next((r["server_busy_s"] for r in every if r["server_busy_s"]), [])
     measured = (max(busy) / (sum(busy) / len(busy))) if busy and sum(busy) > 0 else None
     return {
         "step": first["step"], "loss": first["loss"], "lr": first["lr"], "step_s": step_s,
+        "data_plane": first.get("data_plane", "local"),
         "tokens": first["tokens"], "tokens_per_s": first["tokens"] / step_s,
         "mfu": flops["total"] / step_s / (peak_flops * len(every)),
         "attention_flops_share": flops["attention"] / flops["total"],

@@ -28,7 +28,7 @@ import torch
 
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
-from distca.parts import attention_shape, client_settings, scheduler_settings
+from distca.parts import attention_shape, client_settings, data_plane, scheduler_settings, server_dtype, train_device
 from distca.scheduler import BatchLayout, Placement, make_plan
 from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.train.data import make_source
@@ -103,8 +103,11 @@ class Trainer:
         self.cfg, self.info, self.report, self.verbose = cfg, info, report or (lambda rec: None), verbose
         self.addresses = list(server_addresses or [])
         t = cfg.train
-        if t.core_attention == "cad" and not self.addresses:
-            raise ValueError("train.core_attention is 'cad' but no attention-server addresses were given")
+        self.device = torch.device(train_device(cfg))
+        self.plane = data_plane(cfg, self.device.type) if t.core_attention == "cad" else "local"
+        if self.plane not in ("local", "inplace") and not self.addresses:
+            raise ValueError(f"train.core_attention is 'cad' on the {self.plane!r} data plane but no attention-server "
+                             "addresses were given")
         if info.world != cfg.cluster.n_trainers:
             raise ValueError(f"{info.world} processes started for cluster.n_trainers={cfg.cluster.n_trainers}")
         self.windows = sorted(set(cfg.model.attention_windows()))
@@ -162,17 +165,33 @@ class Trainer:
 
         self.stream = PackedStream(self.source, cfg.data_parallel, cfg.train.tokens_per_rank, cfg.seed,
                                    max_doc_tokens=cfg.data.max_doc_tokens or None, shuffle=cfg.data.shuffle)
-        self.client = None
-        if cfg.train.core_attention == "cad":
-            from distca.runtime.client import CADClient
-
-            settings = client_settings(cfg)
-            self.client = CADClient(self.dp_rank, self.addresses, settings.transport, backend=settings.backend,
-                                    group=self.stage)
+        self.client = self._cad_client()
         self.shape = attention_shape(cfg)
-        self.placement = Placement(cfg.data_parallel, cfg.cluster.n_servers, cfg.cluster.placement, self.devices)
+        if self.plane == "inplace":  # the stage's replicas are its plans' servers, server i on replica i
+            self.placement = Placement(cfg.data_parallel, cfg.data_parallel, "colocated")
+        else:
+            self.placement = Placement(cfg.data_parallel, cfg.cluster.n_servers, cfg.cluster.placement, self.devices)
         self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops()
         self.meter = StepMeter(cfg, info.rank, self.stage, self.dp_rank, self.client, self.attn_timer)
+
+    def _cad_client(self):
+        """The CAD runtime of this rank's data plane (None with local attention): in-place servers over the
+        stage's data-parallel group, or a client of the server pool."""
+        cfg = self.cfg
+        settings = client_settings(cfg)
+        if self.plane == "local":
+            return None
+        if self.plane == "inplace":
+            from distca.runtime.exchange import GroupRoles, RowExchange, RowFormat
+            from distca.runtime.inplace import InPlaceClient
+
+            m = cfg.model
+            fmt = RowFormat(m.n_heads, m.n_kv_heads, m.head_dim, getattr(torch, server_dtype(cfg)))
+            roles = GroupRoles.inplace(cfg.data_parallel, self.dp_rank)
+            return InPlaceClient(RowExchange(self.dp_group, roles, fmt, self.device), backend=settings.backend)
+        from distca.runtime.client import CADClient
+
+        return CADClient(self.dp_rank, self.addresses, settings.transport, backend=settings.backend, group=self.stage)
 
     # -- one step ------------------------------------------------------------------------------
     def _micro_context(self, mb) -> tuple[MicroContext, dict[int, Any]]:

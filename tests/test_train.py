@@ -37,7 +37,7 @@ from distca.train.launch import TrainError, free_port, train
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 12
+STEPS = 20
 TINY = {"seed": 3, "threads": 1, "model.n_layers": 2, "model.hidden": 64, "model.n_heads": 4, "model.n_kv_heads": 2,
         "model.ffn_hidden": 172, "model.vocab_size": 256, "cluster.n_trainers": 4, "cluster.n_servers": 4,
         "transport.timeout_s": 60, "train.steps": STEPS, "train.pipeline_parallel": 2, "train.micro_batches": 2,
@@ -82,7 +82,7 @@ def run(cfg, pools, **kw):
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local")
-    cfg = tiny(tmp, **{"train.core_attention": "local", "train.tensorboard": True, "train.checkpoint_every": 6})
+    cfg = tiny(tmp, **{"train.core_attention": "local", "train.tensorboard": True, "train.checkpoint_every": 7})
     return cfg, train(cfg)
 
 
@@ -90,6 +90,13 @@ def local_run(tmp_path_factory):
 def cad_run(tmp_path_factory, pools):
     cfg = tiny(tmp_path_factory.mktemp("cad"), **{"train.core_attention": "cad"})
     return cfg, run(cfg, pools)
+
+
+@pytest.fixture(scope="module")
+def inplace_run(tmp_path_factory):
+    """CAD with in-place servers: every trainer serves its stage's plans, rows by all-to-all over gloo."""
+    cfg = tiny(tmp_path_factory.mktemp("inplace"), **{"train.core_attention": "cad", "cluster.data_plane": "inplace"})
+    return cfg, train(cfg)
 
 
 def assert_same_curve(a: list[float], b: list[float], rel: float = 1e-5) -> None:
@@ -109,16 +116,29 @@ def test_cad_matches_local_loss_every_step(local_run, cad_run):
     assert all(r["attn_load_max_over_mean_measured"] for r in cad.records)
 
 
+def test_inplace_cad_matches_local_loss_every_step(local_run, inplace_run):
+    """In-place attention servers (issue 13): PP=2 x DP=2, the stage's replicas exchange rows by all-to-all."""
+    (_, local), (cfg, inplace) = local_run, inplace_run
+    assert [r["step"] for r in inplace.records] == list(range(STEPS))
+    assert {r["data_plane"] for r in inplace.records} == {"inplace"}
+    assert_same_curve(local.losses, inplace.losses)
+    assert max(r["attn_load_max_over_mean_planned"] for r in inplace.records) < 1.1
+    # every rank's own server did work every step (busy seconds of 4 in-place servers)
+    assert all(len(r["server_busy_s"]) == cfg.cluster.n_trainers and min(r["server_busy_s"]) > 0
+               for r in inplace.records)
+    assert all(r["exchange_s_per_rank"] and max(r["exchange_s_per_rank"]) >= 0 for r in inplace.records)
+
+
 def test_resume_from_a_mid_run_checkpoint_continues_the_same_curve_exactly(local_run, tmp_path):
     cfg, straight = local_run
-    assert straight.checkpoints == ["step00000006", f"step{STEPS:08d}"]
+    assert straight.checkpoints == ["step00000007", "step00000014", f"step{STEPS:08d}"]
     ckpt = tmp_path / "checkpoints"
     shutil.copytree(Path(cfg.output_dir) / "checkpoints", ckpt)
-    (ckpt / "latest").write_text("step00000006")  # as if the run had stopped after step 6
+    (ckpt / "latest").write_text("step00000014")  # as if the run had stopped after step 14
     resumed = train(tiny(tmp_path, **{"train.core_attention": "local", "train.resume": True,
                                       "train.checkpoint_dir": str(ckpt)}))
-    assert (resumed.start_step, resumed.end_step) == (6, STEPS)
-    assert resumed.losses == straight.losses[6:]  # bit for bit
+    assert (resumed.start_step, resumed.end_step) == (14, STEPS)
+    assert resumed.losses == straight.losses[14:]  # bit for bit
 
 
 def test_metrics_files(local_run):

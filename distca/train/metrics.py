@@ -37,6 +37,7 @@ import torch
 
 from distca.attention.cost import cum_pairs
 from distca.config import DistCAConfig, save_config
+from distca.parts import data_plane, train_device
 from distca.train.flops import step_flops
 
 if TYPE_CHECKING:
@@ -407,12 +408,18 @@ def format_step(r: dict[str, Any]) -> str:
 def _setup_rows(cfg: DistCAConfig) -> list[tuple[str, str]]:
     """What the run trains and how: the rows the header and the summary table share."""
     t, m = cfg.train, cfg.model
+    plane = data_plane(cfg, train_device(cfg)) if t.core_attention == "cad" else "local"
+    if plane == "inplace":
+        where = f" in-place: each stage's {cfg.data_parallel} replicas are its servers (all-to-all data plane)"
+    elif t.core_attention == "cad":
+        where = f" on {cfg.cluster.n_servers} servers ({cfg.cluster.placement}, {plane} data plane)"
+    else:
+        where = " (colocated)"
     return [
         ("model", f"{m.n_layers} layers, hidden {m.hidden}, {m.n_heads}/{m.n_kv_heads} heads, residual {m.residual}"),
         ("parallelism", f"PP={t.pipeline_parallel} x DP={cfg.data_parallel}, {t.micro_batches} micro-batches, "
                         f"ZeRO-{t.zero_stage}, {t.precision}"),
-        ("core attention", t.core_attention + (f" on {cfg.cluster.n_servers} servers ({cfg.cluster.placement})"
-                                               if t.core_attention == "cad" else " (colocated)")),
+        ("core attention", t.core_attention + where),
     ]
 
 
@@ -438,6 +445,7 @@ def summary_table(cfg: DistCAConfig, res: TrainResult) -> str:
         ("steps", f"{res.start_step} -> {res.end_step}" + (" (stopped by a signal)" if res.stopped_early else "")),
         ("loss first -> last", f"{res.records[0]['loss']:.4f} -> {res.records[-1]['loss']:.4f}" if res.records
          else "-"),
+        ("data plane (as run)", ", ".join(sorted({str(r.get("data_plane", "local")) for r in res.records}))),
         ("tokens / step", f"{res.records[0]['tokens']}" if res.records else "-"),
         ("tokens/s (median)", f"{med('tokens_per_s'):.0f}"),
         ("step time (median)", f"{med('step_s'):.2f} s"),

@@ -14,6 +14,10 @@ call; each one guarded: a failure is recorded and the next one still runs):
                 attention local (the varlen kernel on this device).
 ``model_noop``  the same model with a no-op core attention (so ``local - model_noop`` is N layers of
                 attention, and ``model_noop - linear`` the embeddings, head and loss).
+``cad_inplace`` the same model with CAD through an IN-PLACE attention server: this process is the plan's
+                trainer and its server (``distca.runtime.inplace``; world size 1, so no collective runs:
+                rows for the own server are gathered into its buffers, the plan's local tasks run as one
+                varlen call). Target: <= 1.05x ``local``.
 ``cad``         the same model with core attention through ONE attention server process on the SAME
                 device (``ServerConfig.device``, ipc transport, host staging), planned by
                 ``make_plan`` for 1 trainer and 1 server; with the trainer's blocked time and the
@@ -418,6 +422,41 @@ class Run:
             finally:
                 client.close()
 
+    def cad_inplace(self) -> dict[str, Any]:
+        """CAD with an in-place attention server: this process is the plan's trainer and its server (world 1,
+        so no collective runs; with more GPUs the rows for other servers move by one NCCL all-to-all)."""
+        from distca.attention.cost import AttentionShape
+        from distca.config import ClusterConfig, DistCAConfig, TrainConfig
+        from distca.parts import scheduler_settings
+        from distca.runtime.cad_attention import CADCoreAttention
+        from distca.runtime.exchange import GroupRoles, RowExchange, RowFormat
+        from distca.runtime.inplace import InPlaceClient
+        from distca.scheduler import BatchLayout, Placement, make_plan
+
+        cfg, args = self.cfg, self.args
+        run = DistCAConfig(model=cfg, cluster=ClusterConfig(n_trainers=1, n_servers=1, placement="colocated"),
+                           train=TrainConfig(pipeline_parallel=1))
+        esize = torch.empty((), dtype=self.dtype).element_size()
+        plan, timing = make_plan(BatchLayout.from_ranks([self.lengths]), Placement(1, 1, "colocated"),
+                                 dataclasses.replace(scheduler_settings(run, -1), eps=args.eps),
+                                 AttentionShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, esize))
+        fmt = RowFormat(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.dtype)
+        client = InPlaceClient(RowExchange(None, GroupRoles.inplace(1, 0), fmt, self.device), backend=self.backend)
+        mark: dict[str, float] = {}
+
+        def after_warmup():
+            mark.update(blocked_s=client.blocked_s, busy_s=client.busy_s, attn_s=client.attn_s)
+
+        res = self.model_step(CADCoreAttention(client, {-1: plan}), keep="cad_inplace", after_warmup=after_warmup)
+        calls = len(res["samples_s"])
+        res.update(blocked_s=(client.blocked_s - mark["blocked_s"]) / calls,
+                   server_busy_s=(client.busy_s - mark["busy_s"]) / calls,
+                   attn_s=(client.attn_s - mark["attn_s"]) / calls, buffer_bytes=client.x.nbytes(),
+                   per="timed step (all layers), mean over the timed steps",
+                   plan={"n_tasks": int(plan.task_server.size), "local_tasks": int((plan.task_server < 0).sum()),
+                         "plan_ms": timing.plan_ms, "placement": "in-place, 1 trainer = 1 server", "eps": args.eps})
+        return res
+
     def _cad_steps(self, client, plan, timing, esize: int, server_start_s: float) -> dict[str, Any]:
         from distca.runtime.cad_attention import CADCoreAttention
 
@@ -483,6 +522,7 @@ class Run:
         self.guarded("linear", self.linear)
         self.guarded("local", lambda: self.model_step(LocalCoreAttention(self.layout, backend=self.backend),
                                                       keep="local"))
+        self.guarded("cad_inplace", self.cad_inplace)
         self.guarded("cad", self.cad, min_left_s=20.0)
         self.guarded("model_noop", lambda: self.model_step(NoopCore()))
         return self.report(build_s, n_params)
@@ -491,6 +531,12 @@ class Run:
         args, cfg, r = self.args, self.cfg, self.results
         correctness: dict[str, Any] = {}
         loc, cad = self.kept.get("local", {}), self.kept.get("cad", {})
+        inp = self.kept.get("cad_inplace", {})
+        if "loss" in loc and "loss" in inp:
+            correctness["loss_inplace"] = inp["loss"]
+            correctness["loss_rel_diff_inplace"] = abs(inp["loss"] - loc["loss"]) / max(abs(loc["loss"]), 1e-30)
+            correctness["grad_rel_diff_inplace"] = float((inp["grad"] - loc["grad"]).norm()
+                                                         / loc["grad"].norm().clamp_min(1e-30))
         if "loss" in loc and "loss" in cad:
             correctness["loss_local"], correctness["loss_cad"] = loc["loss"], cad["loss"]
             correctness["loss_rel_diff"] = abs(cad["loss"] - loc["loss"]) / max(abs(loc["loss"]), 1e-30)
@@ -509,6 +555,8 @@ class Run:
             derived["attention_in_step_s"] = r["local"]["median_s"] - r["model_noop"]["median_s"]
         if ok("model_noop") and ok("linear"):
             derived["embed_head_loss_s"] = r["model_noop"]["median_s"] - r["linear"]["median_s"]
+        if ok("local") and ok("cad_inplace"):
+            derived["cad_inplace_over_local"] = r["cad_inplace"]["median_s"] / r["local"]["median_s"]
         if ok("local") and ok("cad"):
             derived["cad_over_local"] = r["cad"]["median_s"] / r["local"]["median_s"]
             derived["cad_exposed_comm_frac"] = r["cad"]["blocked_s"] / r["cad"]["median_s"]
@@ -573,6 +621,10 @@ def table(report: dict[str, Any]) -> list[str]:
         extra=f"loss {lo.get('loss', float('nan')):.4f}" + (f", peak {lo['peak_mem_gib']:.1f} GiB" if
                                                             lo.get("peak_mem_gib") is not None else "")
         if lo.get("ok") else "")
+    ci = r.get("cad_inplace", {})
+    row("step CAD in-place", ci, "model fwd+bwd, in-place server (this process)",
+        extra=(f"server busy {fmt_ms(ci['server_busy_s'])} ms, blocked {fmt_ms(ci['blocked_s'])} ms, "
+               f"{ci['plan']['local_tasks']}/{ci['plan']['n_tasks']} tasks local") if ci.get("ok") else "")
     c = r.get("cad", {})
     row("step CAD", c, "model fwd+bwd, 1 server same GPU",
         extra=(f"blocked {fmt_ms(c['blocked_s'])} ms, server busy {fmt_ms(c['server_busy_s'])} ms "
@@ -617,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="skip measurements that would start after this many seconds (240)")
     p.add_argument("--skip", default="", help="comma list of measurements to skip "
-                                              "(matmul,attention,linear,local,cad,model_noop)")
+                                              "(matmul,attention,linear,local,cad_inplace,cad,model_noop)")
     p.add_argument("--calibration", default=None, help="a CalibrationTable JSON (benchmarks/kernels.py calibrate) "
                                                        "to compare against and embed in the simulator block")
     p.add_argument("--transport-timeout-s", type=float, default=120.0, help="per-reply timeout of the CAD client")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from distca.attention import backward as attn_backward
@@ -20,7 +21,7 @@ from distca.attention import forward as attn_forward
 from distca.attention import lse_dtype
 from distca.attention.tasks import row_ranges
 from distca.scheduler import Plan
-from distca.scheduler.calls import local_tasks, server_call
+from distca.scheduler.calls import local_call, server_call
 from distca.scheduler.plan import Transfers
 
 
@@ -114,33 +115,51 @@ def execute_plan(
     return res
 
 
-def _local_meta(n_q: int, n_k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """varlen arguments of one task: its queries and its keys as one sequence each."""
-    cu_q = torch.tensor([0, n_q], dtype=torch.int32, device=device)
-    cu_k = torch.tensor([0, n_k], dtype=torch.int32, device=device)
-    return cu_q, cu_k, n_q, n_k
+def _index(rows: np.ndarray, device: torch.device) -> torch.Tensor | slice:
+    """Rows to index a trainer tensor with: a slice (a view, no copy) when they are one ascending run."""
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size and (rows.size == 1 or bool((np.diff(rows) == 1).all())):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    t = torch.from_numpy(rows)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _local(plan: Plan, rank: int, device: torch.device):
+    call = local_call(plan, rank)
+    if call.n_tasks == 0:
+        return None
+    qi, ki = _index(call.q_rows, device), _index(call.k_rows, device)
+    cu_q, cu_k = (torch.from_numpy(a).to(device) for a in (call.cu_q, call.cu_k))
+    return qi, ki, (cu_q, cu_k, call.max_q, call.max_k)
 
 
 def run_local_forward(plan: Plan, rank: int, t: RankTensors, out: torch.Tensor, lse: torch.Tensor,
                       backend: str = "auto") -> None:
-    """Compute the tasks ``plan`` keeps on trainer ``rank`` over its rows ``t``, writing their ``out``/``lse`` rows."""
-    for task in local_tasks(plan, rank):
-        qs, ks = slice(task.q_row, task.q_row + task.n_q), slice(task.k_row, task.k_row + task.n_k)
-        o, l_ = attn_forward(t.q[qs], t.k[ks], t.v[ks], *_local_meta(task.n_q, task.n_k, t.q.device),
-                             window=plan.window, backend=backend)
-        out[qs] = o
-        lse[qs] = l_
+    """Compute the tasks ``plan`` keeps on trainer ``rank`` over its rows ``t`` — all of them in one varlen call —
+    writing their ``out``/``lse`` rows."""
+    local = _local(plan, rank, t.q.device)
+    if local is None:
+        return
+    qi, ki, meta = local
+    o, l_ = attn_forward(t.q[qi], t.k[ki], t.v[ki], *meta, window=plan.window, backend=backend)
+    out[qi] = o
+    lse[qi] = l_
 
 
 def run_local_backward(plan: Plan, rank: int, t: RankTensors, out: torch.Tensor, lse: torch.Tensor,
                        dout: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
                        backend: str = "auto") -> None:
-    """Gradients of trainer ``rank``'s local tasks from their forward ``out``/``lse``: writes their ``dq`` rows
-    and adds into ``dk``/``dv`` (a key row may also serve remote tasks)."""
-    for task in local_tasks(plan, rank):
-        qs, ks = slice(task.q_row, task.q_row + task.n_q), slice(task.k_row, task.k_row + task.n_k)
-        g = attn_backward(t.q[qs], t.k[ks], t.v[ks], out[qs], lse[qs], dout[qs],
-                          *_local_meta(task.n_q, task.n_k, t.q.device), window=plan.window, backend=backend)
-        dq[qs] = g[0]
-        dk[ks] += g[1]
-        dv[ks] += g[2]
+    """Gradients of trainer ``rank``'s local tasks from their forward ``out``/``lse`` (one varlen call): writes
+    their ``dq`` rows and adds into ``dk``/``dv`` (a key row may serve several tasks, local and remote)."""
+    local = _local(plan, rank, t.q.device)
+    if local is None:
+        return
+    qi, ki, meta = local
+    g = attn_backward(t.q[qi], t.k[ki], t.v[ki], out[qi], lse[qi], dout[qi], *meta, window=plan.window,
+                      backend=backend)
+    dq[qi] = g[0]
+    if isinstance(ki, slice):
+        dk[ki] += g[1]
+        dv[ki] += g[2]
+    else:
+        dk.index_add_(0, ki, g[1])
+        dv.index_add_(0, ki, g[2])

@@ -89,3 +89,34 @@ def local_tasks(plan: Plan, rank: int) -> list[LocalTask]:
         n_q, n_k = int(plan.task_q1[i] - plan.task_q0[i]), int(plan.task_k1[i] - plan.task_k0[i])
         out.append(LocalTask(row, n_q, k_row, n_k))
     return out
+
+
+@dataclass(frozen=True)
+class LocalCall:
+    """All the tasks a plan keeps on one trainer as one varlen call over that trainer's own rows: the query
+    rows and key rows of each task, task by task (one gather each, then one kernel launch)."""
+
+    q_rows: np.ndarray  # int64
+    k_rows: np.ndarray  # int64
+    cu_q: np.ndarray  # int32 [tasks + 1]
+    cu_k: np.ndarray  # int32 [tasks + 1]
+    max_q: int
+    max_k: int
+
+    @property
+    def n_tasks(self) -> int:
+        return self.cu_q.size - 1
+
+
+def local_call(plan: Plan, rank: int) -> LocalCall:
+    """The tasks ``plan`` keeps on trainer ``rank`` as one fused call (none: a call of zero tasks)."""
+    tasks = local_tasks(plan, rank)
+    n_q = np.array([t.n_q for t in tasks], dtype=np.int64)
+    n_k = np.array([t.n_k for t in tasks], dtype=np.int64)
+    cu_q = np.zeros(len(tasks) + 1, dtype=np.int32)
+    cu_k = np.zeros(len(tasks) + 1, dtype=np.int32)
+    np.cumsum(n_q, out=cu_q[1:])
+    np.cumsum(n_k, out=cu_k[1:])
+    q_rows = row_ranges(np.array([t.q_row for t in tasks], dtype=np.int64), n_q)
+    k_rows = row_ranges(np.array([t.k_row for t in tasks], dtype=np.int64), n_k)
+    return LocalCall(q_rows, k_rows, cu_q, cu_k, int(n_q.max(initial=0)), int(n_k.max(initial=0)))

@@ -60,8 +60,10 @@ def validate(args) -> None:
         from distca.config import load_config
 
         before = _calibrate(load_config(args.config, []).to_dict())
+        # the modes the simulator models: colocated, and CAD servers as separate processes (the ZeroMQ pool)
         subprocess.run([sys.executable, str(Path(__file__).parent / "e2e.py"), "--config", args.config, "--steps",
-                        str(args.steps), "--out-dir", str(Path(args.e2e).parent)], check=True)
+                        str(args.steps), "--modes", "local", "cad-zmq", "--out-dir", str(Path(args.e2e).parent)],
+                       check=True)
         after = _calibrate(json.loads(Path(args.e2e).read_text())["runs"].popitem()[1]["config"])
         parts = [before, after]
     else:

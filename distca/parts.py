@@ -61,7 +61,7 @@ def server_settings(cfg: DistCAConfig, device: str = "cpu") -> ServerConfig:
 def pool_settings(cfg: DistCAConfig, local_cpus: int | None = None, device: str | None = None) -> PoolConfig:
     """The Ray-managed server pool; ``local_cpus``: what a Ray started here advertises (None: the pool's own
     choice), raised by launchers that also run their trainers on that Ray. ``device``: the run's resolved
-    device (None: :func:`train_device` of ``cfg``).
+    device (None: :func:`cluster_device`).
 
     On a CUDA run, dedicated servers reserve ``cluster.gpus_per_server`` Ray GPUs each and compute on theirs
     (none reserved: on the host). Colocated servers compute on the host: a Ray actor sees only the GPUs it
@@ -69,7 +69,8 @@ def pool_settings(cfg: DistCAConfig, local_cpus: int | None = None, device: str 
     ``cluster.data_plane: inplace``, which needs no pool.
     """
     c = cfg.cluster
-    on_gpu = (device or train_device(cfg)) == "cuda" and c.placement == "dedicated" and c.gpus_per_server > 0
+    device = device or cluster_device(cfg)
+    on_gpu = device == "cuda" and c.placement == "dedicated" and c.gpus_per_server > 0
     extra = {} if local_cpus is None else {"local_cpus": local_cpus}
     return PoolConfig(n_servers=c.n_servers, placement=c.placement, cpus_per_server=c.cpus_per_server,
                       gpus_per_server=c.gpus_per_server if on_gpu else 0.0, address=c.ray_address or None,
@@ -98,6 +99,13 @@ def train_device(cfg: DistCAConfig, cuda_available: bool | None = None) -> str:
         raise ConfigError("train.device is 'cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU "
                           "visible); use train.device: cpu or auto")
     return "cuda" if want == "cuda" or (want == "auto" and cuda_available) else "cpu"
+
+
+def cluster_device(cfg: DistCAConfig) -> str:
+    """The run's device as a driver that places trainers or servers on a Ray cluster resolves it: an explicit
+    ``cuda`` is taken as asked, since the driver (a CPU head, say) need not have a GPU itself — the workers
+    check theirs; ``auto`` asks this machine, as :func:`train_device` does."""
+    return train_device(cfg, cuda_available=True if cfg.train.device == "cuda" else None)
 
 
 def data_plane(cfg: DistCAConfig, device: str) -> str:

@@ -80,6 +80,8 @@ def test_dedicated_servers_of_a_cuda_run_reserve_gpus_and_compute_there_everythi
     # a CPU run never reserves a GPU, whatever the cluster has; without a device the run's own is resolved
     assert pool_settings(_cfg(cluster=dedicated), device="cpu").gpus_per_server == 0.0
     assert pool_settings(_cfg(cluster=dedicated, train={"device": "cpu"})).server.device == "cpu"
+    # an explicit cuda needs no GPU where the pool is set up (`distca serve` on a CPU head of a GPU cluster)
+    assert pool_settings(_cfg(cluster=dedicated, train={"device": "cuda"})).server.device == "cuda"
     assert server_settings(_cfg(), "cuda:1").device == "cuda:1"
 
 
@@ -131,6 +133,14 @@ def test_train_device_auto_follows_torch_and_cuda_without_a_gpu_is_refused():
     assert train_device(_cfg(train={"device": "cpu"}), cuda_available=True) == "cpu"
     with pytest.raises(ConfigError, match=r"train\.device"):
         train_device(_cfg(train={"device": "cuda"}), cuda_available=False)
+
+
+def test_a_cluster_driver_takes_an_explicit_cuda_without_a_gpu_of_its_own():
+    from distca.parts import cluster_device, train_device
+
+    for device in ("cpu", "cuda"):
+        assert cluster_device(_cfg(train={"device": device})) == device
+    assert cluster_device(_cfg(train={"device": "auto"})) == train_device(_cfg(train={"device": "auto"}))
 
 
 def test_data_plane_auto_is_inplace_on_cuda_and_shm_on_cpu_and_inplace_needs_colocated():

@@ -50,7 +50,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
     if loop_config["device"] == "cuda":
         import ray.train.torch
 
-        device = str(ray.train.torch.get_device())  # the GPU Ray assigned this worker, as this process sees it
+        given = ray.train.torch.get_device()  # the GPU Ray assigned this worker, as this process sees it
+        device = f"cuda:{given.index or 0}"  # an index, always (a bare "cuda" is the first visible one)
     info = RankInfo(rank, world, local_rank=ctx.get_local_rank(), device=device)
     # what DeepSpeed reads, set at this process's entry point (Ray Train has set MASTER_ADDR/PORT)
     os.environ.update({**deepspeed_env(info), "LOCAL_WORLD_SIZE": str(ctx.get_local_world_size())})
@@ -70,11 +71,11 @@ def _worker(loop_config: dict[str, Any]) -> None:
 def train_on_ray(cfg: DistCAConfig, run_steps: int = 0, verbose: bool = False) -> TrainResult:
     """Start (or join) Ray, the server pool and ``cluster.n_trainers`` Ray Train workers; train. ``verbose``
     lets Ray Train and the libraries in the workers (DeepSpeed, torch.distributed) log and print."""
-    from distca.parts import pool_settings, train_device, uses_pool
+    from distca.parts import cluster_device, pool_settings, uses_pool
     from distca.server.pool import AttentionServerPool, local_ray_on_loopback
 
     t_start = time.perf_counter()
-    device = train_device(cfg)  # resolved on the driver, once: every worker and server follows it
+    device = cluster_device(cfg)  # resolved on the driver, once: every worker and server follows it
     _check_source(cfg)
     if not cfg.cluster.ray_address:
         local_ray_on_loopback()

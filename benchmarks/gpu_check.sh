@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 3-5 minutes on one H100/H200, capped at DISTCA_GPU_DEADLINE_S), run from
-# a checkout of the repository:
+# One prepared GPU check (about 5-7 minutes on one H100/H200, capped at DISTCA_GPU_DEADLINE_S, under 8), run
+# from a checkout of the repository:
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -8,22 +8,39 @@
 # that python3 is used directly with PYTHONPATH=<repo> — no venv is created. The same with
 # DISTCA_GPU_NO_VENV=1 anywhere. Otherwise .venv (or $VENV) when it has a CUDA torch, else a venv is
 # created with `pip install -e '.[dev]'` (falling back to python3 + PYTHONPATH when pip cannot install).
-# If a folder .whl/ holds wheels (pyzmq for a machine without it) and zmq does not import, they are
-# installed with `pip install --no-index --target /tmp/site` and /tmp/site goes on PYTHONPATH.
+# If a folder .whl/ holds wheels and zmq, deepspeed or pydantic does not import, they are installed with
+# `pip install --no-index --no-deps --target /tmp/site` and /tmp/site goes on PYTHONPATH: what
+# `import distca.train.trainer` and a training run need beyond the GPU image (which has torch, numpy, msgpack,
+# pyyaml, psutil, py-cpuinfo, ninja, einops, tqdm and tensorboard). Build the folder (about 6 MB: deepspeed
+# 2.2, pydantic-core 2.3, pyzmq 0.9, the rest small) where pip reaches PyPI, for the machine's Python 3.12:
+#
+#   mkdir -p .whl && echo /.whl/ >> .git/info/exclude
+#   DS_BUILD_OPS=0 .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8  # pure Python
+#   .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl pyzmq==27.3.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+#       typing-inspection==0.4.5 typing-extensions==4.16.0 hjson==3.1.0
+#
+# (`pip wheel --no-deps` builds deepspeed's sdist into one py3-none-any wheel without compiling any op; the
+# others are binary or pinned wheels for 3.12, so `pip download` fetches them). Keep one version of each.
 #
 # Steps, in priority order, each under its own timeout (a failed step is reported and the later steps
 # still run; steps that would start past the deadline are skipped, so the whole script ends within
-# DISTCA_GPU_DEADLINE_S seconds, default 420):
+# DISTCA_GPU_DEADLINE_S seconds, default 470):
 #   1. nvidia-smi; torch/CUDA versions, attention backends, and a backend check (tiny GQA case, full
 #      causal and windowed, against fp64 reference; the private varlen op schemas) -> probe.json
 #   2. kernel calibration, bf16:  benchmarks/kernels.py calibrate     -> kernels/calibration-*.json
 #   3. one training step of the Llama-3-8B shape (2 layers, 32K tokens), local vs CAD attention with the
 #      attention server on the same GPU, plus linear/attention/matmul calibration numbers
 #      (benchmarks/gpu_step.py, given the table of step 2)          -> gpu_step.json
-#   4. the composability curve (paper Fig. 5), bf16                 -> kernels/composability-*.{json,png}
-#   5. the device tests of the CAD path: pytest --noconftest tests/test_cad_device.py (DISTCA_GPU_TESTS=0
-#      skips them)
-#   6. only with DISTCA_GPU_BACKEND_TESTS=1: tests/test_attention_backends.py (needs hypothesis)
+#   4. training on one GPU through the trainer (no Ray): `distca.train.torchrun` in a world of 1 with
+#      configs/llama3-8b-1gpu.yaml (8 layers of the 8B shape, 64K tokens per step, bf16), core attention
+#      `local` and `cad` on the in-place data plane; tokens/s, MFU, peak GPU memory of both and the
+#      CAD/local tokens/s ratio (benchmarks/gpu_train.py)         -> gpu_train.json
+#   5. the composability curve (paper Fig. 5), bf16                 -> kernels/composability-*.{json,png}
+#   6. the device tests: pytest --noconftest tests/test_cad_device.py tests/test_train_cuda.py (the CAD path
+#      on CUDA; NCCL training of a tiny model, fused AdamW, fp32 master weights; DISTCA_GPU_TESTS=0 skips them)
+#   7. only with DISTCA_GPU_BACKEND_TESTS=1: tests/test_attention_backends.py (needs hypothesis)
 # Kernel steps run through `benchmarks/gpu_step.py kernels ...`, which checks the attention backend first
 # (the library's own backend: torch's varlen kernel is called by argument name, so its private op's
 # changing argument lists need no patch; the op schemas are recorded in the log and in probe.json).
@@ -33,9 +50,10 @@
 # backend `torch_varlen`. Where flash-attn is installed, `auto` picks it instead.
 #
 # Results go to out/gpu_check/ and, when $OUT is set, are copied there after every step (at most 8
-# files: the log, probe.json, gpu_step.json and kernels/ with 4 files).
+# files: the log, probe.json, gpu_step.json, gpu_train.json and kernels/ with 4 files).
 #
-# DISTCA_GPU_CHECK_CPU=1: a dry run of the same plumbing on the CPU with tiny sizes (any machine).
+# DISTCA_GPU_CHECK_CPU=1: a dry run of the same plumbing on the CPU with tiny sizes (any machine; step 4
+# trains a tiny model of the same config on the CPU).
 #
 # Exit status: 0 when every step passed, else 1.
 set -uo pipefail
@@ -43,11 +61,12 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$(pwd)
 CPU_MODE=${DISTCA_GPU_CHECK_CPU:-0}
-DEADLINE=${DISTCA_GPU_DEADLINE_S:-420}
+DEADLINE=${DISTCA_GPU_DEADLINE_S:-470}
 VENV=${VENV:-.venv}
 RESULTS=out/gpu_check
 KDIR=$RESULTS/kernels
-rm -rf "$KDIR" "$RESULTS/probe.json" "$RESULTS/gpu_step.json"
+TDIR=$RESULTS/train
+rm -rf "$KDIR" "$TDIR" "$RESULTS/probe.json" "$RESULTS/gpu_step.json"
 mkdir -p "$KDIR"
 LOG="$RESULTS/gpu_check.log"
 : > "$LOG"
@@ -64,6 +83,7 @@ copy_out() {
     cp -f "$LOG" "$OUT/gpu_check.log" 2>/dev/null || true
     cp -f "$RESULTS/probe.json" "$OUT/" 2>/dev/null || true
     cp -f "$RESULTS/gpu_step.json" "$OUT/" 2>/dev/null || true
+    cp -f "$TDIR/gpu_train.json" "$OUT/" 2>/dev/null || true
     local f
     for f in "$KDIR"/calibration-"$DEV"-"$DT".json "$KDIR"/calibration-"$DEV"-"$DT".run.json \
              "$KDIR"/composability-*-"$DEV"-"$DT".json "$KDIR"/composability-*-"$DEV"-"$DT".png; do
@@ -141,7 +161,8 @@ else
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c 'import zmq' >/dev/null 2>&1; then
+if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null \
+        && ! "$PY" -c 'import zmq, deepspeed, pydantic' >/dev/null 2>&1; then
     soft_step "install wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
@@ -180,7 +201,8 @@ fi
 CAL_ARG=()
 [[ -f $CAL ]] && CAL_ARG=(--calibration "$CAL")
 STEP_OUT="$RESULTS/gpu_step.json"
-LEFT=$((DEADLINE - SECONDS))
+TRAIN_RESERVE=200  # what step 4 (two training runs) gets
+LEFT=$((DEADLINE - SECONDS - TRAIN_RESERVE))
 STEP_BUDGET=$((LEFT - 60 < 150 ? LEFT - 60 : 150))
 ((STEP_BUDGET < 30)) && STEP_BUDGET=30
 if [[ $CPU_MODE == 1 ]]; then
@@ -191,7 +213,15 @@ else
         --budget-s "$STEP_BUDGET" "${CAL_ARG[@]}" --out "$STEP_OUT"
 fi
 
-# -- 4. composability --------------------------------------------------------------------------
+# -- 4. training on one GPU --------------------------------------------------------------------
+TRAIN_BUDGET=$((DEADLINE - SECONDS - 15 < TRAIN_RESERVE ? DEADLINE - SECONDS - 15 : TRAIN_RESERVE))
+if [[ $CPU_MODE == 1 ]]; then
+    step "train 1gpu" 150 "$PY" benchmarks/gpu_train.py --cpu --out "$TDIR" --budget-s 140
+else
+    step "train 1gpu" $((TRAIN_BUDGET + 10)) "$PY" benchmarks/gpu_train.py --out "$TDIR" --budget-s "$TRAIN_BUDGET"
+fi
+
+# -- 5. composability --------------------------------------------------------------------------
 if [[ $CPU_MODE == 1 ]]; then
     step "composability" 90 "$PY" benchmarks/gpu_step.py kernels composability --device cpu --dtype float32 \
         "${TINY[@]}" --total-tokens 1024 --min-shard 128 --max-shard 512 --out-dir "$KDIR"
@@ -200,13 +230,13 @@ else
         --min-shard 64 --warmup 2 --reps 5 --out-dir "$KDIR"
 fi
 
-# -- 5./6. tests -------------------------------------------------------------------------------
+# -- 6./7. tests -------------------------------------------------------------------------------
 if [[ ${DISTCA_GPU_TESTS:-1} == 1 ]]; then
     # On a GPU the CPU end-to-end run of gpu_step.py is left out: step 3 ran the real one.
     SEL=()
     [[ $CPU_MODE == 1 ]] || SEL=(-k "not end_to_end_on_the_cpu")
-    step "device tests" 100 "$PY" -m pytest -q -rs --noconftest -p no:cacheprovider -o addopts="" "${SEL[@]}" \
-        tests/test_cad_device.py
+    step "device tests" 150 "$PY" -m pytest -q -rs --noconftest -p no:cacheprovider -o addopts="" "${SEL[@]}" \
+        tests/test_cad_device.py tests/test_train_cuda.py
 fi
 if [[ ${DISTCA_GPU_BACKEND_TESTS:-0} == 1 ]]; then
     step "backend tests" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_backends.py

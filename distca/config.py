@@ -155,12 +155,17 @@ class ClusterConfig:
     data_plane: Literal["auto", "inplace", "collective", "shm", "zmq"] = "auto"
     ray_address: str = ""  # "": start a local Ray on 127.0.0.1; "auto": join the running cluster
     cpus_per_server: float = 0.0  # Ray CPUs each attention-server actor reserves
+    # Ray GPUs each attention-server actor reserves on a CUDA run with dedicated placement (its server computes
+    # on that GPU); colocated actors and CPU runs reserve none
+    gpus_per_server: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_trainers < 1:
             raise ConfigError(f"cluster.n_trainers must be >= 1, got {self.n_trainers}")
         if self.n_servers < 1:
             raise ConfigError(f"cluster.n_servers must be >= 1, got {self.n_servers}")
+        if self.cpus_per_server < 0 or self.gpus_per_server < 0:
+            raise ConfigError("cluster.cpus_per_server and cluster.gpus_per_server must be >= 0")
 
 
 @dataclass
@@ -223,11 +228,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_dir: str = ""  # "": output_dir/checkpoints
     checkpoint_every: int = 0  # 0: only at the end of the run
+    checkpoint_at_end: bool = True  # save when the run ends or is stopped (false: short benchmark runs keep no state)
     resume: bool = False  # continue from the latest checkpoint in checkpoint_dir
     log_every: int = 1
     tensorboard: bool = True
     progress: bool = True  # progress bar on rank 0
-    peak_tflops: float = 0.0  # per trainer, for MFU; 0: measure this machine's fp32 GEMM rate at start
+    peak_tflops: float = 0.0  # per trainer, for MFU; 0: measure the GEMM rate at start (training device and precision)
     step_timeout_s: float = 600.0  # a rank silent this long fails the run (collectives, servers)
     max_server_plans: int = 256  # plan layouts each attention server keeps
     init_from_hf: str = ""  # a local Hugging Face Llama folder (safetensors) to start from; "": random init

@@ -49,21 +49,32 @@ def attention_shape(cfg: DistCAConfig) -> AttentionShape:
     return AttentionShape(m.n_heads, m.n_kv_heads, m.head_dim, _DTYPE_BYTES[server_dtype(cfg)])
 
 
-def server_settings(cfg: DistCAConfig) -> ServerConfig:
-    """One attention server's settings (named ``server``; launchers number them ``server0``, ...)."""
+def server_settings(cfg: DistCAConfig, device: str = "cpu") -> ServerConfig:
+    """One attention server's settings (named ``server``; launchers number them ``server0``, ...), computing on
+    ``device`` (``cpu``, ``cuda`` or ``cuda:N``; launchers that give a server a GPU say which)."""
     m = cfg.model
     return ServerConfig(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, dtype=server_dtype(cfg),
                         backend=cfg.attention.backend, max_plans=cfg.train.max_server_plans,
-                        transport=transport_settings(cfg))
+                        transport=transport_settings(cfg), device=device)
 
 
-def pool_settings(cfg: DistCAConfig, local_cpus: int | None = None) -> PoolConfig:
+def pool_settings(cfg: DistCAConfig, local_cpus: int | None = None, device: str | None = None) -> PoolConfig:
     """The Ray-managed server pool; ``local_cpus``: what a Ray started here advertises (None: the pool's own
-    choice), raised by launchers that also run their trainers on that Ray."""
+    choice), raised by launchers that also run their trainers on that Ray. ``device``: the run's resolved
+    device (None: :func:`cluster_device`).
+
+    On a CUDA run, dedicated servers reserve ``cluster.gpus_per_server`` Ray GPUs each and compute on theirs
+    (none reserved: on the host). Colocated servers compute on the host: a Ray actor sees only the GPUs it
+    reserves, and the trainers hold theirs whole; the GPU path for colocated attention is
+    ``cluster.data_plane: inplace``, which needs no pool.
+    """
     c = cfg.cluster
+    device = device or cluster_device(cfg)
+    on_gpu = device == "cuda" and c.placement == "dedicated" and c.gpus_per_server > 0
     extra = {} if local_cpus is None else {"local_cpus": local_cpus}
     return PoolConfig(n_servers=c.n_servers, placement=c.placement, cpus_per_server=c.cpus_per_server,
-                      address=c.ray_address or None, server=server_settings(cfg), **extra)
+                      gpus_per_server=c.gpus_per_server if on_gpu else 0.0, address=c.ray_address or None,
+                      server=server_settings(cfg, "cuda" if on_gpu else "cpu"), **extra)
 
 
 def client_settings(cfg: DistCAConfig) -> ClientSettings:
@@ -88,6 +99,13 @@ def train_device(cfg: DistCAConfig, cuda_available: bool | None = None) -> str:
         raise ConfigError("train.device is 'cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU "
                           "visible); use train.device: cpu or auto")
     return "cuda" if want == "cuda" or (want == "auto" and cuda_available) else "cpu"
+
+
+def cluster_device(cfg: DistCAConfig) -> str:
+    """The run's device as a driver that places trainers or servers on a Ray cluster resolves it: an explicit
+    ``cuda`` is taken as asked, since the driver (a CPU head, say) need not have a GPU itself — the workers
+    check theirs; ``auto`` asks this machine, as :func:`train_device` does."""
+    return train_device(cfg, cuda_available=True if cfg.train.device == "cuda" else None)
 
 
 def data_plane(cfg: DistCAConfig, device: str) -> str:

@@ -75,6 +75,24 @@ def test_gpu_step_imports_without_ray_deepspeed_or_tqdm():
     assert r.returncode == 0 and "usage" in r.stdout, r.stderr[-2000:]
 
 
+def test_gpu_train_runs_the_torchrun_path_for_both_attentions_on_the_cpu(tmp_path):
+    """benchmarks/gpu_train.py --cpu (gpu_check.sh's dry run of its training step): a tiny model of the 1-GPU
+    config through `python -m distca.train.torchrun`, local and CAD on the in-place plane, into one JSON."""
+    import json
+
+    r = subprocess.run([sys.executable, "benchmarks/gpu_train.py", "--cpu", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    report = json.loads((tmp_path / "gpu_train.json").read_text())
+    runs = report["runs"]
+    assert runs["local"]["status"] == "ok", r.stdout[-3000:]
+    assert runs["local"]["steps"] == 3 and runs["local"]["tokens_per_s"] > 0 and runs["local"]["mfu"] > 0
+    assert runs["local"]["peak_gpu_mb"] is None  # the CPU: no GPU memory to report
+    assert runs["cad"]["overrides"][-1] == "--cluster.data_plane=inplace"
+    both = runs["cad"]["status"] == "ok"  # the trainer refuses the in-place plane until it runs it
+    assert r.returncode == (0 if both else 1) and "| local | ok" in r.stdout
+    assert (report["cad_over_local_tokens_per_s"] is not None) == both
+
+
 def test_train_benchmark_runs(tmp_path):
     out = _run("benchmarks/train.py", "--steps", "2", "--out-dir", str(tmp_path), "--model.n_layers=2",
                "--model.hidden=64", "--model.n_heads=4", "--model.ffn_hidden=128", "--train.tokens_per_rank=128",

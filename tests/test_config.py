@@ -48,6 +48,8 @@ def test_overrides_change_typed_fields(tmp_path):
         ("", ["model.n_layers", "3"], "expected an override like"),
         ("", ["--model.n_layers"], "has no value"),
         ("", ["--attention.window", "0"], r"attention\.window must be -1 or >= 1"),
+        ("", ["--cluster.gpus_per_server", "-1"], r"cluster\.cpus_per_server and cluster\.gpus_per_server"),
+        ("", ["--train.device", "gpu"], r"train\.device must be one of"),
     ],
 )
 def test_invalid_configs_name_the_offending_key(tmp_path, yaml_text, overrides, match):

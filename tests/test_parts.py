@@ -66,6 +66,33 @@ def test_pool_placement_and_ray_settings_flow_from_the_cluster_section(placement
     assert pool_settings(_cfg()).address is None  # "": start a local Ray
 
 
+def test_dedicated_servers_of_a_cuda_run_reserve_gpus_and_compute_there_everything_else_on_the_host():
+    dedicated = {"placement": "dedicated", "n_servers": 2}
+    p = pool_settings(_cfg(cluster=dedicated), device="cuda")
+    assert (p.gpus_per_server, p.server.device) == (1.0, "cuda")  # Ray shows the actor its reserved GPU as cuda
+    half = pool_settings(_cfg(cluster={**dedicated, "gpus_per_server": 0.5}), device="cuda")
+    assert (half.gpus_per_server, half.server.device) == (0.5, "cuda")  # two servers share a GPU
+    none = pool_settings(_cfg(cluster={**dedicated, "gpus_per_server": 0.0}), device="cuda")
+    assert (none.gpus_per_server, none.server.device) == (0.0, "cpu")
+    # colocated actors cannot be shown their trainer's GPU (the trainers hold theirs whole): host servers
+    colocated = pool_settings(_cfg(cluster={"placement": "colocated"}), device="cuda")
+    assert (colocated.gpus_per_server, colocated.server.device) == (0.0, "cpu")
+    # a CPU run never reserves a GPU, whatever the cluster has; without a device the run's own is resolved
+    assert pool_settings(_cfg(cluster=dedicated), device="cpu").gpus_per_server == 0.0
+    assert pool_settings(_cfg(cluster=dedicated, train={"device": "cpu"})).server.device == "cpu"
+    # an explicit cuda needs no GPU where the pool is set up (`distca serve` on a CPU head of a GPU cluster)
+    assert pool_settings(_cfg(cluster=dedicated, train={"device": "cuda"})).server.device == "cuda"
+    assert server_settings(_cfg(), "cuda:1").device == "cuda:1"
+
+
+def test_a_pool_refuses_gpu_servers_without_a_gpu_reservation():
+    from distca.server.pool import PoolConfig
+
+    p = pool_settings(_cfg(cluster={"placement": "dedicated"}), device="cuda")
+    with pytest.raises(ValueError, match="gpus_per_server"):
+        PoolConfig(**{**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)}, "gpus_per_server": 0.0})
+
+
 def test_client_settings_share_the_servers_transport():
     cfg = _cfg(attention={"backend": "reference"}, transport={"secret_hex": "00ff"})
     c = client_settings(cfg)
@@ -85,7 +112,7 @@ def test_library_settings_have_no_defaults_of_their_own_for_config_knobs():
 
     assert {"eps", "granularity", "window"} <= required(SchedulerConfig)
     assert {"n_heads", "n_kv_heads", "head_dim", "dtype", "backend", "max_plans", "transport"} <= required(ServerConfig)
-    assert {"n_servers", "placement", "cpus_per_server", "address", "server"} <= required(PoolConfig)
+    assert {"n_servers", "placement", "cpus_per_server", "gpus_per_server", "address", "server"} <= required(PoolConfig)
     assert {"transport", "host", "timeout_s", "secret", "checksum"} <= required(TransportConfig)
 
 
@@ -106,6 +133,14 @@ def test_train_device_auto_follows_torch_and_cuda_without_a_gpu_is_refused():
     assert train_device(_cfg(train={"device": "cpu"}), cuda_available=True) == "cpu"
     with pytest.raises(ConfigError, match=r"train\.device"):
         train_device(_cfg(train={"device": "cuda"}), cuda_available=False)
+
+
+def test_a_cluster_driver_takes_an_explicit_cuda_without_a_gpu_of_its_own():
+    from distca.parts import cluster_device, train_device
+
+    for device in ("cpu", "cuda"):
+        assert cluster_device(_cfg(train={"device": device})) == device
+    assert cluster_device(_cfg(train={"device": "auto"})) == train_device(_cfg(train={"device": "auto"}))
 
 
 def test_data_plane_auto_is_inplace_on_cuda_and_shm_on_cpu_and_inplace_needs_colocated():

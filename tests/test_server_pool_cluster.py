@@ -55,7 +55,8 @@ def test_pool_joins_an_existing_cluster_with_address_auto():
             assert time.monotonic() < deadline, "the Ray head did not come up within 120 s"
             time.sleep(0.5)
         ours = address_file.read_text()
-        cfg = PoolConfig(n_servers=2, placement="dedicated", cpus_per_server=0.0, address="auto", server=SERVER)
+        cfg = PoolConfig(n_servers=2, placement="dedicated", cpus_per_server=0.0, gpus_per_server=0.0, address="auto",
+                         server=SERVER)
         with AttentionServerPool(cfg) as p:
             assert p.health(timeout_s=30.0) == [True, True]
         assert not ray.is_initialized()  # the driver disconnected ...

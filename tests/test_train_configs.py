@@ -64,3 +64,43 @@ def test_linear_flops_match_a_counted_forward():
     ours = step_flops(cfg, [n])
     attention_dense = 2 * 2 * 2 * n * n * cfg.head_dim * cfg.n_heads  # the reference kernel does dense QK^T, PV
     assert abs(3 * (counted - attention_dense) - ours["linear"]) / ours["linear"] < 1e-6
+
+
+def test_one_gpu_config_is_the_8b_shape_on_one_h200_with_64k_tokens_per_step():
+    """configs/llama3-8b-1gpu.yaml loads and validates without a GPU, has the 8B shape with fewer layers, and
+    the memory estimate in its comment holds for what it configures."""
+    cfg = load_config(CONFIGS / "llama3-8b-1gpu.yaml")
+    full = load_config(CONFIGS / "llama3-8b-128k.yaml").model
+    m, t = cfg.model, cfg.train
+    assert (m.hidden, m.n_heads, m.n_kv_heads, m.ffn_hidden, m.vocab_size, m.rope_theta) == (
+        full.hidden, full.n_heads, full.n_kv_heads, full.ffn_hidden, full.vocab_size, full.rope_theta) == (
+        4096, 32, 8, 14336, 128256, 500000.0)
+    assert m.n_layers < full.n_layers and not m.tie_embeddings
+    assert (t.pipeline_parallel, cfg.cluster.n_trainers, t.device, t.precision) == (1, 1, "cuda", "bf16")
+    assert t.activation_checkpointing and t.zero_stage == 1 and 6 <= t.steps <= 8 and t.peak_tflops == 989.0
+    assert t.micro_batches * t.tokens_per_rank * cfg.data_parallel >= 64 * 1024
+    assert cfg.cluster.data_plane == "inplace" and cfg.cluster.placement == "colocated"
+    assert not t.checkpoint_at_end and t.checkpoint_every == 0  # a benchmark writes no 45 GB of state
+
+    # the comment's estimate: 16 bytes of training state per parameter, each block's input kept, and the
+    # fp32 cross-entropy over one micro-batch's logits (bf16 logits + 3 fp32 T x V tensors at its backward)
+    gib = 2**30
+    params = model_params(m)
+    assert abs(params - 2.796e9) / 2.796e9 < 1e-3
+    state = 16 * params / gib
+    checkpoints = m.n_layers * t.tokens_per_rank * m.hidden * 2 / gib
+    logits = t.tokens_per_rank * m.vocab_size
+    loss = (2 * logits + 3 * 4 * logits) / gib
+    assert (round(state, 1), round(checkpoints, 1), round(loss, 1)) == (41.7, 2.0, 54.8)
+    assert state + checkpoints + loss < 105  # of the H200's ~140 GiB, with room for workspace and one block
+
+    # synthetic long documents, none longer than a micro-batch
+    from distca.data.stream import PackedStream
+    from distca.train.data import make_source
+
+    source = make_source(cfg)
+    assert cfg.data.source == "synthetic" and source.vocab_size <= m.vocab_size
+    lengths = source.lengths
+    assert lengths.max() <= t.tokens_per_rank and (lengths[lengths > 16384].sum() / lengths.sum()) > 0.5
+    mb = PackedStream(source, cfg.data_parallel, t.tokens_per_rank, cfg.seed).next_micro_batch()
+    assert sum(mb.packed.doc_lengths) == t.tokens_per_rank

@@ -37,6 +37,14 @@ class DocLayout:
         pos = torch.cat([torch.arange(n) + (first_position if i == 0 else 0) for i, n in enumerate(lengths)])
         return cls(cu, max(lengths), pos)
 
+    def to(self, device: torch.device | str) -> DocLayout:
+        """This layout with its tensors on ``device`` (itself when they are there already): the CUDA kernels
+        read ``cu_seqlens`` on the device, and RoPE tables are built where ``position_ids`` live."""
+        device = torch.device(device)
+        if self.cu_seqlens.device == device and self.position_ids.device == device:
+            return self
+        return DocLayout(self.cu_seqlens.to(device), self.max_len, self.position_ids.to(device))
+
 
 class LocalCoreAttention:
     """Core attention on this process with the fused varlen kernel (the colocated baseline)."""

@@ -37,6 +37,7 @@ class PoolConfig:
     n_servers: int
     placement: Literal["colocated", "dedicated"]
     cpus_per_server: float  # Ray resources each actor reserves (0: no reservation)
+    gpus_per_server: float  # Ray GPUs each actor reserves (0: none; its server then must compute on the host)
     address: str | None  # None: start a local Ray on 127.0.0.1; "auto": join the running cluster
     server: ServerConfig
     local_cpus: int = 4  # CPUs a local Ray advertises (this machine reports 2; actors must not pend)
@@ -47,6 +48,9 @@ class PoolConfig:
             raise ValueError(f"n_servers must be >= 1, got {self.n_servers}")
         if self.placement not in ("colocated", "dedicated"):
             raise ValueError(f"placement must be 'colocated' or 'dedicated', got {self.placement!r}")
+        if self.server.device != "cpu" and self.gpus_per_server <= 0:
+            raise ValueError(f"servers on {self.server.device!r} need a GPU reservation (gpus_per_server > 0): a Ray "
+                             "actor without one sees no GPU")
 
 
 class _ServerActor:
@@ -123,6 +127,8 @@ class AttentionServerPool:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         opts = {"num_cpus": self.cfg.cpus_per_server, "name": None, "max_restarts": 0}
+        if self.cfg.gpus_per_server > 0:  # Ray then shows the actor its GPU(s) alone: "cuda" is the reserved one
+            opts["num_gpus"] = self.cfg.gpus_per_server
         if self.cfg.placement == "colocated":
             nodes = self.trainer_nodes or [self.ray.get_runtime_context().get_node_id()]
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=False)

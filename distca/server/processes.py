@@ -37,13 +37,19 @@ class ServerProcesses:
 
 
 @contextlib.contextmanager
-def server_processes(n: int, cfg: ServerConfig, start_timeout_s: float = 120.0,
-                     entry: Entry = run_server) -> Iterator[ServerProcesses]:
-    """Start ``n`` server processes named ``{cfg.name}0 .. {cfg.name}{n-1}``; yield them; always stop them."""
+def server_processes(n: int, cfg: ServerConfig, start_timeout_s: float = 120.0, entry: Entry = run_server,
+                     devices: list[str] | None = None) -> Iterator[ServerProcesses]:
+    """Start ``n`` server processes named ``{cfg.name}0 .. {cfg.name}{n-1}``; yield them; always stop them.
+    ``devices[i]``, when given, is where server ``i`` computes (e.g. the GPU of the trainer it sits beside);
+    otherwise every server computes on ``cfg.device``."""
+    if devices is not None and len(devices) != n:
+        raise ValueError(f"{n} servers but {len(devices)} devices: {devices}")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     names = [f"{cfg.name}{i}" for i in range(n)]
-    procs = [ctx.Process(target=entry, args=(dataclasses.replace(cfg, name=name), q), daemon=True) for name in names]
+    cfgs = [dataclasses.replace(cfg, name=name, **({"device": devices[i]} if devices else {}))
+            for i, name in enumerate(names)]
+    procs = [ctx.Process(target=entry, args=(c, q), daemon=True) for c in cfgs]
     got: dict[str, str] = {}
     try:
         t0 = time.monotonic()

@@ -9,13 +9,18 @@ gradients of the borrowed keys go back to their owners through the all-gather's 
 all-reduce of the per-rank gradient slots, which every backend supports, gloo included).
 
 An optional :class:`AttentionTimer` measures what the baseline's attention costs on this rank: the
-kernel's forward and backward (wall and this thread's CPU seconds) and the k/v exchange (wall).
+kernel's forward and backward (wall and this thread's CPU seconds) and the k/v exchange (wall). On a GPU
+the wall seconds are the device's, from CUDA events around each call (the host only queues the work).
+
+On a GPU everything here stays on the device: the layout's offsets, the gathered k/v (NCCL all-gather over
+the data-parallel group) and the kernel (``torch_varlen`` or ``flash`` under ``auto``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -32,27 +37,57 @@ class AttentionTimer:
     ``wall_s`` / ``cpu_s``: the kernel's forward and backward, wall clock and the calling thread's CPU
     time (``time.thread_time``; the kernel runs on the calling thread, forward and CPU backward alike).
     ``exchange_s``: wall seconds in the k/v all-gather (forward) and its gradient all-reduce (backward).
+    On a GPU, ``wall_s`` and ``exchange_s`` are device time between CUDA events; they count once
+    :meth:`settle` has run after the device finished the work (the step meter calls it after synchronising).
     """
 
     wall_s: float = 0.0
     cpu_s: float = 0.0
     exchange_s: float = 0.0
     calls: int = 0
+    _events: list = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def settle(self) -> None:
+        """Add the device time of the intervals recorded on a GPU since the last call (the device must be done
+        with them: synchronise first); nothing on the CPU, where intervals are added as they end."""
+        for kind, start, end in self._events:
+            seconds = start.elapsed_time(end) / 1e3
+            if kind == "kernel":
+                self.wall_s += seconds
+            else:
+                self.exchange_s += seconds
+        self._events.clear()
 
 
-class _TimedKernel:
-    """Context manager adding one kernel call's wall and thread-CPU seconds to a timer."""
+class _Timed:
+    """Context manager adding the seconds of the block it wraps to a timer: a ``kernel`` call (wall and this
+    thread's CPU seconds) or an ``exchange`` (wall). On a CUDA device the wall part is the device's time
+    between two events recorded on the current stream, settled after the step (:meth:`AttentionTimer.settle`)."""
 
-    def __init__(self, timer: AttentionTimer):
-        self.timer = timer
+    def __init__(self, timer: AttentionTimer, kind: str, device: torch.device):
+        self.timer, self.kind, self.gpu = timer, kind, device.type == "cuda"
 
     def __enter__(self):
-        self.w0, self.c0 = time.perf_counter(), time.thread_time()
+        self.c0 = time.thread_time()
+        if self.gpu:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.w0 = time.perf_counter()
 
     def __exit__(self, *_exc):
-        self.timer.wall_s += time.perf_counter() - self.w0
-        self.timer.cpu_s += time.thread_time() - self.c0
-        self.timer.calls += 1
+        t = self.timer
+        if self.gpu:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            t._events.append((self.kind, self.start, end))
+        elif self.kind == "kernel":
+            t.wall_s += time.perf_counter() - self.w0
+        else:
+            t.exchange_s += time.perf_counter() - self.w0
+        if self.kind == "kernel":
+            t.cpu_s += time.thread_time() - self.c0
+            t.calls += 1
 
 
 class _TimedVarlen(torch.autograd.Function):
@@ -62,7 +97,7 @@ class _TimedVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, meta, backend_name: str, timer: AttentionTimer):
         backend = resolve_backend(backend_name, q.device, q.dtype)
-        with _TimedKernel(timer):
+        with _Timed(timer, "kernel", q.device):
             out, lse = backend.forward(q, k, v, meta)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.meta, ctx.backend, ctx.timer = meta, backend, timer
@@ -71,7 +106,7 @@ class _TimedVarlen(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        with _TimedKernel(ctx.timer):
+        with _Timed(ctx.timer, "kernel", q.device):
             dq, dk, dv = ctx.backend.backward(dout.to(q.dtype), q, k, v, out, lse, ctx.meta)
         return dq, dk, dv, None, None, None
 
@@ -81,20 +116,18 @@ class _GroupAllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group, rank: int, world: int, timer: AttentionTimer) -> torch.Tensor:
-        t0 = time.perf_counter()
         ctx.group, ctx.rank, ctx.timer = group, rank, timer
-        out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-        gather(out, x.contiguous(), group=group)
-        timer.exchange_s += time.perf_counter() - t0
+        with _Timed(timer, "exchange", x.device):
+            out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+            gather(out, x.contiguous(), group=group)
         return out.view(world, *x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        t0 = time.perf_counter()
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        ctx.timer.exchange_s += time.perf_counter() - t0
+        with _Timed(ctx.timer, "exchange", grad.device):
+            grad = grad.contiguous()
+            dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank], None, None, None, None
 
 
@@ -142,7 +175,10 @@ class GroupLocalCoreAttention:
             raise ValueError("documents cross rank boundaries: a process group is needed to borrow their keys")
         cu_k = layout.cu_seqlens.clone()
         cu_k[1:] += self.prefix.n
-        self.cu_k, self.max_k = cu_k, int((cu_k[1:] - cu_k[:-1]).max())
+        # Host copies (the tensors themselves on the CPU) validate every call without a device sync; the kernels
+        # read the layout's own, on its device. One copy per micro-batch, made before the step runs.
+        self._host = (layout.cu_seqlens.cpu(), cu_k.cpu())
+        self.cu_k, self.max_k = cu_k, int((self._host[1][1:] - self._host[1][:-1]).max())
 
     def _with_prefix(self, x: torch.Tensor) -> torch.Tensor:
         if not self.needs_exchange or self.world == 1:
@@ -154,7 +190,12 @@ class GroupLocalCoreAttention:
         return torch.cat([*parts, x])
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
-        k, v = self._with_prefix(k), self._with_prefix(v)
         lay = self.layout
-        meta = make_meta(q, k, v, lay.cu_seqlens, self.cu_k, lay.max_len, self.max_k, window)
+        if q.device != lay.cu_seqlens.device:
+            raise ValueError(f"the document layout is on {lay.cu_seqlens.device} but q is on {q.device}: build the "
+                             "layout where the model runs (DocLayout.to)")
+        k, v = self._with_prefix(k), self._with_prefix(v)
+        meta = make_meta(q, k, v, *self._host, lay.max_len, self.max_k, window)
+        if q.device.type != "cpu":
+            meta = dataclasses.replace(meta, cu_seqlens_q=lay.cu_seqlens, cu_seqlens_k=self.cu_k)
         return _TimedVarlen.apply(q, k, v, meta, self.backend, self.timer)

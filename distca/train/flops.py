@@ -50,14 +50,24 @@ def step_flops(cfg: ModelConfig, doc_lengths: list[int]) -> dict[str, float]:
     return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
 
 
-def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 5) -> float:
-    """This process's dense GEMM rate (FLOP/s), the best of ``reps`` — the CPU's practical peak for MFU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int | None = None, reps: int = 5,
+                       device: torch.device | str = "cpu") -> float:
+    """This process's dense ``dtype`` GEMM rate (FLOP/s) on ``device``, the best of ``reps`` — the practical
+    peak for MFU where ``train.peak_tflops`` is not given. ``n``: the matrices' size (default 1024 on the CPU,
+    8192 on a GPU, large enough to keep it busy); a GPU is synchronised around every product."""
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    n = n or (8192 if gpu else 1024)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = (lambda: torch.cuda.synchronize(device)) if gpu else (lambda: None)
+    for _ in range(3 if gpu else 1):  # warm-up (a GPU also picks its GEMM kernel here)
+        a @ b
+    sync()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 

@@ -1,5 +1,7 @@
 """``distca train`` on one machine: a local Ray with the attention-server pool, and one spawned process
-per trainer rank joined by gloo on 127.0.0.1 — the simulated cluster the tests and ``make train`` run.
+per trainer rank joined on 127.0.0.1 — by gloo on the CPU, the simulated cluster the tests and ``make
+train`` run; by NCCL on a machine with GPUs (``train.device`` ``cuda``, or ``auto`` there), rank ``r`` on
+GPU ``r``.
 
 The driver owns the user-facing side (:class:`~distca.train.metrics.MetricsSink`): progress bar,
 per-step lines, the metrics JSONL file, TensorBoard and the resolved config. Trainer rank 0 streams its
@@ -42,23 +44,25 @@ def free_port() -> int:
 
 
 def _trainer_process(cfg_dict: dict, rank: int, world: int, port: int, addresses: list[str], run_steps: int,
-                     out: Any, verbose: bool = False) -> None:
-    """Entry of a spawned trainer: the environment DeepSpeed reads, then the :class:`Trainer`."""
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "DS_ACCELERATOR": "cpu"})
+                     out: Any, verbose: bool = False, device: str = "cpu") -> None:
+    """Entry of a spawned trainer (``device``: the run's resolved device, ``cpu`` or ``cuda``): the environment
+    DeepSpeed reads, then the :class:`Trainer`."""
+    from distca.train.rank import RankInfo, deepspeed_env, rank_device
+
+    info = RankInfo(rank, world, "127.0.0.1", port, local_rank=rank, device=rank_device(device, rank))
+    os.environ.update({**deepspeed_env(info), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the driver asks for stacks when a run hangs
     _limit_malloc_arenas(cfg_dict["train"]["malloc_arena_max"])
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     try:
         from distca.train.quiet import quiet_libraries
-        from distca.train.trainer import RankInfo, Trainer
+        from distca.train.trainer import Trainer
 
         quiet_libraries(verbose)
         cfg = config_from_dict(cfg_dict)
-        trainer = Trainer(cfg, RankInfo(rank, world, "127.0.0.1", port), addresses,
-                          report=lambda rec: out.put(("report", rank, rec)), verbose=verbose)
+        trainer = Trainer(cfg, info, addresses, report=lambda rec: out.put(("report", rank, rec)), verbose=verbose)
         trainer.install_signal_handlers()
         res = trainer.run(run_steps)
         out.put(("done", rank, {k: v for k, v in res.items() if k != "records"} if rank else res))
@@ -75,25 +79,27 @@ def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None,
     With ``core_attention: cad`` the run starts its own attention-server pool, unless ``pool`` (a running
     :class:`~distca.server.pool.AttentionServerPool` with this run's server settings) is given: then the run
     uses it and leaves it running (several runs, e.g. a test module's, share one pool and its Ray)."""
+    from distca.parts import train_device, uses_pool
+
     t_start = time.perf_counter()
     world = cfg.cluster.n_trainers
     # longer than the collectives' own timeout, so a rank's own error is what usually surfaces
     timeout_s = timeout_s or 1.5 * cfg.train.step_timeout_s + 30
     own_pool = None
+    device = train_device(cfg)  # resolved once here; every rank gets it
     _check_source(cfg)  # bad data settings fail here, before any server or rank starts
     restore = _child_malloc_arenas(cfg.train.malloc_arena_max)
     try:
-        from distca.parts import pool_settings, train_device, uses_pool
-
-        needs_pool = uses_pool(cfg, train_device(cfg))
+        needs_pool = uses_pool(cfg, device)
         if needs_pool and pool is None:
+            from distca.parts import pool_settings
             from distca.server.pool import AttentionServerPool
 
-            pool = own_pool = AttentionServerPool(pool_settings(cfg))
+            pool = own_pool = AttentionServerPool(pool_settings(cfg, device=device))
         if not needs_pool:
             pool = None  # in-place servers (or local attention): the trainers are all there is
         addresses = list(pool.addresses) if pool is not None else []
-        return _with_restarts(cfg, world, pool, addresses, run_steps, timeout_s, t_start, verbose)
+        return _with_restarts(cfg, world, pool, addresses, run_steps, timeout_s, t_start, verbose, device)
     finally:
         if own_pool is not None:
             own_pool.shutdown()
@@ -120,7 +126,7 @@ def _child_malloc_arenas(n: int):
 
 
 def _with_restarts(cfg: DistCAConfig, world: int, pool, addresses: list[str], run_steps: int, timeout_s: float,
-                   t_start: float, verbose: bool) -> TrainResult:
+                   t_start: float, verbose: bool, device: str = "cpu") -> TrainResult:
     """Run the ranks; when a run fails and ``train.max_restarts`` allows, replace dead attention servers
     and start the ranks again from the latest checkpoint (resume is exact, so the loss curve is the one
     an undisturbed run draws; steps after that checkpoint are trained again)."""
@@ -130,7 +136,7 @@ def _with_restarts(cfg: DistCAConfig, world: int, pool, addresses: list[str], ru
     attempt, done = cfg, []
     for restart in range(cfg.train.max_restarts + 1):
         try:
-            res = _run_ranks(attempt, world, addresses, run_steps, timeout_s, t_start, verbose)
+            res = _run_ranks(attempt, world, addresses, run_steps, timeout_s, t_start, verbose, device)
         except TrainError as exc:
             if restart == cfg.train.max_restarts:
                 raise
@@ -194,12 +200,12 @@ def rank_context():
 
 
 def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: int, timeout_s: float,
-               t_start: float, verbose: bool = False) -> TrainResult:
+               t_start: float, verbose: bool = False, device: str = "cpu") -> TrainResult:
     ctx = rank_context()
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_trainer_process, args=(cfg.to_dict(), r, world, port, addresses, run_steps, out,
-                                                        verbose), daemon=True, name=f"distca-trainer{r}")
+                                                        verbose, device), daemon=True, name=f"distca-trainer{r}")
              for r in range(world)]
     metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
     sink = MetricsSink(cfg, metrics_path)

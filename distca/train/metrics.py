@@ -13,7 +13,12 @@ Per step and rank a :class:`StepMeter` measures where the rank's time and memory
   waiting for a free core, not only for peers;
 - memory: the peak bytes of tensors autograd holds for backward (saved activations, counted once per
   storage, parameters excluded) — what the tokens in flight cost, free of the process's baseline —
-  and the step's resident-set high-water mark (``VmHWM``, reset before the step where Linux allows).
+  and the step's resident-set high-water mark (``VmHWM``, reset before the step where Linux allows);
+  on a GPU also the step's peak of allocated device memory (``torch.cuda.max_memory_allocated``, reset
+  before the step: weights, gradients, optimizer state and activations together).
+
+On a GPU the host only queues work, so the device is synchronised before the step's clock stops, and the
+local attention timer's device-side intervals are settled then.
 """
 
 from __future__ import annotations
@@ -58,9 +63,13 @@ class StepMeter:
     """
 
     def __init__(self, cfg: DistCAConfig, rank: int, stage: int, dp_rank: int, client: CADClient | None,
-                 attn_timer: AttentionTimer):
+                 attn_timer: AttentionTimer, device: torch.device | str = "cpu"):
+        """``device``: where the rank computes (a GPU is synchronised at the end of each step and its peak
+        memory recorded)."""
         self.cfg, self.rank, self.stage, self.dp_rank = cfg, rank, stage, dp_rank
         self.client, self.attn_timer = client, attn_timer
+        self.device = torch.device(device)
+        self.gpu = self.device.type == "cuda"
         sublayers = cfg.model.attention_windows()
         self.calls = {w: sublayers.count(w) for w in sorted(set(sublayers))}  # attention calls per window
         self.saved = SavedActivations()
@@ -86,17 +95,24 @@ class StepMeter:
         timer0 = dataclasses.replace(self.attn_timer)
         self.saved.reset(params)
         rss_reset = _reset_rss_peak()
+        if self.gpu:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         cpu0, thread0 = time.process_time(), time.thread_time()
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack):
             yield
+        if self.gpu:
+            torch.cuda.synchronize(self.device)  # the step ends when the device has done its work
         step_s = time.perf_counter() - t0
+        gpu_peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.gpu else None
+        self.attn_timer.settle()
         cpu_s, thread_cpu_s = time.process_time() - cpu0, time.thread_time() - thread0
         rss_peak_mb = _rss_peak_mb() if rss_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         after = self._server_stats()
         self._window = {
             "step_s": step_s, "cpu_s": cpu_s, "thread_cpu_s": thread_cpu_s, "rss_peak_mb": rss_peak_mb,
-            "after": after, "timer0": timer0,
+            "gpu_peak_mb": gpu_peak_mb, "after": after, "timer0": timer0,
             "busy": [float(b.get("busy_s", 0.0)) - float(a.get("busy_s", 0.0)) for a, b in zip(before, after,
                                                                                             strict=True)],
             "blocked": (self.client.blocked_s - blocked0) if self.client is not None else 0.0,
@@ -121,7 +137,7 @@ class StepMeter:
         timing = {
             "stage": self.stage, "dp_rank": self.dp_rank, "attn_s": attn_s, "attn_cpu_s": attn_cpu_s,
             "exchange_s": exchange_s, "cpu_s": w["cpu_s"], "thread_cpu_s": w["thread_cpu_s"],
-            "act_peak_mb": self.saved.peak / 2**20, "rss_peak_mb": w["rss_peak_mb"],
+            "act_peak_mb": self.saved.peak / 2**20, "rss_peak_mb": w["rss_peak_mb"], "gpu_peak_mb": w["gpu_peak_mb"],
         }
         if self.rank == 0:  # every rank draws the same micro-batches: one copy is enough
             timing["micro_batches"] = [{"ranks": [[int(x) for x in r] for r in mb.packed.ranks],
@@ -172,6 +188,8 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         "attn_load_max_over_mean_planned": max(r["planned_load_max_over_mean"] for r in every),
         "attn_load_max_over_mean_measured": measured,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in every),
+        # on GPUs: the step's peak allocated device memory of the fullest rank (None on the CPU)
+        "peak_gpu_mb": max((r["gpu_peak_mb"] for r in every if r.get("gpu_peak_mb") is not None), default=None),
         # per process, for soak runs: memory now (not the peak) and open file descriptors
         "rss_mb_per_rank": [round(r["rss_mb"], 1) for r in every],
         "open_fds_per_rank": [r["open_fds"] for r in every],
@@ -203,6 +221,7 @@ def _per_rank(every: list[dict[str, Any]]) -> dict[str, Any]:
         "wait_s_per_rank": [r["step_s"] - c for c, r in zip(compute, every, strict=True)],
         "act_peak_mb_per_rank": act,
         "rss_peak_mb_per_rank": [r["rss_peak_mb"] for r in every],
+        "gpu_peak_mb_per_rank": [r.get("gpu_peak_mb") for r in every],
         "attn_max_over_mean_trainers": max_over_mean(attn),
         "attn_cpu_max_over_mean_trainers": max_over_mean(attn_cpu),
         "act_peak_max_over_min": max(act) / min(act) if min(act) > 0 else None,
@@ -358,7 +377,7 @@ class MetricsSink:
         self.jsonl.flush()
         if self.tb is not None:
             for key in ("loss", "lr", "tokens_per_s", "mfu", "exposed_comm_pct", "plan_ms", "peak_rss_mb",
-                        "attn_load_max_over_mean_planned", "attn_load_max_over_mean_measured"):
+                        "peak_gpu_mb", "attn_load_max_over_mean_planned", "attn_load_max_over_mean_measured"):
                 if rec.get(key) is not None:
                     self.tb.add_scalar(f"train/{key}", rec[key], rec["step"] + 1)
         line = format_step(rec)
@@ -402,7 +421,8 @@ def format_step(r: dict[str, Any]) -> str:
             f"MFU {100 * r['mfu']:.2f}%  attn max/mean {r['attn_load_max_over_mean_planned']:.3f}"
             + (f" (measured {measured:.3f})" if measured else "")
             + f"  exposed comm {r['exposed_comm_pct']:.1f}%  plan {r['plan_ms']:.1f} ms  "
-            f"peak {r['peak_rss_mb']:.0f} MB")
+            f"peak {r['peak_rss_mb']:.0f} MB"
+            + (f" RSS, GPU {r['peak_gpu_mb']:.0f} MB" if r.get("peak_gpu_mb") else ""))
 
 
 def _setup_rows(cfg: DistCAConfig) -> list[tuple[str, str]]:
@@ -440,6 +460,7 @@ def summary_table(cfg: DistCAConfig, res: TrainResult) -> str:
     recs = res.records[1:] if len(res.records) > 2 else res.records
     med = lambda key: statistics.median(r[key] for r in recs if r.get(key) is not None)  # noqa: E731
     measured = [r["attn_load_max_over_mean_measured"] for r in recs if r.get("attn_load_max_over_mean_measured")]
+    gpu = [r["peak_gpu_mb"] for r in res.records if r.get("peak_gpu_mb")]
     rows = [
         *_setup_rows(cfg),
         ("steps", f"{res.start_step} -> {res.end_step}" + (" (stopped by a signal)" if res.stopped_early else "")),
@@ -455,7 +476,8 @@ def summary_table(cfg: DistCAConfig, res: TrainResult) -> str:
          + (f", measured {statistics.median(measured):.3f}" if measured else "")),
         ("exposed communication (median)", f"{med('exposed_comm_pct'):.1f}% of step time"),
         ("scheduler time (median)", f"{med('plan_ms'):.1f} ms / step"),
-        ("peak memory (max rank)", f"{max(r['peak_rss_mb'] for r in res.records):.0f} MB RSS"),
+        ("peak memory (max rank)", f"{max(r['peak_rss_mb'] for r in res.records):.0f} MB RSS"
+         + (f", GPU {max(gpu):.0f} MB allocated" if gpu else "")),
         ("wall time", f"{res.wall_s:.1f} s" + (f" ({res.restarts} restart(s) from a checkpoint)" if res.restarts
                                                else "")),
         ("metrics", res.metrics_path),

@@ -12,6 +12,11 @@ positions) and its core attention in the :class:`StepContext` the trainer fills 
 That is how the model's one core-attention call reaches local attention or the attention servers
 without the model knowing which — and without sending document metadata down the pipeline.
 
+On a GPU, DeepSpeed's pipeline engine moves the first stage's ``(tokens, micro)`` and the last stage's
+labels to the rank's device as it loads a micro-batch, and sends the ``(hidden, micro)`` tuple to the
+next stage over the process group (NCCL); the backward pass sends gradients for the floating tensor only.
+The micro-batch contexts (document layouts, RoPE tables, core attention) are built on the device.
+
 Layer seeds are ``seed + layer index`` (DeepSpeed's ``seed_layers``), so initial weights do not
 depend on the pipeline degree or on which attention the run uses.
 """
@@ -47,6 +52,19 @@ class MicroContext:
         return self._rope[key]
 
 
+def _micro_index(index: torch.Tensor | int) -> int:
+    """The micro-batch index a ``micro`` tensor carries. On a GPU reading it waits for the device to catch up,
+    so it is read once per tensor and kept on the tensor object: every block of a stage passes the same
+    object on (recomputation under activation checkpointing too), so a stage reads it once per micro-batch."""
+    if not isinstance(index, torch.Tensor):
+        return int(index)
+    known = getattr(index, "_distca_micro", None)
+    if known is None:
+        known = int(index.reshape(-1)[0])
+        index._distca_micro = known
+    return known
+
+
 class StepContext:
     """The current step's micro-batches, indexed by the ``micro`` tensor that travels with activations."""
 
@@ -57,7 +75,7 @@ class StepContext:
         self.micro = list(micro)
 
     def __getitem__(self, index: torch.Tensor | int) -> MicroContext:
-        i = int(index.reshape(-1)[0]) if isinstance(index, torch.Tensor) else int(index)
+        i = _micro_index(index)
         if not 0 <= i < len(self.micro):
             raise IndexError(f"micro-batch {i} is not in this step ({len(self.micro)} micro-batches set)")
         return self.micro[i]

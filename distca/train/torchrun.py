@@ -7,7 +7,13 @@ Attention servers are colocated: on every node, local rank 0 starts G server pro
 trainer, bound to ``transport.host`` — the node's cluster-facing address) before training, and every
 rank learns every server's address through one ``all_gather_object`` — no hand-editing. Server ``r``
 sits on trainer rank ``r``'s node, which is what ``cluster.placement: colocated`` plans for. With
-``train.core_attention: local`` no server starts.
+``train.core_attention: local``, or a data plane that needs no servers (``cluster.data_plane:
+inplace``), no server starts.
+
+On a CUDA run (``train.device``: ``cuda``, or ``auto`` on a machine with GPUs) each rank takes the GPU of
+its local rank, the process group is NCCL bound to it, DeepSpeed runs on its CUDA accelerator, and the
+node's server ``i`` computes on GPU ``i``, beside the trainer it is colocated with. On the CPU: gloo,
+DeepSpeed's CPU accelerator, servers on the host.
 
 torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``) is read here, at the entry point, and passed down explicitly.
@@ -23,14 +29,14 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from distca.config import DistCAConfig, load_config
-from distca.parts import server_settings
+from distca.parts import server_settings, train_device, uses_pool
 from distca.server.processes import server_processes
+from distca.train.rank import RankInfo, deepspeed_env, init_process_group, rank_device
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +58,29 @@ def run(cfg: DistCAConfig, env: Mapping[str, str], run_steps: int = 0, verbose: 
 
     from distca.train.metrics import MetricsSink, TrainResult, collect, run_header, summary_table
     from distca.train.quiet import quiet_libraries
-    from distca.train.trainer import RankInfo, Trainer
+    from distca.train.trainer import Trainer
 
     t_start = time.perf_counter()
     rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
     local, per_node = _env_int(env, "LOCAL_RANK"), _env_int(env, "LOCAL_WORLD_SIZE")
-    info = RankInfo(rank, world, env.get("MASTER_ADDR", "127.0.0.1"), _env_int(env, "MASTER_PORT"))
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    device = train_device(cfg)
+    info = RankInfo(rank, world, env.get("MASTER_ADDR", "127.0.0.1"), _env_int(env, "MASTER_PORT"), local_rank=local,
+                    device=rank_device(device, local))
+    os.environ.update(deepspeed_env(info))  # before DeepSpeed is first imported (quiet_libraries imports it)
     quiet_libraries(verbose)
     if rank == 0:
         print(run_header(cfg), flush=True)
-    dist.init_process_group("gloo", init_method=f"tcp://{info.master_addr}:{info.master_port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=cfg.train.step_timeout_s))
+    init_process_group(info, cfg.train.step_timeout_s)
     with contextlib.ExitStack() as stack:
         stack.callback(_destroy_process_group)  # runs last, after this node's servers have stopped
         mine: list[str] = []
-        if cfg.train.core_attention == "cad" and local == 0:
+        if uses_pool(cfg, device) and local == 0:
             if cfg.cluster.n_servers != world:
                 raise SystemExit(f"torchrun launches colocate one server per trainer: cluster.n_servers must equal "
                                  f"the world size {world}, got {cfg.cluster.n_servers}")
             server = dataclasses.replace(server_settings(cfg), name=f"server{rank // per_node}-")
-            mine = stack.enter_context(server_processes(per_node, server)).addresses
+            devices = [rank_device(device, i) for i in range(per_node)]  # server i beside local rank i's trainer
+            mine = stack.enter_context(server_processes(per_node, server, devices=devices)).addresses
         every: list = [None] * world
         dist.all_gather_object(every, mine)
         addresses = [a for node in every for a in node]

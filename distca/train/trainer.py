@@ -7,8 +7,11 @@ every trainer uses the same plan). The data-parallel replicas of one pipeline st
 trainers; the stages share the server pool, each under its own plan ids (``CADClient.group``).
 
 Process groups, the server addresses and the metrics sink are passed in; nothing here reads
-environment variables (the launcher sets what ``torch.distributed`` needs before calling us). What
-each step measures is :mod:`distca.train.metrics`' business (:class:`~distca.train.metrics.StepMeter`).
+environment variables (the launcher sets what ``torch.distributed`` and DeepSpeed need before calling us,
+see :mod:`distca.train.rank`). The rank computes on ``RankInfo.device``: on a GPU the process group is
+NCCL, DeepSpeed runs on its CUDA accelerator and the model, the micro-batches' document layouts and core
+attention live on that GPU; on the CPU it is gloo and DeepSpeed's CPU accelerator. What each step
+measures is :mod:`distca.train.metrics`' business (:class:`~distca.train.metrics.StepMeter`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from distca.attention import resolve_backend
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
-from distca.parts import attention_shape, client_settings, data_plane, scheduler_settings, server_dtype, train_device
+from distca.parts import attention_shape, client_settings, data_plane, scheduler_settings, server_dtype
 from distca.scheduler import BatchLayout, Placement, make_plan
 from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.train.data import make_source
@@ -36,31 +39,39 @@ from distca.train.flops import measure_peak_flops
 from distca.train.metrics import StepMeter, combine_ranks
 from distca.train.pipe import MicroContext, StepContext, build_pipeline, llama_parameters
 from distca.train.quiet import library_prints
+from distca.train.rank import RankInfo, bind_device, dist_backend, ds_accelerator, init_process_group
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
 
 
-@dataclass(frozen=True)
-class RankInfo:
-    """Where this process sits: global rank, world size and the rendezvous address."""
+def deepspeed_config(cfg: DistCAConfig, device: str) -> dict[str, Any]:
+    """The DeepSpeed engine config implied by ``cfg.train`` (optimizer, LR schedule, ZeRO, precision) for ranks
+    on ``device`` (the run's resolved device: ``cpu``, ``cuda`` or ``cuda:N``).
 
-    rank: int
-    world: int
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    The optimizer is torch's AdamW (``torch_adam``: DeepSpeed's own FusedAdam/CPUAdam would compile a C++/CUDA
+    op at start). DeepSpeed 0.19.8 hands every optimizer param except ``torch_adam`` to ``torch.optim.AdamW``
+    as keywords (``foreach`` separately, ``None`` unless given), so on CUDA ``fused: True`` selects torch's
+    fused AdamW kernel (one launch for all tensors of a group, no JIT build); on the CPU the optimizer is what
+    it always was (``foreach=None``: torch's per-tensor loop for CPU tensors).
 
-
-def deepspeed_config(cfg: DistCAConfig) -> dict[str, Any]:
-    """The DeepSpeed engine config implied by ``cfg.train`` (optimizer, LR schedule, ZeRO, precision)."""
+    Precision: with ``bf16`` and ``zero_stage: 1`` DeepSpeed wraps AdamW in its ZeRO stage-1 optimizer
+    (``DeepSpeedZeroOptimizer``; ``grad_accum_dtype`` is unset, so it equals the bf16 model dtype): the model's
+    parameters and gradients are bf16, and each data-parallel rank keeps an fp32 master copy of its partition
+    (``single_partition_of_fp32_groups``) that AdamW updates, with fp32 moments, before the partition is copied
+    back to bf16. Gradients of a step's micro-batches are summed in bf16 before the fp32 step.
+    """
     t = cfg.train
+    adam: dict[str, Any] = {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8, "weight_decay": t.weight_decay,
+                            "torch_adam": True}
+    if torch.device(device).type == "cuda":
+        adam["fused"] = True
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": t.micro_batches,
         "train_batch_size": t.micro_batches * cfg.data_parallel,
-        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8,
-                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": adam},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": t.steps, "warmup_num_steps": max(t.warmup_steps, 1), "warmup_type": "linear",
             "warmup_min_ratio": 0.0 if t.warmup_steps else 1.0, "cos_min_ratio": t.min_lr_ratio}},
@@ -103,8 +114,7 @@ class Trainer:
         self.cfg, self.info, self.report, self.verbose = cfg, info, report or (lambda rec: None), verbose
         self.addresses = list(server_addresses or [])
         t = cfg.train
-        self.device = torch.device(train_device(cfg))
-        self.plane = data_plane(cfg, self.device.type) if t.core_attention == "cad" else "local"
+        self.plane = data_plane(cfg, info.torch_device.type) if t.core_attention == "cad" else "local"
         if self.plane not in ("local", "inplace") and not self.addresses:
             raise ValueError(f"train.core_attention is 'cad' on the {self.plane!r} data plane but no attention-server "
                              "addresses were given")
@@ -130,15 +140,21 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------
     def _init(self) -> None:
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         cfg, info = self.cfg, self.info
         torch.set_num_threads(cfg.threads or 1)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(
-                "gloo", init_method=f"tcp://{info.master_addr}:{info.master_port}", rank=info.rank,
-                world_size=info.world, timeout=timedelta(seconds=cfg.train.step_timeout_s))
-        _cpu_deepspeed()
-        deepspeed.init_distributed("gloo", timeout=timedelta(seconds=cfg.train.step_timeout_s))
+        self.device = bind_device(info)  # before anything touches CUDA: this rank's GPU is the current device
+        if not torch.distributed.is_initialized():  # a launcher (torchrun's, Ray Train) may have joined already
+            init_process_group(info, cfg.train.step_timeout_s)
+        accelerator = get_accelerator().device_name()
+        if accelerator != ds_accelerator(self.device):
+            raise RuntimeError(f"DeepSpeed runs on its {accelerator!r} accelerator but this rank computes on "
+                               f"{self.device}: the launcher must set DS_ACCELERATOR={ds_accelerator(self.device)} "
+                               "before DeepSpeed is first imported (distca.train.rank.deepspeed_env)")
+        if self.device.type == "cpu":
+            _cpu_deepspeed()
+        deepspeed.init_distributed(dist_backend(self.device), timeout=timedelta(seconds=cfg.train.step_timeout_s))
         self.ctx = StepContext()
         with library_prints(self.verbose):  # DeepSpeed prints its seeds, topology and layer listing on rank 0
             pipe = build_pipeline(cfg.model, self.ctx, cfg.train.pipeline_parallel, cfg.seed,
@@ -148,7 +164,9 @@ class Trainer:
 
             load_hf_weights(cfg.model, llama_parameters(pipe, cfg.model), cfg.train.init_from_hf)
         groups = param_groups(pipe, cfg.train.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=pipe, model_parameters=groups, config=deepspeed_config(cfg))
+        # DeepSpeed casts the stage to bf16 (if so configured) and moves it to cuda:LOCAL_RANK, this rank's GPU
+        self.engine, *_ = deepspeed.initialize(model=pipe, model_parameters=groups,
+                                               config=deepspeed_config(cfg, str(self.device)))
         kept = [g["weight_decay"] for g in self.engine.optimizer.param_groups]
         if kept != [g["weight_decay"] for g in groups]:  # DeepSpeed's optimizers and ZeRO keep groups today
             raise RuntimeError(f"DeepSpeed's optimizer has weight-decay groups {kept}, not the trainer's "
@@ -171,8 +189,16 @@ class Trainer:
             self.placement = Placement(cfg.data_parallel, cfg.data_parallel, "colocated")
         else:
             self.placement = Placement(cfg.data_parallel, cfg.cluster.n_servers, cfg.cluster.placement, self.devices)
-        self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops()
-        self.meter = StepMeter(cfg, info.rank, self.stage, self.dp_rank, self.client, self.attn_timer)
+        precision = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        if self.device.type == "cuda":  # auto: flash where installed, else torch's varlen kernel (bf16/fp16 only)
+            kernel = resolve_backend(cfg.attention.backend, self.device, precision).name
+            log.info("core attention kernel on %s: %s", self.device, kernel)
+            if kernel == "reference":
+                log.warning("core attention on %s runs the dense reference kernel (the CUDA varlen kernels take "
+                            "bf16/fp16, this run is %s): memory grows with the square of a document's length",
+                            self.device, cfg.train.precision)
+        self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops(precision, device=self.device)
+        self.meter = StepMeter(cfg, info.rank, self.stage, self.dp_rank, self.client, self.attn_timer, self.device)
 
     def _cad_client(self):
         """The CAD runtime of this rank's data plane (None with local attention): in-place servers over the
@@ -197,7 +223,8 @@ class Trainer:
     def _micro_context(self, mb) -> tuple[MicroContext, dict[int, Any]]:
         p, d = mb.packed, self.dp_rank
         first = PrefixRows.of(p.ranks, p.continues, d).n
-        layout = DocLayout.from_lengths(p.ranks[d], first_position=first)
+        # on the rank's device before the step: RoPE tables and the kernels' offsets are built there
+        layout = DocLayout.from_lengths(p.ranks[d], first_position=first).to(self.device)
         plans: dict[int, Any] = {}
         if self.client is None:
             core = GroupLocalCoreAttention(layout, p.ranks, p.continues, d, self.dp_group, self.cfg.attention.backend,
@@ -212,6 +239,8 @@ class Trainer:
         return MicroContext(layout, core), plans
 
     def _batches(self, mbs) -> list:
+        """The engine's micro-batches, on the host: DeepSpeed's pipeline engine moves the first stage's inputs
+        and the last stage's labels to the rank's device as it loads each micro-batch."""
         d = self.dp_rank
         return [((torch.from_numpy(np.ascontiguousarray(mb.tokens[d])).long(), torch.tensor([i])),
                  torch.from_numpy(np.ascontiguousarray(mb.labels[d])).long()) for i, mb in enumerate(mbs)]
@@ -283,7 +312,7 @@ class Trainer:
                 last = step + 1 == end or stopping
                 if stopping and self.info.rank == 0:
                     self.report({"event": "stopping", "step": step + 1})
-                if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or last:
+                if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or (last and t.checkpoint_at_end):
                     tag = self.save(step + 1)
                     if self.info.rank == 0:
                         self.report({"event": "checkpoint", "step": step + 1, "tag": tag,

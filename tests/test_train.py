@@ -161,10 +161,10 @@ def test_shortswa_parity_over_windowed_plans(tmp_path, pools):
     assert_same_curve(local.losses, cad.losses)
 
 
-def test_two_node_torchrun_trains_like_a_single_launch(tmp_path, cad_run):
-    """Two torchrun invocations (``--nnodes 2``, node ranks 0 and 1, rendezvous on 127.0.0.1), each node's local
-    rank 0 starting its colocated attention servers, addresses exchanged through the process group."""
-    cad_cfg, single = cad_run
+def test_two_node_torchrun_trains_like_a_single_launch(tmp_path, inplace_run):
+    """Two torchrun invocations (``--nnodes 2``, node ranks 0 and 1, rendezvous on 127.0.0.1) training with in-place
+    attention servers — the GPU cluster's default data plane: no server processes, rows by all-to-all."""
+    cad_cfg, single = inplace_run
     result = tmp_path / "rank0.json"
     env = {"NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
@@ -175,7 +175,8 @@ def test_two_node_torchrun_trains_like_a_single_launch(tmp_path, cad_run):
                               text=True) for i in range(2)]
     outs = [n.communicate(timeout=400)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), "\n".join(o[-3000:] for o in outs)
-    assert "| core attention" in outs[0] and "cad on 4 servers" in outs[0]
+    assert "| core attention" in outs[0] and "cad in-place" in outs[0]
+    assert any(x.startswith("| data plane (as run)") and x.endswith("| inplace |") for x in outs[0].splitlines())
     assert_same_curve(single.losses[:4], json.loads(result.read_text())["losses"])
 
 

@@ -182,8 +182,8 @@ class Trainer:
         if self.plane == "local":
             return None
         if self.plane == "inplace":
-            from distca.runtime.exchange import GroupRoles, RowExchange, RowFormat
             from distca.runtime.inplace import InPlaceClient
+            from distca.server.exchange import GroupRoles, RowExchange, RowFormat
 
             m = cfg.model
             fmt = RowFormat(m.n_heads, m.n_kv_heads, m.head_dim, getattr(torch, server_dtype(cfg)))

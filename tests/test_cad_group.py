@@ -115,38 +115,34 @@ def _check(got: dict, specs: list[dict], rank: int, make_case) -> None:
 
 
 BASE = dict(eps=0.0, dtype="float64", backend="reference")
-CASES = {
-    "dedicated-spanning-docs": [dict(BASE, ranks=[[300, 200], [500], [100, 250, 150]], continues=[False, True, True],
-                                     servers=2, placement="dedicated", window=-1, seed=1)],
-    "colocated-window": [dict(BASE, ranks=[[600, 20, 10], [90, 540]], continues=[False, False], servers=2,
-                              placement="colocated", eps=0.02, window=48, seed=2)],
-    # one of the three servers gets no task, yet joins every round; two plans in flight (ping-pong)
-    "idle-server-two-in-flight": [dict(BASE, ranks=[[300], [64]], continues=[False, False], servers=3,
-                                       placement="dedicated", eps=0.5, window=-1, seed=7),
-                                  dict(BASE, ranks=[[200], [100]], continues=[False, False], servers=3,
-                                       placement="dedicated", window=-1, seed=8)],
-}
+SPANNING = [dict(BASE, ranks=[[300, 200], [500], [100, 250, 150]], continues=[False, True, True], servers=3,
+                 placement="dedicated", window=-1, seed=1)]
+WINDOW = [dict(BASE, ranks=[[600, 20, 10], [90, 540]], continues=[False, False], servers=2, placement="colocated",
+               eps=0.02, window=48, seed=2)]
+# the third server gets no task of the first plan, yet joins its every round; both plans in flight (ping-pong)
+IDLE_TWO_IN_FLIGHT = [dict(BASE, ranks=[[300], [64]], continues=[False, False], servers=3, placement="dedicated",
+                           eps=0.5, window=-1, seed=7),
+                      dict(BASE, ranks=[[200], [100]], continues=[False, False], servers=3, placement="dedicated",
+                           window=-1, seed=8)]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_group_rounds_equal_in_process_plan_execution(name, cad_case, run_trainers, servers):
-    specs = CASES[name]
-    plan, ranks, _ = cad_case.make(specs[0])
+def test_colocated_window_rounds_equal_in_process_plan_execution(cad_case, run_trainers, servers):
+    plan, ranks, _ = cad_case.make(WINDOW[0])
     assert (plan.task_server >= 0).any(), "the case must send rows to the servers"
-    if name.startswith("idle"):
-        assert (np.bincount(plan.task_server[plan.task_server >= 0], minlength=3) == 0).any(), "no idle server"
-    addresses, session, n = servers.addresses[:specs[0]["servers"]], _session(), len(ranks)
-    got = run_trainers(_group_trainer, [(r, r, addresses, specs, session, 0, TCFG, _fmt(cad_case), cad_case.make)
-                                        for r in range(n)])
+    session, n = _session(), len(ranks)
+    got = run_trainers(_group_trainer, [(r, r, servers.addresses[:2], WINDOW, session, 0, TCFG, _fmt(cad_case),
+                                         cad_case.make) for r in range(n)])
     for r in range(n):
-        _check(got[r], specs, r, cad_case.make)
+        _check(got[r], WINDOW, r, cad_case.make)
 
 
-def test_two_trainer_groups_share_the_servers_without_deadlock(cad_case, run_trainers, servers):
-    """Two pipeline stages' groups run their rounds at the same time on the same three servers: each server
-    serves each group on its own thread, so neither waits for the other."""
-    stage = {0: CASES["dedicated-spanning-docs"], 1: CASES["idle-server-two-in-flight"]}
-    stage = {g: [dict(s, servers=3) for s in specs] for g, specs in stage.items()}
+def test_two_trainer_groups_share_the_servers_exactly_and_without_deadlock(cad_case, run_trainers, servers):
+    """Two pipeline stages' groups run their rounds at the same time on the same three servers — one with
+    documents spanning its three trainers, one with an idle server and two plans in flight: each server serves
+    each group on its own thread, so neither waits for the other, and both equal the in-process execution."""
+    stage = {0: SPANNING, 1: IDLE_TWO_IN_FLIGHT}
+    plan, _, _ = cad_case.make(IDLE_TWO_IN_FLIGHT[0])
+    assert (np.bincount(plan.task_server[plan.task_server >= 0], minlength=3) == 0).any(), "no idle server"
     session = _session()
     args, who = [], []
     for g, specs in stage.items():
@@ -160,7 +156,7 @@ def test_two_trainer_groups_share_the_servers_without_deadlock(cad_case, run_tra
 
 def test_a_failing_computation_fails_the_round_on_every_trainer_and_the_server_serves_on(cad_case, run_trainers,
                                                                                          servers):
-    specs = [dict(CASES["dedicated-spanning-docs"][0], continues=[False, False, False], poison=True)]
+    specs = [dict(SPANNING[0], continues=[False, False, False], servers=2, poison=True)]
     session = _session()
     got = run_trainers(_group_trainer, [(r, r, servers.addresses[:2], specs, session, 0, TCFG, _fmt(cad_case),
                                          cad_case.make) for r in range(3)])
@@ -177,6 +173,7 @@ def _one_trainer(cad_case, addresses: list[str], tcfg: TransportConfig, **kw):
 
 
 SOLO = dict(BASE, ranks=[[300, 200]], continues=[False], servers=2, placement="dedicated", window=-1, seed=4)
+ALL_LOCAL = dict(SOLO, ranks=[[16, 8]])  # too small to offload: no round at all
 
 
 def _assert_exact(client, cad_case, spec: dict) -> None:
@@ -218,6 +215,9 @@ def test_malformed_and_unexpected_group_messages_get_errors_and_change_nothing(c
         ep.send(Kind.PING)
         _, pong, _ = ep.recv()
         assert pong.kind == Kind.PONG and pong.extra["served"] >= 4  # the group's rounds count as served
+        assert (cad_case.make(ALL_LOCAL)[0].task_server < 0).all()
+        _assert_exact(client, cad_case, ALL_LOCAL)  # every member skips the rounds of a plan without server tasks
+        _assert_exact(client, cad_case, SOLO)
     finally:
         ep.close()
         ctx.term()

@@ -139,10 +139,10 @@ class _Control:
 
 class _Pending:
     """A round on its way: ``wait()`` checks every server's status and puts the results into the trainer's
-    tensors."""
+    tensors (no rounds: a plan whose tasks all stay on their trainers)."""
 
-    def __init__(self, client: GroupClient, pid: int, kind: str, slot: int, first: Round, back: Round, plan: Plan,
-                 dst: dict[str, torch.Tensor], event: str):
+    def __init__(self, client: GroupClient, pid: int, kind: str, slot: int, first: Round | None, back: Round | None,
+                 plan: Plan, dst: dict[str, torch.Tensor], event: str):
         self.client, self.pid, self.kind, self.slot, self.first, self.back = client, pid, kind, slot, first, back
         self.plan, self.dst, self.event = plan, dst, event
         self.done = False
@@ -162,6 +162,9 @@ class _Pending:
 
     def _collect(self) -> None:
         c = self.client
+        if self.back is None:  # a plan without server tasks: no round was run
+            c.note(self.event, self.pid)
+            return
         t0 = time.perf_counter()
         try:
             try:
@@ -257,10 +260,13 @@ class GroupClient:
                 ep.send(Kind.ROUND, plan_id=pid, extra={"session": self.session, "group": self.group, "pass": kind})
         return pid
 
-    def _start(self, plan: Plan, kind: str, tensors: dict[str, torch.Tensor]) -> tuple[int, int, Round, Round]:
+    def _start(self, plan: Plan, kind: str,
+               tensors: dict[str, torch.Tensor]) -> tuple[int, int, Round | None, Round | None]:
         if tensors["q"].device.type != "cpu":
             raise ValueError("the collective data plane moves host tensors over gloo; trainer tensors on "
                              f"{tensors['q'].device} are not supported yet (use the inplace or zmq data plane)")
+        if not (plan.task_server >= 0).any():  # every task stays on its trainer: every member of the group skips
+            return plan_id(plan, self.group), -1, None, None
         pid = self._announce(plan, kind)
         roles_in, roles_out = (FWD_IN, FWD_OUT) if kind == "fwd" else (BWD_IN, BWD_OUT)
         slot = self.x.acquire()

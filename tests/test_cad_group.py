@@ -36,7 +36,7 @@ from distca.transport.wire import Kind
 pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
 
 TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60.0, secret=b"group-secret", checksum=False)
-QUICK = dataclasses.replace(TCFG, timeout_s=2.5)  # the group timeout of the failure tests
+QUICK = dataclasses.replace(TCFG, timeout_s=3.0)  # the group timeout of the failure tests
 
 
 def _server_cfg(cad_case) -> ServerConfig:

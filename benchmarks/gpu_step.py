@@ -429,9 +429,9 @@ class Run:
         from distca.config import ClusterConfig, DistCAConfig, TrainConfig
         from distca.parts import scheduler_settings
         from distca.runtime.cad_attention import CADCoreAttention
-        from distca.runtime.exchange import GroupRoles, RowExchange, RowFormat
         from distca.runtime.inplace import InPlaceClient
         from distca.scheduler import BatchLayout, Placement, make_plan
+        from distca.server.exchange import GroupRoles, RowExchange, RowFormat
 
         cfg, args = self.cfg, self.args
         run = DistCAConfig(model=cfg, cluster=ClusterConfig(n_trainers=1, n_servers=1, placement="colocated"),

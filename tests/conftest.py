@@ -103,8 +103,8 @@ def _inplace_trainer(rank: int, world: int, port: int, spec: dict, q) -> None:
 
     import torch.distributed as dist
 
-    from distca.runtime.exchange import GroupRoles, RowExchange, RowFormat
     from distca.runtime.inplace import InPlaceClient
+    from distca.server.exchange import GroupRoles, RowExchange, RowFormat
 
     torch.set_num_threads(1)
     try:

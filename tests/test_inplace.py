@@ -1,5 +1,5 @@
 """In-place attention servers on a real simulated cluster: trainer processes in a gloo group, every trainer also
-one of the plan's servers, rows moving by one all-to-all per round (``distca.runtime.exchange``). Results must
+one of the plan's servers, rows moving by one all-to-all per round (``distca.server.exchange``). Results must
 equal the in-process plan execution (itself tested against per-document attention) exactly in fp64, with
 documents spanning ranks, sliding windows and several rounds reusing the buffers."""
 

@@ -5,7 +5,8 @@ Each run is expensive on a 2-core machine, so one run is checked by several test
 run of the same tiny config carry parity, resume, metrics files and the launchers' comparisons; the pools
 (one per server setting) and their Ray are shared by every CAD run of this module.
 
-- parity: colocated attention and CAD give the same loss at every step (DESIGN invariant 5);
+- parity: colocated attention and CAD give the same loss at every step (DESIGN invariant 5), with rows as
+  ZeroMQ frames and over the pool's collective data plane;
 - exact resume: a checkpoint written in the middle of a run, resumed, continues the same curve bit for bit;
 - launchers: two "nodes" under torchrun, and a Ray launch, train exactly like ``train()``;
 - every residual variant learns; bf16 + tied embeddings + activation checkpointing train like bf16 without;
@@ -127,6 +128,20 @@ def test_inplace_cad_matches_local_loss_every_step(local_run, inplace_run):
     assert all(len(r["server_busy_s"]) == cfg.cluster.n_trainers and min(r["server_busy_s"]) > 0
                for r in inplace.records)
     assert all(r["exchange_s_per_rank"] and max(r["exchange_s_per_rank"]) >= 0 for r in inplace.records)
+
+
+def test_collective_data_plane_matches_local_every_step(local_run, pools, tmp_path):
+    """CAD on the dedicated pool with the rows moving by all-to-all in each stage's data-plane group (the stage's
+    trainers and the pool's servers in one gloo group; ZeroMQ only for control): the colocated run's loss at every
+    one of its steps."""
+    _, local = local_run
+    cfg = tiny(tmp_path, **{"train.core_attention": "cad", "cluster.data_plane": "collective",
+                            "cluster.placement": "dedicated"})
+    res = run(cfg, pools)
+    assert [r["data_plane"] for r in res.records] == ["collective"] * STEPS  # no silent fallback
+    assert_same_curve(local.losses, res.losses)
+    assert max(r["attn_load_max_over_mean_planned"] for r in res.records) < 1.1
+    assert all(r["attn_load_max_over_mean_measured"] for r in res.records)  # the servers' busy time, by PING
 
 
 def test_resume_from_a_mid_run_checkpoint_continues_the_same_curve_exactly(local_run, tmp_path):

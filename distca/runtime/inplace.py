@@ -1,7 +1,7 @@
 """In-place attention servers: every trainer is also one of its plans' attention servers, in its own process.
 
 The paper's fast path (DistCA §4): no server pool, no sockets. A trainer's rows for other servers move
-with one all-to-all per round over the trainers' process group (:class:`~distca.runtime.exchange.RowExchange`:
+with one all-to-all per round over the trainers' process group (:class:`~distca.server.exchange.RowExchange`:
 NCCL on GPUs, gloo on the CPU cluster); rows for its own server are gathered straight into that server's
 buffers; the tasks the plan keeps on the trainer need no copy at all. Every trainer computes the same plan
 (DESIGN §3), so no plan is ever sent: each derives its own server's layout from the plan it holds.
@@ -26,10 +26,10 @@ from collections.abc import Callable
 import torch
 
 from distca.attention import lse_dtype
-from distca.runtime.exchange import BWD_IN, BWD_OUT, FWD_IN, FWD_OUT, PlanCache, Round, RowExchange
 from distca.runtime.plan_exec import RankTensors, run_local_backward, run_local_forward
 from distca.scheduler import Plan
 from distca.server.compute import FusedCall, fused_backward, fused_forward
+from distca.server.exchange import BWD_IN, BWD_OUT, FWD_IN, FWD_OUT, PlanCache, Round, RowExchange
 from distca.server.layout import ServerLayout
 
 

@@ -12,6 +12,10 @@ writes host memory; pinned, so the copies are fast), the round's rows are copied
 buffers, the kernel runs on the device and the results come back to the host once per round before
 they are sent (host staging). ``busy_s`` is the time from a round's last arrival to its last reply
 (device synchronised), ``stage_s`` the part of it spent copying between host and device.
+
+The pool's collective data plane (GROUP and ROUND messages) is :mod:`distca.server.group_plane`: rows move by
+all-to-all in a process group shared with the trainers, served by one thread per group; this loop only hands it
+those messages and sends what its threads report.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import zmq
 from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
 from distca.attention import lse_dtype
+from distca.server.group_plane import GroupPlane
 from distca.server.layout import ServerLayout
 from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
 from distca.transport.wire import Kind, Message, TensorSpec, WireError
@@ -124,6 +129,7 @@ class AttentionServer:
         self.served = 0
         self.busy_s = 0.0  # time spent computing rounds (measured attention load)
         self.stage_s = 0.0  # of which host <-> device copies (device servers)
+        self.group_plane = GroupPlane.of(cfg)  # the collective data plane's groups, if trainers ask for any
 
     # -- receive targets ---------------------------------------------------------------------
     def _into(self, msg: Message, spec: TensorSpec) -> torch.Tensor | None:
@@ -153,6 +159,7 @@ class AttentionServer:
     def serve_forever(self, poll_s: float = 0.5) -> None:
         """Handle messages until SHUTDOWN; time out incomplete rounds."""
         while True:
+            self.group_plane.flush(self.ep)
             try:
                 ident, msg, tensors = self.ep.recv(into=self._into, timeout_s=poll_s)
             except TransportTimeout:
@@ -177,13 +184,16 @@ class AttentionServer:
                 self.ep.send(Kind.ERROR, to=ident, request_id=msg.request_id, plan_id=msg.plan_id,
                              extra={"error": f"{type(exc).__name__}: {exc}"})
             self._expire_rounds()
+        self.group_plane.close()
         self.ep.close()
 
     def _handle(self, ident: bytes, msg: Message, tensors: list[torch.Tensor]) -> None:
         if msg.kind == Kind.PING:
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            group = self.group_plane.stats()  # rounds served over the collective data plane count too
             self.ep.send(Kind.PONG, to=ident, request_id=msg.request_id,
-                         extra={"name": self.cfg.name, "served": self.served, "busy_s": self.busy_s,
+                         extra={"name": self.cfg.name, "served": self.served + group["served"],
+                                "busy_s": self.busy_s + group["busy_s"],
                                 "stage_s": self.stage_s, "device": str(self.device), "peak_rss_kb": peak_kb,
                                 "buffer_bytes": self.bufs.nbytes(), "plans": len(self.plans)})
         elif msg.kind == Kind.PLAN:
@@ -193,9 +203,13 @@ class AttentionServer:
                 while len(self.plans) > self.cfg.max_plans:
                     old, _ = self.plans.popitem(last=False)
                     self.dev_layouts.pop(old, None)
+            else:
+                self.plans.move_to_end(msg.plan_id)  # in use again: the last to be dropped
             self.ep.send(Kind.ACK, to=ident, request_id=msg.request_id, plan_id=msg.plan_id)
         elif msg.kind in (Kind.FWD, Kind.BWD):
             self._arrive(ident, msg, tensors)
+        elif msg.kind in (Kind.GROUP, Kind.ROUND):
+            self.group_plane.handle(self.ep, ident, msg, self.plans)
         else:
             raise WireError(f"a server does not accept {msg.kind.name} messages")
 

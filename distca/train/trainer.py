@@ -202,19 +202,24 @@ class Trainer:
 
     def _cad_client(self):
         """The CAD runtime of this rank's data plane (None with local attention): in-place servers over the
-        stage's data-parallel group, or a client of the server pool."""
+        stage's data-parallel group, the pool's servers over a data-plane group of the stage's trainers and the
+        servers (``collective``), or a client of the server pool over ZeroMQ."""
         cfg = self.cfg
         settings = client_settings(cfg)
         if self.plane == "local":
             return None
         if self.plane == "inplace":
-            from distca.runtime.exchange import GroupRoles, RowExchange, RowFormat
             from distca.runtime.inplace import InPlaceClient
+            from distca.server.exchange import GroupRoles, RowExchange, RowFormat
 
             m = cfg.model
             fmt = RowFormat(m.n_heads, m.n_kv_heads, m.head_dim, getattr(torch, server_dtype(cfg)))
             roles = GroupRoles.inplace(cfg.data_parallel, self.dp_rank)
             return InPlaceClient(RowExchange(self.dp_group, roles, fmt, self.device), backend=settings.backend)
+        if self.plane == "collective":  # the stage's trainers and the pool's servers in one gloo group
+            from distca.train.collective import collective_client
+
+            return collective_client(cfg, self.stage, self.dp_rank, self.addresses, self.device)
         from distca.runtime.client import CADClient
 
         return CADClient(self.dp_rank, self.addresses, settings.transport, backend=settings.backend, group=self.stage)

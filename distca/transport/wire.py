@@ -59,6 +59,9 @@ class Kind(enum.IntEnum):
     ERROR = 8
     ACK = 9
     SHUTDOWN = 10
+    # the pool's collective data plane (distca.server.group_plane): rows move by all-to-all, these stay small
+    GROUP = 20  # extra["op"]: "store" (where the group store is), "join" or "leave" a data-plane group
+    ROUND = 21  # header-only notice: the next round of a data-plane group is plan_id's forward or backward
 
 
 @dataclass

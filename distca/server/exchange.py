@@ -22,6 +22,13 @@ that never joins a round fails it with the process group's timeout, never a hang
 The group may be any ``torch.distributed`` process group (a subgroup of the trainers' world, or a
 standalone group built from a store). Members are described by :class:`GroupRoles`: which group rank
 holds each of the plan's trainers and servers.
+
+With ``status=True`` (the server pool's group, :mod:`distca.server.group_plane`) every ``to_trainers``
+chunk from a server to a trainer starts with a 16-byte status block — int64 ``(code, round number)``, code 0
+for a good round — sent to every trainer of the group even where no rows move, so a trainer learns in the
+same collective whether a server's computation failed (its rows are then zeros, never to be used).
+
+It lives with the servers (the lowest layer that runs it) and the trainers' runtime imports it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ BWD_IN = ("q", "out", "dout", "lse", "k", "v")
 BWD_OUT = ("dq", "dk", "dv")
 KV_ROLES = frozenset({"k", "v", "dk", "dv"})
 ALIGN = 16
+STATUS = "status"  # the status block's role: one row of int64 (code, round number)
 
 
 def _align(n: int) -> int:
@@ -62,6 +70,8 @@ class RowFormat:
     dtype: torch.dtype
 
     def spec(self, role: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if role == STATUS:
+            return (2,), torch.int64
         if role == "lse":
             return (self.n_heads,), lse_dtype(self.dtype)
         return (self.n_kv_heads if role in KV_ROLES else self.n_heads, self.head_dim), self.dtype
@@ -178,13 +188,15 @@ class RowExchange:
     """Moves plan rows between the trainers and servers of one process group (see the module docstring).
 
     ``pg`` is the group, ``roles`` who is who in it, ``fmt`` the rows' shape and dtype, ``device`` where this
-    process's tensors live (the group's device: CUDA for NCCL, CPU for gloo)."""
+    process's tensors live (the group's device: CUDA for NCCL, CPU for gloo); ``status``: results carry each
+    server's status block (every member of the group must agree)."""
 
     def __init__(self, pg: dist.ProcessGroup | None, roles: GroupRoles, fmt: RowFormat, device: torch.device | str,
-                 max_plans: int = 64):
+                 max_plans: int = 64, status: bool = False):
         if pg is None and roles.size != 1:
             raise ValueError(f"a group of {roles.size} members needs a process group")
         self.pg, self.roles, self.fmt, self.device = pg, roles, fmt, torch.device(device)
+        self.head = ALIGN if status else 0  # bytes of the status block at the start of each result chunk
         self._bytes: dict[tuple[str, int], torch.Tensor] = {}
         self._typed: dict[tuple[str, int], torch.Tensor] = {}
         self._free: list[int] = []
@@ -343,27 +355,47 @@ class RowExchange:
 
     # -- back to the trainers --------------------------------------------------------------------------
     def to_trainers(self, slot: int, roles: tuple[str, ...], layout: ServerLayout | None = None,
-                    results: dict[str, torch.Tensor] | None = None, plan: Plan | None = None) -> Round:
-        """Start a ``to_trainers`` round: as a server (its ``layout`` and ``results`` by role, on its rows)
-        send each trainer its rows; as a trainer (``plan``) receive its rows (:meth:`trainer_results`)."""
+                    results: dict[str, torch.Tensor] | None = None, plan: Plan | None = None,
+                    status: tuple[int, int] = (0, 0)) -> Round:
+        """Start a ``to_trainers`` round: as a server (its ``layout`` and ``results`` by role, on its rows, and
+        with a status block its ``status``) send each trainer its rows; as a trainer (``plan``) receive its rows
+        (:meth:`trainer_results`, and :meth:`trainer_status`)."""
         sends: dict[int, list] = {}
         send_sizes: dict[int, int] = {}
         recv_sizes: dict[int, int] = {}
+        head = self.head
         if layout is not None:
-            for r, (qd, nq, kd, nk) in layout.senders.items():
-                peer = self.roles.trainers[r]
-                if peer == self.roles.me:
-                    continue  # written back directly by trainer_results
-                where, total = self.fmt.chunk(roles, nq, nk)
-                sends[peer] = [(role, off, results[role], slice(kd, kd + nk) if role in KV_ROLES
-                                else slice(qd, qd + nq)) for role, off, _ in where]
-                send_sizes[peer] = total
+            block = torch.tensor([status], dtype=torch.int64, device=self.device)
+            for r, peer in enumerate(self.roles.trainers):
+                if peer == self.roles.me or not (head or r in layout.senders):
+                    continue  # our own trainer's rows are written back directly by trainer_results
+                sends[peer] = [(STATUS, 0, block, slice(0, 1))] if head else []
+                send_sizes[peer] = head
+                if r in layout.senders:
+                    qd, nq, kd, nk = layout.senders[r]
+                    where, total = self.fmt.chunk(roles, nq, nk)
+                    sends[peer] += [(role, head + off, results[role], slice(kd, kd + nk) if role in KV_ROLES
+                                     else slice(qd, qd + nq)) for role, off, _ in where]
+                    send_sizes[peer] += total
         if plan is not None:
-            for s, qi, ki in self.trainer_rows(plan).pairs:
-                peer = self.roles.servers[s]
-                if peer != self.roles.me:
-                    recv_sizes[peer] = self.fmt.chunk(roles, qi.numel(), ki.numel())[1]
+            sizes = {s: self.fmt.chunk(roles, qi.numel(), ki.numel())[1] for s, qi, ki in self.trainer_rows(plan).pairs}
+            for s, peer in enumerate(self.roles.servers):
+                if peer != self.roles.me and (head or s in sizes):
+                    recv_sizes[peer] = head + sizes.get(s, 0)
         return self._start(slot, "out", sends, recv_sizes, send_sizes)
+
+    def trainer_status(self, rnd: Round) -> dict[int, tuple[int, int]]:
+        """Wait for a ``to_trainers`` round and read every server's status block: ``{server: (code, round)}``
+        (an exchange without status blocks: empty)."""
+        rnd.wait()
+        if not self.head:
+            return {}
+        out = {}
+        for s, peer in enumerate(self.roles.servers):
+            if peer != self.roles.me:
+                code, seq = self._view(rnd, peer, STATUS, 0, 1)[0].tolist()
+                out[s] = (int(code), int(seq))
+        return out
 
     def trainer_results(self, rnd: Round, roles: tuple[str, ...], plan: Plan, dst: dict[str, torch.Tensor],
                         layout: ServerLayout | None = None, results: dict[str, torch.Tensor] | None = None) -> None:
@@ -383,7 +415,7 @@ class RowExchange:
                          for role in roles}
             else:
                 where, _ = self.fmt.chunk(roles, qi.numel(), ki.numel())
-                views = {role: self._view(rnd, peer, role, off, rows) for role, off, rows in where}
+                views = {role: self._view(rnd, peer, role, self.head + off, rows) for role, off, rows in where}
             for role, v in views.items():
                 if role in ("dk", "dv"):
                     dst[role].index_add_(0, ki, v.to(dst[role].dtype))

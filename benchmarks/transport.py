@@ -34,7 +34,8 @@ SIZES = [64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 def _sender(transport: str, address_q, sizes: list[int], reps: int) -> None:
     torch.set_num_threads(1)
     ctx = zmq.Context()
-    cfg = TransportConfig(transport=transport, host="127.0.0.1", timeout_s=60, secret=None, checksum=False)
+    cfg = TransportConfig(transport=transport, host="127.0.0.1", timeout_s=60, secret=None, checksum=False,
+                          shm_max_bytes=0)
     ep = Endpoint.client(ctx, cfg, address_q.get())
     for size in sizes:
         x = torch.ones(size, dtype=torch.uint8)
@@ -66,7 +67,8 @@ def _memcpy_gbps(size: int, reps: int) -> float:
 
 def measure(transport: str, reps: int) -> tuple[list[dict], float, int]:
     ctx = zmq.Context()
-    cfg = TransportConfig(transport=transport, host="127.0.0.1", timeout_s=60, secret=None, checksum=False)
+    cfg = TransportConfig(transport=transport, host="127.0.0.1", timeout_s=60, secret=None, checksum=False,
+                          shm_max_bytes=0)
     srv = Endpoint.server(ctx, cfg, "bench")
     q = mp.get_context("spawn").Queue()
     proc = mp.get_context("spawn").Process(target=_sender, args=(transport, q, SIZES, reps), daemon=True)

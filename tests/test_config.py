@@ -48,6 +48,7 @@ def test_overrides_change_typed_fields(tmp_path):
         ("", ["model.n_layers", "3"], "expected an override like"),
         ("", ["--model.n_layers"], "has no value"),
         ("", ["--attention.window", "0"], r"attention\.window must be -1 or >= 1"),
+        ("", ["--transport.shm_max_mb", "-1"], r"transport\.shm_max_mb must be in \[0, 1048576\]"),
     ],
 )
 def test_invalid_configs_name_the_offending_key(tmp_path, yaml_text, overrides, match):

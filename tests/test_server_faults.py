@@ -26,7 +26,9 @@ from distca.transport.wire import _PREFIX, MAGIC, Kind, WireError, encode
 pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
 
 SECRET = b"shared-secret"
-TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=5.0, secret=SECRET, checksum=False)
+SHM_MAX = 1 << 20  # the fault server maps segments of at most 1 MiB
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=5.0, secret=SECRET, checksum=False,
+                       shm_max_bytes=SHM_MAX)
 SCFG = ServerConfig(n_heads=2, n_kv_heads=1, head_dim=4, dtype="float32", backend="sdpa", max_plans=8, transport=TCFG)
 # A round that cannot complete is abandoned after the server's timeout; a client waits far longer than
 # that (a generous bound for a busy machine), so the server's error is what arrives.

@@ -37,6 +37,7 @@ import torch
 
 from distca.attention.cost import cum_pairs
 from distca.config import DistCAConfig, save_config
+from distca.errors import ConfigError
 from distca.train.flops import step_flops
 
 if TYPE_CHECKING:
@@ -113,6 +114,8 @@ class StepMeter:
             "exchange_s": exchange_s, "cpu_s": w["cpu_s"], "thread_cpu_s": w["thread_cpu_s"],
             "act_peak_mb": self.saved.peak / 2**20, "rss_peak_mb": w["rss_peak_mb"],
         }
+        if self.client is not None:  # which data plane(s) the CAD rows took: "shm", "zmq" or "shm+zmq"
+            timing["data_plane"] = self.client.data_plane
         if self.rank == 0:  # every rank draws the same micro-batches: one copy is enough
             timing["micro_batches"] = [{"ranks": [[int(x) for x in r] for r in mb.packed.ranks],
                                         "continues": [bool(c) for c in mb.packed.continues]} for mb in micro_batches]
@@ -162,9 +165,17 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         "open_fds_per_rank": [r["open_fds"] for r in every],
         "server_peak_rss_mb": first["server_peak_rss_mb"],
         "server_busy_s": list(busy),
+        **_data_plane(every),
         **_per_rank(every),
         "micro_batches": first.get("micro_batches"),
     }
+
+
+def _data_plane(every: list[dict[str, Any]]) -> dict[str, str]:
+    """``{"data_plane": ...}``: every plane the ranks' CAD rows took ("shm", "zmq", "shm+zmq", ...), or
+    nothing when no rank reports one (local attention)."""
+    planes = {p for r in every if r.get("data_plane") for p in r["data_plane"].split("+")}
+    return {"data_plane": "+".join(sorted(planes))} if planes else {}
 
 
 def _per_rank(every: list[dict[str, Any]]) -> dict[str, Any]:
@@ -390,23 +401,34 @@ def format_step(r: dict[str, Any]) -> str:
             f"peak {r['peak_rss_mb']:.0f} MB")
 
 
-def _setup_rows(cfg: DistCAConfig) -> list[tuple[str, str]]:
-    """What the run trains and how: the rows the header and the summary table share."""
+def _setup_rows(cfg: DistCAConfig, plane: str) -> list[tuple[str, str]]:
+    """What the run trains and how: the rows the header and the summary table share (``plane``: the CAD
+    data plane to name)."""
     t, m = cfg.train, cfg.model
     return [
         ("model", f"{m.n_layers} layers, hidden {m.hidden}, {m.n_heads}/{m.n_kv_heads} heads, residual {m.residual}"),
         ("parallelism", f"PP={t.pipeline_parallel} x DP={cfg.data_parallel}, {t.micro_batches} micro-batches, "
                         f"ZeRO-{t.zero_stage}, {t.precision}"),
-        ("core attention", t.core_attention + (f" on {cfg.cluster.n_servers} servers ({cfg.cluster.placement})"
-                                               if t.core_attention == "cad" else " (colocated)")),
+        ("core attention", t.core_attention + (f" on {cfg.cluster.n_servers} servers ({cfg.cluster.placement}), "
+                                               f"data plane {plane}" if t.core_attention == "cad" else " (colocated)")),
     ]
+
+
+def _planned_plane(cfg: DistCAConfig) -> str:
+    """The data plane the config asks for on this machine (what a run opens with)."""
+    from distca.parts import data_plane, train_device
+
+    try:
+        return data_plane(cfg, train_device(cfg))
+    except ConfigError:  # the run itself reports it
+        return cfg.cluster.data_plane
 
 
 def run_header(cfg: DistCAConfig) -> str:
     """The few lines a run opens with: model, parallelism, servers, data, output folder."""
     d, t = cfg.data, cfg.train
     data = d.source + (f" {d.path}" if d.path else "")
-    rows = [*_setup_rows(cfg),
+    rows = [*_setup_rows(cfg, _planned_plane(cfg)),
             ("data", f"{data}, {t.micro_batches} x {cfg.data_parallel} x {t.tokens_per_rank} tokens / step"),
             ("steps", f"{t.steps}" + (" (resuming)" if t.resume else "")),
             ("output", f"{cfg.output_dir} (resolved config: {Path(cfg.output_dir) / CONFIG_FILE})")]
@@ -419,8 +441,9 @@ def summary_table(cfg: DistCAConfig, res: TrainResult) -> str:
     recs = res.records[1:] if len(res.records) > 2 else res.records
     med = lambda key: statistics.median(r[key] for r in recs if r.get(key) is not None)  # noqa: E731
     measured = [r["attn_load_max_over_mean_measured"] for r in recs if r.get("attn_load_max_over_mean_measured")]
+    used = _data_plane(res.records).get("data_plane")  # what the rows took (a server elsewhere: zmq too)
     rows = [
-        *_setup_rows(cfg),
+        *_setup_rows(cfg, used or _planned_plane(cfg)),
         ("steps", f"{res.start_step} -> {res.end_step}" + (" (stopped by a signal)" if res.stopped_early else "")),
         ("loss first -> last", f"{res.records[0]['loss']:.4f} -> {res.records[-1]['loss']:.4f}" if res.records
          else "-"),

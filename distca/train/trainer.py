@@ -168,7 +168,7 @@ class Trainer:
 
             settings = client_settings(cfg)
             self.client = CADClient(self.dp_rank, self.addresses, settings.transport, backend=settings.backend,
-                                    group=self.stage)
+                                    group=self.stage, shm=settings.shm)
         self.shape = attention_shape(cfg)
         self.placement = Placement(cfg.data_parallel, cfg.cluster.n_servers, cfg.cluster.placement, self.devices)
         self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops()

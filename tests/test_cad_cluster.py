@@ -84,7 +84,7 @@ def _trainer_both_planes(rank: int, addresses: list[str], spec: dict, tcfg: Tran
                 out, lse = client.forward(plan, ranks[rank])
                 dq, dk, dv = client.backward(plan, ranks[rank], out, lse, douts[rank])
                 res[plane] = {k: v.numpy() for k, v in dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv).items()}
-                res[plane]["data_plane"] = client.data_plane
+                res[plane]["data_plane"], res[plane]["stem"] = client.data_plane, client.stem
             finally:
                 client.close()
         q.put((rank, res))
@@ -106,8 +106,10 @@ def _check_both_planes(got: dict, want: dict, n_ranks: int, tol: float, keys=KEY
             assert np.array_equal(got[r]["shm"][key], a), f"rank {r} {key}: shared memory differs from frames"
 
 
-def _no_segments_left() -> list[str]:
-    return [p for p in glob.glob(str(SHM_DIR / f"{PREFIX}*")) if "-test-" not in p]
+def _segments_left(stem: str) -> list[str]:
+    """Names of a client's segments still in /dev/shm (its names start with its ``stem``)."""
+    assert stem.startswith(PREFIX)
+    return glob.glob(str(SHM_DIR / f"{stem}-*"))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -119,7 +121,8 @@ def test_cad_over_zeromq_and_shared_memory_equals_in_process_plan_execution(name
     got = run_trainers(_trainer_both_planes, [(r, addresses, spec, tcfg, cad_case.make) for r in range(len(ranks))])
     want = execute_plan(plan, ranks, douts, backend=spec["backend"])
     _check_both_planes(got, want, len(ranks), 1e-10 if spec["dtype"] == "float64" else 1e-5)
-    assert _no_segments_left() == []  # every name was unlinked once its server had mapped it
+    for r in range(len(ranks)):  # every name was unlinked once its server had mapped it
+        assert _segments_left(got[r]["shm"]["stem"]) == []
 
 
 def _trainer_two_in_flight(rank: int, addresses: list[str], specs: list[dict], tcfg: TransportConfig, make_case,
@@ -204,11 +207,11 @@ def test_server_memory_stays_flat_over_many_rounds(plane, cad_case, f32_servers)
         client.close()
     assert after["served"] - warm["served"] == 100
     assert after["buffer_bytes"] == warm["buffer_bytes"]
-    assert after["shm_segments"] == warm["shm_segments"] == (plane == "shm")
+    assert after["shm_segments"] == warm["shm_segments"] and after["shm_bytes"] == warm["shm_bytes"]
     assert after["peak_rss_kb"] - warm["peak_rss_kb"] < 16 * 1024, (warm, after)
     probe = CADClient(0, f32_servers[:1], TCP)
-    try:
-        assert probe.ping(0)["shm_segments"] == 0  # the closing client's PING named its segment
+    try:  # the closing client named its one segment: the server unmapped it
+        assert probe.ping(0)["shm_segments"] == warm["shm_segments"] - (plane == "shm")
     finally:
         probe.close()
-    assert _no_segments_left() == []
+    assert _segments_left(client.stem) == []

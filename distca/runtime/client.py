@@ -42,9 +42,9 @@ from distca.errors import DistCAError
 from distca.runtime.plan_exec import RankTensors, run_local_backward, run_local_forward
 from distca.scheduler import Plan
 from distca.server.layout import plan_id, server_layout
-from distca.transport.channel import Endpoint, TransportConfig
+from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
 from distca.transport.shm import PREFIX, Segment, SegmentSlots, ShmError, aligned, host_identity
-from distca.transport.wire import DTYPE_NAMES, Kind
+from distca.transport.wire import DTYPE_NAMES, Kind, WireError
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +191,24 @@ class CADClient:
 
     def close(self) -> None:
         """Close the connections to the servers; unlink this trainer's segments and tell the servers to
-        unmap them (best effort: a server that is gone unmaps nothing, and needs not)."""
-        told = set()
+        unmap them, waiting (at most a second) for each server's answer, so the notice is delivered even
+        when the process exits right after (a server that is gone unmaps nothing, and needs not)."""
+        told = []
         for s, slots in self.slots.items():
             names = slots.close()
             if names:
                 with contextlib.suppress(zmq.ZMQError):
                     self.eps[s].send(Kind.PING, extra={"shm_drop": names})
-                    told.add(s)
+                    told.append(s)
         self.slots.clear()
-        for s, ep in enumerate(self.eps):
-            ep.close(linger_ms=200 if s in told else 0)  # let the unmap notice leave
+        deadline = time.monotonic() + min(1.0, self.cfg.timeout_s)
+        for s in told:
+            with contextlib.suppress(TransportTimeout, WireError, zmq.ZMQError):
+                while deadline > time.monotonic():  # late replies to failed rounds may come first
+                    if self.eps[s].recv(timeout_s=deadline - time.monotonic())[1].kind == Kind.PONG:
+                        break
+        for ep in self.eps:
+            ep.close()
 
     def note(self, what: str, pid: int) -> None:
         """Report one round event to ``on_event`` (see ``__init__``)."""

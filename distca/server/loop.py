@@ -16,11 +16,12 @@ trainers name segments they retired in ``shm_drop`` of a later request (or of a 
 Receive buffers grow to the largest plan seen and are reused, so memory stays flat over rounds.
 
 ``ServerConfig.device`` picks where the fused call runs. On ``cpu`` (the default) the rows land in the
-receive buffers and the kernel reads them there. On a GPU the rows still land in host buffers (ZeroMQ
-writes host memory; pinned, so the copies are fast), the round's rows are copied to grow-only device
-buffers, the kernel runs on the device and the results come back to the host once per round before
-they are sent (host staging). ``busy_s`` is the time from a round's last arrival to its last reply
-(device synchronised), ``stage_s`` the part of it spent copying between host and device.
+receive buffers and the kernel reads them there. On a GPU the rows still land in host buffers (both
+data planes are host memory; pinned, so the copies are fast), the round's rows are copied to grow-only
+device buffers, the kernel runs on the device and the results come back to the host once per round
+before they are sent or written into the reply regions (host staging). ``busy_s`` is the time from a
+round's last arrival to its last reply (device synchronised), ``stage_s`` the part of it spent copying
+between host and device.
 """
 
 from __future__ import annotations

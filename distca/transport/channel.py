@@ -152,9 +152,8 @@ class Endpoint:
         while self.sock.getsockopt(zmq.RCVMORE):
             self.sock.recv()
 
-    def close(self, linger_ms: int = 0) -> None:
-        """Close the socket; ``linger_ms`` > 0 gives messages still queued that long to leave."""
-        self.sock.close(linger=linger_ms)
+    def close(self) -> None:
+        self.sock.close(linger=0)
         if self.router and self.address.startswith("ipc://"):
             with contextlib.suppress(OSError):
                 os.unlink(self.address[len("ipc://"):])

@@ -154,7 +154,7 @@ class Segment:
         for its dtype is a ShmError."""
         if self._data is None:
             raise ShmError(f"segment {self.name} is closed")
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         numel = 1
         for s in shape:
             numel *= s

@@ -57,16 +57,14 @@ def _sender(transport: str, address_q, sizes: list[int], reps: int) -> None:
         for _ in range(reps + 2):
             ep.sock.send_multipart([b"raw", memoryview(x.numpy())], copy=False)
             ep.sock.recv()
+    if transport == "ipc":  # then the same sizes through shared memory, headers on this socket
+        _send_shm(ep, sizes, reps)
     ep.close()
     ctx.term()
 
 
-def _shm_sender(address_q, sizes: list[int], reps: int) -> None:
-    torch.set_num_threads(1)
-    ctx = zmq.Context()
-    cfg = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60, secret=None, checksum=False,
-                          shm_max_bytes=0)
-    ep = Endpoint.client(ctx, cfg, address_q.get())
+def _send_shm(ep: Endpoint, sizes: list[int], reps: int) -> None:
+    """The sender's side of the shared-memory rows: a payload in its segment, a header naming it, the ack."""
     seg = Segment.create(f"{PREFIX}bench-{uuid.uuid4().hex[:8]}", max(sizes))
     try:
         for write in (False, True):
@@ -83,22 +81,12 @@ def _shm_sender(address_q, sizes: list[int], reps: int) -> None:
     finally:
         seg.unlink()
         seg.close()
-        ep.close()
-        ctx.term()
 
 
-def measure_shm(reps: int) -> dict[str, list[dict]]:
+def _receive_shm(srv: Endpoint, reps: int) -> dict[str, list[dict]]:
     """Shared memory: header over ipc, payload copied out of the sender's segment into a buffer, ack back;
     rows for ``shm`` (the payload already in the segment) and ``shm+write`` (the sender writes it first)."""
-    ctx = zmq.Context()
-    cfg = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60, secret=None, checksum=False,
-                          shm_max_bytes=0)
-    srv = Endpoint.server(ctx, cfg, "bench-shm")
     cache = SegmentCache(max_bytes=max(SIZES), max_segments=4)
-    q = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=_shm_sender, args=(q, SIZES, reps), daemon=True)
-    proc.start()
-    q.put(srv.address)
     out = {}
     for variant in ("shm", "shm+write"):
         rows = out[variant] = []
@@ -117,10 +105,7 @@ def measure_shm(reps: int) -> dict[str, list[dict]]:
             gbps = size / statistics.median(times) / 1e9
             mem = _memcpy_gbps(size, reps)
             rows.append({"bytes": size, "gbps": gbps, "memcpy_gbps": mem, "ratio": gbps / mem})
-    proc.join(timeout=30)
     cache.close()
-    srv.close()
-    ctx.term()
     return out
 
 
@@ -135,7 +120,8 @@ def _memcpy_gbps(size: int, reps: int) -> float:
     return size / statistics.median(times[2:]) / 1e9
 
 
-def measure(transport: str, reps: int) -> tuple[list[dict], float, int]:
+def measure(transport: str, reps: int) -> tuple[list[dict], float, int, dict[str, list[dict]]]:
+    """ZeroMQ rows, small-message RTT (µs), receiver RSS growth, and (ipc) the shared-memory rows."""
     ctx = zmq.Context()
     cfg = TransportConfig(transport=transport, host="127.0.0.1", timeout_s=60, secret=None, checksum=False,
                           shm_max_bytes=0)
@@ -178,10 +164,11 @@ def measure(transport: str, reps: int) -> tuple[list[dict], float, int]:
             if i >= 2:
                 times.append(time.perf_counter() - t0)
         row["raw_gbps"] = row["bytes"] / statistics.median(times) / 1e9
+    shm = _receive_shm(srv, reps) if transport == "ipc" else {}
     proc.join(timeout=30)
     srv.close()
     ctx.term()
-    return rows, statistics.median(rtts[10:]) * 1e6, max(rss) - min(rss[len(SIZES) * 2:] or rss)
+    return rows, statistics.median(rtts[10:]) * 1e6, max(rss) - min(rss[len(SIZES) * 2:] or rss), shm
 
 
 def server_memory(rounds: int) -> dict[str, dict]:
@@ -205,7 +192,7 @@ def server_memory(rounds: int) -> dict[str, dict]:
     with server_processes(1, server) as running:
         for shm in (False, True):
             client = CADClient(0, running.addresses, server.transport, backend="sdpa", shm=shm)
-            for _ in range(5):
+            for _ in range(min(5, rounds)):  # warm-up
                 client.forward(plan, t)
             before = client.ping(0)
             for _ in range(rounds):
@@ -228,10 +215,9 @@ def main() -> None:
     table, results = [], {}
     size_name = lambda n: f"{n >> 10} KB" if n < 1 << 20 else f"{n >> 20} MB"  # noqa: E731
     for transport in ("ipc", "tcp"):
-        rows, rtt_us, _ = measure(transport, args.reps)
+        rows, rtt_us, _, shm = measure(transport, args.reps)
         results[transport] = {"rows": rows, "rtt_us": rtt_us}
-    for variant, rows in measure_shm(args.reps).items():
-        results[variant] = {"rows": rows}
+        results.update({variant: {"rows": shm_rows} for variant, shm_rows in shm.items()})
     for transport, res in results.items():
         for r in res["rows"]:
             table.append([transport, size_name(r["bytes"]), f"{r['gbps']:.2f}",

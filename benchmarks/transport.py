@@ -8,8 +8,9 @@ a small message, so a sample is one full transfer. Shared memory: the sender's p
 segment it created (a trainer gathers its rows there instead of into a staging tensor), a DistCA header
 over ipc names the region, the receiver maps the segment once (checked, as a server does), copies the
 region into its own buffer and acknowledges; ``shm+write`` also counts the sender writing the payload
-into the segment before each message. Also checks that a server's peak memory stays flat over 100
-rounds on either data plane (buffers and segments are reused).
+into the segment before each message. Last, one server process takes 100 forward rounds (8192 tokens)
+from a client on each data plane: the mean round time, and peak memory staying flat (buffers and
+segments are reused).
 
     python benchmarks/transport.py [--reps 20]
 """
@@ -173,7 +174,8 @@ def measure(transport: str, reps: int) -> tuple[list[dict], float, int, dict[str
 
 def server_memory(rounds: int) -> dict[str, dict]:
     """Peak RSS, receive-buffer bytes and mapped segments of one server process before and after ``rounds``
-    forward rounds, from a client on each data plane in turn (ZeroMQ frames, then shared memory)."""
+    forward rounds, from a client on each data plane in turn (ZeroMQ frames, then shared memory), and the
+    mean time of a round (the trainer's wall time: rows out, attention on the server, results back)."""
     import dataclasses
 
     from distca.parts import scheduler_settings, server_settings
@@ -195,10 +197,12 @@ def server_memory(rounds: int) -> dict[str, dict]:
             for _ in range(min(5, rounds)):  # warm-up
                 client.forward(plan, t)
             before = client.ping(0)
+            t0 = time.perf_counter()
             for _ in range(rounds):
                 client.forward(plan, t)
+            round_ms = (time.perf_counter() - t0) / max(rounds, 1) * 1e3
             after = client.ping(0)
-            out[client.data_plane] = {"rounds": rounds, "before": before, "after": after}
+            out[client.data_plane] = {"rounds": rounds, "round_ms": round_ms, "before": before, "after": after}
             client.close()
     return out
 
@@ -228,7 +232,7 @@ def main() -> None:
     for plane, mem in server_memory(args.memory_rounds).items():
         results[f"server_memory_{plane}"] = mem
         b, a = mem["before"], mem["after"]
-        table.append([f"server ({plane})", f"{mem['rounds']} rounds, 8192 tokens",
+        table.append([f"server ({plane})", f"{mem['rounds']} rounds, 8192 tokens, {mem['round_ms']:.0f} ms each",
                       f"peak RSS {b['peak_rss_kb'] >> 10} -> {a['peak_rss_kb'] >> 10} MB",
                       f"buffers {b['buffer_bytes'] >> 20} -> {a['buffer_bytes'] >> 20} MB",
                       f"segments {b['shm_segments']} -> {a['shm_segments']}", ""])

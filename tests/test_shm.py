@@ -161,3 +161,18 @@ def test_names_and_host_identity():
     assert check_name("distca-123-abc-0-1") == "distca-123-abc-0-1"
     ident = host_identity()
     assert ident and ident == host_identity() and os.uname().nodename in ident
+
+
+def test_the_server_side_removes_a_name_once_mapped(stem):
+    seg = Segment.create(f"{stem}-s", 4096)
+    cache = SegmentCache(max_bytes=1 << 20, max_segments=2)
+    try:
+        mapped = cache.get(seg.name)
+        assert not (SHM_DIR / seg.name).exists()  # a trainer killed now leaves nothing behind
+        seg.view(0, torch.int64, (1,)).fill_(42)
+        assert int(mapped.view(0, torch.int64, (1,))) == 42
+        assert cache.get(seg.name) is mapped  # mapped by name, not reopened
+        seg.unlink()  # the trainer's own unlink after the answer finds nothing to do
+    finally:
+        cache.close()
+        seg.close()

@@ -9,7 +9,8 @@ errors, health) either way:
   owns (one per round in flight to that server, grow-only, reused), the request header names their
   regions and the regions the results go to; the server writes out/lse (dq/dk/dv) there and answers
   with a header only, and ``wait`` copies the results from the segment into the trainer's tensors. The
-  name is unlinked as soon as the server has answered, so no segment outlives the processes.
+  server removes the segment's name once it has mapped it (the trainer again once answered), so no
+  segment outlives the processes.
 - **ZeroMQ frames** (a server on another host, shared memory off, or a round larger than
   ``TransportConfig.shm_max_bytes``): the rows are staged to host memory (one copy per tensor per
   server) and sent as frames; replies come back as frames.

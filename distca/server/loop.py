@@ -7,11 +7,12 @@ senders that did arrive (never a hang).
 Rows arrive on one of two data planes, chosen per request by the trainer. ZeroMQ: the rows are tensor
 frames, read straight into the receive buffers. Shared memory (trainer on this host): the header names a
 segment of the trainer's (:mod:`distca.transport.shm`), the regions its rows are in and the regions the
-results go to; the server checks all of it against the plan and its bounds, copies the rows into the
-receive buffers, and later writes out/lse (dq/dk/dv) into the reply regions and answers with a header
-only. The PLAN ACK tells trainers the server's host identity and its segment bound, so they know whether
-shared memory is possible. At most ``MAX_SEGMENTS`` segments stay mapped (least recently used out);
-trainers name segments they retired in ``shm_drop`` of a later request (or of a PING when they close).
+results go to; the server checks all of it against the plan and its bounds, maps the segment (and
+removes its name), copies the rows into the receive buffers, and later writes out/lse (dq/dk/dv) into
+the reply regions and answers with a header only. The PLAN ACK tells trainers the server's host identity
+and its segment bound, so they know whether shared memory is possible. At most ``MAX_SEGMENTS`` segments
+stay mapped (least recently used out); trainers name segments they retired in ``shm_drop`` of a later
+request (or of a PING when they close).
 
 Receive buffers grow to the largest plan seen and are reused, so memory stays flat over rounds.
 

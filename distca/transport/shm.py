@@ -7,12 +7,17 @@ The trainer owns the memory; a server only maps what a header names, after check
     create "distca-<pid>-<tag>-<server>-<n>",
       fully allocated, grow-only, one per round
       in flight; gather rows into its regions
-    header: name, input regions, reply regions ──►  open by name, check, map, close the fd; copy the
-                                                    rows into its receive buffers, compute, write the
-                                                    results into the reply regions
+    header: name, input regions, reply regions ──►  open by name, check, map, close the fd, unlink
+                                                    the name; copy the rows into its receive buffers,
+                                                    compute, write the results into the reply regions
     ◄─────────────────────────── header-only reply  (the server holds its own mapping now)
-    unlink the name: both mappings stay valid and nothing is left in /dev/shm; later rounds reuse
-    the segment; a retired one is named in the next header (``shm_drop``) so the server unmaps it
+    unlink the name (if the server has not): both mappings stay valid and nothing is left in
+    /dev/shm; later rounds reuse the segment; a retired one is named in the next header
+    (``shm_drop``) so the server unmaps it
+
+Both sides unlink, so a name is gone as soon as the server has mapped the segment, even if the trainer
+dies right after; only a trainer killed between creating a segment and its server mapping it leaves a
+name behind (until reboot or ``rm /dev/shm/distca-*``; a normal exit or an exception removes it).
 
 Everything a server takes from a header is checked before a byte is touched: the name has the prefix
 and no path; the file is a regular file of this user, no larger than the configured bound, and fully
@@ -246,7 +251,8 @@ class SegmentSlots:
 
 class SegmentCache:
     """A server's mappings of the trainers' segments, by name: at most ``max_segments``, the least recently
-    used unmapped first; none at all when ``max_bytes`` is 0 (shared memory off)."""
+    used unmapped first; none at all when ``max_bytes`` is 0 (shared memory off). A segment's name is
+    removed as soon as it is mapped (its trainer removes it too, whichever comes first)."""
 
     def __init__(self, max_bytes: int, max_segments: int):
         self.max_bytes, self.max_segments = max_bytes, max_segments
@@ -259,6 +265,7 @@ class SegmentCache:
         seg = self.open.pop(name, None) if isinstance(name, str) else None
         if seg is None:
             seg = Segment.attach(name, self.max_bytes)
+            _unlink(SHM_DIR / seg.name)
             while len(self.open) >= self.max_segments:
                 _, old = self.open.popitem(last=False)
                 log.info("unmapping least recently used segment %s (%d mapped)", old.name, self.max_segments)

@@ -177,10 +177,16 @@ class TransportSection:
     timeout_s: float = 30.0
     secret_hex: str = ""  # shared HMAC key (hex); empty = no authentication
     checksum: bool = False
+    # Shared-memory data plane (cluster.data_plane: shm): the largest segment a trainer creates for one round
+    # to one server, and the largest a server maps (it refuses bigger ones); a larger round goes as ZeroMQ
+    # frames. 0 turns shared memory off on both sides.
+    shm_max_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ConfigError(f"transport.timeout_s must be > 0, got {self.timeout_s}")
+        if not 0 <= self.shm_max_mb <= 1 << 20:
+            raise ConfigError(f"transport.shm_max_mb must be in [0, 1048576], got {self.shm_max_mb}")
         try:
             bytes.fromhex(self.secret_hex)
         except ValueError:

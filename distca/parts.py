@@ -28,13 +28,15 @@ class ClientSettings:
 
     transport: TransportConfig
     backend: str  # kernel backend for the tasks a trainer runs itself
+    shm: bool  # rows through shared memory with the servers on this host (the resolved data plane is shm)
 
 
 def transport_settings(cfg: DistCAConfig) -> TransportConfig:
     """How trainers and servers talk, from ``cfg.transport``."""
     t = cfg.transport
     return TransportConfig(transport=t.kind, host=t.host, timeout_s=t.timeout_s,
-                           secret=bytes.fromhex(t.secret_hex) or None, checksum=t.checksum)
+                           secret=bytes.fromhex(t.secret_hex) or None, checksum=t.checksum,
+                           shm_max_bytes=t.shm_max_mb << 20)
 
 
 def server_dtype(cfg: DistCAConfig) -> str:
@@ -77,9 +79,11 @@ def pool_settings(cfg: DistCAConfig, local_cpus: int | None = None, device: str 
                       server=server_settings(cfg, "cuda" if on_gpu else "cpu"), **extra)
 
 
-def client_settings(cfg: DistCAConfig) -> ClientSettings:
-    """A trainer's CAD client settings."""
-    return ClientSettings(transport=transport_settings(cfg), backend=cfg.attention.backend)
+def client_settings(cfg: DistCAConfig, device: str | None = None) -> ClientSettings:
+    """A trainer's CAD client settings; shared memory is on when the data plane resolved for ``device``
+    (None: :func:`train_device`) is ``shm`` (the client still uses it only with servers on its host)."""
+    plane = data_plane(cfg, device or train_device(cfg))
+    return ClientSettings(transport=transport_settings(cfg), backend=cfg.attention.backend, shm=plane == "shm")
 
 
 def scheduler_settings(cfg: DistCAConfig, window: int) -> SchedulerConfig:

@@ -37,7 +37,8 @@ def test_scheduler_benchmark_runs(tmp_path):
 
 def test_transport_benchmark_runs():
     out = _run("benchmarks/transport.py", "--reps", "1", "--memory-rounds", "2")
-    assert "| ipc " in out and "| tcp " in out and "small-message RTT" in out
+    assert "| ipc " in out and "| tcp " in out and "| shm " in out and "small-message RTT" in out
+    assert "| server (shm) " in out and "segments 1 -> 1" in out
 
 
 def test_pingpong_benchmark_runs():

@@ -38,7 +38,8 @@ from distca.transport.wire import Kind
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60.0, secret=None, checksum=False)
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60.0, secret=None, checksum=False,
+                       shm_max_bytes=1 << 30)
 H, HKV, D = 8, 2, 64
 LENGTHS = [700, 300, 24]  # the 24-token document stays on the trainer (a LOCAL task) under "dedicated"
 

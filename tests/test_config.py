@@ -50,6 +50,7 @@ def test_overrides_change_typed_fields(tmp_path):
         ("", ["--attention.window", "0"], r"attention\.window must be -1 or >= 1"),
         ("", ["--cluster.gpus_per_server", "-1"], r"cluster\.cpus_per_server and cluster\.gpus_per_server"),
         ("", ["--train.device", "gpu"], r"train\.device must be one of"),
+        ("", ["--transport.shm_max_mb", "-1"], r"transport\.shm_max_mb must be in \[0, 1048576\]"),
     ],
 )
 def test_invalid_configs_name_the_offending_key(tmp_path, yaml_text, overrides, match):

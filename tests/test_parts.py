@@ -48,6 +48,8 @@ def test_transport_settings_from_the_transport_section():
     t = transport_settings(cfg)
     assert (t.transport, t.host, t.timeout_s, t.secret, t.checksum) == ("tcp", "10.0.0.7", 7.0, b"\xab\xcd", True)
     assert transport_settings(_cfg()).secret is None  # an empty secret means no authentication
+    assert transport_settings(_cfg(transport={"shm_max_mb": 3})).shm_max_bytes == 3 << 20
+    assert transport_settings(_cfg()).shm_max_bytes == _cfg().transport.shm_max_mb << 20  # the default: the config's
 
 
 def test_scheduler_eps_granularity_and_window_flow_from_the_config():
@@ -99,6 +101,14 @@ def test_client_settings_share_the_servers_transport():
     assert c.backend == "reference" and c.transport == server_settings(cfg).transport
 
 
+def test_client_uses_shared_memory_exactly_when_the_resolved_data_plane_is_shm():
+    assert client_settings(_cfg(), "cpu").shm  # auto on the CPU: shm
+    assert not client_settings(_cfg(cluster={"data_plane": "zmq"}), "cpu").shm
+    assert client_settings(_cfg(cluster={"data_plane": "shm"}), "cuda").shm
+    assert not client_settings(_cfg(cluster={"data_plane": "collective", "placement": "dedicated"}), "cpu").shm
+    assert client_settings(_cfg(train={"device": "cpu"})).shm  # the device from train.device when not given
+
+
 def test_library_settings_have_no_defaults_of_their_own_for_config_knobs():
     """Each default lives in the config: the library dataclasses require what the config decides."""
     from distca.scheduler import SchedulerConfig
@@ -113,7 +123,7 @@ def test_library_settings_have_no_defaults_of_their_own_for_config_knobs():
     assert {"eps", "granularity", "window"} <= required(SchedulerConfig)
     assert {"n_heads", "n_kv_heads", "head_dim", "dtype", "backend", "max_plans", "transport"} <= required(ServerConfig)
     assert {"n_servers", "placement", "cpus_per_server", "gpus_per_server", "address", "server"} <= required(PoolConfig)
-    assert {"transport", "host", "timeout_s", "secret", "checksum"} <= required(TransportConfig)
+    assert {"transport", "host", "timeout_s", "secret", "checksum", "shm_max_bytes"} <= required(TransportConfig)
 
 
 def test_attention_shape_counts_bytes_in_the_training_precision():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import uuid
 
 import pytest
 import torch
@@ -21,12 +22,15 @@ from distca.server.layout import plan_id, server_layout
 from distca.server.loop import ServerConfig
 from distca.server.processes import server_processes
 from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
+from distca.transport.shm import PREFIX, Segment
 from distca.transport.wire import _PREFIX, MAGIC, Kind, WireError, encode
 
 pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
 
 SECRET = b"shared-secret"
-TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=5.0, secret=SECRET, checksum=False)
+SHM_MAX = 1 << 20  # the fault server maps segments of at most 1 MiB
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=5.0, secret=SECRET, checksum=False,
+                       shm_max_bytes=SHM_MAX)
 SCFG = ServerConfig(n_heads=2, n_kv_heads=1, head_dim=4, dtype="float32", backend="sdpa", max_plans=8, transport=TCFG)
 # A round that cannot complete is abandoned after the server's timeout; a client waits far longer than
 # that (a generous bound for a busy machine), so the server's error is what arrives.
@@ -253,3 +257,96 @@ def test_a_failing_computation_reports_to_every_sender_and_the_server_stays_up()
     assert sorted(errors) == [0, 1]
     for exc in errors.values():
         assert isinstance(exc, ServerError) and "BackendUnavailableError" in str(exc) and "flash" in str(exc), exc
+
+
+# -- the shared-memory data plane: a header names a trainer's segment and regions in it ----------------------
+
+def _segment(size: int) -> Segment:
+    return Segment.create(f"{PREFIX}faults-{os.getpid()}-{uuid.uuid4().hex[:8]}", size)
+
+
+def _shm_fwd(ep: Endpoint, pid: int, seg: str, nq: int, nk: int, **change) -> str:
+    """Send a shared-memory FWD header for rank 0 (regions packed from offset 0; ``change`` replaces parts of
+    the ``shm`` map or whole ``extra`` keys) and return the server's error."""
+    q, kv = nq * 2 * 4 * 4, nk * 4 * 4
+    shm = {"seg": seg, "in": [["q", "float32", [nq, 2, 4], 0], ["k", "float32", [nk, 1, 4], q],
+                              ["v", "float32", [nk, 1, 4], q + kv]],
+           "out": [["out", q + 2 * kv], ["lse", 2 * q + 2 * kv]]}
+    extra = {"rank": 0, "shm": shm}
+    for key, value in change.items():
+        (shm if key in shm else extra)[key] = value
+    ep.send(Kind.FWD, plan_id=pid, extra=extra)
+    return _error(ep)
+
+
+def test_shm_headers_that_name_bad_segments_or_regions_get_errors(ep):
+    plan = _plan()
+    pid = _register(ep, plan)
+    _, nq, _, nk = server_layout(plan, 0).senders[0]
+    need = 2 * nq * 2 * 4 * 4 + 2 * nk * 4 * 4 + nq * 2 * 4
+    seg, big = _segment(need), _segment(2 * SHM_MAX)
+    try:
+        for name in ("evil", "distca-../../etc/passwd", f"{PREFIX}{'x' * 300}", 42):
+            assert "not a DistCA segment name" in _shm_fwd(ep, pid, name, nq, nk)
+        assert "cannot open" in _shm_fwd(ep, pid, f"{PREFIX}faults-missing-{uuid.uuid4().hex[:8]}", nq, nk)
+        assert f"outside (0, {SHM_MAX}]" in _shm_fwd(ep, pid, big.name, nq, nk)  # larger than the server maps
+        assert "lies outside" in _shm_fwd(ep, pid, seg.name, nq, nk, out=[["out", seg.size - 4], ["lse", 0]])
+        assert "lies outside" in _shm_fwd(ep, pid, seg.name, nq, nk, out=[["out", 1 << 62], ["lse", 0]])
+        assert "not a non-negative multiple" in _shm_fwd(ep, pid, seg.name, nq, nk, out=[["out", 2], ["lse", 0]])
+        assert "not a non-negative multiple" in _shm_fwd(ep, pid, seg.name, nq, nk, out=[["out", -64], ["lse", 0]])
+        bad_dtype = [["q", "float64", [nq, 2, 4], 0], ["k", "float32", [nk, 1, 4], 0], ["v", "float32", [nk, 1, 4], 0]]
+        assert "expects float32" in _shm_fwd(ep, pid, seg.name, nq, nk, **{"in": bad_dtype})
+        bad_rows = [["q", "float32", [nq + 1, 2, 4], 0], ["k", "float32", [nk, 1, 4], 0],
+                    ["v", "float32", [nk, 1, 4], 0]]
+        assert f"expects float32 [{nq}, 2, 4]" in _shm_fwd(ep, pid, seg.name, nq, nk, **{"in": bad_rows})
+        assert "needs inputs" in _shm_fwd(ep, pid, seg.name, nq, nk, out=[["out", 0], ["out", 0]])
+        assert "expected [role of" in _shm_fwd(ep, pid, seg.name, nq, nk, out=[["dq", 0], ["lse", 0]])
+        assert "must be a map" in _shm_fwd(ep, pid, seg.name, nq, nk, shm=[1, 2])
+        assert "shm_drop must be" in _shm_fwd(ep, pid, seg.name, nq, nk, shm_drop="x")
+        seg.view(0, torch.float32, (nq, 2, 4)).fill_(float("nan"))
+        assert "NaN or inf" in _shm_fwd(ep, pid, seg.name, nq, nk)
+    finally:
+        for s in (seg, big):
+            s.unlink()
+            s.close()
+    _still_serving(ep)
+
+
+def _exact_forward(address: str, tcfg: TransportConfig, plan, host: str | None = None) -> str:
+    """One forward round through a shm-enabled client (``host``: pretend to live there); checks the result
+    exactly and returns the data plane the client used."""
+    gen = torch.Generator().manual_seed(1)
+    t = RankTensors(*(torch.randn(96, h, 4, generator=gen) for h in (2, 1, 1)))
+    client = CADClient(0, [address], tcfg, backend="sdpa", shm=True)
+    if host is not None:
+        client.host = host
+    try:
+        out, lse = client.forward(plan, t)
+        plane = client.data_plane
+    finally:
+        client.close()
+    from distca.runtime.plan_exec import execute_plan
+
+    want = execute_plan(plan, [t], backend="sdpa")
+    torch.testing.assert_close(out, want["out"][0])
+    torch.testing.assert_close(lse, want["lse"][0])
+    return plane
+
+
+def test_after_shm_faults_a_shm_round_is_served_exactly_and_other_hosts_or_big_rounds_use_frames(ep, server):
+    plan = _plan()
+    pid = _register(ep, plan)
+    _, nq, _, nk = server_layout(plan, 0).senders[0]
+    assert "cannot open" in _shm_fwd(ep, pid, f"{PREFIX}faults-missing-{uuid.uuid4().hex[:8]}", nq, nk)
+    seg = _segment(64)
+    try:
+        assert "lies outside" in _shm_fwd(ep, pid, seg.name, nq, nk)  # the rows do not fit in 64 bytes
+    finally:
+        seg.unlink()
+        seg.close()
+    assert _exact_forward(server[0], TCFG, plan) == "shm"
+    assert _exact_forward(server[0], TCFG, plan, host="another-host") == "zmq"  # not this host: frames
+    assert _exact_forward(server[0], dataclasses.replace(TCFG, shm_max_bytes=1024), plan) == "zmq"  # over the bound
+    off = dataclasses.replace(SCFG, transport=dataclasses.replace(TCFG, shm_max_bytes=0))
+    with server_processes(1, off) as running:  # a server that maps no shared memory
+        assert _exact_forward(running.addresses[0], TCFG, plan) == "zmq"

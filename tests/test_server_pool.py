@@ -16,7 +16,8 @@ from distca.transport.channel import TransportConfig
 
 pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
 
-TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=b"pool-secret", checksum=False)
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=b"pool-secret", checksum=False,
+                       shm_max_bytes=1 << 30)
 SPEC = dict(ranks=[[300, 200], [500]], continues=[False, True], servers=2, placement="dedicated", eps=0.0,
             window=-1, seed=5, dtype="float64", backend="reference")
 

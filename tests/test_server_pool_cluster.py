@@ -16,7 +16,8 @@ from distca.transport.channel import TransportConfig
 
 pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
 
-TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=None, checksum=False)
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=None, checksum=False,
+                       shm_max_bytes=1 << 30)
 SERVER = ServerConfig(n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32", backend="sdpa", max_plans=8, transport=TCFG)
 
 

@@ -15,7 +15,8 @@ from distca.transport.wire import DTYPES, Kind, WireError, decode_header, encode
 @pytest.fixture()
 def pair():
     ctx = zmq.Context()
-    cfg = TransportConfig(timeout_s=5.0, secret=b"k", checksum=True, transport="ipc", host="127.0.0.1")
+    cfg = TransportConfig(timeout_s=5.0, secret=b"k", checksum=True, transport="ipc", host="127.0.0.1",
+                          shm_max_bytes=0)
     srv = Endpoint.server(ctx, cfg, "wire-test")
     cli = Endpoint.client(ctx, cfg, srv.address)
     yield srv, cli
@@ -29,7 +30,8 @@ def pair():
 def test_round_trip_every_dtype(dtype, shape, extra):
     t = (torch.randn(shape) * 100).to(DTYPES[dtype])
     ctx = zmq.Context()
-    cfg = TransportConfig(timeout_s=5.0, secret=b"k", checksum=True, transport="ipc", host="127.0.0.1")
+    cfg = TransportConfig(timeout_s=5.0, secret=b"k", checksum=True, transport="ipc", host="127.0.0.1",
+                          shm_max_bytes=0)
     srv = Endpoint.server(ctx, cfg, "wire-rt")
     cli = Endpoint.client(ctx, cfg, srv.address)
     try:

@@ -1,18 +1,35 @@
 """A trainer's side of CAD attention over the network: send its rows of a plan to the attention
 servers, receive the results, run the tasks the plan keeps local, all with timeouts.
 
-Trainer tensors may live on any device. The rows a server needs are gathered where they are, then
-staged to host memory (one copy per tensor per server: ZeroMQ sends host bytes); replies are copied
-back to the trainer tensors' device and dtype, and the tasks the plan keeps local run on that device.
+Two data planes, chosen per server and round; ZeroMQ carries the control plane (plans, round ids,
+errors, health) either way:
+
+- **shared memory** (``shm=True`` and the server on this host: its PLAN ACK carries the same host
+  identity, see :mod:`distca.transport.shm`): the rows are gathered straight into a segment this trainer
+  owns (one per round in flight to that server, grow-only, reused), the request header names their
+  regions and the regions the results go to; the server writes out/lse (dq/dk/dv) there and answers
+  with a header only, and ``wait`` copies the results from the segment into the trainer's tensors. The
+  server removes the segment's name once it has mapped it (the trainer again once answered), so no
+  segment outlives the processes.
+- **ZeroMQ frames** (a server on another host, shared memory off, or a round larger than
+  ``TransportConfig.shm_max_bytes``): the rows are staged to host memory (one copy per tensor per
+  server) and sent as frames; replies come back as frames.
+
+``CADClient.data_plane`` says which of the two the rounds used. Trainer tensors may live on any device:
+rows are gathered where they are and copied to host memory (the segment or the frame); results are
+copied back to the trainer tensors' device and dtype, and the tasks the plan keeps local run there.
 
 Failure policy (the simpler of the two the design allows): a server that errors, dies or does not
 answer within ``TransportConfig.timeout_s`` makes the step fail with an exception naming the server
-and the reason — never a hang, never a wrong tensor. Re-planning around a lost server is left to the
-caller (the pool restarts dead servers).
+and the reason — never a hang, never a wrong tensor (the failed round's segments are never reused).
+Re-planning around a lost server is left to the caller (the pool restarts dead servers).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -26,8 +43,16 @@ from distca.errors import DistCAError
 from distca.runtime.plan_exec import RankTensors, run_local_backward, run_local_forward
 from distca.scheduler import Plan
 from distca.server.layout import plan_id, server_layout
-from distca.transport.channel import Endpoint, TransportConfig
-from distca.transport.wire import Kind
+from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
+from distca.transport.shm import PREFIX, Segment, SegmentSlots, ShmError, aligned, host_identity
+from distca.transport.wire import DTYPE_NAMES, Kind, WireError
+
+log = logging.getLogger(__name__)
+
+# One tensor of a request: (role, trainer tensor, its rows for the server, dtype on the wire); one result:
+# (role, dtype, shape).
+Input = tuple[str, torch.Tensor, torch.Tensor, torch.dtype]
+Result = tuple[str, torch.dtype, tuple[int, ...]]
 
 
 class ServerError(DistCAError, RuntimeError):
@@ -52,47 +77,80 @@ def _like(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return got if got.device == ref.device and got.dtype == ref.dtype else got.to(ref.device, ref.dtype)
 
 
+def _gather_into(dest: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> None:
+    """``dest[:] = x[rows]`` (in ``dest``'s dtype), in one copy when ``x`` is a host tensor of that dtype."""
+    if x.device.type == "cpu" and x.dtype == dest.dtype:
+        torch.index_select(x, 0, rows, out=dest)
+    else:
+        dest.copy_(x[rows])
+
+
 class _Pending:
     """Replies still on their way from the servers; ``wait`` records how long the trainer blocked."""
 
     def __init__(self, client: CADClient, pid: int, servers: list[int], rows: dict, sends: dict,
-                 results: tuple[torch.Tensor, ...]):
+                 shm: dict[int, tuple[Segment, dict[str, torch.Tensor]]], results: tuple[torch.Tensor, ...]):
         self.client, self.pid, self.servers, self.rows, self.sends = client, pid, servers, rows, sends
+        self.shm = shm  # server -> (segment, its reply regions), for the rounds on shared memory
         self.results = results  # local tasks already written; the servers' rows land here
         self.blocked_s = 0.0
 
-    def _done(self, t0: float, event: str) -> None:
+    def _collect(self, kind: Kind, take: Callable[[int, dict[str, torch.Tensor]], None], event: str) -> None:
+        """Hand every server's result tensors to ``take`` as they arrive, then free the round's segments
+        (for later rounds; after a failure they are retired, since a late reply may still write there)."""
+        t0 = time.perf_counter()
+        try:
+            for s in self.servers:
+                msg, frames = self.client._expect(s, (kind,), self.pid)
+                if bool(msg.extra.get("shm")) != (s in self.shm):
+                    raise ServerError(f"attention server {s}: a {'ZeroMQ' if s in self.shm else 'shared-memory'} "
+                                      f"reply to a {'shared-memory' if s in self.shm else 'ZeroMQ'} request")
+                if s in self.shm:
+                    seg, regions = self.shm[s]
+                    seg.unlink()  # the server has mapped it: both mappings outlive the name
+                    take(s, regions)
+                else:
+                    take(s, frames)
+        except BaseException:
+            self._finish(ok=False)
+            raise
+        self._finish(ok=True)
         self.blocked_s = time.perf_counter() - t0
         self.client.blocked_s += self.blocked_s
         self.client.note(event, self.pid)
+
+    def _finish(self, ok: bool) -> None:
+        for s, (seg, _) in self.shm.items():
+            self.client._segment_done(s, seg, ok)
+        self.shm, self.sends = {}, {}
 
 
 class PendingForward(_Pending):
     def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Block until every server's ``out``/``lse`` rows are in; returns this rank's ``(out, lse)``."""
-        t0 = time.perf_counter()
         out, lse = self.results
-        for s in self.servers:
-            _, got = self.client._expect(s, (Kind.FWD_OUT,), self.pid)
+
+        def take(s: int, got: dict[str, torch.Tensor]) -> None:
             qr = self.rows[s][0]
             out[qr] = _like(got["out"], out)
             lse[qr] = _like(got["lse"], lse)
-        self._done(t0, "forward_received")
+
+        self._collect(Kind.FWD_OUT, take, "forward_received")
         return out, lse
 
 
 class PendingBackward(_Pending):
     def wait(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block until every server's gradient rows are in; returns this rank's ``(dq, dk, dv)``."""
-        t0 = time.perf_counter()
         dq, dk, dv = self.results
-        for s in self.servers:
-            _, got = self.client._expect(s, (Kind.BWD_OUT,), self.pid)
+
+        def take(s: int, got: dict[str, torch.Tensor]) -> None:
             qr, kr = self.rows[s]
             dq[qr] = _like(got["dq"], dq)
             dk.index_add_(0, kr, _like(got["dk"], dk))
             dv.index_add_(0, kr, _like(got["dv"], dv))
-        self._done(t0, "backward_received")
+
+        self._collect(Kind.BWD_OUT, take, "backward_received")
         return dq, dk, dv
 
 
@@ -100,12 +158,14 @@ class CADClient:
     """One trainer's connections to every attention server."""
 
     def __init__(self, rank: int, addresses: list[str], cfg: TransportConfig, ctx: zmq.Context | None = None,
-                 backend: str = "auto", group: int = 0, on_event: Callable[[str, int], None] | None = None):
+                 backend: str = "auto", group: int = 0, on_event: Callable[[str, int], None] | None = None,
+                 shm: bool = False):
         """``rank`` is this trainer's rank *in the plans it runs*; ``group`` tells apart trainer groups that
         run the same plans on one server pool (e.g. the pipeline stage; see ``plan_id``). ``on_event(what,
         plan_id)``, when given, hears when a round's requests are sent (``forward_sent``, ``backward_sent``)
         and when its replies are all in (``forward_received``, ``backward_received``): the order in which
-        rounds overlap, for tests and traces."""
+        rounds overlap, for tests and traces. ``shm``: move rows through shared memory with the servers on
+        this host (:func:`distca.parts.client_settings` decides it from the run's data plane)."""
         self.rank, self.cfg, self.backend, self.group = rank, cfg, backend, group
         self.on_event = on_event
         self.ctx = ctx or zmq.Context.instance()
@@ -114,9 +174,40 @@ class CADClient:
         self.registered: set[tuple[int, int]] = set()
         self.blocked_s = 0.0  # total time this trainer waited on servers (exposed communication)
         self.stash: dict[int, list] = {}  # replies that arrived while another request was awaited
+        self.shm = shm and cfg.shm_max_bytes > 0
+        self.host = host_identity() if self.shm else ""
+        self.stem = f"{PREFIX}{os.getpid()}-{tag}"
+        self.slots: dict[int, SegmentSlots] = {}  # servers that take this trainer's rows in shared memory
+        self.acked: set[int] = set()  # servers that acknowledged a plan (their host is known)
+        self.planes: set[str] = set()  # data planes the rounds so far used
+        self._fell_back = False
+
+    @property
+    def data_plane(self) -> str:
+        """The data plane(s) of this client's rounds: ``"shm"``, ``"zmq"`` or ``"shm+zmq"`` when some servers
+        (or rounds too large for a segment) went over ZeroMQ; before any round, what the servers that
+        acknowledged a plan would get."""
+        known = {"shm" if s in self.slots else "zmq" for s in self.acked}
+        return "+".join(sorted(self.planes or known or {"zmq"}))
 
     def close(self) -> None:
-        """Close the connections to the servers."""
+        """Close the connections to the servers; unlink this trainer's segments and tell the servers to
+        unmap them, waiting (at most a second) for each server's answer, so the notice is delivered even
+        when the process exits right after (a server that is gone unmaps nothing, and needs not)."""
+        told = []
+        for s, slots in self.slots.items():
+            names = slots.close()
+            if names:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.eps[s].send(Kind.PING, extra={"shm_drop": names})
+                    told.append(s)
+        self.slots.clear()
+        deadline = time.monotonic() + min(1.0, self.cfg.timeout_s)
+        for s in told:
+            with contextlib.suppress(TransportTimeout, WireError, zmq.ZMQError):
+                while deadline > time.monotonic():  # late replies to failed rounds may come first
+                    if self.eps[s].recv(timeout_s=deadline - time.monotonic())[1].kind == Kind.PONG:
+                        break
         for ep in self.eps:
             ep.close()
 
@@ -169,9 +260,82 @@ class CADClient:
             layout = server_layout(plan, s, self.group)
             self.eps[s].send(Kind.PLAN, layout.tensors(), plan_id=pid, extra=layout.extra())
         for s in todo:
-            self._expect(s, (Kind.ACK,), pid)
+            msg, _ = self._expect(s, (Kind.ACK,), pid)
+            self._learn(s, msg.extra)
             self.registered.add((pid, s))
         return pid
+
+    def _learn(self, s: int, info: dict) -> None:
+        """Shared memory with server ``s`` when it is on this host and maps segments (its PLAN ACK says)."""
+        self.acked.add(s)
+        host, limit = info.get("host"), info.get("shm_max")
+        if self.shm and self.host and host == self.host and type(limit) is int and limit > 0:
+            if s not in self.slots:
+                self.slots[s] = SegmentSlots(f"{self.stem}-{s}", min(limit, self.cfg.shm_max_bytes))
+        elif s in self.slots:
+            self.slots.pop(s).close()
+
+    def _segment_done(self, s: int, seg: Segment, ok: bool) -> None:
+        """A round on ``seg`` is over: keep it for later rounds, or (``ok`` False) never use it again."""
+        slots = self.slots.get(s)
+        if slots is None:  # closed meanwhile
+            seg.unlink()
+            seg.close()
+        elif ok:
+            slots.release(seg)
+        else:
+            slots.retire(seg)
+
+    def _send(self, s: int, kind: Kind, pid: int, inputs: list[Input], results: list[Result], sends: dict,
+              shm: dict) -> None:
+        """Send one round's rows to server ``s``: through shared memory when the server is on this host
+        (``shm[s]`` keeps the segment and its result regions), else as frames (``sends[s]`` keeps them alive
+        until the replies are in)."""
+        extra: dict = {"rank": self.rank}
+        slots = self.slots.get(s)
+        if slots is not None:
+            drop = slots.take_dropped()
+            if drop:
+                extra["shm_drop"] = drop
+            got = self._send_shm(s, slots, kind, pid, inputs, results, extra)
+            if got is not None:
+                shm[s] = got
+                self.planes.add("shm")
+                return
+        sends[s] = [(role, _host(x[rows].to(dt))) for role, x, rows, dt in inputs]
+        self.eps[s].send(kind, sends[s], plan_id=pid, extra=extra)
+        self.planes.add("zmq")
+
+    def _send_shm(self, s: int, slots: SegmentSlots, kind: Kind, pid: int, inputs: list[Input],
+                  results: list[Result], extra: dict) -> tuple[Segment, dict[str, torch.Tensor]] | None:
+        """Gather the rows into a segment and send the header naming their regions and the result regions;
+        returns the segment and its result regions, or None when no segment can take the round."""
+        regions = [(role, dt, (rows.numel(), *x.shape[1:])) for role, x, rows, dt in inputs] + results
+        offsets, size = [], 0
+        for _, dt, shape in regions:
+            offsets.append(size)
+            size += aligned(torch.Size(shape).numel() * dt.itemsize)
+        try:
+            seg = slots.acquire(size)
+        except ShmError as exc:
+            if not self._fell_back:
+                log.warning("trainer %d: server %d gets ZeroMQ frames for rounds shared memory cannot take: %s",
+                            self.rank, s, exc)
+                self._fell_back = True
+            return None
+        views = [seg.view(off, dt, shape) for (_, dt, shape), off in zip(regions, offsets, strict=True)]
+        try:
+            for (_, x, rows, _), view in zip(inputs, views, strict=False):
+                _gather_into(view, x, rows)
+            spec = [[role, DTYPE_NAMES[dt], list(shape), off] for (role, dt, shape), off in zip(regions, offsets,
+                                                                                                strict=True)]
+            extra["shm"] = {"seg": seg.name, "in": spec[:len(inputs)],
+                            "out": [[role, off] for role, _, _, off in spec[len(inputs):]]}
+            self.eps[s].send(kind, plan_id=pid, extra=extra)
+        except BaseException:
+            slots.retire(seg)
+            raise
+        return seg, {role: v for (role, _, _), v in zip(results, views[len(inputs):], strict=True)}
 
     def start_forward(self, plan: Plan, t: RankTensors) -> PendingForward:
         """Send this rank's rows to the servers and run its local tasks; collect with ``.wait()``.
@@ -182,16 +346,19 @@ class CADClient:
         servers = self._servers(plan)
         dev = t.q.device
         rows = {s: (_rows(plan.q_xfer, self.rank, s, dev), _rows(plan.kv_xfer, self.rank, s, dev)) for s in servers}
-        sends = {}  # zero-copy frames: keep the gathered (host) rows alive until the replies are in
+        sends, shm = {}, {}  # frames or segments: kept until the replies are in
+        lse_dt = lse_dtype(t.q.dtype)
         for s in servers:
             qr, kr = rows[s]
-            sends[s] = [("q", _host(t.q[qr])), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
-            self.eps[s].send(Kind.FWD, sends[s], plan_id=pid, extra={"rank": self.rank})
+            nq = qr.numel()
+            self._send(s, Kind.FWD, pid,
+                       [("q", t.q, qr, t.q.dtype), ("k", t.k, kr, t.k.dtype), ("v", t.v, kr, t.v.dtype)],
+                       [("out", t.q.dtype, (nq, *t.q.shape[1:])), ("lse", lse_dt, (nq, t.q.shape[1]))], sends, shm)
         self.note("forward_sent", pid)
         out = torch.zeros_like(t.q)
-        lse = torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype(t.q.dtype), device=dev)
+        lse = torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dt, device=dev)
         run_local_forward(plan, self.rank, t, out, lse, self.backend)  # overlaps with the servers' work
-        return PendingForward(self, pid, servers, rows, sends, (out, lse))
+        return PendingForward(self, pid, servers, rows, sends, shm, (out, lse))
 
     def forward(self, plan: Plan, t: RankTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's ``out`` and ``lse`` (its local row layout)."""
@@ -204,17 +371,21 @@ class CADClient:
         servers = self._servers(plan)
         dev = t.q.device
         rows = {s: (_rows(plan.q_xfer, self.rank, s, dev), _rows(plan.kv_xfer, self.rank, s, dev)) for s in servers}
-        sends = {}
+        sends, shm = {}, {}
+        lse_dt = lse_dtype(t.q.dtype)
         for s in servers:
             qr, kr = rows[s]
-            sends[s] = [("q", _host(t.q[qr])), ("out", _host(out[qr])), ("dout", _host(dout[qr])),
-                        ("lse", _host(lse[qr].to(lse_dtype(t.q.dtype)))), ("k", _host(t.k[kr])), ("v", _host(t.v[kr]))]
-            self.eps[s].send(Kind.BWD, sends[s], plan_id=pid, extra={"rank": self.rank})
+            nq, nk = qr.numel(), kr.numel()
+            self._send(s, Kind.BWD, pid,
+                       [("q", t.q, qr, t.q.dtype), ("out", out, qr, t.q.dtype), ("dout", dout, qr, t.q.dtype),
+                        ("lse", lse, qr, lse_dt), ("k", t.k, kr, t.k.dtype), ("v", t.v, kr, t.v.dtype)],
+                       [("dq", t.q.dtype, (nq, *t.q.shape[1:])), ("dk", t.k.dtype, (nk, *t.k.shape[1:])),
+                        ("dv", t.v.dtype, (nk, *t.v.shape[1:]))], sends, shm)
         self.note("backward_sent", pid)
         dq, dk, dv = torch.zeros_like(t.q), torch.zeros_like(t.k), torch.zeros_like(t.v)
         # local tasks overlap with the servers' work too
         run_local_backward(plan, self.rank, t, out, lse.to(lse_dtype(t.q.dtype)), dout, dq, dk, dv, self.backend)
-        return PendingBackward(self, pid, servers, rows, sends, (dq, dk, dv))
+        return PendingBackward(self, pid, servers, rows, sends, shm, (dq, dk, dv))
 
     def backward(self, plan: Plan, t: RankTensors, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
         """This rank's ``dq, dk, dv``; a key row sent to several servers sums their gradients here."""

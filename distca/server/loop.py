@@ -4,14 +4,25 @@ layouts. Malformed input gets an ERROR reply naming the problem and the server s
 request; a round that does not complete within the timeout is abandoned with an ERROR to the
 senders that did arrive (never a hang).
 
+Rows arrive on one of two data planes, chosen per request by the trainer. ZeroMQ: the rows are tensor
+frames, read straight into the receive buffers. Shared memory (trainer on this host): the header names a
+segment of the trainer's (:mod:`distca.transport.shm`), the regions its rows are in and the regions the
+results go to; the server checks all of it against the plan and its bounds, maps the segment (and
+removes its name), copies the rows into the receive buffers, and later writes out/lse (dq/dk/dv) into
+the reply regions and answers with a header only. The PLAN ACK tells trainers the server's host identity
+and its segment bound, so they know whether shared memory is possible. At most ``MAX_SEGMENTS`` segments
+stay mapped (least recently used out); trainers name segments they retired in ``shm_drop`` of a later
+request (or of a PING when they close).
+
 Receive buffers grow to the largest plan seen and are reused, so memory stays flat over rounds.
 
 ``ServerConfig.device`` picks where the fused call runs. On ``cpu`` (the default) the rows land in the
-receive buffers and the kernel reads them there. On a GPU the rows still land in host buffers (ZeroMQ
-writes host memory; pinned, so the copies are fast), the round's rows are copied to grow-only device
-buffers, the kernel runs on the device and the results come back to the host once per round before
-they are sent (host staging). ``busy_s`` is the time from a round's last arrival to its last reply
-(device synchronised), ``stage_s`` the part of it spent copying between host and device.
+receive buffers and the kernel reads them there. On a GPU the rows still land in host buffers (both
+byte data planes are host memory; pinned, so the copies are fast), the round's rows are copied to grow-only
+device buffers, the kernel runs on the device and the results come back to the host once per round
+before they are sent or written into the reply regions (host staging). ``busy_s`` is the time from a
+round's last arrival to its last reply (device synchronised), ``stage_s`` the part of it spent copying
+between host and device.
 
 The pool's collective data plane (GROUP and ROUND messages) is :mod:`distca.server.group_plane`: rows move by
 all-to-all in a process group shared with the trainers, served by one thread per group; this loop only hands it
@@ -35,12 +46,17 @@ from distca.attention import lse_dtype
 from distca.server.group_plane import GroupPlane
 from distca.server.layout import ServerLayout
 from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
-from distca.transport.wire import Kind, Message, TensorSpec, WireError
+from distca.transport.shm import MAX_DROP, SegmentCache, host_identity
+from distca.transport.wire import DTYPE_NAMES, Kind, Message, TensorSpec, WireError
 
 log = logging.getLogger(__name__)
 
 FWD_INPUTS = ("q", "k", "v")
 BWD_INPUTS = ("q", "k", "v", "out", "dout", "lse")
+FWD_REPLIES = ("out", "lse")
+BWD_REPLIES = ("dq", "dk", "dv")
+KV_ROLES = ("k", "v", "dk", "dv")  # rows counted in k/v rows; the others in q rows
+MAX_SEGMENTS = 64  # shared-memory segments a server keeps mapped (trainers x stages x rounds in flight)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +95,8 @@ class _Buffers:
         self.dev_store: dict[str, torch.Tensor] = {}
 
     def _spec(self, role: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Row shape and dtype of a tensor role (gradients are shaped like what they differentiate)."""
+        role = {"dq": "q", "dk": "k", "dv": "v"}.get(role, role)
         c = self.cfg
         dtype = getattr(torch, c.dtype)
         heads = c.n_kv_heads if role in ("k", "v") else c.n_heads
@@ -110,6 +128,7 @@ class _Round:
     slot: int
     arrived: dict[int, bytes] = field(default_factory=dict)  # rank -> identity
     started: float = 0.0
+    shm: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # rank -> its reply regions (shm)
 
 
 class AttentionServer:
@@ -126,6 +145,8 @@ class AttentionServer:
         self.device = torch.device(cfg.device)
         self.on_device = self.device.type != "cpu"
         self.dev_layouts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.segments = SegmentCache(cfg.transport.shm_max_bytes, MAX_SEGMENTS)
+        self.host = host_identity()
         self.served = 0
         self.busy_s = 0.0  # time spent computing rounds (measured attention load)
         self.stage_s = 0.0  # of which host <-> device copies (device servers)
@@ -136,7 +157,8 @@ class AttentionServer:
         """Where a tensor frame lands: straight into the plan's receive buffer rows."""
         layout = self.plans.get(msg.plan_id)
         rank = msg.extra.get("rank")
-        if msg.kind not in (Kind.FWD, Kind.BWD) or layout is None or rank not in layout.senders:
+        if msg.kind not in (Kind.FWD, Kind.BWD) or layout is None or type(rank) is not int \
+                or rank not in layout.senders:  # (an unhashable rank must not raise out of the receive)
             return None
         qd, nq, kd, nk = layout.senders[rank]
         slot = self._round(msg.plan_id, msg.kind).slot
@@ -185,17 +207,21 @@ class AttentionServer:
                              extra={"error": f"{type(exc).__name__}: {exc}"})
             self._expire_rounds()
         self.group_plane.close()
+        self.segments.close()
         self.ep.close()
 
     def _handle(self, ident: bytes, msg: Message, tensors: list[torch.Tensor]) -> None:
+        drop = _drop_list(msg.extra)
         if msg.kind == Kind.PING:
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             group = self.group_plane.stats()  # rounds served over the collective data plane count too
+            self.segments.drop(drop)
             self.ep.send(Kind.PONG, to=ident, request_id=msg.request_id,
                          extra={"name": self.cfg.name, "served": self.served + group["served"],
                                 "busy_s": self.busy_s + group["busy_s"],
                                 "stage_s": self.stage_s, "device": str(self.device), "peak_rss_kb": peak_kb,
-                                "buffer_bytes": self.bufs.nbytes(), "plans": len(self.plans)})
+                                "buffer_bytes": self.bufs.nbytes(), "plans": len(self.plans),
+                                "shm_segments": len(self.segments.open), "shm_bytes": self.segments.nbytes()})
         elif msg.kind == Kind.PLAN:
             if msg.plan_id not in self.plans:
                 named = {s.name: t for s, t in zip(msg.tensors, tensors, strict=True)}
@@ -205,9 +231,11 @@ class AttentionServer:
                     self.dev_layouts.pop(old, None)
             else:
                 self.plans.move_to_end(msg.plan_id)  # in use again: the last to be dropped
-            self.ep.send(Kind.ACK, to=ident, request_id=msg.request_id, plan_id=msg.plan_id)
+            self.ep.send(Kind.ACK, to=ident, request_id=msg.request_id, plan_id=msg.plan_id,
+                         extra={"host": self.host, "shm_max": self.cfg.transport.shm_max_bytes})
         elif msg.kind in (Kind.FWD, Kind.BWD):
             self._arrive(ident, msg, tensors)
+            self.segments.drop(drop)  # after the request was taken: a rejected message changes nothing
         elif msg.kind in (Kind.GROUP, Kind.ROUND):
             self.group_plane.handle(self.ep, ident, msg, self.plans)
         else:
@@ -221,24 +249,38 @@ class AttentionServer:
         if rank not in layout.senders:
             raise WireError(f"rank {rank!r} sends nothing to this server in plan {msg.plan_id}")
         want = FWD_INPUTS if msg.kind == Kind.FWD else BWD_INPUTS
-        names = [s.name for s in msg.tensors]
-        if sorted(names) != sorted(want):
-            raise WireError(f"{msg.kind.name} needs tensors {list(want)}, got {names}")
-        _qd, nq, _kd, nk = layout.senders[rank]
-        for spec, t in zip(msg.tensors, tensors, strict=True):
-            rows = nk if spec.name in ("k", "v") else nq
-            if spec.shape[:1] != (rows,):
-                raise WireError(f"tensor {spec.name} of rank {rank}: {spec.shape[0] if spec.shape else 0} rows, "
-                                f"plan {msg.plan_id} expects {rows}")
-            # Device servers check on the device, after the copy (fast there, slow on one host thread).
-            if self.cfg.reject_nonfinite and not self.on_device and t.is_floating_point() and spec.name != "lse" \
-                    and not bool(torch.isfinite(t).all()):
-                raise WireError(f"tensor {spec.name} of rank {rank} holds NaN or inf")
+        qd, nq, kd, nk = layout.senders[rank]
+        shm = msg.extra.get("shm")
+        if shm is None:  # ZeroMQ frames: already in the receive buffers (see _into)
+            names = [s.name for s in msg.tensors]
+            if sorted(names) != sorted(want):
+                raise WireError(f"{msg.kind.name} needs tensors {list(want)}, got {names}")
+            for spec in msg.tensors:
+                rows = nk if spec.name in KV_ROLES else nq
+                if spec.shape[:1] != (rows,):
+                    raise WireError(f"tensor {spec.name} of rank {rank}: {spec.shape[0] if spec.shape else 0} "
+                                    f"rows, plan {msg.plan_id} expects {rows}")
+            received = {s.name: t for s, t in zip(msg.tensors, tensors, strict=True)}
+            replies = None
+        else:
+            rows_in, replies = self._shm_request(msg, rank, nq, nk, shm)
         key = (msg.plan_id, msg.kind)
         rnd = self._round(*key)
         if rank in rnd.arrived:
             raise WireError(f"rank {rank} sent {msg.kind.name} twice for plan {msg.plan_id}")
+        if shm is not None:  # the trainer's rows into this round's receive buffers
+            received = {}
+            for role, src in rows_in.items():
+                a, n, total = (kd, nk, layout.kv_rows) if role in KV_ROLES else (qd, nq, layout.q_rows)
+                received[role] = self.bufs.get(role, total, rnd.slot)[a:a + n].copy_(src)
+        # Device servers check on the device, after the copy (fast there, slow on one host thread).
+        if self.cfg.reject_nonfinite and not self.on_device:
+            for role, t in received.items():
+                if role != "lse" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise WireError(f"tensor {role} of rank {rank} holds NaN or inf")
         rnd.arrived[rank] = ident
+        if replies is not None:
+            rnd.shm[rank] = replies
         if len(rnd.arrived) == len(layout.senders):
             del self.rounds[key]
             t0 = time.perf_counter()
@@ -252,6 +294,40 @@ class AttentionServer:
                 for sender in rnd.arrived.values():
                     self.ep.send(Kind.ERROR, to=sender, request_id=msg.request_id, plan_id=msg.plan_id,
                                  extra={"error": f"{self.cfg.name}: {type(exc).__name__}: {exc}"})
+
+    def _shm_request(self, msg: Message, rank: int, nq: int, nk: int,
+                     shm: object) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A shared-memory request's input rows and reply regions, as views of the trainer's segment, after
+        checking every name, dtype, shape and region against the plan's layout and the segment's bounds.
+
+        Header: ``extra["shm"] = {"seg": name, "in": [[role, dtype, shape, offset], ...],
+        "out": [[role, offset], ...]}``; shapes and dtypes of the replies are the server's own."""
+        if msg.tensors:
+            raise WireError(f"a shared-memory {msg.kind.name} carries no tensor frames, got {len(msg.tensors)}")
+        if not (isinstance(shm, dict) and isinstance(shm.get("in"), list) and isinstance(shm.get("out"), list)):
+            raise WireError("shm header must be a map with 'seg', 'in' and 'out'")
+        fwd = msg.kind == Kind.FWD
+        want_in, want_out = (FWD_INPUTS, FWD_REPLIES) if fwd else (BWD_INPUTS, BWD_REPLIES)
+        entries = [("in", e, want_in, 4) for e in shm["in"]] + [("out", e, want_out, 2) for e in shm["out"]]
+        for part, entry, roles, n in entries:  # the whole header is checked before a segment is opened
+            if not (isinstance(entry, list) and len(entry) == n and entry[0] in roles):
+                raise WireError(f"shm {part} entry {str(entry)[:80]}: expected [role of {list(roles)}"
+                                + (", dtype, shape, offset]" if n == 4 else ", offset]"))
+        if sorted(e[0] for e in shm["in"]) != sorted(want_in) or sorted(e[0] for e in shm["out"]) != sorted(want_out):
+            raise WireError(f"shm {msg.kind.name} needs inputs {list(want_in)} and reply regions {list(want_out)}")
+        expect = {}
+        for role in (*want_in, *want_out):
+            tail, dtype = self.bufs._spec(role)
+            expect[role] = ((nk if role in KV_ROLES else nq, *tail), dtype)
+        for role, dtype, shape, _ in shm["in"]:
+            want_shape, want_dtype = expect[role]
+            if dtype != DTYPE_NAMES[want_dtype] or shape != list(want_shape):
+                raise WireError(f"tensor {role} of rank {rank}: got {dtype} {shape}, plan {msg.plan_id} expects "
+                                f"{DTYPE_NAMES[want_dtype]} {list(want_shape)}"[:300])
+        seg = self.segments.get(shm.get("seg"))
+        rows = {role: seg.view(off, expect[role][1], expect[role][0]) for role, _, _, off in shm["in"]}
+        replies = {role: seg.view(off, expect[role][1], expect[role][0]) for role, off in shm["out"]}
+        return rows, replies
 
     def _dev_layout(self, layout: ServerLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``cu_q, cu_k, key_rows`` where the kernel runs (copied to the device once per plan)."""
@@ -307,9 +383,8 @@ class AttentionServer:
             out, lse = self._to_host(out, lse)
             for rank, ident in rnd.arrived.items():
                 qd, nq, _, _ = layout.senders[rank]
-                self.ep.send(Kind.FWD_OUT, [("out", out[qd:qd + nq].contiguous()),
-                                            ("lse", lse[qd:qd + nq].contiguous())],
-                             to=ident, request_id=request_id, plan_id=layout.plan_id)
+                self._reply(Kind.FWD_OUT, ident, rnd.shm.get(rank), {"out": out[qd:qd + nq], "lse": lse[qd:qd + nq]},
+                            request_id, layout.plan_id)
         else:
             out, dout, lse = x["out"], x["dout"], x["lse"]
             dq, dkt, dvt = attn_backward(q, kt, vt, out, lse, dout, *args, window=layout.window, backend=c.backend)
@@ -319,10 +394,21 @@ class AttentionServer:
             dq, dk, dv = self._to_host(dq, dk, dv)
             for rank, ident in rnd.arrived.items():
                 qd, nq, kd, nk = layout.senders[rank]
-                self.ep.send(Kind.BWD_OUT, [("dq", dq[qd:qd + nq].contiguous()), ("dk", dk[kd:kd + nk].contiguous()),
-                                            ("dv", dv[kd:kd + nk].contiguous())],
-                             to=ident, request_id=request_id, plan_id=layout.plan_id)
+                self._reply(Kind.BWD_OUT, ident, rnd.shm.get(rank),
+                            {"dq": dq[qd:qd + nq], "dk": dk[kd:kd + nk], "dv": dv[kd:kd + nk]}, request_id,
+                            layout.plan_id)
         self.served += 1
+
+    def _reply(self, kind: Kind, ident: bytes, regions: dict[str, torch.Tensor] | None,
+               results: dict[str, torch.Tensor], request_id: int, pid: int) -> None:
+        """One sender's results: as frames, or written into its reply regions with a header-only reply."""
+        if regions is None:
+            self.ep.send(kind, [(name, t.contiguous()) for name, t in results.items()], to=ident,
+                         request_id=request_id, plan_id=pid)
+            return
+        for name, t in results.items():
+            regions[name].copy_(t)
+        self.ep.send(kind, to=ident, request_id=request_id, plan_id=pid, extra={"shm": True})
 
     def _expire_rounds(self) -> None:
         now = time.monotonic()
@@ -336,6 +422,14 @@ class AttentionServer:
                     self.ep.send(Kind.ERROR, to=ident, plan_id=key[0],
                                  extra={"error": f"{self.cfg.name}: {rnd.kind.name} round of plan {key[0]} timed out "
                                                  f"after {timeout:.1f} s waiting for ranks {missing}"})
+
+
+def _drop_list(extra: dict) -> list[str]:
+    """The segment names a request asks the server to unmap (``shm_drop``), checked."""
+    drop = extra.get("shm_drop", [])
+    if not (isinstance(drop, list) and len(drop) <= MAX_DROP and all(isinstance(n, str) for n in drop)):
+        raise WireError(f"shm_drop must be a list of at most {MAX_DROP} segment names")
+    return drop
 
 
 def run_server(cfg: ServerConfig, address_queue=None) -> None:

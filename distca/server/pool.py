@@ -2,8 +2,8 @@
 restart the dead, shut down cleanly.
 
 Each actor runs the ZeroMQ server loop (``distca.server.loop``) on a thread of its own, so the actor
-stays responsive to Ray calls (address, pid, stop). Trainers talk to servers over ZeroMQ, never
-through Ray: Ray only manages lifetimes and placement.
+stays responsive to Ray calls (address, pid, stop). Trainers talk to servers over ZeroMQ (rows through
+shared memory when both are on one host), never through Ray: Ray only manages lifetimes and placement.
 
 Local mode starts Ray on demand bound to 127.0.0.1 (every Ray listener on loopback: Ray ignores a
 loopback node address given to ``ray.init``, so the environment is set before Ray starts, see

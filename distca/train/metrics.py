@@ -42,6 +42,7 @@ import torch
 
 from distca.attention.cost import cum_pairs
 from distca.config import DistCAConfig, save_config
+from distca.errors import ConfigError
 from distca.parts import data_plane, train_device
 from distca.train.flops import step_flops
 
@@ -148,7 +149,8 @@ class StepMeter:
             "tokens": sum(docs), "flops": step_flops(self.cfg.model, docs),
             "planned_load_max_over_mean": float(load.max() / load.mean()) if load.mean() > 0 else 1.0,
             "server_busy_s": w["busy"], "lr": lr,
-            "data_plane": "local" if self.client is None else getattr(self.client, "data_plane", "zmq"),
+            # which data plane(s) the CAD rows took: "inplace", "collective", "shm", "zmq", "shm+zmq"; or "local"
+            "data_plane": "local" if self.client is None else self.client.data_plane,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_mb": _current_rss_mb(), "open_fds": _open_fds(),
             "server_peak_rss_mb": [float(s.get("peak_rss_kb", 0)) / 1024 for s in w["after"]],
@@ -179,7 +181,6 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
     measured = (max(busy) / (sum(busy) / len(busy))) if busy and sum(busy) > 0 else None
     return {
         "step": first["step"], "loss": first["loss"], "lr": first["lr"], "step_s": step_s,
-        "data_plane": first.get("data_plane", "local"),
         "tokens": first["tokens"], "tokens_per_s": first["tokens"] / step_s,
         "mfu": flops["total"] / step_s / (peak_flops * len(every)),
         "attention_flops_share": flops["attention"] / flops["total"],
@@ -195,9 +196,17 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         "open_fds_per_rank": [r["open_fds"] for r in every],
         "server_peak_rss_mb": first["server_peak_rss_mb"],
         "server_busy_s": list(busy),
+        **_data_plane(every),
         **_per_rank(every),
         "micro_batches": first.get("micro_batches"),
     }
+
+
+def _data_plane(every: list[dict[str, Any]]) -> dict[str, str]:
+    """``{"data_plane": ...}``: every plane the ranks' rows took ("shm", "zmq", "shm+zmq", "inplace", ...), or
+    ``"local"`` (local attention)."""
+    planes = {p for r in every if r.get("data_plane") for p in r["data_plane"].split("+")}
+    return {"data_plane": "+".join(sorted(planes)) or "local"}
 
 
 def _per_rank(every: list[dict[str, Any]]) -> dict[str, Any]:
@@ -425,16 +434,16 @@ def format_step(r: dict[str, Any]) -> str:
             + (f" RSS, GPU {r['peak_gpu_mb']:.0f} MB" if r.get("peak_gpu_mb") else ""))
 
 
-def _setup_rows(cfg: DistCAConfig) -> list[tuple[str, str]]:
-    """What the run trains and how: the rows the header and the summary table share."""
+def _setup_rows(cfg: DistCAConfig, plane: str) -> list[tuple[str, str]]:
+    """What the run trains and how: the rows the header and the summary table share (``plane``: the CAD
+    data plane to name)."""
     t, m = cfg.train, cfg.model
-    plane = data_plane(cfg, train_device(cfg)) if t.core_attention == "cad" else "local"
-    if plane == "inplace":
-        where = f" in-place: each stage's {cfg.data_parallel} replicas are its servers (all-to-all data plane)"
-    elif t.core_attention == "cad":
-        where = f" on {cfg.cluster.n_servers} servers ({cfg.cluster.placement}, {plane} data plane)"
-    else:
+    if t.core_attention != "cad":
         where = " (colocated)"
+    elif plane == "inplace":
+        where = f" in-place: each stage's {cfg.data_parallel} replicas are its servers (all-to-all data plane)"
+    else:
+        where = f" on {cfg.cluster.n_servers} servers ({cfg.cluster.placement}), data plane {plane}"
     return [
         ("model", f"{m.n_layers} layers, hidden {m.hidden}, {m.n_heads}/{m.n_kv_heads} heads, residual {m.residual}"),
         ("parallelism", f"PP={t.pipeline_parallel} x DP={cfg.data_parallel}, {t.micro_batches} micro-batches, "
@@ -443,11 +452,19 @@ def _setup_rows(cfg: DistCAConfig) -> list[tuple[str, str]]:
     ]
 
 
+def _planned_plane(cfg: DistCAConfig) -> str:
+    """The data plane the config asks for on this machine (what a run opens with)."""
+    try:
+        return data_plane(cfg, train_device(cfg))
+    except ConfigError:  # the run itself reports it
+        return cfg.cluster.data_plane
+
+
 def run_header(cfg: DistCAConfig) -> str:
     """The few lines a run opens with: model, parallelism, servers, data, output folder."""
     d, t = cfg.data, cfg.train
     data = d.source + (f" {d.path}" if d.path else "")
-    rows = [*_setup_rows(cfg),
+    rows = [*_setup_rows(cfg, _planned_plane(cfg)),
             ("data", f"{data}, {t.micro_batches} x {cfg.data_parallel} x {t.tokens_per_rank} tokens / step"),
             ("steps", f"{t.steps}" + (" (resuming)" if t.resume else "")),
             ("output", f"{cfg.output_dir} (resolved config: {Path(cfg.output_dir) / CONFIG_FILE})")]
@@ -461,12 +478,13 @@ def summary_table(cfg: DistCAConfig, res: TrainResult) -> str:
     med = lambda key: statistics.median(r[key] for r in recs if r.get(key) is not None)  # noqa: E731
     measured = [r["attn_load_max_over_mean_measured"] for r in recs if r.get("attn_load_max_over_mean_measured")]
     gpu = [r["peak_gpu_mb"] for r in res.records if r.get("peak_gpu_mb")]
+    used = _data_plane(res.records)["data_plane"]  # what the rows took (a server elsewhere: zmq too)
     rows = [
-        *_setup_rows(cfg),
+        *_setup_rows(cfg, used if used != "local" else _planned_plane(cfg)),
         ("steps", f"{res.start_step} -> {res.end_step}" + (" (stopped by a signal)" if res.stopped_early else "")),
         ("loss first -> last", f"{res.records[0]['loss']:.4f} -> {res.records[-1]['loss']:.4f}" if res.records
          else "-"),
-        ("data plane (as run)", ", ".join(sorted({str(r.get("data_plane", "local")) for r in res.records}))),
+        ("data plane (as run)", used),
         ("tokens / step", f"{res.records[0]['tokens']}" if res.records else "-"),
         ("tokens/s (median)", f"{med('tokens_per_s'):.0f}"),
         ("step time (median)", f"{med('step_s'):.2f} s"),

@@ -205,7 +205,7 @@ class Trainer:
         stage's data-parallel group, the pool's servers over a data-plane group of the stage's trainers and the
         servers (``collective``), or a client of the server pool over ZeroMQ."""
         cfg = self.cfg
-        settings = client_settings(cfg)
+        settings = client_settings(cfg, self.device.type)
         if self.plane == "local":
             return None
         if self.plane == "inplace":
@@ -222,7 +222,8 @@ class Trainer:
             return collective_client(cfg, self.stage, self.dp_rank, self.addresses, self.device)
         from distca.runtime.client import CADClient
 
-        return CADClient(self.dp_rank, self.addresses, settings.transport, backend=settings.backend, group=self.stage)
+        return CADClient(self.dp_rank, self.addresses, settings.transport, backend=settings.backend, group=self.stage,
+                         shm=settings.shm)
 
     # -- one step ------------------------------------------------------------------------------
     def _micro_context(self, mb) -> tuple[MicroContext, dict[int, Any]]:

@@ -1,4 +1,5 @@
-"""Wire format and ZeroMQ channels: bytes and tensors, nothing about models or plans."""
+"""Wire format, ZeroMQ channels and same-host shared-memory segments: bytes and tensors, nothing about
+models or plans."""
 
 from distca.transport.wire import Kind, Message, WireError, decode_header, encode
 

@@ -5,6 +5,10 @@ connect DEALERs. ZeroMQ delivers a multipart message all at once, so after the h
 read and checked, each tensor frame is read either straight into a caller-provided buffer
 (``recv_into``: no copy, no allocation — buffers sized from the plan and reused) or as a zero-copy
 frame. A malformed message is drained completely, so the socket stays in step for the next one.
+
+These sockets carry the whole message on the ZeroMQ data plane. On the shared-memory data plane
+(:mod:`distca.transport.shm`, trainer and server on one host) they carry only the headers: a request
+names the regions of a segment its rows are in and where the reply goes, and tensor frames are absent.
 """
 
 from __future__ import annotations
@@ -38,12 +42,16 @@ class TransportConfig:
     timeout_s: float
     secret: bytes | None  # shared HMAC key: unauthenticated peers are refused; None: no authentication
     checksum: bool  # CRC32 of every tensor payload
+    # Largest shared-memory segment a trainer creates or a server maps (same-host data plane); 0: none.
+    shm_max_bytes: int
 
     def __post_init__(self) -> None:
         if self.transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be 'ipc' or 'tcp', got {self.transport!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.shm_max_bytes < 0:
+            raise ValueError(f"shm_max_bytes must be >= 0, got {self.shm_max_bytes}")
 
 
 def bind_address(cfg: TransportConfig, name: str) -> str:

@@ -35,7 +35,8 @@ from distca.transport.wire import Kind
 
 pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
 
-TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60.0, secret=b"group-secret", checksum=False)
+TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=60.0, secret=b"group-secret", checksum=False,
+                       shm_max_bytes=0)
 QUICK = dataclasses.replace(TCFG, timeout_s=3.0)  # the group timeout of the failure tests
 
 

@@ -8,9 +8,12 @@ a small message, so a sample is one full transfer. Shared memory: the sender's p
 segment it created (a trainer gathers its rows there instead of into a staging tensor), a DistCA header
 over ipc names the region, the receiver maps the segment once (checked, as a server does), copies the
 region into its own buffer and acknowledges; ``shm+write`` also counts the sender writing the payload
-into the segment before each message. Last, one server process takes 100 forward rounds (8192 tokens)
-from a client on each data plane: the mean round time, and peak memory staying flat (buffers and
-segments are reused).
+into the segment before each message. The ``stream`` rows keep 4 messages in flight (the sender waits for
+an acknowledgement only when 4 are outstanding; shared memory: one region per message in flight), so they
+measure a path's bandwidth, where the other rows measure one message's whole round trip, whose fixed cost
+(the header's round trip over the socket, ~100-150 µs on a busy VM) dominates at 1 MB. Last, one server
+process takes 100 forward rounds (8192 tokens) from a client on each data plane: the mean round time, and
+peak memory staying flat (buffers and segments are reused).
 
     python benchmarks/transport.py [--reps 20]
 """
@@ -37,6 +40,7 @@ from distca.transport.shm import PREFIX, Segment, SegmentCache
 from distca.transport.wire import Kind
 
 SIZES = [64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+WINDOW = 4  # streamed rows: messages in flight before the sender waits for an acknowledgement
 
 
 def _sender(transport: str, address_q, sizes: list[int], reps: int) -> None:
@@ -60,6 +64,7 @@ def _sender(transport: str, address_q, sizes: list[int], reps: int) -> None:
             ep.sock.recv()
     if transport == "ipc":  # then the same sizes through shared memory, headers on this socket
         _send_shm(ep, sizes, reps)
+        _send_streams(ep, sizes, reps)
     ep.close()
     ctx.term()
 
@@ -82,6 +87,66 @@ def _send_shm(ep: Endpoint, sizes: list[int], reps: int) -> None:
     finally:
         seg.unlink()
         seg.close()
+
+
+def _stream_count(reps: int) -> int:
+    return 4 * reps + 8
+
+
+def _send_streams(ep: Endpoint, sizes: list[int], reps: int) -> None:
+    """Streamed rows: ``WINDOW`` messages in flight (the sender waits for an acknowledgement only when the window
+    is full), first as ZeroMQ frames, then through shared memory (one region per message in flight)."""
+    seg = Segment.create(f"{PREFIX}bench-{uuid.uuid4().hex[:8]}", WINDOW * max(sizes))
+    try:
+        for plane in ("ipc", "shm"):
+            for size in sizes:
+                x = torch.ones(size, dtype=torch.uint8)
+                for w in range(WINDOW):
+                    seg.view(w * size, torch.uint8, (size,)).copy_(x)
+                inflight = 0
+                for i in range(_stream_count(reps)):
+                    if inflight == WINDOW:
+                        ep.recv()
+                        inflight -= 1
+                    if plane == "ipc":
+                        ep.send(Kind.FWD, [("x", x)])
+                    else:
+                        off = (i % WINDOW) * size
+                        ep.send(Kind.FWD, extra={"shm": {"seg": seg.name, "in": [["x", "uint8", [size], off]]}})
+                    inflight += 1
+                for _ in range(inflight):
+                    ep.recv()
+                seg.unlink()  # the receiver has mapped it
+    finally:
+        seg.unlink()
+        seg.close()
+
+
+def _receive_streams(srv: Endpoint, reps: int) -> dict[str, list[dict]]:
+    """The receiver's side of ``_send_streams``: bytes per second over a stream of messages (after two)."""
+    cache = SegmentCache(max_bytes=WINDOW * max(SIZES), max_segments=4)
+    out = {}
+    for plane in ("ipc stream", "shm stream"):
+        rows = out[plane] = []
+        for size in SIZES:
+            buf = torch.empty(size, dtype=torch.uint8)
+            n = _stream_count(reps)
+            for i in range(n):
+                if i == 2:
+                    t0 = time.perf_counter()
+                if plane == "ipc stream":
+                    ident, _, _ = srv.recv(into=lambda m, s, b=buf: b)
+                else:
+                    ident, msg, _ = srv.recv()
+                    (_, dtype, shape, offset), = msg.extra["shm"]["in"]
+                    seg = cache.get(msg.extra["shm"]["seg"])
+                    buf.copy_(seg.view(offset, getattr(torch, dtype), tuple(shape)))
+                srv.send(Kind.ACK, to=ident)
+            gbps = size * (n - 2) / (time.perf_counter() - t0) / 1e9
+            mem = _memcpy_gbps(size, reps)
+            rows.append({"bytes": size, "gbps": gbps, "memcpy_gbps": mem, "ratio": gbps / mem})
+    cache.close()
+    return out
 
 
 def _receive_shm(srv: Endpoint, reps: int) -> dict[str, list[dict]]:
@@ -165,7 +230,7 @@ def measure(transport: str, reps: int) -> tuple[list[dict], float, int, dict[str
             if i >= 2:
                 times.append(time.perf_counter() - t0)
         row["raw_gbps"] = row["bytes"] / statistics.median(times) / 1e9
-    shm = _receive_shm(srv, reps) if transport == "ipc" else {}
+    shm = {**_receive_shm(srv, reps), **_receive_streams(srv, reps)} if transport == "ipc" else {}
     proc.join(timeout=30)
     srv.close()
     ctx.term()

@@ -53,11 +53,14 @@ def attention_shape(cfg: DistCAConfig) -> AttentionShape:
 
 def server_settings(cfg: DistCAConfig, device: str = "cpu") -> ServerConfig:
     """One attention server's settings (named ``server``; launchers number them ``server0``, ...), computing on
-    ``device`` (``cpu``, ``cuda`` or ``cuda:N``; launchers that give a server a GPU say which)."""
+    ``device`` (``cpu``, ``cuda`` or ``cuda:N``; launchers that give a server a GPU say which). A round's rows
+    are bounded by a micro-batch's tokens over the data-parallel replicas (a plan's trainers): no server ever
+    receives more q rows, or more k/v rows (each key token once per document on a server), than that."""
     m = cfg.model
     return ServerConfig(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, dtype=server_dtype(cfg),
                         backend=cfg.attention.backend, max_plans=cfg.train.max_server_plans,
-                        transport=transport_settings(cfg), device=device)
+                        max_rows=cfg.data_parallel * cfg.train.tokens_per_rank, transport=transport_settings(cfg),
+                        device=device)
 
 
 def pool_settings(cfg: DistCAConfig, local_cpus: int | None = None, device: str | None = None) -> PoolConfig:

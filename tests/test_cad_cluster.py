@@ -33,7 +33,7 @@ TCP = dataclasses.replace(IPC, transport="tcp")
 
 def _server(cad_case, dtype: str, backend: str, transport: TransportConfig) -> ServerConfig:
     return ServerConfig(n_heads=cad_case.heads, n_kv_heads=cad_case.kv_heads, head_dim=cad_case.dim, dtype=dtype,
-                        backend=backend, max_plans=8, transport=transport)
+                        backend=backend, max_plans=8, max_rows=1 << 16, transport=transport)
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,8 @@ def _servers(n: int, cfg: ServerConfig):
 
 
 def test_server_config_defaults_to_a_cpu_server_and_checks_the_device():
-    shape = dict(n_heads=8, n_kv_heads=2, head_dim=32, dtype="float32", backend="auto", max_plans=8, transport=TCFG)
+    shape = dict(n_heads=8, n_kv_heads=2, head_dim=32, dtype="float32", backend="auto", max_plans=8, max_rows=1 << 16,
+                 transport=TCFG)
     assert ServerConfig(**shape).device == "cpu"
     assert ServerConfig(**shape, device="cuda:1").device == "cuda:1"  # a descriptor: no GPU needed to build it
     with pytest.raises(ValueError, match="cpu or cuda"):
@@ -241,7 +242,7 @@ def gpu_backend():
 @gpu
 def test_cad_with_servers_on_the_gpu_equals_local_attention_on_the_gpu(gpu_backend):
     cfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="bfloat16", backend=gpu_backend,
-                       device="cuda", transport=TCFG, max_plans=8)
+                       device="cuda", transport=TCFG, max_plans=8, max_rows=1 << 16)
     with _servers(2, cfg) as client:
         plan = _plan(2)
         assert (plan.task_server >= 0).all()  # every task on a server
@@ -265,7 +266,7 @@ def test_gpu_trainer_with_a_cpu_server_and_a_cpu_trainer_with_a_gpu_server(serve
     # A GPU trainer (fp32: its local tasks use the reference kernel on the GPU) with a host server, then a host
     # trainer with a GPU server: results come back on the trainer's device, equal to the fp64 reference.
     cfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float32", backend=kernel,
-                       device=server_device, transport=TCFG, max_plans=8)
+                       device=server_device, transport=TCFG, max_plans=8, max_rows=1 << 16)
     with _servers(1, cfg) as client:
         out, _, _, errs = _cad_vs_reference(client, _plan(1), torch.device(trainer_device), torch.float32, 1e-4)
         assert out.device.type == trainer_device and max(errs.values()) <= 1e-4, errs

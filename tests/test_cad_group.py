@@ -42,7 +42,7 @@ QUICK = dataclasses.replace(TCFG, timeout_s=3.0)  # the group timeout of the fai
 
 def _server_cfg(cad_case) -> ServerConfig:
     return ServerConfig(n_heads=cad_case.heads, n_kv_heads=cad_case.kv_heads, head_dim=cad_case.dim,
-                        dtype="float64", backend="reference", max_plans=16, transport=TCFG)
+                        dtype="float64", backend="reference", max_plans=16, max_rows=1 << 16, transport=TCFG)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def events() -> list[tuple[str, object]]:
 @pytest.fixture(scope="module")
 def client(events):
     scfg = ServerConfig(n_heads=H, n_kv_heads=HKV, head_dim=D, dtype="float64", backend="reference", max_plans=8,
-                        transport=TCFG)
+                        max_rows=1 << 16, transport=TCFG)
     with server_processes(2, scfg) as running:
         c = CADClient(0, running.addresses, TCFG, backend="reference",
                       on_event=lambda what, pid: events.append((what, pid)))

@@ -32,6 +32,7 @@ def test_server_settings_follow_model_attention_and_train_sections():
     s = server_settings(cfg)
     assert (s.n_heads, s.n_kv_heads, s.head_dim) == (6, 3, 64)
     assert s.backend == "sdpa" and s.max_plans == 17 and s.device == "cpu"
+    assert s.max_rows == cfg.data_parallel * cfg.train.tokens_per_rank  # a micro-batch over the replicas
     assert s.transport == transport_settings(cfg)
 
 
@@ -121,7 +122,8 @@ def test_library_settings_have_no_defaults_of_their_own_for_config_knobs():
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
 
     assert {"eps", "granularity", "window"} <= required(SchedulerConfig)
-    assert {"n_heads", "n_kv_heads", "head_dim", "dtype", "backend", "max_plans", "transport"} <= required(ServerConfig)
+    assert {"n_heads", "n_kv_heads", "head_dim", "dtype", "backend", "max_plans", "max_rows",
+            "transport"} <= required(ServerConfig)
     assert {"n_servers", "placement", "cpus_per_server", "gpus_per_server", "address", "server"} <= required(PoolConfig)
     assert {"transport", "host", "timeout_s", "secret", "checksum", "shm_max_bytes"} <= required(TransportConfig)
 

@@ -31,7 +31,9 @@ SECRET = b"shared-secret"
 SHM_MAX = 1 << 20  # the fault server maps segments of at most 1 MiB
 TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=5.0, secret=SECRET, checksum=False,
                        shm_max_bytes=SHM_MAX)
-SCFG = ServerConfig(n_heads=2, n_kv_heads=1, head_dim=4, dtype="float32", backend="sdpa", max_plans=8, transport=TCFG)
+MAX_ROWS = 4096  # the most rows a round may bring to the fault server
+SCFG = ServerConfig(n_heads=2, n_kv_heads=1, head_dim=4, dtype="float32", backend="sdpa", max_plans=8,
+                    max_rows=MAX_ROWS, transport=TCFG)
 # A round that cannot complete is abandoned after the server's timeout; a client waits far longer than
 # that (a generous bound for a busy machine), so the server's error is what arrives.
 PATIENT = dataclasses.replace(TCFG, timeout_s=120.0)
@@ -132,6 +134,28 @@ def test_wrong_dtype_and_wrong_rows_and_nan(ep):
             extra={"rank": 0})
     assert "NaN or inf" in _error(ep)
     _still_serving(ep)
+
+
+def test_a_plan_larger_than_the_row_bound_is_refused_before_any_buffer_grows(ep):
+    """A peer's PLAN never sizes receive buffers past the configured bound (pinned host memory on a GPU server)."""
+    before = _pong(ep)["buffer_bytes"]
+    batch = BatchLayout.from_ranks([[MAX_ROWS + 64]])
+    big, _ = make_plan(batch, Placement(1, 1, "dedicated"), SCHED)
+    layout = server_layout(big, 0)
+    assert layout.q_rows > MAX_ROWS
+    ep.send(Kind.PLAN, layout.tensors(), plan_id=layout.plan_id, extra=layout.extra())
+    assert f"exceed this server's bound of {MAX_ROWS} rows" in _error(ep)
+    ep.send(Kind.FWD, [("q", torch.zeros(2, 2, 4)), ("k", torch.zeros(2, 1, 4)), ("v", torch.zeros(2, 1, 4))],
+            plan_id=layout.plan_id, extra={"rank": 0})
+    assert f"unknown plan {layout.plan_id}" in _error(ep)  # it was not registered
+    assert _pong(ep)["buffer_bytes"] == before
+
+
+def _pong(ep: Endpoint) -> dict:
+    ep.send(Kind.PING)
+    _, msg, _ = ep.recv()
+    assert msg.kind == Kind.PONG
+    return msg.extra
 
 
 def test_unknown_plan(ep):

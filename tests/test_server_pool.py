@@ -25,7 +25,7 @@ SPEC = dict(ranks=[[300, 200], [500]], continues=[False, True], servers=2, place
 @pytest.fixture(scope="module")
 def pool(cad_case):
     server = ServerConfig(n_heads=cad_case.heads, n_kv_heads=cad_case.kv_heads, head_dim=cad_case.dim,
-                          dtype="float64", backend="reference", max_plans=8, transport=TCFG)
+                          dtype="float64", backend="reference", max_plans=8, max_rows=1 << 16, transport=TCFG)
     cfg = PoolConfig(n_servers=2, placement="dedicated", cpus_per_server=0.0, gpus_per_server=0.0, address=None,
                      server=server)
     with AttentionServerPool(cfg) as p:

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of
 
 TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=None, checksum=False,
                        shm_max_bytes=1 << 30)
-SERVER = ServerConfig(n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32", backend="sdpa", max_plans=8, transport=TCFG)
+SERVER = ServerConfig(n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32", backend="sdpa", max_plans=8,
+                      max_rows=1 << 16, transport=TCFG)
 
 
 def test_pool_joins_an_existing_cluster_with_address_auto():

@@ -62,7 +62,7 @@ MAX_SEGMENTS = 64  # shared-memory segments a server keeps mapped (trainers x st
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """One attention server. The fields a run's config decides (shape, dtype, backend, ``max_plans``,
-    transport) have no default here; :mod:`distca.parts` builds them from the config."""
+    ``max_rows``, transport) have no default here; :mod:`distca.parts` builds them from the config."""
 
     n_heads: int
     n_kv_heads: int
@@ -70,6 +70,9 @@ class ServerConfig:
     dtype: str
     backend: str
     max_plans: int  # plan layouts kept (ping/pong × forward/backward of a few steps)
+    # The most q rows or k/v rows one round may bring: a PLAN asking for more is refused, so receive buffers
+    # (pinned host memory on a GPU server) are never sized by a peer's number beyond this bound.
+    max_rows: int
     transport: TransportConfig
     name: str = "server"
     reject_nonfinite: bool = True  # NaN/inf inputs get an ERROR instead of a result
@@ -225,7 +228,11 @@ class AttentionServer:
         elif msg.kind == Kind.PLAN:
             if msg.plan_id not in self.plans:
                 named = {s.name: t for s, t in zip(msg.tensors, tensors, strict=True)}
-                self.plans[msg.plan_id] = ServerLayout.from_message(msg.plan_id, named, msg.extra)
+                layout = ServerLayout.from_message(msg.plan_id, named, msg.extra)
+                if max(layout.q_rows, layout.kv_rows) > self.cfg.max_rows:
+                    raise WireError(f"PLAN {msg.plan_id}: {layout.q_rows} q rows and {layout.kv_rows} k/v rows per "
+                                    f"round exceed this server's bound of {self.cfg.max_rows} rows")
+                self.plans[msg.plan_id] = layout
                 while len(self.plans) > self.cfg.max_plans:
                     old, _ = self.plans.popitem(last=False)
                     self.dev_layouts.pop(old, None)

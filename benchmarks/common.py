@@ -238,10 +238,12 @@ def _order(x: float) -> int:
 
 
 def attention_run_config(heads: int, kv_heads: int, head_dim: int, backend: str, timeout_s: float,
-                         precision: str = "fp32") -> DistCAConfig:
+                         precision: str = "fp32", round_tokens: int = 1024) -> DistCAConfig:
     """A run config for a benchmark of core attention alone: the attention shape, kernel backend, transport
-    timeout and precision; everything else at the config's defaults. Its servers, transport and scheduler
+    timeout and precision, one trainer whose rounds carry up to ``round_tokens`` tokens (what bounds a
+    server's receive buffers); everything else at the config's defaults. Its servers, transport and scheduler
     settings come from :mod:`distca.parts`, as a training run's do."""
     return config_from_dict({"model": {"hidden": heads * head_dim, "n_heads": heads, "n_kv_heads": kv_heads},
                              "attention": {"backend": backend}, "transport": {"timeout_s": timeout_s},
-                             "train": {"precision": precision}})
+                             "cluster": {"n_trainers": 1}, "train": {"precision": precision, "pipeline_parallel": 1,
+                                                                     "tokens_per_rank": round_tokens}})

@@ -406,7 +406,7 @@ class Run:
         # One trainer and one server on this device, settings built as a training run builds them.
         run = DistCAConfig(model=cfg, cluster=ClusterConfig(n_trainers=1, n_servers=1, placement="colocated"),
                            transport=TransportSection(timeout_s=args.transport_timeout_s),
-                           train=TrainConfig(pipeline_parallel=1))
+                           train=TrainConfig(pipeline_parallel=1, tokens_per_rank=sum(self.lengths)))
         esize = torch.empty((), dtype=self.dtype).element_size()
         plan, timing = make_plan(BatchLayout.from_ranks([self.lengths]), Placement(1, 1, "colocated"),
                                  dataclasses.replace(scheduler_settings(run, -1), eps=args.eps),
@@ -435,7 +435,7 @@ class Run:
 
         cfg, args = self.cfg, self.args
         run = DistCAConfig(model=cfg, cluster=ClusterConfig(n_trainers=1, n_servers=1, placement="colocated"),
-                           train=TrainConfig(pipeline_parallel=1))
+                           train=TrainConfig(pipeline_parallel=1, tokens_per_rank=sum(self.lengths)))
         esize = torch.empty((), dtype=self.dtype).element_size()
         plan, timing = make_plan(BatchLayout.from_ranks([self.lengths]), Placement(1, 1, "colocated"),
                                  dataclasses.replace(scheduler_settings(run, -1), eps=args.eps),

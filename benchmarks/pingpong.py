@@ -46,7 +46,7 @@ def main() -> None:
     docs = args.docs or [args.tokens // 2, args.tokens // 4, args.tokens // 4]
     if sum(docs) != args.tokens:
         raise SystemExit(f"--docs must sum to --tokens ({args.tokens}), got {sum(docs)}")
-    run = attention_run_config(h, hkv, d, backend="sdpa", timeout_s=120.0)
+    run = attention_run_config(h, hkv, d, backend="sdpa", timeout_s=120.0, round_tokens=args.tokens)
     sched = dataclasses.replace(scheduler_settings(run, -1), min_offload_pairs=0)  # every task on the server
     batch = BatchLayout.from_ranks([docs])
     plans = [make_plan(batch, Placement(1, 1, "dedicated"), sched)[0]] * 2

@@ -116,7 +116,8 @@ def _send_streams(ep: Endpoint, sizes: list[int], reps: int) -> None:
                     inflight += 1
                 for _ in range(inflight):
                     ep.recv()
-                seg.unlink()  # the receiver has mapped it
+                if plane == "shm":
+                    seg.unlink()  # the receiver has mapped it
     finally:
         seg.unlink()
         seg.close()
@@ -250,7 +251,7 @@ def server_memory(rounds: int) -> dict[str, dict]:
     from distca.server.processes import server_processes
 
     h, hkv, d = 8, 2, 64
-    run = attention_run_config(h, hkv, d, backend="sdpa", timeout_s=120)
+    run = attention_run_config(h, hkv, d, backend="sdpa", timeout_s=120, round_tokens=8192)
     sched = dataclasses.replace(scheduler_settings(run, -1), min_offload_pairs=0)  # every task on the server
     plan, _ = make_plan(BatchLayout.from_ranks([[4096, 2048, 2048]]), Placement(1, 1, "dedicated"), sched)
     t = RankTensors(*(torch.randn(8192, n, d) for n in (h, hkv, hkv)))

@@ -40,9 +40,8 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from distca.attention import backward as attn_backward
-from distca.attention import forward as attn_forward
 from distca.attention import lse_dtype
+from distca.server.compute import FusedCall, fused_backward, fused_forward
 from distca.server.group_plane import GroupPlane
 from distca.server.layout import ServerLayout
 from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
@@ -147,7 +146,7 @@ class AttentionServer:
         self.bufs = _Buffers(cfg)
         self.device = torch.device(cfg.device)
         self.on_device = self.device.type != "cpu"
-        self.dev_layouts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.dev_layouts: dict[int, FusedCall] = {}  # each plan's fused call where the kernel runs
         self.segments = SegmentCache(cfg.transport.shm_max_bytes, MAX_SEGMENTS)
         self.host = host_identity()
         self.served = 0
@@ -336,14 +335,11 @@ class AttentionServer:
         replies = {role: seg.view(off, expect[role][1], expect[role][0]) for role, off in shm["out"]}
         return rows, replies
 
-    def _dev_layout(self, layout: ServerLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``cu_q, cu_k, key_rows`` where the kernel runs (copied to the device once per plan)."""
-        if not self.on_device:
-            return layout.cu_q, layout.cu_k, layout.key_rows
+    def _call(self, layout: ServerLayout) -> FusedCall:
+        """The plan's fused call where the kernel runs (its index tensors copied to the device once per plan)."""
         got = self.dev_layouts.get(layout.plan_id)
         if got is None:
-            got = self.dev_layouts[layout.plan_id] = tuple(
-                t.to(self.device) for t in (layout.cu_q, layout.cu_k, layout.key_rows))
+            got = self.dev_layouts[layout.plan_id] = FusedCall.of(layout, self.device)
         return got
 
     def _stage_in(self, layout: ServerLayout, slot: int, roles: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -379,26 +375,19 @@ class AttentionServer:
         return out
 
     def _compute(self, layout: ServerLayout, kind: Kind, rnd: _Round, request_id: int) -> None:
-        c, slot = self.cfg, rnd.slot
-        cu_q, cu_k, key_rows = self._dev_layout(layout)
-        x = self._stage_in(layout, slot, ("q", "k", "v") if kind == Kind.FWD else ("q", "k", "v", "out", "dout", "lse"))
-        q, kb, vb = x["q"], x["k"], x["v"]
-        kt, vt = kb[key_rows], vb[key_rows]  # each task's keys contiguous
-        args = (cu_q, cu_k, layout.max_q, layout.max_k)
+        call = self._call(layout)
+        x = self._stage_in(layout, rnd.slot, ("q", "k", "v") if kind == Kind.FWD else ("q", "k", "v", "out", "dout",
+                                                                                        "lse"))
         if kind == Kind.FWD:
-            out, lse = attn_forward(q, kt, vt, *args, window=layout.window, backend=c.backend)
-            out, lse = self._to_host(out, lse)
+            out, lse = self._to_host(*fused_forward(call, x["q"], x["k"], x["v"], self.cfg.backend))
             for rank, ident in rnd.arrived.items():
                 qd, nq, _, _ = layout.senders[rank]
                 self._reply(Kind.FWD_OUT, ident, rnd.shm.get(rank), {"out": out[qd:qd + nq], "lse": lse[qd:qd + nq]},
                             request_id, layout.plan_id)
         else:
-            out, dout, lse = x["out"], x["dout"], x["lse"]
-            dq, dkt, dvt = attn_backward(q, kt, vt, out, lse, dout, *args, window=layout.window, backend=c.backend)
-            # A key row used by several tasks: its gradients are summed here, before they return.
-            dk = torch.zeros_like(kb).index_add_(0, key_rows, dkt)
-            dv = torch.zeros_like(vb).index_add_(0, key_rows, dvt)
-            dq, dk, dv = self._to_host(dq, dk, dv)
+            # dk/dv of a key row used by several tasks are summed there, before they return
+            dq, dk, dv = self._to_host(*fused_backward(call, x["q"], x["k"], x["v"], x["out"], x["lse"], x["dout"],
+                                                       self.cfg.backend))
             for rank, ident in rnd.arrived.items():
                 qd, nq, kd, nk = layout.senders[rank]
                 self._reply(Kind.BWD_OUT, ident, rnd.shm.get(rank),

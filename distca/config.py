@@ -244,6 +244,9 @@ class TrainConfig:
     max_server_plans: int = 256  # plan layouts each attention server keeps
     init_from_hf: str = ""  # a local Hugging Face Llama folder (safetensors) to start from; "": random init
     malloc_arena_max: int = 2  # glibc malloc arenas per trainer/server process started here (0: glibc default)
+    # Draw the next step's micro-batches and compute its CAD plans on a background thread while a step trains
+    # (the same batches and plans; checkpoints keep the data position from before them).
+    prefetch: bool = True
     max_restarts: int = 0  # after a failure (e.g. a lost server): replace dead servers, resume from a checkpoint
 
     def __post_init__(self) -> None:

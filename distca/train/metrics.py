@@ -184,7 +184,9 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         "tokens": first["tokens"], "tokens_per_s": first["tokens"] / step_s,
         "mfu": flops["total"] / step_s / (peak_flops * len(every)),
         "attention_flops_share": flops["attention"] / flops["total"],
-        "plan_ms": max(r["plan_ms"] for r in every),
+        "plan_ms": max(r["plan_ms"] for r in every),  # on the critical path (wall)
+        "plan_cpu_ms": max(r.get("plan_cpu_ms", 0.0) for r in every),  # the same, this thread's CPU time
+        "prepare_ms": max(r.get("prepare_ms", 0.0) for r in every),  # drawing + planning, in the background
         "exposed_comm_pct": 100 * max(r["blocked_s"] / r["step_s"] for r in every),
         "attn_load_max_over_mean_planned": max(r["planned_load_max_over_mean"] for r in every),
         "attn_load_max_over_mean_measured": measured,

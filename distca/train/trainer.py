@@ -38,6 +38,7 @@ from distca.train.data import make_source
 from distca.train.flops import measure_peak_flops
 from distca.train.metrics import StepMeter, combine_ranks
 from distca.train.pipe import MicroContext, StepContext, build_pipeline, llama_parameters
+from distca.train.prefetch import StepPrefetch
 from distca.train.quiet import library_prints
 from distca.train.rank import RankInfo, bind_device, dist_backend, ds_accelerator, init_process_group
 
@@ -199,6 +200,8 @@ class Trainer:
                             self.device, cfg.train.precision)
         self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops(precision, device=self.device)
         self.meter = StepMeter(cfg, info.rank, self.stage, self.dp_rank, self.client, self.attn_timer, self.device)
+        self.prefetch = StepPrefetch(self.stream, cfg.train.micro_batches, self._prepare,
+                                     background=cfg.train.prefetch)
 
     def _cad_client(self):
         """The CAD runtime of this rank's data plane (None with local attention): in-place servers over the
@@ -226,23 +229,30 @@ class Trainer:
                          shm=settings.shm)
 
     # -- one step ------------------------------------------------------------------------------
-    def _micro_context(self, mb) -> tuple[MicroContext, dict[int, Any]]:
+    def _prepare(self, mb) -> tuple[DocLayout, dict[int, Any]]:
+        """What a micro-batch needs before it runs, from the micro-batch alone (the prefetch thread computes it
+        for the next step): this rank's document layout, on its device, and the CAD plans, one per attention
+        window (the same on every rank; none with local attention)."""
         p, d = mb.packed, self.dp_rank
         first = PrefixRows.of(p.ranks, p.continues, d).n
         # on the rank's device before the step: RoPE tables and the kernels' offsets are built there
         layout = DocLayout.from_lengths(p.ranks[d], first_position=first).to(self.device)
-        plans: dict[int, Any] = {}
         if self.client is None:
-            core = GroupLocalCoreAttention(layout, p.ranks, p.continues, d, self.dp_group, self.cfg.attention.backend,
-                                           timer=self.attn_timer)
+            return layout, {}
+        batch = BatchLayout.from_ranks(p.ranks, p.continues)
+        return layout, {w: make_plan(batch, self.placement, scheduler_settings(self.cfg, w), self.shape)[0]
+                        for w in self.windows}
+
+    def _micro_context(self, mb, layout: DocLayout, plans: dict[int, Any]) -> MicroContext:
+        if self.client is None:
+            p = mb.packed
+            core = GroupLocalCoreAttention(layout, p.ranks, p.continues, self.dp_rank, self.dp_group,
+                                           self.cfg.attention.backend, timer=self.attn_timer)
         else:
             from distca.runtime.cad_attention import CADCoreAttention
 
-            batch = BatchLayout.from_ranks(p.ranks, p.continues)
-            for w in self.windows:
-                plans[w], _ = make_plan(batch, self.placement, scheduler_settings(self.cfg, w), self.shape)
             core = CADCoreAttention(self.client, plans)
-        return MicroContext(layout, core), plans
+        return MicroContext(layout, core)
 
     def _batches(self, mbs) -> list:
         """The engine's micro-batches, on the host: DeepSpeed's pipeline engine moves the first stage's inputs
@@ -251,19 +261,26 @@ class Trainer:
         return [((torch.from_numpy(np.ascontiguousarray(mb.tokens[d])).long(), torch.tensor([i])),
                  torch.from_numpy(np.ascontiguousarray(mb.labels[d])).long()) for i, mb in enumerate(mbs)]
 
-    def step(self, step: int) -> dict[str, Any]:
-        """Train one step; returns this rank's measurements."""
-        mbs = [self.stream.next_micro_batch() for _ in range(self.cfg.train.micro_batches)]
-        t0 = time.perf_counter()
-        built = [self._micro_context(mb) for mb in mbs]
-        plan_ms = (time.perf_counter() - t0) * 1e3
-        self.ctx.set([c for c, _ in built])
+    def step(self, step: int, prepare_next: bool = False) -> dict[str, Any]:
+        """Train one step; returns this rank's measurements. ``prepare_next``: draw and plan the next step on
+        the background thread while this one trains (``train.prefetch``)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        prep = self.prefetch.take()
+        self.ctx.set([self._micro_context(mb, *part) for mb, part in zip(prep.micro_batches, prep.parts, strict=True)])
+        plan_ms = (time.perf_counter() - t0) * 1e3  # on the critical path: waiting for the step, the contexts
+        plan_cpu_ms = (time.thread_time() - c0) * 1e3  # the same without time the OS gave other processes
+        if prepare_next:  # after the contexts: the thread's first slice of the GIL then overlaps the step
+            self.prefetch.start_next()
         if self.client is not None:
             self.client.forget_plans()
+        mbs = prep.micro_batches
         with self.meter.measure(self.engine.module.parameters()):
             loss = float(self.engine.train_batch(data_iter=iter(self._batches(mbs))))
-        return self.meter.record(step, loss, float(self.engine.get_lr()[0]), mbs, [plans for _, plans in built],
-                                 plan_ms)
+        rec = self.meter.record(step, loss, float(self.engine.get_lr()[0]), mbs, [plans for _, plans in prep.parts],
+                                plan_ms)
+        rec["prepare_ms"] = prep.ms  # drawing and planning the step, in the background when prefetched
+        rec["plan_cpu_ms"] = plan_cpu_ms
+        return rec
 
     # -- checkpoints ---------------------------------------------------------------------------
     @property
@@ -273,7 +290,7 @@ class Trainer:
     def save(self, step: int) -> str:
         """DeepSpeed checkpoint (weights, optimizer, LR schedule) + data position + RNG, tag ``stepN``."""
         tag = f"step{step:08d}"
-        state = {"step": step, "data": self.stream.state_dict(), "torch_rng": torch.get_rng_state(),
+        state = {"step": step, "data": self.prefetch.stream_state(), "torch_rng": torch.get_rng_state(),
                  "numpy_rng": np.random.get_state()}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"distca": state})
         return tag
@@ -305,7 +322,7 @@ class Trainer:
             self.report({"event": "start", "rank": self.info.rank, "start_step": start, "end_step": end,
                          "peak_flops": self.peak_flops})
             for step in range(start, end):
-                mine = self.step(step)
+                mine = self.step(step, prepare_next=step + 1 < end)
                 mine["stop"] = self.stop_requested
                 every = [None] * self.info.world
                 dist.all_gather_object(every, mine)
@@ -337,6 +354,8 @@ class Trainer:
         reaches the launcher at once instead of after the peers' collective timeout (the launcher stops them)."""
         import torch.distributed as dist
 
+        if getattr(self, "prefetch", None) is not None:
+            self.prefetch.close()
         if getattr(self, "client", None) is not None:
             self.client.close()
         self.engine = None

@@ -36,6 +36,7 @@ import zmq
 from distca.attention import lse_dtype
 from distca.errors import DistCAError
 from distca.runtime.client import CADClient, ServerError
+from distca.runtime.pending import BackwardWait, ForwardWait
 from distca.runtime.plan_exec import RankTensors, run_local_backward, run_local_forward
 from distca.scheduler import Plan
 from distca.server.exchange import BWD_IN, BWD_OUT, FWD_IN, FWD_OUT, GroupRoles, Round, RowExchange, RowFormat
@@ -186,18 +187,12 @@ class _Pending:
         c.note(self.event, self.pid)
 
 
-class PendingForward(_Pending):
-    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``(out, lse)``."""
-        self._finish()
-        return self.dst["out"], self.dst["lse"]
+class PendingForward(ForwardWait, _Pending):
+    """A forward round on its way back: ``wait() -> (out, lse)``."""
 
 
-class PendingBackward(_Pending):
-    def wait(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's ``(dq, dk, dv)``."""
-        self._finish()
-        return self.dst["dq"], self.dst["dk"], self.dst["dv"]
+class PendingBackward(BackwardWait, _Pending):
+    """A backward round on its way back: ``wait() -> (dq, dk, dv)``."""
 
 
 class GroupClient:

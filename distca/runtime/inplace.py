@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from distca.attention import lse_dtype
+from distca.runtime.pending import BackwardWait, ForwardWait
 from distca.runtime.plan_exec import RankTensors, run_local_backward, run_local_forward
 from distca.scheduler import Plan
 from distca.server.compute import FusedCall, fused_backward, fused_forward
@@ -57,18 +58,12 @@ class _Pending:
         c.note(self.event, self.layout.plan_id)
 
 
-class PendingForward(_Pending):
-    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``(out, lse)``."""
-        self._finish()
-        return self.dst["out"], self.dst["lse"]
+class PendingForward(ForwardWait, _Pending):
+    """A forward round on its way back: ``wait() -> (out, lse)``."""
 
 
-class PendingBackward(_Pending):
-    def wait(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's ``(dq, dk, dv)``."""
-        self._finish()
-        return self.dst["dq"], self.dst["dk"], self.dst["dv"]
+class PendingBackward(BackwardWait, _Pending):
+    """A backward round on its way back: ``wait() -> (dq, dk, dv)``."""
 
 
 class InPlaceClient:

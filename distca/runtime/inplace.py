@@ -118,27 +118,38 @@ class InPlaceClient:
         self.served += 1
         return res
 
-    def start_forward(self, plan: Plan, t: RankTensors) -> PendingForward:
-        """Send this rank's rows, run its local tasks, serve its own server's tasks, start the return; the
-        results are taken with ``.wait()``."""
+    def _start(self, pending: type[_Pending], plan: Plan, tensors: dict[str, torch.Tensor], roles_in: tuple[str, ...],
+               roles_out: tuple[str, ...], local: Callable[[], dict[str, torch.Tensor]], sent: str,
+               received: str) -> _Pending:
+        """One round: send this rank's rows, run its local tasks (``local``, which returns the trainer's result
+        tensors, overlapping the all-to-all), serve its own server's tasks, start the return."""
         t0 = time.perf_counter()
         layout = self.x.own_layout(plan)
         slot = self.x.acquire()
-        tensors = {"q": t.q, "k": t.k, "v": t.v}
         try:
-            first = self.x.to_servers(slot, FWD_IN, plan=plan, tensors=tensors, layout=layout)
-            self.note("forward_sent", layout.plan_id)
-            out = torch.zeros_like(t.q)
-            lse = torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype(t.q.dtype), device=t.q.device)
-            run_local_forward(plan, self.rank, t, out, lse, self.backend)  # overlaps with the all-to-all
-            res = self._serve(first, FWD_IN, plan, layout, tensors)
-            back = self.x.to_trainers(slot, FWD_OUT, layout=layout, results=res, plan=plan)
+            first = self.x.to_servers(slot, roles_in, plan=plan, tensors=tensors, layout=layout)
+            self.note(sent, layout.plan_id)
+            dst = local()
+            res = self._serve(first, roles_in, plan, layout, tensors)
+            back = self.x.to_trainers(slot, roles_out, layout=layout, results=res, plan=plan)
         except BaseException:
             self.x.release(slot)
             raise
         self.attn_s += time.perf_counter() - t0
-        return PendingForward(self, slot, first, back, FWD_OUT, plan, {"out": out, "lse": lse}, layout, res,
-                              "forward_received")
+        return pending(self, slot, first, back, roles_out, plan, dst, layout, res, received)
+
+    def start_forward(self, plan: Plan, t: RankTensors) -> PendingForward:
+        """Send this rank's rows, run its local tasks, serve its own server's tasks, start the return; the
+        results are taken with ``.wait()``."""
+
+        def local() -> dict[str, torch.Tensor]:
+            out = torch.zeros_like(t.q)
+            lse = torch.full(t.q.shape[:2], float("-inf"), dtype=lse_dtype(t.q.dtype), device=t.q.device)
+            run_local_forward(plan, self.rank, t, out, lse, self.backend)
+            return {"out": out, "lse": lse}
+
+        return self._start(PendingForward, plan, {"q": t.q, "k": t.k, "v": t.v}, FWD_IN, FWD_OUT, local,
+                           "forward_sent", "forward_received")
 
     def forward(self, plan: Plan, t: RankTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's ``out`` and ``lse`` (its local row layout)."""
@@ -147,24 +158,16 @@ class InPlaceClient:
     def start_backward(self, plan: Plan, t: RankTensors, out: torch.Tensor, lse: torch.Tensor,
                        dout: torch.Tensor) -> PendingBackward:
         """The backward round: resend the inputs, compute local and own-server gradients, start the return."""
-        t0 = time.perf_counter()
-        layout = self.x.own_layout(plan)
-        slot = self.x.acquire()
         lse = lse.to(lse_dtype(t.q.dtype))
-        tensors = {"q": t.q, "k": t.k, "v": t.v, "out": out, "dout": dout, "lse": lse}
-        try:
-            first = self.x.to_servers(slot, BWD_IN, plan=plan, tensors=tensors, layout=layout)
-            self.note("backward_sent", layout.plan_id)
+
+        def local() -> dict[str, torch.Tensor]:
             dq, dk, dv = torch.zeros_like(t.q), torch.zeros_like(t.k), torch.zeros_like(t.v)
             run_local_backward(plan, self.rank, t, out, lse, dout, dq, dk, dv, self.backend)
-            res = self._serve(first, BWD_IN, plan, layout, tensors)
-            back = self.x.to_trainers(slot, BWD_OUT, layout=layout, results=res, plan=plan)
-        except BaseException:
-            self.x.release(slot)
-            raise
-        self.attn_s += time.perf_counter() - t0
-        return PendingBackward(self, slot, first, back, BWD_OUT, plan, {"dq": dq, "dk": dk, "dv": dv}, layout, res,
-                               "backward_received")
+            return {"dq": dq, "dk": dk, "dv": dv}
+
+        tensors = {"q": t.q, "k": t.k, "v": t.v, "out": out, "dout": dout, "lse": lse}
+        return self._start(PendingBackward, plan, tensors, BWD_IN, BWD_OUT, local, "backward_sent",
+                           "backward_received")
 
     def backward(self, plan: Plan, t: RankTensors, out: torch.Tensor, lse: torch.Tensor,
                  dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -225,6 +225,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     zero_stage: int = 1
     activation_checkpointing: bool = False
+    # CAD only: every block of a stage runs each micro-batch as two nano-batches (the first and second half of a
+    # rank's rows) whose attention rounds overlap each other's linear work, forward and backward
+    # (distca.runtime.nano). The loss is the same either way.
+    pingpong: bool = True
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 2

@@ -111,6 +111,7 @@ def test_cad_matches_local_loss_every_step(local_run, cad_run):
     assert [r["step"] for r in cad.records] == list(range(STEPS))
     assert len(set(local.losses)) > STEPS // 2, "the loss must move, or parity proves nothing"
     assert_same_curve(local.losses, cad.losses)
+    assert all(r["pingpong"] for r in cad.records) and not any(r["pingpong"] for r in local.records)
     # the runs were the real thing: documents crossed rank boundaries and CAD balanced the servers
     assert max(r["attn_load_max_over_mean_planned"] for r in local.records) > 1.2
     assert max(r["attn_load_max_over_mean_planned"] for r in cad.records) < 1.1
@@ -122,6 +123,7 @@ def test_inplace_cad_matches_local_loss_every_step(local_run, inplace_run):
     (_, local), (cfg, inplace) = local_run, inplace_run
     assert [r["step"] for r in inplace.records] == list(range(STEPS))
     assert {r["data_plane"] for r in inplace.records} == {"inplace"}
+    assert all(r["pingpong"] for r in inplace.records)
     assert_same_curve(local.losses, inplace.losses)
     assert max(r["attn_load_max_over_mean_planned"] for r in inplace.records) < 1.1
     # every rank's own server did work every step (busy seconds of 4 in-place servers)
@@ -133,12 +135,14 @@ def test_inplace_cad_matches_local_loss_every_step(local_run, inplace_run):
 def test_collective_data_plane_matches_local_every_step(local_run, pools, tmp_path):
     """CAD on the dedicated pool with the rows moving by all-to-all in each stage's data-plane group (the stage's
     trainers and the pool's servers in one gloo group; ZeroMQ only for control): the colocated run's loss at every
-    one of its steps."""
+    one of its steps. Without ping-pong: each block's attention is one round per micro-batch (the other runs
+    cover ping-pong on)."""
     _, local = local_run
     cfg = tiny(tmp_path, **{"train.core_attention": "cad", "cluster.data_plane": "collective",
-                            "cluster.placement": "dedicated"})
+                            "cluster.placement": "dedicated", "train.pingpong": False})
     res = run(cfg, pools)
     assert [r["data_plane"] for r in res.records] == ["collective"] * STEPS  # no silent fallback
+    assert not any(r["pingpong"] for r in res.records)
     assert_same_curve(local.losses, res.losses)
     assert max(r["attn_load_max_over_mean_planned"] for r in res.records) < 1.1
     assert all(r["attn_load_max_over_mean_measured"] for r in res.records)  # the servers' busy time, by PING

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from distca.config import ModelConfig
-from distca.model.core import CoreAttention
+from distca.model.core import AttentionCall, CoreAttention, LayerSteps, run_steps
 from distca.model.layers import apply_rope
 
 
@@ -22,9 +22,14 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(self.h * self.d, cfg.hidden, bias=False)
 
     def forward(self, x: torch.Tensor, core: CoreAttention, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return run_steps(self.steps(x, cos, sin), core)
+
+    def steps(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> LayerSteps:
+        """The sublayer as steps (:func:`~distca.model.core.run_steps`): projections and RoPE, one core-attention
+        call, the output projection. Every op but the call is row-wise, so any subset of rows runs alone."""
         t = x.shape[0]
         q = apply_rope(self.q(x).view(t, self.h, self.d), cos, sin)
         k = apply_rope(self.k(x).view(t, self.hkv, self.d), cos, sin)
         v = self.v(x).view(t, self.hkv, self.d)
-        out = core(q.contiguous(), k.contiguous(), v.contiguous(), self.window)
+        out = yield AttentionCall(q.contiguous(), k.contiguous(), v.contiguous(), self.window)
         return self.o(out.reshape(t, self.h * self.d))

@@ -7,6 +7,7 @@ ships the same tensors to attention servers by a plan. The model never sees whic
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,31 @@ from distca.attention import varlen_attention
 class CoreAttention(Protocol):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
         """Causal attention of packed ``q [T, Hq, D]`` over ``k, v [T, Hkv, D]`` within documents."""
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """A core-attention call a layer asks for: packed ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` and the window."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    window: int = -1
+
+
+# A layer written as steps: it yields each core-attention call it needs, is sent that call's output, and returns
+# the layer's output. Everything between two calls is the layer's own (row-wise) compute.
+LayerSteps = Generator[AttentionCall, torch.Tensor, torch.Tensor]
+
+
+def run_steps(steps: LayerSteps, core: CoreAttention) -> torch.Tensor:
+    """Run a layer's steps, answering each of its calls with ``core``: what the layer's ``forward`` is."""
+    call = next(steps)
+    while True:
+        try:
+            call = steps.send(core(call.q, call.k, call.v, call.window))
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass(frozen=True)

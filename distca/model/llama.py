@@ -10,7 +10,7 @@ from torch import nn
 
 from distca.config import ModelConfig
 from distca.model.attention import SelfAttention
-from distca.model.core import CoreAttention, DocLayout
+from distca.model.core import CoreAttention, DocLayout, LayerSteps, run_steps
 from distca.model.init import init_weights
 from distca.model.layers import RMSNorm, SwiGLU, rope_cos_sin
 from distca.model.residual import DeltaResidual
@@ -45,10 +45,16 @@ class Block(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor, core: CoreAttention, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return run_steps(self.steps(x, cos, sin), core)
+
+    def steps(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> LayerSteps:
+        """The block as steps: it yields each core-attention call (the ShortSWA sublayer's first, if any) and is
+        sent its output (:func:`~distca.model.core.run_steps`). Everything else is row-wise, so a runner may
+        run the block over subsets of its rows, each calling core attention on its own."""
         if self.swa is not None:
-            x = x + self.swa(self.swa_norm(x), core, cos, sin)
+            x = x + (yield from self.swa.steps(self.swa_norm(x), cos, sin))
         c = self.attn_norm(x)
-        h = self.attn(c, core, cos, sin)
+        h = yield from self.attn.steps(c, cos, sin)
         x = self.attn_delta(x, h, c) if self.cfg.residual == "ddl" else x + h
         c = self.mlp_norm(x)
         h = self.mlp(c)

@@ -23,13 +23,15 @@ class PlanTiming:
 
 def make_plan(
     batch: BatchLayout, placement: Placement, cfg: SchedulerConfig, shape: AttentionShape | None = None,
+    keys: BatchLayout | None = None,
 ) -> tuple[Plan, PlanTiming]:
-    """Plan and compile one batch; returns the plan and how long each phase took."""
+    """Plan and compile one batch; returns the plan and how long each phase took. ``keys``: the whole batch
+    when ``batch`` holds only some of its queries (:meth:`BatchLayout.query_rows`); key rows come from it."""
     shape = shape or AttentionShape()
     t0 = time.perf_counter()
     assignment = plan_assignment(batch, placement, cfg, shape)
     t1 = time.perf_counter()
-    plan = compile_plan(assignment, batch, placement, cfg.window, shape)
+    plan = compile_plan(assignment, batch, placement, cfg.window, shape, keys=keys)
     t2 = time.perf_counter()
     return plan, PlanTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3)
 

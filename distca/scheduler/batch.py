@@ -74,3 +74,18 @@ class BatchLayout:
                 raise ValueError(f"rank {r} continues a document but holds no pieces")
         as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
         return cls(n_ranks, as64(rank), as64(doc), as64(off), as64(length), as64(row), as64(doc_len))
+
+    def query_rows(self, lo: list[int] | np.ndarray, hi: list[int] | np.ndarray) -> BatchLayout:
+        """The part of this batch whose *queries* sit in rows ``[lo[r], hi[r])`` of each rank r — one nano-batch
+        of a ping-pong split. Pieces are cut at those rows and keep their rows in the rank's whole buffers and
+        their documents' numbering, so the pieces outside are still where the part's keys come from: plan the
+        part with ``make_plan(part, ..., keys=self)``."""
+        lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+        if lo.shape != (self.n_ranks,) or hi.shape != (self.n_ranks,) or (lo > hi).any() or (lo < 0).any():
+            raise ValueError(f"query rows need 0 <= lo <= hi for each of {self.n_ranks} ranks, got {lo} and {hi}")
+        a = np.maximum(self.piece_row, lo[self.piece_rank])
+        b = np.minimum(self.piece_row + self.piece_len, hi[self.piece_rank])
+        keep = b > a
+        cut = a[keep] - self.piece_row[keep]
+        return BatchLayout(self.n_ranks, self.piece_rank[keep], self.piece_doc[keep], self.piece_off[keep] + cut,
+                           (b - a)[keep], a[keep], self.doc_len)

@@ -141,9 +141,11 @@ def _excl_cumsum(values: np.ndarray) -> np.ndarray:
 
 def compile_plan(
     assignment: Assignment, batch: BatchLayout, placement: Placement, window: int = -1,
-    shape: AttentionShape | None = None,
+    shape: AttentionShape | None = None, keys: BatchLayout | None = None,
 ) -> Plan:
-    """Lay out receive buffers and row transfers for an assignment (vectorised; deterministic)."""
+    """Lay out receive buffers and row transfers for an assignment (vectorised; deterministic). Key/value rows
+    come from the pieces of ``keys`` (default: ``batch``; the whole batch when ``batch`` holds part of its
+    queries)."""
     shape = shape or AttentionShape()
     a = assignment
     n_srv = placement.n_servers
@@ -175,6 +177,7 @@ def compile_plan(
     kv_row[r] = g_off[task_grp] + (k0_r - g_lo[task_grp])
 
     # kv sources: the pieces of each group's document that overlap [lo, hi).
+    batch = batch if keys is None else keys
     big = int(batch.doc_len.max(initial=0)) + 1
     p_start = batch.piece_doc * big + batch.piece_off
     p_end = p_start + batch.piece_len

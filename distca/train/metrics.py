@@ -159,7 +159,8 @@ class StepMeter:
     def _attention_load(self, micro_batches: list, plans: list[dict[int, Any]]) -> np.ndarray:
         """Attention pairs of the step per server as planned (CAD), else per data-parallel replica."""
         if self.client is not None:
-            return sum(self.calls[w] * p[w].server_pairs.astype(np.float64) for p in plans for w in p)
+            return sum(self.calls[w] * plan.server_pairs.astype(np.float64)
+                       for p in plans for w in p for plan in (p[w] if isinstance(p[w], tuple) else (p[w],)))
         load = np.zeros(self.cfg.data_parallel)
         for mb in micro_batches:
             for w, n in self.calls.items():
@@ -188,6 +189,7 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         "plan_cpu_ms": max(r.get("plan_cpu_ms", 0.0) for r in every),  # the same, this thread's CPU time
         "prepare_ms": max(r.get("prepare_ms", 0.0) for r in every),  # drawing + planning, in the background
         "exposed_comm_pct": 100 * max(r["blocked_s"] / r["step_s"] for r in every),
+        "pingpong": bool(first.get("pingpong", False)),  # CAD blocks ran as two overlapping nano-batches
         "attn_load_max_over_mean_planned": max(r["planned_load_max_over_mean"] for r in every),
         "attn_load_max_over_mean_measured": measured,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in every),

@@ -24,6 +24,7 @@ depend on the pipeline degree or on which attention the run uses.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,13 +36,19 @@ from distca.model.core import CoreAttention, DocLayout
 from distca.model.layers import RMSNorm, rope_cos_sin
 from distca.model.llama import Block, LMHead, TokenEmbedding
 
+# ``run_block(block, x, cos, sin) -> block output``: how a micro-batch runs each block when it is not simply
+# ``block(x, core, cos, sin)`` (ping-pong nano-batches, :class:`distca.runtime.nano.PingPongBlocks`).
+BlockRunner = Callable[[Block, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 @dataclass
 class MicroContext:
-    """One micro-batch on this rank: its documents and the core attention to use for it."""
+    """One micro-batch on this rank: its documents, the core attention to use for it and, optionally, a runner
+    of its blocks."""
 
     layout: DocLayout
     core: CoreAttention
+    run_block: BlockRunner | None = None
     _rope: dict = field(default_factory=dict)
 
     def rope(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +112,8 @@ class BlockStage(Block):
         x, micro = inputs
         m = self.ctx[micro]
         cos, sin = m.rope(self.cfg, x.dtype, x.device)
+        if m.run_block is not None:
+            return m.run_block(self, x, cos, sin), micro
         return super().forward(x, m.core, cos, sin), micro
 
 

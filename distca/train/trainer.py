@@ -98,6 +98,10 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
+def _no_core(q, k, v, window=-1):
+    raise RuntimeError("a ping-pong micro-batch runs its blocks through its block runner, never a single core call")
+
+
 def _cpu_deepspeed() -> None:
     """DeepSpeed on CPU without JIT-compiled ops: its shared-memory all-reduce would compile a C++ op at
     init (about 26 s on a 2-core machine); gloo does the collectives instead."""
@@ -122,6 +126,9 @@ class Trainer:
         if info.world != cfg.cluster.n_trainers:
             raise ValueError(f"{info.world} processes started for cluster.n_trainers={cfg.cluster.n_trainers}")
         self.windows = sorted(set(cfg.model.attention_windows()))
+        # ping-pong nano-batches inside the stages (CAD only); they recompute activations themselves, so
+        # DeepSpeed's per-block checkpointing is off when they are on
+        self.pingpong = t.core_attention == "cad" and t.pingpong
         self.stop_requested = False
         self.attn_timer = AttentionTimer()
 
@@ -159,7 +166,7 @@ class Trainer:
         self.ctx = StepContext()
         with library_prints(self.verbose):  # DeepSpeed prints its seeds, topology and layer listing on rank 0
             pipe = build_pipeline(cfg.model, self.ctx, cfg.train.pipeline_parallel, cfg.seed,
-                                  cfg.train.activation_checkpointing)
+                                  cfg.train.activation_checkpointing and not self.pingpong)
         if cfg.train.init_from_hf:  # before DeepSpeed copies parameters into its optimizer state
             from distca.model.hf import load_hf_weights
 
@@ -232,7 +239,8 @@ class Trainer:
     def _prepare(self, mb) -> tuple[DocLayout, dict[int, Any]]:
         """What a micro-batch needs before it runs, from the micro-batch alone (the prefetch thread computes it
         for the next step): this rank's document layout, on its device, and the CAD plans, one per attention
-        window (the same on every rank; none with local attention)."""
+        window (the same on every rank; none with local attention) — with ping-pong a tuple per window, one
+        plan per nano-batch: the queries of the first and of the second half of every rank's rows."""
         p, d = mb.packed, self.dp_rank
         first = PrefixRows.of(p.ranks, p.continues, d).n
         # on the rank's device before the step: RoPE tables and the kernels' offsets are built there
@@ -240,14 +248,27 @@ class Trainer:
         if self.client is None:
             return layout, {}
         batch = BatchLayout.from_ranks(p.ranks, p.continues)
-        return layout, {w: make_plan(batch, self.placement, scheduler_settings(self.cfg, w), self.shape)[0]
-                        for w in self.windows}
+        if not self.pingpong:
+            return layout, {w: make_plan(batch, self.placement, scheduler_settings(self.cfg, w), self.shape)[0]
+                            for w in self.windows}
+        tokens = batch.rank_tokens
+        nanos = [batch.query_rows(np.zeros_like(tokens), tokens // 2), batch.query_rows(tokens // 2, tokens)]
+        return layout, {w: tuple(make_plan(n, self.placement, scheduler_settings(self.cfg, w), self.shape,
+                                           keys=batch)[0] for n in nanos) for w in self.windows}
 
     def _micro_context(self, mb, layout: DocLayout, plans: dict[int, Any]) -> MicroContext:
         if self.client is None:
             p = mb.packed
             core = GroupLocalCoreAttention(layout, p.ranks, p.continues, self.dp_rank, self.dp_group,
                                            self.cfg.attention.backend, timer=self.attn_timer)
+        elif self.pingpong:
+            from distca.runtime.nano import NanoPlans, PingPongBlocks
+
+            n = int(layout.cu_seqlens[-1])
+            rows = (slice(0, n // 2), slice(n // 2, n))  # as planned in _prepare
+            run = PingPongBlocks(self.client, NanoPlans(rows, plans),
+                                 checkpoint=self.cfg.train.activation_checkpointing)
+            return MicroContext(layout, _no_core, run_block=run)
         else:
             from distca.runtime.cad_attention import CADCoreAttention
 
@@ -280,6 +301,7 @@ class Trainer:
                                 plan_ms)
         rec["prepare_ms"] = prep.ms  # drawing and planning the step, in the background when prefetched
         rec["plan_cpu_ms"] = plan_cpu_ms
+        rec["pingpong"] = self.pingpong
         return rec
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""Ping-pong in training: every block of a stage runs its micro-batch as nano-batches whose attention rounds
+overlap each other's linear work, forward and backward (DistCA §4, Fig. 7).
+
+A nano-batch is a range of this rank's rows (the first half, the second half). Its plan holds the tasks of
+*its queries* only (:meth:`~distca.scheduler.BatchLayout.query_rows`); their keys may sit in any row of the
+micro-batch, on any rank — a document does not care where the nano-batch cut fell. So every round sends the
+keys of the whole micro-batch that its tasks need, and every nano-batch's queries, keys and values of a layer
+are computed before that layer's first round starts.
+
+The model's blocks are written as steps (:meth:`distca.model.llama.Block.steps`): compute, a core-attention
+call, compute. Everything but the call is row-wise, so each nano-batch runs the block's steps on its own rows.
+One layer, forward, with nano-batches A and B::
+
+    pre(A), pre(B) | start A's round, start B's round | wait A → post(A) | wait B → post(B)
+                                                        ^ B's attention runs here
+
+and backward, in reverse::
+
+    post-grad(A) → start A's round | post-grad(B) → start B's round | wait both → pre-grad(A, B)
+                                     ^ A's attention gradients run here
+
+A block with two attention calls (ShortSWA) repeats this per call. The block is one autograd function whose
+backward runs these rounds explicitly (the autograd engine would wait on each call in turn). With
+``checkpoint`` it keeps only the block's input and each call's attention output and log-sum-exp — no server
+round is repeated — and recomputes the linear work in its backward (selective recomputation).
+
+Every trainer of a plan issues the same rounds in the same order (A then B, layer by layer), so the in-place
+all-to-all and the collective data plane stay matched, and any client that speaks ``start_forward`` /
+``start_backward`` works: the pool over ZeroMQ or shared memory, its collective group, in-place servers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from distca.model.core import AttentionCall
+from distca.runtime.plan_exec import RankTensors
+from distca.scheduler import Plan
+
+
+@dataclass(frozen=True)
+class NanoPlans:
+    """One micro-batch's nano-batches on this rank: their rows and, per attention window, one plan each."""
+
+    rows: tuple[slice, ...]
+    plans: dict[int, tuple[Plan, ...]]
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise ValueError("a micro-batch needs at least one nano-batch")
+        for w, plans in self.plans.items():
+            if len(plans) != len(self.rows):
+                raise ValueError(f"window {w}: {len(plans)} plans for {len(self.rows)} nano-batches")
+
+    def plan(self, window: int, nano: int) -> Plan:
+        got = self.plans.get(window)
+        if got is None:
+            raise KeyError(f"no CAD plan for window {window}; planned windows: {sorted(self.plans)}")
+        return got[nano]
+
+
+@dataclass
+class _Level:
+    """One attention call of a block, over all nano-batches."""
+
+    window: int
+    calls: list[AttentionCall]  # per nano-batch, with the graph back to the block input (when kept)
+    attn: list[torch.Tensor] = field(default_factory=list)  # per nano-batch: its output rows, a leaf
+    out: torch.Tensor | None = None  # every row's output and lse (each row from its own nano-batch's round)
+    lse: torch.Tensor | None = None
+
+    def qkv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.cat([getattr(c, n).detach() for c in self.calls]) for n in "qkv")
+
+
+class PingPongBlocks:
+    """Runs a stage's blocks for one micro-batch as ping-pong nano-batches over ``client``
+    (the ``MicroContext.run_block`` of the training pipeline)."""
+
+    def __init__(self, client, nano: NanoPlans, checkpoint: bool = False):
+        self.client, self.nano, self.checkpoint = client, nano, checkpoint
+
+    def __call__(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        params = [p for p in block.parameters() if p.requires_grad]
+        return _PingPong.apply(self, block, x, cos, sin, len(params), *params)
+
+    # -- forward --------------------------------------------------------------------------------
+    def run(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[list[torch.Tensor], list[_Level]]:
+        """The block over the nano-batches: ``(each nano-batch's output rows, levels)``. Without ``saved`` each
+        attention call is a round per nano-batch, A's and B's in flight together; with ``saved``
+        (recomputation) the calls are answered from it and nothing is sent."""
+        rows = self.nano.rows
+        steps = [block.steps(x[r], cos[r], sin[r]) for r in rows]
+        calls = [next(s) for s in steps]  # every nano-batch's pre-attention work
+        outs: list[torch.Tensor | None] = [None] * len(rows)
+        levels: list[_Level] = []
+        while calls:
+            windows = {c.window for c in calls}
+            if len(windows) != 1:
+                raise RuntimeError(f"nano-batches of one block asked for different attention windows {windows}")
+            lvl = _Level(windows.pop(), calls)
+            if saved is None:
+                q, k, v = lvl.qkv()
+                t = RankTensors(q, k, v)
+                pending = [self.client.start_forward(self.nano.plan(lvl.window, i), t) for i in range(len(rows))]
+            else:
+                lvl.out, lvl.lse = saved[len(levels)]
+            nxt = []
+            for i, r in enumerate(rows):
+                if saved is None:
+                    out, lse = pending[i].wait()  # this round's own tensors: the leaf below views them
+                    if lvl.out is None:  # every nano-batch's rows are copied into one pair for the backward
+                        lvl.out, lvl.lse = torch.empty_like(out), torch.empty_like(lse)
+                    lvl.out[r], lvl.lse[r] = out[r], lse[r]
+                else:
+                    out = lvl.out
+                a = out[r].detach().requires_grad_(torch.is_grad_enabled())
+                lvl.attn.append(a)
+                try:  # this nano-batch's post-attention work, while the next one's round is still out
+                    nxt.append(steps[i].send(a))
+                except StopIteration as done:
+                    outs[i] = done.value
+            if nxt and len(nxt) != len(rows):
+                raise RuntimeError("nano-batches of one block made different numbers of attention calls")
+            levels.append(lvl)
+            calls = nxt
+        return outs, levels
+
+    # -- backward -------------------------------------------------------------------------------
+    def backward(self, x: torch.Tensor, ys: list[torch.Tensor], levels: list[_Level], params: list[torch.Tensor],
+                 dy: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """d(block input) and the parameters' gradients, given d(output): per attention call from the last,
+        each nano-batch's post-attention gradients and then its backward round, so one round is on the servers
+        while the next nano-batch's linear gradients are computed."""
+        rows, n = self.nano.rows, len(self.nano.rows)
+        gx: torch.Tensor | None = None
+        gp: list[torch.Tensor | None] = [None] * len(params)
+        gattn = [[None] * n for _ in levels]  # d(attention output) per call and nano-batch
+
+        def add(got, nano: int) -> None:
+            nonlocal gx
+            gx = _plus(gx, got[0])
+            for j, g in enumerate(got[1:1 + len(params)]):
+                gp[j] = _plus(gp[j], g)
+            for lv, g in enumerate(got[1 + len(params):]):
+                gattn[lv][nano] = _plus(gattn[lv][nano], g)
+
+        def grads(outputs, grad_outputs, nano: int, upto: int) -> None:
+            inputs = [x, *params, *(levels[lv].attn[nano] for lv in range(upto))]
+            got = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True)
+            add(got, nano)
+
+        back: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        for lv in range(len(levels) - 1, -1, -1):
+            lvl = levels[lv]
+            q, k, v = lvl.qkv()
+            t = RankTensors(q, k, v)
+            pending = []
+            for i, r in enumerate(rows):
+                if back is None:  # the block's output
+                    grads([ys[i]], [dy[r]], i, lv + 1)
+                else:  # the next call's q, k, v: its round's gradients on this nano-batch's rows
+                    nxt = levels[lv + 1].calls[i]
+                    grads([nxt.q, nxt.k, nxt.v], [g[r] for g in back], i, lv + 1)
+                dout = torch.zeros_like(lvl.out)
+                g = gattn[lv][i]
+                if g is not None:
+                    dout[r] = g
+                pending.append(self.client.start_backward(self.nano.plan(lvl.window, i), t, lvl.out, lvl.lse,
+                                                          dout))
+            dq, dk, dv = (None,) * 3
+            for p in pending:  # keys are shared: every nano-batch's round adds to dk, dv of any row
+                a, b, c = p.wait()
+                dq, dk, dv = _plus(dq, a), _plus(dk, b), _plus(dv, c)
+            back = (dq, dk, dv)
+        for i, r in enumerate(rows):
+            first = levels[0].calls[i]
+            grads([first.q, first.k, first.v], [g[r] for g in back], i, 0)
+        return gx, gp
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+class _PingPong(torch.autograd.Function):
+    """One block over the nano-batches; its backward runs the rounds (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, run: PingPongBlocks, block: nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, n_params: int, *params: torch.Tensor) -> torch.Tensor:
+        ctx.run, ctx.block, ctx.n_params = run, block, n_params
+        if run.checkpoint:  # keep the input and the attention outputs only; the linear work is recomputed
+            ys, levels = run.run(block, x, cos, sin)
+            ctx.saved = [(lvl.out, lvl.lse) for lvl in levels]
+            ctx.save_for_backward(x, cos, sin)
+            return torch.cat(ys)
+        with torch.enable_grad():
+            xl = x.detach().requires_grad_()
+            ys, levels = run.run(block, xl, cos, sin)
+        ctx.graph = (xl, ys, levels)
+        return torch.cat([y.detach() for y in ys])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        run, params = ctx.run, [p for p in ctx.block.parameters() if p.requires_grad]
+        if run.checkpoint:
+            x, cos, sin = ctx.saved_tensors
+            with torch.enable_grad():
+                xl = x.detach().requires_grad_()
+                ys, levels = run.run(ctx.block, xl, cos, sin, saved=ctx.saved)
+            ctx.saved = None
+        else:
+            xl, ys, levels = ctx.graph
+            ctx.graph = None
+        gx, gp = run.backward(xl, ys, levels, params, dy.contiguous())
+        if len(gp) != ctx.n_params:
+            raise RuntimeError(f"the block has {len(gp)} trainable parameters, {ctx.n_params} at forward")
+        return (None, None, gx, None, None, None, *gp)

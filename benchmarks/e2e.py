@@ -6,7 +6,7 @@
 
 What runs is what ``distca train`` runs (``distca.train.launch.train``): 4 DeepSpeed trainer processes
 (pipeline parallel 2 × data parallel 2, 1F1B, ZeRO-1, gloo), in one of these modes (``MODES``;
-``--modes`` picks them, all five by default):
+``--modes`` picks them; the five data planes by default):
 
 - ``local``: colocated core attention (``train.core_attention: local``), the baseline;
 - ``cad-zmq``: CAD over the Ray pool of 4 attention servers, rows as ZeroMQ frames (``cluster.data_plane: zmq``);
@@ -16,7 +16,10 @@ What runs is what ``distca train`` runs (``distca.train.launch.train``): 4 DeepS
   for the cores;
 - ``cad-shm``: the pool over shared memory (``cluster.data_plane: shm``);
 - ``cad-collective``: the pool joined to a data-plane process group (``cluster.data_plane: collective``, with
-  ``cluster.placement: dedicated``).
+  ``cluster.placement: dedicated``);
+- ``cad-zmq-serial``, ``cad-inplace-serial``: those planes without ping-pong (``train.pingpong: false``: one
+  attention round per block and micro-batch, awaited at once) and with every step's plans made on its critical
+  path (``train.prefetch: false``) — the "before" of issue 14, to compare side by side in one invocation.
 
 A mode names the data plane it asks for; the step records say which one ran (``data_plane``), and the
 tables show that: a plane not built yet runs as the pool's ZeroMQ plane and reports ``zmq``. Every mode
@@ -109,6 +112,11 @@ MODES: dict[str, tuple[str, ...]] = {
     "cad-shm": ("--train.core_attention=cad", "--cluster.data_plane=shm"),
     "cad-collective": ("--train.core_attention=cad", "--cluster.data_plane=collective",
                        "--cluster.placement=dedicated"),
+    # the same planes without ping-pong nano-batches and with each step's plans made on its critical path
+    "cad-zmq-serial": ("--train.core_attention=cad", "--cluster.data_plane=zmq", "--train.pingpong=false",
+                       "--train.prefetch=false"),
+    "cad-inplace-serial": ("--train.core_attention=cad", "--cluster.data_plane=inplace",
+                           "--cluster.placement=colocated", "--train.pingpong=false", "--train.prefetch=false"),
 }
 # upsample_long, and the longest document in multiples of train.tokens_per_rank
 DATA_DEFAULTS = {"pretrain": (16.0, 16), "prolong": (32.0, 32)}
@@ -321,7 +329,8 @@ def main() -> None:
     p.add_argument("--config", default="configs/tiny-cpu.yaml")
     p.add_argument("--steps", type=int, default=8, help="steps per run; the first is left out of the medians")
     p.add_argument("--dists", nargs="+", default=["pretrain", "prolong"], help="synthetic length distributions")
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+    p.add_argument("--modes", nargs="+", choices=list(MODES),
+                   default=[m for m in MODES if not m.endswith("-serial")],
                    help="what to compare (default: all); a mode whose data plane is not built yet runs anyway and "
                         "reports the plane that ran")
     p.add_argument("--tokens-per-rank", type=int, default=2048)

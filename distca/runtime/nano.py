@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from distca.model.core import AttentionCall
 from distca.runtime.plan_exec import RankTensors
 from distca.scheduler import Plan
 
@@ -67,7 +66,9 @@ class _Level:
     """One attention call of a block, over all nano-batches."""
 
     window: int
-    calls: list[AttentionCall]  # per nano-batch, with the graph back to the block input (when kept)
+    # per nano-batch, the call its steps yielded (the model's ``AttentionCall``: q, k, v, window), with the
+    # graph back to the block input when it is kept
+    calls: list
     attn: list[torch.Tensor] = field(default_factory=list)  # per nano-batch: its output rows, a leaf
     out: torch.Tensor | None = None  # every row's output and lse (each row from its own nano-batch's round)
     lse: torch.Tensor | None = None

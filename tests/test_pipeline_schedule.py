@@ -145,3 +145,80 @@ def test_the_blocking_transfers_of_a_tick_resolve_without_deadlock():
                         queues[peer].pop(0)
                         progressed = True
                 assert progressed, f"P={P} M={M} tick {t}: blocked with {queues}"
+
+
+# -- the pooled schedule's configuration and plans ---------------------------------------------------------------
+def _cfg(*over: str):
+    from distca.config import load_config
+
+    return load_config(None, ["--model.n_layers=4", "--cluster.n_trainers=4", "--train.pipeline_parallel=2", *over])
+
+
+def test_auto_pools_cad_on_pooling_data_planes_and_says_why_otherwise():
+    from distca.parts import pipeline_schedule
+
+    cad = "--train.core_attention=cad"
+    for plane in ("inplace", "shm", "zmq", "auto"):
+        assert pipeline_schedule(_cfg(cad, f"--cluster.data_plane={plane}"), "cpu")[0] == "pooled"
+    for over, why in [(("--train.core_attention=local",), "local"), ((cad, "--cluster.data_plane=collective"),
+                                                                      "collective"),
+                      ((cad, "--train.pipeline_parallel=1"), "one pipeline stage"),
+                      ((cad, "--model.n_layers=3"), "not a multiple"),
+                      ((cad, "--train.pipeline_schedule=1f1b"), "1f1b")]:
+        schedule, reason = pipeline_schedule(_cfg(*over), "cpu")
+        assert schedule == "1f1b" and why in reason, (over, reason)
+
+
+def test_pooled_is_refused_where_ticks_cannot_align():
+    from distca.errors import ConfigError
+
+    pooled = "--train.pipeline_schedule=pooled"
+    with pytest.raises(ConfigError, match="not a multiple"):
+        _cfg(pooled, "--model.n_layers=3")
+    with pytest.raises(ConfigError, match="collective"):
+        _cfg(pooled, "--train.core_attention=cad", "--cluster.data_plane=collective")
+    # interleaved ShortSWA with the windowed block on one stage only: round i would use two windows at once
+    with pytest.raises(ConfigError, match="different windows"):
+        _cfg(pooled, "--model.residual=shortswa", "--model.shortswa_window=8", "--model.shortswa_every=4")
+    _cfg(pooled, "--model.residual=shortswa", "--model.shortswa_window=8", "--model.shortswa_every=2")  # aligned
+    _cfg(pooled, "--train.core_attention=local")  # the schedule alone: no attention to pool, still the same math
+
+
+def test_tick_rounds_forward_in_order_backward_in_reverse_and_recompute_before_backward():
+    from distca.train.pooled import tick_rounds
+
+    blocks = [(8, -1), (8, -1)]  # ShortSWA: a windowed call, then full attention, per block
+    assert tick_rounds(blocks, False) == {F: [(F, 8), (F, -1), (F, 8), (F, -1)],
+                                          B: [(B, -1), (B, 8), (B, -1), (B, 8)]}
+    assert tick_rounds(blocks, True)[B] == [(F, 8), (F, -1), (B, -1), (B, 8), (F, 8), (F, -1), (B, -1), (B, 8)]
+
+
+def test_tick_plans_pool_every_stages_micro_batch_over_all_servers():
+    """One plan per active tick and window over all P x DP trainers: stage s's replicas hold the rows of the
+    micro-batch it runs in the tick (none when idle), every token of the tick is planned exactly once."""
+    import numpy as np
+
+    from distca.data.stream import PackedStream
+    from distca.train.data import make_source
+    from distca.train.pooled import PooledCAD, pooled_placement
+
+    cfg = _cfg("--train.core_attention=cad", "--cluster.data_plane=inplace", "--train.micro_batches=3",
+               "--train.tokens_per_rank=256", "--attention.shard_tokens=64", "--model.residual=shortswa",
+               "--model.shortswa_window=32", "--data.source=synthetic", "--data.n_docs=200", "--data.max_len=600")
+    P, DP, M = 2, 2, 3
+    stream = PackedStream(make_source(cfg), DP, 256, seed=1)
+    mbs = [stream.next_micro_batch() for _ in range(M)]
+    pooled = PooledCAD(cfg, 0, None, pooled_placement(cfg, "inplace"), None, serves=True)
+    plans = pooled.plan_step(mbs)
+    assert sorted(plans) == active_ticks(P, M)
+    for t, per in plans.items():
+        assert sorted(per) == [-1, 32]
+        for plan in per.values():
+            assert (plan.n_ranks, plan.n_servers) == (P * DP, P * DP)
+            planned = np.bincount(plan.task_rank, weights=plan.task_q1 - plan.task_q0, minlength=P * DP)
+            want = [sum(mbs[m].packed.ranks[d]) if m is not None else 0
+                    for m in (tick_micro(t, s, P, M) for s in range(P)) for d in range(DP)]
+            assert planned.tolist() == want, t
+            assert plan.window != -1 or plan.max_over_mean < 1.05  # balanced (a 32-token window: shards of 64)
+    # F tick 0 (stage 0 alone) and a steady tick (both stages) differ; the table follows the tick
+    assert plans[0][-1].digest() != plans[2][-1].digest()

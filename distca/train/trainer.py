@@ -3,8 +3,10 @@
 Per step, every rank draws the same micro-batches from the same seeded stream (so every rank knows
 every replica's documents without communication), builds its own rows' document layout, and — with
 ``core_attention: cad`` — computes the CAD plans of each micro-batch deterministically (DESIGN §3:
-every trainer uses the same plan). The data-parallel replicas of one pipeline stage are one plan's
-trainers; the stages share the server pool, each under its own plan ids (``CADClient.group``).
+every trainer uses the same plan). On DeepSpeed's 1F1B schedule the data-parallel replicas of one pipeline
+stage are one plan's trainers; the stages share the server pool, each under its own plan ids
+(``CADClient.group``). On the pooled schedule (:mod:`distca.train.schedule`, :mod:`distca.train.pooled`) one
+plan per tick spans every stage's trainers, and stages idle in a tick serve its rounds.
 
 Process groups, the server addresses and the metrics sink are passed in; nothing here reads
 environment variables (the launcher sets what ``torch.distributed`` and DeepSpeed need before calling us,

@@ -252,6 +252,11 @@ class TrainConfig:
     # (the same batches and plans; checkpoints keep the data position from before them).
     prefetch: bool = True
     max_restarts: int = 0  # after a failure (e.g. a lost server): replace dead servers, resume from a checkpoint
+    # The pipeline schedule. "1f1b": DeepSpeed's. "pooled": tick-aligned (every stage runs the same phase in each
+    # tick; a tick's attention tasks of all stages form one CAD plan over all servers; idle warm-up/cool-down
+    # stages serve attention). "auto": pooled for CAD on a data plane that supports it with more than one stage,
+    # else 1f1b (distca.parts.pipeline_schedule says which and why).
+    pipeline_schedule: Literal["auto", "1f1b", "pooled"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "pipeline_parallel", "micro_batches", "tokens_per_rank", "log_every",
@@ -292,9 +297,35 @@ class DistCAConfig:
             raise ConfigError("cluster.data_plane: inplace makes every trainer an attention server; it needs "
                               f"cluster.placement: colocated, got {self.cluster.placement!r}")
 
+        if self.train.pipeline_schedule == "pooled":
+            why = self.pooled_obstacle()
+            if why:
+                raise ConfigError(f"train.pipeline_schedule: pooled is not possible here: {why}")
+
     @property
     def data_parallel(self) -> int:
         return self.cluster.n_trainers // self.train.pipeline_parallel
+
+    def pooled_obstacle(self) -> str:
+        """Why this run cannot use the pooled, tick-aligned pipeline schedule ("" when it can).
+
+        In every tick each rank issues the same sequence of core-attention rounds, so the stages must hold
+        equally many blocks (``n_layers % pipeline_parallel == 0``) whose attention calls have the same windows
+        in the same order; the ``collective`` data plane's process group holds one stage's trainers only."""
+        pp, m = self.train.pipeline_parallel, self.model
+        if m.n_layers % pp:
+            return (f"model.n_layers ({m.n_layers}) is not a multiple of train.pipeline_parallel ({pp}): the stages "
+                    "would hold unequal numbers of blocks and issue unequal numbers of attention rounds per tick")
+        per = m.n_layers // pp
+        blocks = m.block_windows()
+        stages = {tuple(blocks[s * per:(s + 1) * per]) for s in range(pp)}
+        if len(stages) > 1:
+            return (f"the stages' blocks call attention with different windows ({sorted(stages)}): a tick's rounds "
+                    "must use one window at a time on every stage")
+        if self.train.core_attention == "cad" and self.cluster.data_plane == "collective":
+            return ("cluster.data_plane: collective moves rows in one process group per pipeline stage; a pooled "
+                    "tick needs every stage's trainers in one plan (use inplace, shm or zmq)")
+        return ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

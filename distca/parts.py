@@ -54,12 +54,14 @@ def attention_shape(cfg: DistCAConfig) -> AttentionShape:
 def server_settings(cfg: DistCAConfig, device: str = "cpu") -> ServerConfig:
     """One attention server's settings (named ``server``; launchers number them ``server0``, ...), computing on
     ``device`` (``cpu``, ``cuda`` or ``cuda:N``; launchers that give a server a GPU say which). A round's rows
-    are bounded by a micro-batch's tokens over the data-parallel replicas (a plan's trainers): no server ever
-    receives more q rows, or more k/v rows (each key token once per document on a server), than that."""
+    are bounded by one micro-batch's tokens on every trainer (the pooled schedule's tick plans hold one
+    micro-batch per stage; 1F1B's plans one stage's replicas): no server ever receives more q rows, or more k/v
+    rows (each key token once per document on a server), than that. The bound does not depend on the schedule,
+    so runs of either schedule share a pool."""
     m = cfg.model
     return ServerConfig(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, dtype=server_dtype(cfg),
                         backend=cfg.attention.backend, max_plans=cfg.train.max_server_plans,
-                        max_rows=cfg.data_parallel * cfg.train.tokens_per_rank, transport=transport_settings(cfg),
+                        max_rows=cfg.cluster.n_trainers * cfg.train.tokens_per_rank, transport=transport_settings(cfg),
                         device=device)
 
 
@@ -121,6 +123,26 @@ def data_plane(cfg: DistCAConfig, device: str) -> str:
     if plane != "auto":
         return plane
     return "inplace" if device == "cuda" else "shm"
+
+
+def pipeline_schedule(cfg: DistCAConfig, device: str) -> tuple[str, str]:
+    """``("pooled" | "1f1b", why)``: the pipeline schedule this run's trainers use on ``device`` (``cpu`` or
+    ``cuda``) and the reason. ``train.pipeline_schedule: auto`` is pooled for CAD with more than one stage on a
+    data plane that pools (in-place, shared memory, ZeroMQ frames), else DeepSpeed's 1F1B."""
+    want, pp = cfg.train.pipeline_schedule, cfg.train.pipeline_parallel
+    if want == "1f1b":
+        return "1f1b", "train.pipeline_schedule: 1f1b"
+    if want == "pooled":
+        return "pooled", "train.pipeline_schedule: pooled"
+    if cfg.train.core_attention != "cad":
+        return "1f1b", "auto: core attention is local, there is no attention to pool"
+    if pp == 1:
+        return "1f1b", "auto: one pipeline stage, nothing to pool"
+    why = cfg.pooled_obstacle()
+    if why:
+        return "1f1b", f"auto: {why}"
+    return "pooled", (f"auto: CAD on the {data_plane(cfg, device)} data plane pools the attention of all "
+                      f"{pp} stages per tick")
 
 
 def uses_pool(cfg: DistCAConfig, device: str) -> bool:

@@ -32,7 +32,7 @@ def test_server_settings_follow_model_attention_and_train_sections():
     s = server_settings(cfg)
     assert (s.n_heads, s.n_kv_heads, s.head_dim) == (6, 3, 64)
     assert s.backend == "sdpa" and s.max_plans == 17 and s.device == "cpu"
-    assert s.max_rows == cfg.data_parallel * cfg.train.tokens_per_rank  # a micro-batch over the replicas
+    assert s.max_rows == cfg.cluster.n_trainers * cfg.train.tokens_per_rank  # a micro-batch on every trainer
     assert s.transport == transport_settings(cfg)
 
 

@@ -89,13 +89,15 @@ def local_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cad_run(tmp_path_factory, pools):
-    cfg = tiny(tmp_path_factory.mktemp("cad"), **{"train.core_attention": "cad"})
+    """CAD on the pool (shared memory), on DeepSpeed's 1F1B schedule (the other CAD runs pool their ticks)."""
+    cfg = tiny(tmp_path_factory.mktemp("cad"), **{"train.core_attention": "cad", "train.pipeline_schedule": "1f1b"})
     return cfg, run(cfg, pools)
 
 
 @pytest.fixture(scope="module")
 def inplace_run(tmp_path_factory):
-    """CAD with in-place servers: every trainer serves its stage's plans, rows by all-to-all over gloo."""
+    """CAD with in-place servers, rows by all-to-all over gloo; ``auto`` pools the ticks of both stages, so every
+    trainer serves every tick's plan."""
     cfg = tiny(tmp_path_factory.mktemp("inplace"), **{"train.core_attention": "cad", "cluster.data_plane": "inplace"})
     return cfg, train(cfg)
 
@@ -124,12 +126,55 @@ def test_inplace_cad_matches_local_loss_every_step(local_run, inplace_run):
     assert [r["step"] for r in inplace.records] == list(range(STEPS))
     assert {r["data_plane"] for r in inplace.records} == {"inplace"}
     assert all(r["pingpong"] for r in inplace.records)
+    assert {r["pipeline_schedule"] for r in inplace.records} == {"pooled"}  # auto: CAD in place pools
+    assert {r["pipeline_schedule"] for r in local.records} == {"1f1b"}  # auto: nothing to pool
+    # pooled ticks with ping-pong: in every tick where a stage computes, every rank (computing or serving) ran the
+    # stage's one block's attention call as two rounds, one per nano-batch, forward or backward
+    for r in inplace.records:
+        assert r["plan_trainers"] == cfg.cluster.n_trainers
+        for tl in r["timeline_per_rank"]:
+            assert {e[6] for e in tl if e[1] != "-" and e[2] != "idle"} == {2}
     assert_same_curve(local.losses, inplace.losses)
     assert max(r["attn_load_max_over_mean_planned"] for r in inplace.records) < 1.1
     # every rank's own server did work every step (busy seconds of 4 in-place servers)
     assert all(len(r["server_busy_s"]) == cfg.cluster.n_trainers and min(r["server_busy_s"]) > 0
                for r in inplace.records)
     assert all(r["exchange_s_per_rank"] and max(r["exchange_s_per_rank"]) >= 0 for r in inplace.records)
+
+
+def test_pooled_ticks_with_checkpointing_match_local_loss_every_step(local_run, tmp_path):
+    """The pooled, tick-aligned schedule (issue 14) in place, with activation checkpointing: every stage runs the same
+    phase in each tick, one plan per tick spans all 4 trainers, stages idle in warm-up and cool-down serve the tick's
+    rounds, and each block's forward is recomputed in its B tick under that tick's plan. Loss = 1F1B's, every step.
+    Without ping-pong (``inplace_run`` covers pooled ticks with ping-pong)."""
+    _, local = local_run
+    cfg = tiny(tmp_path, **{"train.core_attention": "cad", "cluster.data_plane": "inplace",
+                            "train.pipeline_schedule": "pooled", "train.activation_checkpointing": True,
+                            "train.pingpong": False})
+    res = train(cfg)
+    assert_same_curve(local.losses, res.losses)
+    P, M = cfg.train.pipeline_parallel, cfg.train.micro_batches
+    last = 2 * (M + 2 * P - 2) - 1  # ticks 0 .. last; tick 2k is pair k's F tick, 2k + 1 its B tick
+    for r in res.records:
+        assert r["pipeline_schedule"] == "pooled" and r["plan_trainers"] == cfg.cluster.n_trainers  # pooled plans
+        ticks = [{e[0]: e for e in tl if e[1] != "-"} for tl in r["timeline_per_rank"]]
+        assert all(sorted(t) == list(range(last + 1)) for t in ticks)
+        for t in range(last + 1):
+            entries = [rank[t] for rank in ticks]
+            assert {e[1] for e in entries} == {"F" if t % 2 == 0 else "B"}
+            # every rank took part in the same rounds: 1 block per stage, one attention call (F tick); with
+            # checkpointing a B tick recomputes the block's forward, then runs its backward (2 rounds)
+            rounds = {0} if {e[2] for e in entries} == {"idle"} else {1 if t % 2 == 0 else 2}
+            assert {e[6] for e in entries} == rounds, (t, entries)
+        stage = r["stage_per_rank"]
+        for rank, t in enumerate(ticks):
+            # warm-up (tick 0): stage 0 computes micro-batch 0 and stage 1 serves; cool-down (the last B tick):
+            # stage 0 runs micro-batch M-1 backward and stage 1 serves; nobody computes in ticks 1 and last - 1
+            assert t[0][2] == ("compute" if stage[rank] == 0 else "serve")
+            assert t[last][2] == ("compute" if stage[rank] == 0 else "serve")
+            assert t[1][2] == t[last - 1][2] == "idle"
+            assert all(t[k][5] > 0 for k in (0, last))  # this rank's server worked in those ticks
+            assert sum(e[2] == "compute" for e in t.values()) == 2 * M
 
 
 def test_collective_data_plane_matches_local_every_step(local_run, pools, tmp_path):
@@ -248,7 +293,10 @@ def test_each_variant_learns(residual, tmp_path):
 def test_activation_checkpointing_trains_exactly_like_without_in_bf16_with_a_tied_head(tmp_path, pools):
     """bf16 CAD training with a tied head: recomputing the blocks in backward (activation checkpointing) gives
     the very same losses as keeping their activations, and the model learns from its N(0, 0.02) start."""
-    over = {"train.precision": "bf16", "model.tie_embeddings": True, "train.steps": 4, "train.core_attention": "cad"}
+    # 1F1B: a block's recomputation then runs under the very plan of its forward (the pooled schedule recomputes it
+    # in the B tick under that tick's plan: the same math, rounded by other kernel calls)
+    over = {"train.precision": "bf16", "model.tie_embeddings": True, "train.steps": 4, "train.core_attention": "cad",
+            "train.pipeline_schedule": "1f1b"}
     plain = run(tiny(tmp_path / "plain", **over), pools)
     ckpt = run(tiny(tmp_path / "ckpt", **over, **{"train.activation_checkpointing": True}), pools)
     assert ckpt.losses == plain.losses

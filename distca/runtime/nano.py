@@ -54,7 +54,9 @@ class NanoPlans:
             if len(plans) != len(self.rows):
                 raise ValueError(f"window {w}: {len(plans)} plans for {len(self.rows)} nano-batches")
 
-    def plan(self, window: int, nano: int) -> Plan:
+    def plan(self, window: int, nano: int, backward: bool = False) -> Plan:
+        """The plan of nano-batch ``nano``'s calls with ``window`` (the same for both passes here; under the pooled
+        schedule the backward's plan is another tick's, :class:`distca.runtime.pooled_attention.TickNanoPlans`)."""
         got = self.plans.get(window)
         if got is None:
             raise KeyError(f"no CAD plan for window {window}; planned windows: {sorted(self.plans)}")
@@ -79,9 +81,11 @@ class _Level:
 
 class PingPongBlocks:
     """Runs a stage's blocks for one micro-batch as ping-pong nano-batches over ``client``
-    (the ``MicroContext.run_block`` of the training pipeline)."""
+    (the ``MicroContext.run_block`` of the training pipeline). ``nano``: the nano-batches' ``rows`` and
+    ``plan(window, nano, backward)`` — a :class:`NanoPlans`, or the pooled schedule's tick-following
+    :class:`~distca.runtime.pooled_attention.TickNanoPlans`."""
 
-    def __init__(self, client, nano: NanoPlans, checkpoint: bool = False):
+    def __init__(self, client, nano, checkpoint: bool = False):
         self.client, self.nano, self.checkpoint = client, nano, checkpoint
 
     def __call__(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -171,8 +175,8 @@ class PingPongBlocks:
                 g = gattn[lv][i]
                 if g is not None:
                     dout[r] = g
-                pending.append(self.client.start_backward(self.nano.plan(lvl.window, i), t, lvl.out, lvl.lse,
-                                                          dout))
+                pending.append(self.client.start_backward(self.nano.plan(lvl.window, i, backward=True), t, lvl.out,
+                                                          lvl.lse, dout))
             dq, dk, dv = (None,) * 3
             for p in pending:  # keys are shared: every nano-batch's round adds to dk, dv of any row
                 a, b, c = p.wait()

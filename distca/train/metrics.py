@@ -43,7 +43,7 @@ import torch
 from distca.attention.cost import cum_pairs
 from distca.config import DistCAConfig, save_config
 from distca.errors import ConfigError
-from distca.parts import data_plane, train_device
+from distca.parts import data_plane, pipeline_schedule, train_device
 from distca.train.flops import step_flops
 
 if TYPE_CHECKING:
@@ -203,6 +203,11 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         **_data_plane(every),
         **_per_rank(every),
         "micro_batches": first.get("micro_batches"),
+        # the pipeline schedule ("1f1b" or "pooled"), how many trainers one CAD plan spans (pooled: every rank;
+        # 1F1B: one stage's replicas), and each rank's ticks (distca.train.schedule.Timeline)
+        "pipeline_schedule": first.get("pipeline_schedule"),
+        "plan_trainers": first.get("plan_trainers"),
+        "timeline_per_rank": [r.get("timeline") for r in every],
     }
 
 
@@ -442,8 +447,11 @@ def _setup_rows(cfg: DistCAConfig, plane: str) -> list[tuple[str, str]]:
     """What the run trains and how: the rows the header and the summary table share (``plane``: the CAD
     data plane to name)."""
     t, m = cfg.train, cfg.model
+    schedule, why = _planned_schedule(cfg)
     if t.core_attention != "cad":
         where = " (colocated)"
+    elif plane == "inplace" and schedule == "pooled":
+        where = f" in-place: all {cfg.cluster.n_trainers} trainers are its servers (all-to-all data plane)"
     elif plane == "inplace":
         where = f" in-place: each stage's {cfg.data_parallel} replicas are its servers (all-to-all data plane)"
     else:
@@ -453,7 +461,16 @@ def _setup_rows(cfg: DistCAConfig, plane: str) -> list[tuple[str, str]]:
         ("parallelism", f"PP={t.pipeline_parallel} x DP={cfg.data_parallel}, {t.micro_batches} micro-batches, "
                         f"ZeRO-{t.zero_stage}, {t.precision}"),
         ("core attention", t.core_attention + where),
+        ("pipeline schedule", f"{schedule} ({why})"),
     ]
+
+
+def _planned_schedule(cfg: DistCAConfig) -> tuple[str, str]:
+    """The pipeline schedule the config asks for on this machine, and why (``distca.parts.pipeline_schedule``)."""
+    try:
+        return pipeline_schedule(cfg, train_device(cfg))
+    except ConfigError:  # the run itself reports it
+        return cfg.train.pipeline_schedule, "as configured"
 
 
 def _planned_plane(cfg: DistCAConfig) -> str:

@@ -41,6 +41,11 @@ from distca.model.llama import Block, LMHead, TokenEmbedding
 BlockRunner = Callable[[Block, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def runner_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
+    """The core attention of a micro-batch whose blocks all go through its ``run_block``: never called."""
+    raise RuntimeError("this micro-batch runs its blocks through its block runner, never a single core-attention call")
+
+
 @dataclass
 class MicroContext:
     """One micro-batch on this rank: its documents, the core attention to use for it and, optionally, a runner

@@ -26,12 +26,14 @@ from distca.data.stream import MicroBatch, PackedStream
 @dataclass
 class PreparedStep:
     """One step's micro-batches, what ``prepare`` made of each (the trainer: its document layout and CAD plans),
-    the stream position before they were drawn, and the milliseconds drawing and preparing took."""
+    the stream position before they were drawn, the milliseconds drawing and preparing took, and what
+    ``prepare_step`` made of the step's micro-batches together (the pooled schedule's tick plans; else None)."""
 
     state: dict[str, Any]
     micro_batches: list[MicroBatch]
     parts: list[Any]
     ms: float
+    step: Any = None
 
 
 class StepPrefetch:
@@ -39,8 +41,9 @@ class StepPrefetch:
     prepare the next one in the background."""
 
     def __init__(self, stream: PackedStream, micro_batches: int, prepare: Callable[[MicroBatch], Any],
-                 background: bool = True):
+                 background: bool = True, prepare_step: Callable[[list[MicroBatch]], Any] | None = None):
         self.stream, self.n, self.prepare, self.background = stream, micro_batches, prepare, background
+        self.prepare_step = prepare_step
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="distca-prefetch") if background else None
         self._next: Future[PreparedStep] | None = None
 
@@ -49,7 +52,8 @@ class StepPrefetch:
         state = self.stream.state_dict()
         mbs = [self.stream.next_micro_batch() for _ in range(self.n)]
         parts = [self.prepare(mb) for mb in mbs]
-        return PreparedStep(state, mbs, parts, (time.perf_counter() - t0) * 1e3)
+        step = self.prepare_step(mbs) if self.prepare_step is not None else None
+        return PreparedStep(state, mbs, parts, (time.perf_counter() - t0) * 1e3, step)
 
     def take(self) -> PreparedStep:
         """This step: the one prepared in the background (waiting for it if it is not done), else prepared now."""

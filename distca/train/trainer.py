@@ -3,8 +3,10 @@
 Per step, every rank draws the same micro-batches from the same seeded stream (so every rank knows
 every replica's documents without communication), builds its own rows' document layout, and — with
 ``core_attention: cad`` — computes the CAD plans of each micro-batch deterministically (DESIGN §3:
-every trainer uses the same plan). The data-parallel replicas of one pipeline stage are one plan's
-trainers; the stages share the server pool, each under its own plan ids (``CADClient.group``).
+every trainer uses the same plan). On DeepSpeed's 1F1B schedule the data-parallel replicas of one pipeline
+stage are one plan's trainers; the stages share the server pool, each under its own plan ids
+(``CADClient.group``). On the pooled schedule (:mod:`distca.train.schedule`, :mod:`distca.train.pooled`) one
+plan per tick spans every stage's trainers, and stages idle in a tick serve its rounds.
 
 Process groups, the server addresses and the metrics sink are passed in; nothing here reads
 environment variables (the launcher sets what ``torch.distributed`` and DeepSpeed need before calling us,
@@ -31,16 +33,25 @@ import torch
 from distca.attention import resolve_backend
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
-from distca.parts import attention_shape, client_settings, data_plane, scheduler_settings, server_dtype
+from distca.parts import (
+    attention_shape,
+    client_settings,
+    data_plane,
+    pipeline_schedule,
+    scheduler_settings,
+    server_dtype,
+)
 from distca.scheduler import BatchLayout, Placement, make_plan
 from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.train.data import make_source
 from distca.train.flops import measure_peak_flops
 from distca.train.metrics import StepMeter, combine_ranks
-from distca.train.pipe import MicroContext, StepContext, build_pipeline, llama_parameters
+from distca.train.pipe import MicroContext, StepContext, build_pipeline, llama_parameters, runner_only
+from distca.train.pooled import PooledCAD, check_topology, describe, pooled_client, pooled_placement
 from distca.train.prefetch import StepPrefetch
 from distca.train.quiet import library_prints
 from distca.train.rank import RankInfo, bind_device, dist_backend, ds_accelerator, init_process_group
+from distca.train.schedule import Timeline, install
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +107,6 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str,
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def _no_core(q, k, v, window=-1):
-    raise RuntimeError("a ping-pong micro-batch runs its blocks through its block runner, never a single core call")
 
 
 def _cpu_deepspeed() -> None:
@@ -183,6 +190,12 @@ class Trainer:
         self.dp_group = self.engine.grid.get_data_parallel_group()
         topo = pipe.topology()
         self.devices = tuple(topo.get_rank(pipe=self.stage, data=d) for d in range(cfg.data_parallel))
+        # the pipeline schedule: DeepSpeed's 1F1B, or pooled ticks (distca.train.schedule, distca.train.pooled)
+        self.schedule, why = pipeline_schedule(cfg, self.device.type)
+        if info.rank == 0:
+            log.info("pipeline schedule: %s (%s)", self.schedule, why)
+        if self.schedule == "pooled":
+            check_topology(topo, cfg.train.pipeline_parallel, cfg.data_parallel)
         self.source = make_source(cfg)
         if self.source.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"data source {self.source.name} has {self.source.vocab_size} token ids but "
@@ -205,10 +218,20 @@ class Trainer:
                 log.warning("core attention on %s runs the dense reference kernel (the CUDA varlen kernels take "
                             "bf16/fp16, this run is %s): memory grows with the square of a document's length",
                             self.device, cfg.train.precision)
+        # pooled CAD: tick plans over every stage's trainers (None with 1F1B or local attention)
+        self.pooled = None
+        if self.schedule == "pooled" and self.client is not None:
+            self.placement = pooled_placement(cfg, self.plane)
+            self.pooled = PooledCAD(cfg, self.stage, self.client, self.placement, self.device,
+                                    serves=self.plane == "inplace", pingpong=self.pingpong)
+        self.timeline = Timeline(self.pooled.probe) if self.pooled is not None else Timeline()
+        install(self.engine, self.schedule, self.timeline, on_tick=self.pooled.enter if self.pooled else lambda t: None,
+                serve=self.pooled.serve if self.pooled else None)
         self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops(precision, device=self.device)
         self.meter = StepMeter(cfg, info.rank, self.stage, self.dp_rank, self.client, self.attn_timer, self.device)
         self.prefetch = StepPrefetch(self.stream, cfg.train.micro_batches, self._prepare,
-                                     background=cfg.train.prefetch)
+                                     background=cfg.train.prefetch,
+                                     prepare_step=self.pooled.plan_step if self.pooled is not None else None)
 
     def _cad_client(self):
         """The CAD runtime of this rank's data plane (None with local attention): in-place servers over the
@@ -218,6 +241,9 @@ class Trainer:
         settings = client_settings(cfg, self.device.type)
         if self.plane == "local":
             return None
+        if self.schedule == "pooled":  # one plan per tick over every stage's trainers
+            return pooled_client(cfg, self.plane, self.stage * cfg.data_parallel + self.dp_rank, self.device,
+                                 self.addresses)
         if self.plane == "inplace":
             from distca.runtime.inplace import InPlaceClient
             from distca.server.exchange import GroupRoles, RowExchange, RowFormat
@@ -245,7 +271,7 @@ class Trainer:
         first = PrefixRows.of(p.ranks, p.continues, d).n
         # on the rank's device before the step: RoPE tables and the kernels' offsets are built there
         layout = DocLayout.from_lengths(p.ranks[d], first_position=first).to(self.device)
-        if self.client is None:
+        if self.client is None or self.schedule == "pooled":  # pooled: tick plans, see PooledCAD.plan_step
             return layout, {}
         batch = BatchLayout.from_ranks(p.ranks, p.continues)
         if not self.pingpong:
@@ -268,7 +294,7 @@ class Trainer:
             rows = (slice(0, n // 2), slice(n // 2, n))  # as planned in _prepare
             run = PingPongBlocks(self.client, NanoPlans(rows, plans),
                                  checkpoint=self.cfg.train.activation_checkpointing)
-            return MicroContext(layout, _no_core, run_block=run)
+            return MicroContext(layout, runner_only, run_block=run)
         else:
             from distca.runtime.cad_attention import CADCoreAttention
 
@@ -287,7 +313,11 @@ class Trainer:
         the background thread while this one trains (``train.prefetch``)."""
         t0, c0 = time.perf_counter(), time.thread_time()
         prep = self.prefetch.take()
-        self.ctx.set([self._micro_context(mb, *part) for mb, part in zip(prep.micro_batches, prep.parts, strict=True)])
+        if self.pooled is not None:  # core attention follows the ticks' plans
+            self.ctx.set(self.pooled.contexts([layout for layout, _ in prep.parts], prep.step))
+        else:
+            self.ctx.set([self._micro_context(mb, *part)
+                          for mb, part in zip(prep.micro_batches, prep.parts, strict=True)])
         plan_ms = (time.perf_counter() - t0) * 1e3  # on the critical path: waiting for the step, the contexts
         plan_cpu_ms = (time.thread_time() - c0) * 1e3  # the same without time the OS gave other processes
         if prepare_next:  # after the contexts: the thread's first slice of the GIL then overlaps the step
@@ -297,8 +327,11 @@ class Trainer:
         mbs = prep.micro_batches
         with self.meter.measure(self.engine.module.parameters()):
             loss = float(self.engine.train_batch(data_iter=iter(self._batches(mbs))))
-        rec = self.meter.record(step, loss, float(self.engine.get_lr()[0]), mbs, [plans for _, plans in prep.parts],
-                                plan_ms)
+        plans = self.pooled.forward_plans() if self.pooled is not None else [plans for _, plans in prep.parts]
+        rec = self.meter.record(step, loss, float(self.engine.get_lr()[0]), mbs, plans, plan_ms)
+        rec["pipeline_schedule"], rec["timeline"] = self.schedule, self.timeline.entries
+        rec["plan_trainers"] = describe(prep.step)["plan_trainers"] if self.pooled is not None else \
+            next(((p[0] if isinstance(p, tuple) else p).n_ranks for _, per in prep.parts for p in per.values()), 0)
         rec["prepare_ms"] = prep.ms  # drawing and planning the step, in the background when prefetched
         rec["plan_cpu_ms"] = plan_cpu_ms
         rec["pingpong"] = self.pingpong

@@ -1,0 +1,94 @@
+"""Core attention under the pooled, tick-aligned pipeline schedule: the plan of each pass comes from the tick.
+
+In a pooled schedule every stage runs the same phase in each tick and one CAD plan per (tick, window) covers the
+rows of every stage's micro-batch of that tick (:mod:`distca.train.pooled` builds the plans, one step at a time).
+A micro-batch's forward rounds on a stage therefore use its forward tick's plan and its backward rounds its
+backward tick's plan — a different plan, shared with other stages' micro-batches. So, unlike
+:func:`~distca.runtime.cad_attention.cad_attention`, the plan is not saved at forward for the backward: each pass
+looks it up in the step's :class:`TickTable` under the tick the pipeline is in (the schedule sets
+``TickTable.tick`` as each tick starts). A forward run in the backward tick is activation checkpointing's
+recomputation and takes the backward tick's plan, as every other rank in that tick does.
+
+The client's trainer index in the plans is the rank's place among all stages' trainers (``stage * dp + replica``),
+fixed when the client is made.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distca.runtime.plan_exec import RankTensors
+from distca.scheduler import Plan
+
+
+class TickTable:
+    """One step's CAD plans, ``plans[tick][window]``, and the tick the pipeline is in now (``None`` outside a
+    step's schedule)."""
+
+    def __init__(self, plans: dict[int, dict[int, Plan]]):
+        self.plans, self.tick = plans, None
+
+    def plan(self, tick: int, window: int) -> Plan:
+        got = self.plans.get(tick, {}).get(window)
+        if got is None:
+            raise KeyError(f"no pooled CAD plan for tick {tick}, window {window}; planned ticks: {sorted(self.plans)}")
+        return got
+
+
+class _PooledCADAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, core: PooledCoreAttention, window: int):
+        out, lse = core.client.forward(core.plan(window, backward=False), RankTensors(q.detach(), k.detach(),
+                                                                                    v.detach()))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.core, ctx.window = core, window
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        core = ctx.core
+        dq, dk, dv = core.client.backward(core.plan(ctx.window, backward=True),
+                                          RankTensors(q.detach(), k.detach(), v.detach()), out, lse, dout.contiguous())
+        return dq, dk, dv, None, None
+
+
+class TickNanoPlans:
+    """Ping-pong under the pooled schedule: one micro-batch's nano-batch rows on this rank, and each call's plan
+    from the tick the pipeline is in (``table.plans[tick][window]`` holds one plan per nano-batch). With
+    ping-pong a recomputed forward sends nothing (:mod:`distca.runtime.nano`), so a forward is in the F tick."""
+
+    def __init__(self, rows: tuple[slice, ...], table: TickTable, forward_tick: int, backward_tick: int):
+        self.rows, self.table = rows, table
+        self.forward_tick, self.backward_tick = forward_tick, backward_tick
+
+    def plan(self, window: int, nano: int, backward: bool = False) -> Plan:
+        now, want = self.table.tick, (self.backward_tick if backward else self.forward_tick)
+        if now != want:
+            raise RuntimeError(f"pooled ping-pong: a {'backward' if backward else 'forward'} round in tick {now}, but "
+                               f"this micro-batch runs forward in tick {self.forward_tick} and backward in tick "
+                               f"{self.backward_tick}")
+        return self.table.plan(now, window)[nano]
+
+
+class PooledCoreAttention:
+    """The model's core-attention interface for one micro-batch on this rank under the pooled schedule: forward
+    in tick ``forward_tick`` (or, recomputed, in ``backward_tick``), backward in ``backward_tick``."""
+
+    def __init__(self, client, table: TickTable, forward_tick: int, backward_tick: int):
+        self.client, self.table = client, table
+        self.forward_tick, self.backward_tick = forward_tick, backward_tick
+
+    def plan(self, window: int, backward: bool) -> Plan:
+        """The plan of a pass now: the pipeline must be in this micro-batch's tick for it (never a stale plan)."""
+        now = self.table.tick
+        allowed = (self.backward_tick,) if backward else (self.forward_tick, self.backward_tick)
+        if now not in allowed:
+            raise RuntimeError(f"pooled core attention: a {'backward' if backward else 'forward'} pass in tick {now}, "
+                               f"but this micro-batch runs forward in tick {self.forward_tick} and backward in tick "
+                               f"{self.backward_tick}")
+        return self.table.plan(now, window)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
+        return _PooledCADAttention.apply(q, k, v, self, window)[0]

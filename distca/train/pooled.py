@@ -1,0 +1,216 @@
+"""CAD under the pooled, tick-aligned pipeline schedule (:mod:`distca.train.schedule`): one plan per (tick,
+window) over every stage's trainers, the step's micro-batch contexts whose core attention follows the ticks, and
+the attention rounds a stage idle in a tick serves.
+
+**Tick plans.** A tick's trainers are all ``P × DP`` ranks, trainer ``s * DP + d`` being stage ``s``'s replica
+``d`` (DeepSpeed's topology rank of ``(pipe=s, data=d)``, checked at start). Stage ``s``'s rows in a tick are the
+packed rows of the micro-batch it runs then (none when idle: ``BatchLayout.from_ranks`` takes empty rows), so one
+plan balances the attention of every stage's micro-batch of the tick over all servers: every rank's own server on
+the in-place data plane (``Placement(P·DP, P·DP, colocated)``), the pool's servers otherwise. Every rank computes
+every tick's plans from the same seeded micro-batches (DESIGN §3), on the prefetch thread with the rest of the
+next step (:class:`~distca.train.prefetch.StepPrefetch`): the plans travel with their step's micro-batches, so a
+stop or a resume never meets a stale plan. Ticks in which nobody computes get no plan.
+
+**Rounds.** In every tick each rank issues the same sequence of core-attention rounds as every active rank (the
+in-place data plane's rounds are all-to-alls of all ranks). F tick: the stage's blocks in order, each block's
+attention calls in order (``ModelConfig.block_windows``), one forward round each. B tick: the blocks in reverse,
+each block's calls in reverse, one backward round each — with activation checkpointing each block first
+recomputes its forward, so per block: its forward rounds, then its backward rounds. Stages hold equal blocks with
+equal windows (``DistCAConfig.pooled_obstacle``). An idle stage runs those rounds with zero rows of its own: on the
+in-place plane its server serves its share of every round; on the pool planes servers wait only for trainers that
+send them rows, so an idle rank has nothing to do and stays idle.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from distca.attention import lse_dtype
+from distca.config import DistCAConfig
+from distca.model.core import DocLayout
+from distca.parts import attention_shape, client_settings, scheduler_settings, server_dtype
+from distca.runtime.nano import PingPongBlocks
+from distca.runtime.plan_exec import RankTensors
+from distca.runtime.pooled_attention import PooledCoreAttention, TickNanoPlans, TickTable
+from distca.scheduler import BatchLayout, Placement, Plan, make_plan
+from distca.train.pipe import MicroContext, runner_only
+from distca.train.schedule import B, F, active_ticks, backward_tick, forward_tick, tick_micros, tick_phase
+
+log = logging.getLogger(__name__)
+
+Round = tuple[str, int]  # (F or B, window)
+
+
+def tick_batch(micro_batches: list, micros: tuple[int | None, ...]) -> BatchLayout:
+    """The tick's trainers' rows: stage ``s``'s replicas hold micro-batch ``micros[s]``'s packed rows (no rows when
+    None), trainer ``s * DP + d``. A document never continues across stages: each stage's first row starts one."""
+    ranks, continues = [], []
+    dp = len(micro_batches[0].packed.ranks)
+    for m in micros:
+        if m is None:
+            ranks += [[] for _ in range(dp)]
+            continues += [False] * dp
+        else:
+            p = micro_batches[m].packed
+            ranks += [list(r) for r in p.ranks]
+            continues += list(p.continues)
+    return BatchLayout.from_ranks(ranks, continues)
+
+
+def tick_rounds(block_windows: list[tuple[int, ...]], checkpointing: bool, nanos: int = 1) -> dict[str, list[Round]]:
+    """The rounds a stage whose blocks call attention with ``block_windows`` issues in an F and in a B tick; with
+    ping-pong (``nanos`` = 2) each call is one round per nano-batch, in nano-batch order, and a recomputed forward
+    sends nothing (:mod:`distca.runtime.nano` keeps the attention outputs), so checkpointing adds no rounds."""
+    fwd = [(F, w) for block in block_windows for w in block for _ in range(nanos)]
+    bwd: list[Round] = []
+    for block in reversed(block_windows):
+        if checkpointing and nanos == 1:  # the block's forward is recomputed before its backward
+            bwd += [(F, w) for w in block]
+        bwd += [(B, w) for w in reversed(block) for _ in range(nanos)]
+    return {F: fwd, B: bwd}
+
+
+def pooled_placement(cfg: DistCAConfig, plane: str) -> Placement:
+    """Where a tick plan's servers are: every rank's own (in-place), else the pool's, trainer ``t`` on device ``t``."""
+    n = cfg.cluster.n_trainers
+    if plane == "inplace":
+        return Placement(n, n, "colocated")
+    return Placement(n, cfg.cluster.n_servers, cfg.cluster.placement, tuple(range(n)))
+
+
+def check_topology(topo, stages: int, dp: int) -> None:
+    """The tick plans' trainer index ``s * DP + d`` must be DeepSpeed's global rank of ``(pipe=s, data=d)``."""
+    for s in range(stages):
+        for d in range(dp):
+            if topo.get_rank(pipe=s, data=d) != s * dp + d:
+                raise RuntimeError(f"DeepSpeed's topology puts (pipe={s}, data={d}) on rank "
+                                   f"{topo.get_rank(pipe=s, data=d)}, not {s * dp + d}: the pooled schedule's tick "
+                                   "plans number trainers stage-major")
+
+
+def pooled_client(cfg: DistCAConfig, plane: str, rank: int, device: torch.device, addresses: list[str]):
+    """This rank's CAD client for tick plans over all stages: in place, with rows by all-to-all over a group of
+    every rank (created here: every rank must call this, in the same order); else a pool client whose trainer
+    index is its global rank, in one plan-id namespace shared by all stages (``group=0``)."""
+    settings = client_settings(cfg, device.type)
+    if plane == "inplace":
+        import torch.distributed as dist
+
+        from distca.runtime.inplace import InPlaceClient
+        from distca.server.exchange import GroupRoles, RowExchange, RowFormat
+
+        world = dist.get_world_size()
+        group = dist.new_group(list(range(world)))
+        m = cfg.model
+        fmt = RowFormat(m.n_heads, m.n_kv_heads, m.head_dim, getattr(torch, server_dtype(cfg)))
+        return InPlaceClient(RowExchange(group, GroupRoles.inplace(world, rank), fmt, device), backend=settings.backend)
+    if plane == "collective":
+        raise ValueError("the collective data plane cannot run the pooled schedule (DistCAConfig.pooled_obstacle)")
+    from distca.runtime.client import CADClient
+
+    return CADClient(rank, addresses, settings.transport, backend=settings.backend, group=0, shm=settings.shm)
+
+
+class PooledCAD:
+    """One rank's CAD under the pooled schedule: plans a step's ticks, makes its micro-batch contexts, follows the
+    ticks (``enter``) and serves the rounds of ticks it is idle in (``serve``)."""
+
+    def __init__(self, cfg: DistCAConfig, stage: int, client, placement: Placement, device: torch.device,
+                 serves: bool, pingpong: bool = False):
+        """``serves``: this rank hosts an attention server (in place), so it takes part in every round.
+        ``pingpong``: blocks run as two nano-batches (:mod:`distca.runtime.nano`), each tick plan is one per
+        nano-batch: the queries of the first and of the second half of every trainer's rows."""
+        self.cfg, self.stage, self.client, self.placement, self.device = cfg, stage, client, placement, device
+        self.serves, self.pingpong = serves, pingpong
+        self.stages, self.micro_batches = cfg.train.pipeline_parallel, cfg.train.micro_batches
+        self.windows = sorted(set(cfg.model.attention_windows()))
+        self.shape = attention_shape(cfg)
+        per = cfg.model.n_layers // self.stages
+        blocks = cfg.model.block_windows()[stage * per:(stage + 1) * per]
+        self.rounds = tick_rounds(blocks, cfg.train.activation_checkpointing, 2 if pingpong else 1)
+        self.dtype = getattr(torch, server_dtype(cfg))
+        self.table = TickTable({})
+
+    # -- the prefetch thread ------------------------------------------------------------------------------------
+    def plan_step(self, micro_batches: list) -> dict[int, dict[int, Plan]]:
+        """Every active tick's plans by window (the same on every rank). Ticks holding the same micro-batches on
+        the same stages share their plans."""
+        made: dict[tuple, dict[int, Plan]] = {}
+        out = {}
+        for t in active_ticks(self.stages, len(micro_batches)):
+            micros = tick_micros(t, self.stages, len(micro_batches))
+            if micros not in made:
+                batch = tick_batch(micro_batches, micros)
+                if self.pingpong:
+                    tokens = batch.rank_tokens
+                    halves = [batch.query_rows(0 * tokens, tokens // 2), batch.query_rows(tokens // 2, tokens)]
+                    made[micros] = {w: tuple(make_plan(h, self.placement, scheduler_settings(self.cfg, w), self.shape,
+                                                       keys=batch)[0] for h in halves) for w in self.windows}
+                else:
+                    made[micros] = {w: make_plan(batch, self.placement, scheduler_settings(self.cfg, w),
+                                                 self.shape)[0] for w in self.windows}
+            out[t] = made[micros]
+        return out
+
+    # -- the step -----------------------------------------------------------------------------------------------
+    def contexts(self, layouts: list[DocLayout], plans: dict[int, dict[int, Plan]]) -> list[MicroContext]:
+        """The step's micro-batch contexts on this stage: micro-batch ``m``'s core attention takes the plans of
+        its forward and backward ticks from this step's table."""
+        self.table = TickTable(plans)
+        P, s = self.stages, self.stage
+        if self.pingpong:
+            out = []
+            for m, layout in enumerate(layouts):
+                n = int(layout.cu_seqlens[-1])
+                nano = TickNanoPlans((slice(0, n // 2), slice(n // 2, n)), self.table, forward_tick(m, s, P),
+                                     backward_tick(m, s, P))  # the rows plan_step's halves planned
+                run = PingPongBlocks(self.client, nano, checkpoint=self.cfg.train.activation_checkpointing)
+                out.append(MicroContext(layout, runner_only, run_block=run))
+            return out
+        return [MicroContext(layout, PooledCoreAttention(self.client, self.table, forward_tick(m, s, P),
+                                                         backward_tick(m, s, P)))
+                for m, layout in enumerate(layouts)]
+
+    def enter(self, tick: int | None) -> None:
+        """The schedule starts ``tick`` (None: the step's schedule is over)."""
+        self.table.tick = tick
+
+    def forward_plans(self) -> list[dict[int, Plan]]:
+        """The step's F-tick plans (what the step meter counts the planned attention load from)."""
+        return [p for t, p in sorted(self.table.plans.items()) if tick_phase(t) == F]
+
+    def serve(self, tick: int, phase: str) -> bool:
+        """Issue ``tick``'s rounds with no rows of this rank's own (a stage idle while others compute); True when
+        this rank served them."""
+        if not self.serves:
+            return False
+        if self.table.tick != tick or tick_phase(tick) != phase:
+            raise RuntimeError(f"serving tick {tick} ({phase}) while the schedule is in tick {self.table.tick}")
+        m, dev, dt = self.cfg.model, self.device, self.dtype
+        q = torch.empty((0, m.n_heads, m.head_dim), dtype=dt, device=dev)
+        kv = torch.empty((0, m.n_kv_heads, m.head_dim), dtype=dt, device=dev)
+        t = RankTensors(q, kv, kv)
+        lse = torch.empty((0, m.n_heads), dtype=lse_dtype(dt), device=dev)
+        with torch.no_grad():
+            for i, (kind, w) in enumerate(self.rounds[phase]):
+                plan = self.table.plan(tick, w)
+                if isinstance(plan, tuple):  # ping-pong: the rounds of a call go nano-batch by nano-batch
+                    plan = plan[i % len(plan)]
+                if kind == F:
+                    self.client.forward(plan, t)
+                else:
+                    self.client.backward(plan, t, q, lse, q)
+        return True
+
+    def probe(self) -> tuple[float, int]:
+        """This rank's own server's busy seconds and rounds so far (the timeline's server columns)."""
+        return float(getattr(self.client, "busy_s", 0.0)), int(getattr(self.client, "served", 0))
+
+
+def describe(plans: dict[int, dict[int, Plan]]) -> dict[str, Any]:
+    """A step's tick plans in brief, for its record: how many trainers a plan spans and how many ticks have one."""
+    first = next((p[0] if isinstance(p, tuple) else p for per in plans.values() for p in per.values()), None)
+    return {"plan_trainers": first.n_ranks if first is not None else 0, "planned_ticks": len(plans)}

@@ -208,6 +208,7 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         "pipeline_schedule": first.get("pipeline_schedule"),
         "plan_trainers": first.get("plan_trainers"),
         "timeline_per_rank": [r.get("timeline") for r in every],
+        "spans_per_rank": [r.get("spans") for r in every],
     }
 
 

@@ -28,7 +28,10 @@ the step's schedule) for either schedule: per tick ``[tick, phase, kind, t0, t1,
 phase ``F``/``B`` and kind ``compute`` (the rank ran a micro-batch), ``serve`` (it only served attention rounds)
 or ``idle``; the optimizer's reductions and step at the end are one more entry, phase ``-``, kind ``optimizer``.
 The server columns are the rank's own attention server's busy seconds and rounds in the tick (in-place; zero
-elsewhere).
+elsewhere). ``spans`` holds what the rank's instructions did when, ``[what, t0, t1]`` with ``what`` one of ``F``
+and ``B`` (a forward or backward pass, its attention rounds included), ``serve`` (an idle stage's rounds), ``p2p``
+(sending or receiving activations or gradients: waiting for a neighbour stage shows here) and ``optimizer``: the
+bubbles a plot of a step shows.
 
 The tick arithmetic here imports no DeepSpeed; the DeepSpeed classes are made when a schedule is installed.
 """
@@ -169,11 +172,15 @@ class Timeline:
 
     probe: Callable[[], tuple[float, int]] = lambda: (0.0, 0)
     entries: list[list] = field(default_factory=list)
+    spans: list[list] = field(default_factory=list)
     served: bool = False
     _t0: float = 0.0
 
     def start(self) -> None:
-        self.entries, self._t0 = [], time.perf_counter()
+        self.entries, self.spans, self._t0 = [], [], time.perf_counter()
+
+    def span(self, what: str, t0: float) -> None:
+        self.spans.append([what, round(t0 - self._t0, 6), round(time.perf_counter() - self._t0, 6)])
 
     def record(self, tick: int, phase: str, kind: str, t0: float, busy0: tuple[float, int]) -> None:
         busy, rounds = self.probe()
@@ -243,7 +250,39 @@ def install(engine, schedule: str, timeline: Timeline, on_tick: Callable[[int | 
 
     engine._train_schedule = train_schedule
     engine._distca_timeline = timeline
+    handlers = dict(type(engine)._INSTRUCTION_MAP)
     if schedule == "pooled":
         engine._distca_serve = serve or (lambda tick, phase: False)
-        # ``_exec_schedule`` binds each handler to the engine (``MethodType(handler, self)``)
-        engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, ServeTick: _exec_serve_tick}
+        handlers[ServeTick] = _exec_serve_tick
+    # ``_exec_schedule`` binds each handler to the engine (``MethodType(handler, self)``): wrap them to time spans
+    engine._INSTRUCTION_MAP = {kind: _timed(handler, _span_name(kind, ServeTick)) for kind, handler in handlers.items()}
+
+
+def _span_name(kind: type, serve_tick: type) -> str | None:
+    """What a span of an instruction of ``kind`` is called (None: not timed)."""
+    _, _, ds = _deepspeed_classes()
+    if kind is ds.ForwardPass:
+        return F
+    if kind is ds.BackwardPass:
+        return B
+    if kind is serve_tick:
+        return SERVE
+    if kind in (ds.SendActivation, ds.RecvActivation, ds.SendGrad, ds.RecvGrad):
+        return "p2p"
+    if kind in (ds.ReduceTiedGrads, ds.ReduceGrads, ds.OptimizerStep):
+        return "optimizer"
+    return None
+
+
+def _timed(handler: Callable, what: str | None) -> Callable:
+    if what is None:
+        return handler
+
+    @functools.wraps(handler)
+    def run(engine, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return handler(engine, *args, **kwargs)
+        finally:
+            engine._distca_timeline.span(what, t0)
+    return run

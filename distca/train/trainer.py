@@ -224,7 +224,12 @@ class Trainer:
             self.placement = pooled_placement(cfg, self.plane)
             self.pooled = PooledCAD(cfg, self.stage, self.client, self.placement, self.device,
                                     serves=self.plane == "inplace", pingpong=self.pingpong)
-        self.timeline = Timeline(self.pooled.probe) if self.pooled is not None else Timeline()
+        if self.pooled is not None:
+            self.timeline = Timeline(self.pooled.probe)
+        elif hasattr(self.client, "busy_s") and hasattr(self.client, "served"):  # an in-place rank's own server
+            self.timeline = Timeline(lambda: (float(self.client.busy_s), int(self.client.served)))
+        else:
+            self.timeline = Timeline()
         install(self.engine, self.schedule, self.timeline, on_tick=self.pooled.enter if self.pooled else lambda t: None,
                 serve=self.pooled.serve if self.pooled else None)
         self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops(precision, device=self.device)
@@ -330,6 +335,7 @@ class Trainer:
         plans = self.pooled.forward_plans() if self.pooled is not None else [plans for _, plans in prep.parts]
         rec = self.meter.record(step, loss, float(self.engine.get_lr()[0]), mbs, plans, plan_ms)
         rec["pipeline_schedule"], rec["timeline"] = self.schedule, self.timeline.entries
+        rec["spans"] = self.timeline.spans
         rec["plan_trainers"] = describe(prep.step)["plan_trainers"] if self.pooled is not None else \
             next(((p[0] if isinstance(p, tuple) else p).n_ranks for _, per in prep.parts for p in per.values()), 0)
         rec["prepare_ms"] = prep.ms  # drawing and planning the step, in the background when prefetched

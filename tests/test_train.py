@@ -98,7 +98,8 @@ def cad_run(tmp_path_factory, pools):
 def inplace_run(tmp_path_factory):
     """CAD with in-place servers, rows by all-to-all over gloo; ``auto`` pools the ticks of both stages, so every
     trainer serves every tick's plan."""
-    cfg = tiny(tmp_path_factory.mktemp("inplace"), **{"train.core_attention": "cad", "cluster.data_plane": "inplace"})
+    cfg = tiny(tmp_path_factory.mktemp("inplace"), **{"train.core_attention": "cad", "cluster.data_plane": "inplace",
+                                                        "train.checkpoint_every": 7})
     return cfg, train(cfg)
 
 
@@ -202,6 +203,21 @@ def test_resume_from_a_mid_run_checkpoint_continues_the_same_curve_exactly(local
     resumed = train(tiny(tmp_path, **{"train.core_attention": "local", "train.resume": True,
                                       "train.checkpoint_dir": str(ckpt)}))
     assert (resumed.start_step, resumed.end_step) == (14, STEPS)
+    assert resumed.losses == straight.losses[14:]  # bit for bit
+
+
+def test_pooled_pingpong_resume_continues_the_same_curve_exactly(inplace_run, tmp_path):
+    """CAD in place on pooled ticks with ping-pong (the defaults there): resumed from the step-14 checkpoint, the
+    run continues bit for bit (the prefetched plans of a resumed run are drawn from the restored data position)."""
+    cfg, straight = inplace_run
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(Path(cfg.output_dir) / "checkpoints", ckpt)
+    (ckpt / "latest").write_text("step00000014")
+    resumed = train(tiny(tmp_path, **{"train.core_attention": "cad", "cluster.data_plane": "inplace",
+                                      "train.resume": True, "train.checkpoint_dir": str(ckpt)}))
+    assert (resumed.start_step, resumed.end_step) == (14, STEPS)
+    assert {r["pipeline_schedule"] for r in resumed.records} == {"pooled"}
+    assert all(r["pingpong"] for r in resumed.records)
     assert resumed.losses == straight.losses[14:]  # bit for bit
 
 

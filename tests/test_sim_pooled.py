@@ -127,3 +127,21 @@ def test_prefetched_plans_leave_the_critical_path():
     c0 = simulate_step(TINY, cpu, Parallelism(), base, [mb]).step_s
     c1 = simulate_step(TINY, cpu, Parallelism(), SimOptions(system="cad", plan_s=0.01), [mb]).step_s
     assert c0 < c1 <= c0 + 0.01 + 1e-12
+
+
+def test_validation_reads_schedule_pingpong_and_prefetch_and_weights_calibrations():
+    from distca.config import load_config
+    from distca.sim.calibrate import average_hardware
+    from distca.sim.validate import run_options
+
+    cfg = load_config("configs/tiny-cpu.yaml", []).to_dict()
+    _, _, opt = run_options(cfg)
+    assert (opt.schedule, opt.pingpong, opt.prefetch_plans) == ("1f1b", False, cfg["train"]["prefetch"])
+    cfg["train"].update(pipeline_schedule="pooled", pingpong=True, prefetch=False)  # keys the trainer adds
+    _, _, opt = run_options(cfg)
+    assert (opt.schedule, opt.pingpong, opt.prefetch_plans) == ("pooled", True, False)
+    a, b = _hw(linear_flops=1e9, cores=2.0), _hw(linear_flops=3e9, cores=1.0)
+    m = average_hardware([a, b], weights=[0.75, 0.25])
+    assert math.isclose(m.linear_flops, 1.5e9) and math.isclose(m.cores, 1.75)
+    with pytest.raises(ValueError, match="weights"):
+        average_hardware([a, b], weights=[1.0])

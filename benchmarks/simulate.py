@@ -63,63 +63,92 @@ def _run_e2e(args, out_dir: Path) -> float:
     return time.time() - t0
 
 
-def _run_weights(e2e: dict) -> dict[str, float]:
-    """Where each run sits in time between the calibration before (0) and after (1) its e2e invocation:
-    the midpoint of its wall time over the invocation's runs, in order."""
+def _run_spans(e2e: dict, t0: float, t1: float) -> dict[str, tuple[float, float, float]]:
+    """Per run of one e2e invocation that ran from ``t0`` to ``t1``: its start and end (its share of the
+    invocation's wall time, in order) and its midpoint as a fraction of the invocation (0: at the
+    calibration before it, 1: at the one after)."""
     walls = {name: float(r.get("wall_s") or 1.0) for name, r in e2e["runs"].items()}
     total, done, out = sum(walls.values()), 0.0, {}
     for name, w in walls.items():
-        out[name] = (done + w / 2) / total
+        a, b = done / total, (done + w) / total
+        out[name] = (t0 + a * (t1 - t0), t0 + b * (t1 - t0), (a + b) / 2)
         done += w
     return out
 
 
 def validate(args) -> None:
+    import dataclasses
+    import os
     import time
 
     from distca.sim.calibrate import average_hardware
+    from distca.sim.hostload import HostLoad
     from distca.sim.validate import replay
 
     dest = out_dir("sim")
+    load = HostLoad().start() if HostLoad.available() else None
+    ncpu = float(os.cpu_count() or 1)
+
+    def calibrate(config):
+        a = time.time()
+        hw = _calibrate(config)
+        b = time.time()
+        return {"t": (a, b), "hw": hw, "foreign": load.foreign_cores(a, b) if load else 0.0}
+
     if args.run_e2e:
         # calibrations interleaved with the measured runs: before the first repeat, then after each one;
         # each run is replayed on the two calibrations around it, weighted by how near in time it is
         from distca.config import load_config
 
-        cfg = load_config(args.config, []).to_dict()
-        cals = [(time.time(), _calibrate(cfg))]
-        files = []
+        cals = [calibrate(load_config(args.config, []).to_dict())]
+        files, windows = [], []
         for i in range(args.repeats):
             path = dest / f"e2e-r{i}" / "e2e.json"
+            t0 = time.time()
             wall = _run_e2e(args, path.parent)
-            print(f"repeat {i}: e2e {wall:.0f} s", file=sys.stderr, flush=True)
+            windows.append((t0, time.time()))
+            print(f"repeat {i}: e2e {wall:.0f} s, others took "
+                  f"{load.foreign_cores(t0, time.time()) if load else float('nan'):.2f} cores", file=sys.stderr,
+                  flush=True)
             files.append(path)
-            cals.append((time.time(), _calibrate(json.loads(path.read_text())["runs"].popitem()[1]["config"])))
+            cals.append(calibrate(json.loads(path.read_text())["runs"].popitem()[1]["config"]))
     else:
         files = [Path(p) for p in args.e2e]
         cfg = next(iter(json.loads(files[0].read_text())["runs"].values()))["config"]
-        cals = [(time.time(), _calibrate(cfg))] * (len(files) + 1)
-    results: list[dict] = []  # one per repeat: run -> replay (+ before/after-only errors)
+        cals = [calibrate(cfg)] * (len(files) + 1)
+        windows = [None] * len(files)
+    if load:
+        load.stop()
+    results: list[dict] = []  # one per repeat: run -> replay (+ other calibrations' errors)
     for i, path in enumerate(files):
         e2e = json.loads(path.read_text())
-        before, after = cals[i][1], cals[i + 1][1]
-        weights = _run_weights(e2e)
+        before, after = cals[i], cals[i + 1]
+        spans = _run_spans(e2e, *(windows[i] or (0.0, 1.0)))
         rep = {}
         for name, run in e2e["runs"].items():
-            f = weights[name]
-            hw = average_hardware([before, after], name="this host (calibrated)", weights=[1 - f, f])
-            r = replay(run, hw)
-            r["weight_after"] = f
-            r["error_before_only"] = replay(run, before)["error"]
-            r["error_after_only"] = replay(run, after)["error"]
+            a, b, f = spans[name]
+            hw = average_hardware([before["hw"], after["hw"]], name="this host (calibrated)", weights=[1 - f, f])
+            r_interp = replay(run, hw)
+            # the calibrated cores (throughput of our processes relative to one alone) on the part of the
+            # host that other tenants left to the run
+            f_cal = (1 - f) * before["foreign"] + f * after["foreign"]
+            f_run = load.foreign_cores(a, b) if load and windows[i] else 0.0
+            cores = max(0.25, hw.cores * max(0.0, ncpu - f_run) / ncpu)
+            r = replay(run, dataclasses.replace(hw, cores=cores))
+            r.update(weight_after=f, foreign_cal=f_cal, foreign_run=f_run, cores=cores,
+                     error_interpolated=r_interp["error"], predicted_interpolated_s=r_interp["predicted_s"],
+                     error_before_only=replay(run, before["hw"])["error"],
+                     error_after_only=replay(run, after["hw"])["error"])
             rep[name] = r
         results.append(rep)
-    hw_all = average_hardware([c for _, c in cals], name="this host (calibrated)")
+    cals_hw = [c["hw"] for c in cals]
+    hw_all = average_hardware(cals_hw, name="this host (calibrated)")
     hw_all.save(dest / "host.json")
     info = run_info(torch.device("cpu"), e2e=" ".join(str(f) for f in files), repeats=len(files), steps=args.steps,
                     overrides=" ".join(args.set) or "none",
-                    effective_cores=" ".join(f"{c.cores:.2f}" for _, c in cals),
-                    linear_gflops=" ".join(f"{c.linear_flops / 1e9:.1f}" for _, c in cals),
+                    effective_cores=" ".join(f"{c['hw'].cores:.2f}" for c in cals),
+                    foreign_cores_at_calibrations=" ".join(f"{c['foreign']:.2f}" for c in cals),
+                    linear_gflops=" ".join(f"{c['hw'].linear_flops / 1e9:.1f}" for c in cals),
                     ipc_gbps=round(hw_all.intra.bandwidth / 1e9, 2),
                     ipc_latency_us=round(1e6 * hw_all.intra.latency_s, 1))
     names = list(results[0])
@@ -135,12 +164,19 @@ def validate(args) -> None:
              *markdown_table(["run", "attention", *[f"repeat {i + 1}: measured / predicted s (error)"
                                                     for i in range(len(results))], "error spread", "within 20%"],
                              rows)]
-    lines += ["", "Replayed on the calibration before or after alone (drift): " + "; ".join(
-        f"repeat {i + 1}: " + ", ".join(f"{n} {100 * r['error_before_only']:+.0f}% / "
-                                       f"{100 * r['error_after_only']:+.0f}%" for n, r in rep.items())
-        for i, rep in enumerate(results))]
+    drift = [[f"{i + 1}", name, f"{r['foreign_cal']:.2f}", f"{r['foreign_run']:.2f}", f"{r['cores']:.2f}",
+              f"{100 * r['error']:+.1f}%", f"{100 * r['error_interpolated']:+.1f}%",
+              f"{100 * r['error_before_only']:+.0f}% / {100 * r['error_after_only']:+.0f}%"]
+             for i, rep in enumerate(results) for name, r in rep.items()]
+    lines += ["", "Per run: cores other tenants took around the calibrations (interpolated) and during the run, "
+                  "the cores the replay gives our processes, and the error with that correction, without it "
+                  "(calibrations interpolated in time only), and on the calibration before / after alone:", "",
+              *markdown_table(["repeat", "run", "others' cores at calibration", "others' cores in run",
+                               "our cores", "error", "error without load correction", "before / after alone"],
+                              drift)]
     print("\n".join(lines))
-    cal_json = [{"t": t, "hardware": json.loads(c.to_json())} for t, c in cals]
+    cal_json = [{"t": c["t"], "foreign_cores": c["foreign"], "hardware": json.loads(c["hw"].to_json())}
+                for c in cals]
     write_json(dest / "validate.json", {"info": info, "repeats": results, "calibrations": cal_json})
     try:
         import matplotlib

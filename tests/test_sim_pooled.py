@@ -145,3 +145,18 @@ def test_validation_reads_schedule_pingpong_and_prefetch_and_weights_calibration
     assert math.isclose(m.linear_flops, 1.5e9) and math.isclose(m.cores, 1.75)
     with pytest.raises(ValueError, match="weights"):
         average_hardware([a, b], weights=[1.0])
+
+
+def test_host_load_interpolates_foreign_cores():
+    from distca.sim.hostload import HostLoad
+
+    h = HostLoad()
+    h.t, h.foreign_s = [0.0, 1.0, 3.0], [0.0, 0.5, 2.5]  # others: 0.5 cores, then 1 core
+    assert math.isclose(h.foreign_cores(0.0, 1.0), 0.5) and math.isclose(h.foreign_cores(1.0, 3.0), 1.0)
+    assert math.isclose(h.foreign_cores(0.5, 2.0), (1.5 - 0.25) / 1.5)
+    assert h.foreign_cores(2.0, 2.0) == 0.0
+    if HostLoad.available():
+        h = HostLoad(period_s=0.05).start()
+        h.sample()
+        h.stop()
+        assert len(h.t) >= 2 and h.foreign_s[-1] >= 0.0

@@ -4,15 +4,20 @@
     Calibrates the simulator on this machine (one block's linear work, single attention tasks, the
     optimizer step and ZeroMQ ipc, with the threads a trainer uses), replays every step that
     ``benchmarks/e2e.py`` measured — same model, parallelism, scheduler settings and the exact packed
-    documents — and compares the median predicted step time with the measured one, per run.
+    documents — and compares the median predicted step time with the measured one, per run. With
+    ``--run-e2e`` it measures ``--repeats`` times, calibrating before the first repeat and after each
+    one; every run is replayed on the two calibrations around it, interpolated by the run's position
+    in time, and the table gives each repeat's error and the spread.
 ``grid``
     Predicts CAD vs the WLB-LLM-style baseline (and plain colocated packing) over the paper's grid
     (8B/34B; 64-512 GPUs; 128K-512K maximum document length; pretrain/prolong; 3D and 4D), with a
     table and a plot next to the paper's published ranges.
 
-    python benchmarks/simulate.py validate --run-e2e     # calibrate, run e2e.py, calibrate, compare
-    python benchmarks/simulate.py validate [--e2e out/e2e/e2e.json]   # replay an existing e2e.json
+    python benchmarks/simulate.py validate --run-e2e [--repeats 3] [--steps 6] [--set train.pingpong=true]
+                                           # calibrate, then per repeat: run e2e.py, calibrate; compare
+    python benchmarks/simulate.py validate [--e2e out/e2e/e2e.json ...]   # replay existing e2e.json files
     python benchmarks/simulate.py grid [--hardware distca/sim/data/h200-measured.json] [--seeds 3]
+                                       [--schedule 1f1b|pooled|both]
 
 Results go to out/sim/ (JSON and PNG); the printed tables paste into BENCHMARKS.md.
 """
@@ -20,12 +25,11 @@ Results go to out/sim/ (JSON and PNG); the printed tables paste into BENCHMARKS.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,7 +37,7 @@ from common import header_lines, markdown_table, out_dir, run_info, write_json
 
 from distca.config import ModelConfig
 from distca.sim.cli import load_hardware
-from distca.sim.report import grid_rows, run_grid
+from distca.sim.report import grid_rows, run_grid, summary_rows
 
 
 def _calibrate(config: dict):
@@ -48,48 +52,132 @@ def _calibrate(config: dict):
     return hw
 
 
-def validate(args) -> None:
+def _run_e2e(args, out_dir: Path) -> float:
     import subprocess
+    import time
+
+    t0 = time.time()
+    overrides = [f"--{kv}" for kv in args.set]
+    subprocess.run([sys.executable, str(Path(__file__).parent / "e2e.py"), "--config", args.config, "--steps",
+                    str(args.steps), "--modes", "local", "cad-zmq", "--out-dir", str(out_dir), *overrides], check=True)
+    return time.time() - t0
+
+
+def _run_spans(e2e: dict, t0: float, t1: float) -> dict[str, tuple[float, float, float]]:
+    """Per run of one e2e invocation that ran from ``t0`` to ``t1``: its start and end (its share of the
+    invocation's wall time, in order) and its midpoint as a fraction of the invocation (0: at the
+    calibration before it, 1: at the one after)."""
+    walls = {name: float(r.get("wall_s") or 1.0) for name, r in e2e["runs"].items()}
+    total, done, out = sum(walls.values()), 0.0, {}
+    for name, w in walls.items():
+        a, b = done / total, (done + w) / total
+        out[name] = (t0 + a * (t1 - t0), t0 + b * (t1 - t0), (a + b) / 2)
+        done += w
+    return out
+
+
+def validate(args) -> None:
+    import dataclasses
+    import os
+    import time
 
     from distca.sim.calibrate import average_hardware
-    from distca.sim.validate import validate_file
+    from distca.sim.hostload import HostLoad
+    from distca.sim.validate import replay
 
     dest = out_dir("sim")
+    load = HostLoad().start() if HostLoad.available() else None
+    ncpu = float(os.cpu_count() or 1)
+
+    def calibrate(config):
+        a = time.time()
+        hw = _calibrate(config)
+        b = time.time()
+        return {"t": (a, b), "hw": hw, "foreign": load.foreign_cores(a, b) if load else 0.0}
+
     if args.run_e2e:
-        # calibrate, measure, calibrate: the machine drifts, so the model gets the mean of both sides
+        # calibrations interleaved with the measured runs: before the first repeat, then after each one;
+        # each run is replayed on the two calibrations around it, weighted by how near in time it is
         from distca.config import load_config
 
-        before = _calibrate(load_config(args.config, []).to_dict())
-        # the modes the simulator models: colocated, and CAD servers as separate processes (the ZeroMQ pool)
-        subprocess.run([sys.executable, str(Path(__file__).parent / "e2e.py"), "--config", args.config, "--steps",
-                        str(args.steps), "--modes", "local", "cad-zmq", "--out-dir", str(Path(args.e2e).parent)],
-                       check=True)
-        after = _calibrate(json.loads(Path(args.e2e).read_text())["runs"].popitem()[1]["config"])
-        parts = [before, after]
+        cals = [calibrate(load_config(args.config, []).to_dict())]
+        files, windows = [], []
+        for i in range(args.repeats):
+            path = dest / f"e2e-r{i}" / "e2e.json"
+            t0 = time.time()
+            wall = _run_e2e(args, path.parent)
+            windows.append((t0, time.time()))
+            print(f"repeat {i}: e2e {wall:.0f} s, others took "
+                  f"{load.foreign_cores(t0, time.time()) if load else float('nan'):.2f} cores", file=sys.stderr,
+                  flush=True)
+            files.append(path)
+            cals.append(calibrate(json.loads(path.read_text())["runs"].popitem()[1]["config"]))
     else:
-        parts = [_calibrate(next(iter(json.loads(Path(args.e2e).read_text())["runs"].values()))["config"])]
-    hw = average_hardware(parts, name="this host (calibrated)")
-    hw.save(dest / "host.json")
-    spread = {f"calibration_{i}": validate_file(args.e2e, p) for i, p in enumerate(parts)}
-    res = validate_file(args.e2e, hw)
-    nominal = validate_file(args.e2e, dataclasses.replace(hw, cores=float(os.cpu_count() or 1)))
-    info = run_info(torch.device("cpu"), e2e=args.e2e, effective_cores=round(hw.cores, 2),
-                    linear_gflops=round(hw.linear_flops / 1e9, 2),
-                    linear_overhead_ms=round(1e3 * hw.linear_overhead_s, 3),
-                    ipc_gbps=round(hw.intra.bandwidth / 1e9, 2), ipc_latency_us=round(1e6 * hw.intra.latency_s, 1))
-    rows = [[name, r["system"], r["steps"], f"{r['measured_s']:.3f}", f"{r['predicted_s']:.3f}",
-             f"{100 * r['error']:+.1f}%", "yes" if abs(r["error"]) <= 0.20 else "NO",
-             f"{nominal[name]['predicted_s']:.3f} ({100 * nominal[name]['error']:+.1f}%)"] for name, r in res.items()]
+        files = [Path(p) for p in args.e2e]
+        cfg = next(iter(json.loads(files[0].read_text())["runs"].values()))["config"]
+        cals = [calibrate(cfg)] * (len(files) + 1)
+        windows = [None] * len(files)
+    if load:
+        load.stop()
+    results: list[dict] = []  # one per repeat: run -> replay (+ other calibrations' errors)
+    for i, path in enumerate(files):
+        e2e = json.loads(path.read_text())
+        before, after = cals[i], cals[i + 1]
+        spans = _run_spans(e2e, *(windows[i] or (0.0, 1.0)))
+        rep = {}
+        for name, run in e2e["runs"].items():
+            a, b, f = spans[name]
+            hw = average_hardware([before["hw"], after["hw"]], name="this host (calibrated)", weights=[1 - f, f])
+            r_interp = replay(run, hw)
+            # the calibrated cores (throughput of our processes relative to one alone) on the part of the
+            # host that other tenants left to the run
+            f_cal = (1 - f) * before["foreign"] + f * after["foreign"]
+            f_run = load.foreign_cores(a, b) if load and windows[i] else 0.0
+            cores = max(0.25, hw.cores * max(0.0, ncpu - f_run) / ncpu)
+            r = replay(run, dataclasses.replace(hw, cores=cores))
+            r.update(weight_after=f, foreign_cal=f_cal, foreign_run=f_run, cores=cores,
+                     error_interpolated=r_interp["error"], predicted_interpolated_s=r_interp["predicted_s"],
+                     error_before_only=replay(run, before["hw"])["error"],
+                     error_after_only=replay(run, after["hw"])["error"])
+            rep[name] = r
+        results.append(rep)
+    cals_hw = [c["hw"] for c in cals]
+    hw_all = average_hardware(cals_hw, name="this host (calibrated)")
+    hw_all.save(dest / "host.json")
+    info = run_info(torch.device("cpu"), e2e=" ".join(str(f) for f in files), repeats=len(files), steps=args.steps,
+                    overrides=" ".join(args.set) or "none",
+                    effective_cores=" ".join(f"{c['hw'].cores:.2f}" for c in cals),
+                    foreign_cores_at_calibrations=" ".join(f"{c['foreign']:.2f}" for c in cals),
+                    linear_gflops=" ".join(f"{c['hw'].linear_flops / 1e9:.1f}" for c in cals),
+                    ipc_gbps=round(hw_all.intra.bandwidth / 1e9, 2),
+                    ipc_latency_us=round(1e6 * hw_all.intra.latency_s, 1))
+    names = list(results[0])
+    rows = []
+    for name in names:
+        errs = [rep[name]["error"] for rep in results if name in rep]
+        cells = [f"{rep[name]['measured_s']:.3f} / {rep[name]['predicted_s']:.3f} ({100 * rep[name]['error']:+.1f}%)"
+                 if name in rep else "—" for rep in results]
+        rows.append([name, results[0][name]["system"], *cells,
+                     f"{100 * min(errs):+.1f}% to {100 * max(errs):+.1f}%",
+                     f"{sum(1 for e in errs if abs(e) <= 0.20)} of {len(errs)}"])
     lines = [*header_lines("Simulator validation: predicted vs measured step time (CPU simulated cluster)", info),
-             *markdown_table(["run", "attention", "steps", "measured s (median)", "predicted s (median)", "error",
-                              "within 20%", f"predicted with {os.cpu_count()} nominal cores"], rows)]
-    lines += ["", "Each calibration alone (the machine drifts between them): " + "; ".join(
-        f"#{i}: cores {p.cores:.2f}, linear {p.linear_flops / 1e9:.1f} GFLOP/s -> errors "
-        + ", ".join(f"{n} {100 * r['error']:+.0f}%" for n, r in spread[f'calibration_{i}'].items())
-        for i, p in enumerate(parts))]
+             *markdown_table(["run", "attention", *[f"repeat {i + 1}: measured / predicted s (error)"
+                                                    for i in range(len(results))], "error spread", "within 20%"],
+                             rows)]
+    drift = [[f"{i + 1}", name, f"{r['foreign_cal']:.2f}", f"{r['foreign_run']:.2f}", f"{r['cores']:.2f}",
+              f"{100 * r['error']:+.1f}%", f"{100 * r['error_interpolated']:+.1f}%",
+              f"{100 * r['error_before_only']:+.0f}% / {100 * r['error_after_only']:+.0f}%"]
+             for i, rep in enumerate(results) for name, r in rep.items()]
+    lines += ["", "Per run: cores other tenants took around the calibrations (interpolated) and during the run, "
+                  "the cores the replay gives our processes, and the error with that correction, without it "
+                  "(calibrations interpolated in time only), and on the calibration before / after alone:", "",
+              *markdown_table(["repeat", "run", "others' cores at calibration", "others' cores in run",
+                               "our cores", "error", "error without load correction", "before / after alone"],
+                              drift)]
     print("\n".join(lines))
-    write_json(dest / "validate.json", {"info": info, "results": res, "nominal_cores": nominal,
-                                        "per_calibration": spread, "hardware": json.loads(hw.to_json())})
+    cal_json = [{"t": c["t"], "foreign_cores": c["foreign"], "hardware": json.loads(c["hw"].to_json())}
+                for c in cals]
+    write_json(dest / "validate.json", {"info": info, "repeats": results, "calibrations": cal_json})
     try:
         import matplotlib
 
@@ -98,13 +186,15 @@ def validate(args) -> None:
 
         fig, ax = plt.subplots(figsize=(5, 4.5))
         top = 0.0
-        for name, r in res.items():
-            m, p = zip(*r["per_step"], strict=True)
-            ax.scatter(m, p, label=name, s=18)
+        for name in names:
+            pts = [xy for rep in results if name in rep for xy in rep[name]["per_step"]]
+            m, p = zip(*pts, strict=True)
+            ax.scatter(m, p, label=name, s=14)
             top = max(top, *m, *p)
         ax.plot([0, top], [0, top], "k-", lw=0.8)
         ax.fill_between([0, top], [0, 0.8 * top], [0, 1.2 * top], color="grey", alpha=0.15, label="±20%")
-        ax.set(xlabel="measured step s", ylabel="predicted step s", title="simulator vs measured (per step)")
+        ax.set(xlabel="measured step s", ylabel="predicted step s",
+               title=f"simulator vs measured (per step, {len(results)} repeats)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(dest / "validate.png", dpi=120)
@@ -113,16 +203,37 @@ def validate(args) -> None:
         print("matplotlib not installed: no plot")
 
 
+def _schedules(arg: str) -> tuple[str, ...]:
+    return ("1f1b", "pooled") if arg == "both" else (arg,)
+
+
 def grid(args) -> None:
     hw = load_hardware(args.hardware)
-    results = run_grid(hw, seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong)
+    schedules = _schedules(args.schedule)
+    idle_aware = "pooled" in schedules and not args.no_idle_aware
+    results = run_grid(hw, seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong, schedules=schedules,
+                       idle_aware=idle_aware, layer_chunks=args.layer_chunks)
     info = run_info(torch.device("cpu"), hardware=hw.name, seeds=args.seeds, eps=args.eps,
-                    pingpong=not args.no_pingpong, tp=8)
+                    pingpong=not args.no_pingpong, tp=8, schedules="/".join(schedules), idle_aware=idle_aware,
+                    layer_chunks=args.layer_chunks or "per layer")
     lines = [*header_lines(f"Simulated speedup at the paper's scales ({hw.name})", info), *grid_rows(results)]
-    sp = [r["speedup_vs_wlb"] for r in results]
-    inside = sum(1 for r in results if r["paper_range"][0] <= r["speedup_vs_wlb"] <= r["paper_range"][1])
-    lines += ["", f"CAD / WLB-style: median {sorted(sp)[len(sp) // 2]:.2f}x, range {min(sp):.2f}-{max(sp):.2f}x; "
-                  f"{inside} of {len(sp)} points inside the paper's range for their setting"]
+    lines += ["", *summary_rows(results), ""]
+    for sch in schedules:
+        sp = [r["cad"][sch]["speedup_vs_wlb"] for r in results]
+        lows = [r["paper_range"][0] for r in results]
+        inside = sum(1 for r, x in zip(results, sp, strict=True) if r["paper_range"][0] <= x <= r["paper_range"][1])
+        below = sum(1 for x, lo in zip(sp, lows, strict=True) if x < lo)
+        idle4 = [r["cad"][sch]["idle_fraction"] for r in results if r["point"]["mode"] == "4d"]
+        lines.append(f"CAD {sch} / WLB-style: median {float(np.median(sp)):.2f}x, "
+                     f"range {min(sp):.2f}-{max(sp):.2f}x; "
+                     f"{inside} of {len(sp)} points inside the paper's range, {below} below"
+                     + (f"; 4D idle share median {100 * float(np.median(idle4)):.1f}% "
+                        f"({100 * min(idle4):.1f}-{100 * max(idle4):.1f}%)" if idle4 else ""))
+    if idle_aware:
+        idle4 = [r["cad"]["pooled+idle_aware"] for r in results if r["point"]["mode"] == "4d"]
+        lines.append(f"pooled with the idle-aware what-if balance (4D): idle share median "
+                     f"{100 * float(np.median([x['idle_fraction'] for x in idle4])):.1f}%, CAD/WLB median "
+                     f"{float(np.median([x['speedup_vs_wlb'] for x in idle4])):.2f}x")
     for line in lines:
         print(line)
     dest = out_dir("sim")
@@ -172,16 +283,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate")
-    v.add_argument("--e2e", default="out/e2e/e2e.json")
+    v.add_argument("--e2e", nargs="+", default=["out/e2e/e2e.json"], help="replay these e2e.json files")
     v.add_argument("--run-e2e", action="store_true",
-                   help="run benchmarks/e2e.py now, between a calibration before and one after it")
+                   help="run benchmarks/e2e.py --repeats times now, calibrating before the first and after each")
+    v.add_argument("--repeats", type=int, default=3, help="e2e invocations with --run-e2e (default 3)")
     v.add_argument("--config", default="configs/tiny-cpu.yaml")
-    v.add_argument("--steps", type=int, default=10)
+    v.add_argument("--steps", type=int, default=6, help="steps per e2e run (the first is left out)")
+    v.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for every e2e run, e.g. train.pipeline_schedule=pooled or "
+                        "train.pingpong=true (the replay reads them back from the run's config)")
     g = sub.add_parser("grid")
     g.add_argument("--hardware", default="distca/sim/data/h200-measured.json")
     g.add_argument("--seeds", type=int, default=3)
     g.add_argument("--eps", type=float, default=0.05)
     g.add_argument("--no-pingpong", action="store_true")
+    g.add_argument("--schedule", choices=["1f1b", "pooled", "both"], default="both",
+                   help="CAD's pipeline schedule: DeepSpeed's 1F1B with per-stage plans, the pooled tick-aligned "
+                        "schedule with one plan per tick over every device, or both side by side")
+    g.add_argument("--no-idle-aware", action="store_true",
+                   help="skip the pooled schedule's idle-aware what-if balance (4D points)")
+    g.add_argument("--layer-chunks", type=int, default=0,
+                   help="attention rounds per stage and pass (0: one per layer, the default)")
     args = p.parse_args()
     validate(args) if args.cmd == "validate" else grid(args)
 

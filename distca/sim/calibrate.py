@@ -202,14 +202,19 @@ def measure_ipc_link(nbytes: int = 1 << 20, n: int = 20) -> Link:
     return Link(bandwidth=nbytes / max(per - lat, 1e-9), latency_s=lat)
 
 
-def average_hardware(parts: list[Hardware], name: str | None = None) -> Hardware:
-    """The mean of several calibrations of the same host (e.g. one before and one after a measured run,
-    so that a noisy machine's drift is averaged rather than frozen at one moment)."""
+def average_hardware(parts: list[Hardware], name: str | None = None, weights: list[float] | None = None) -> Hardware:
+    """The (weighted) mean of several calibrations of the same host: e.g. one before and one after a
+    measured run, weighted by how close in time each is to the run, so that a noisy machine's drift is
+    interpolated rather than frozen at one moment."""
     if not parts:
         raise ValueError("no calibrations to average")
     import dataclasses
 
-    mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
+    w = [1.0] * len(parts) if weights is None else [float(x) for x in weights]
+    if len(w) != len(parts) or min(w) < 0 or sum(w) <= 0:
+        raise ValueError(f"need {len(parts)} non-negative weights with a positive sum, got {weights}")
+    w = [x / sum(w) for x in w]
+    mean = lambda xs: float(sum(a * b for a, b in zip(w, xs, strict=True)))  # noqa: E731
     first = parts[0]
     table = dict(first.attention_table or {})
     if table:
@@ -219,13 +224,15 @@ def average_hardware(parts: list[Hardware], name: str | None = None) -> Hardware
                             "bwd_s": mean([p.attention_table["entries"][i]["bwd_s"] for p in parts])})
         table["entries"] = entries
     link = Link(mean([p.intra.bandwidth for p in parts]), mean([p.intra.latency_s for p in parts]))
+    how = f"mean of {len(parts)} calibrations" + ("" if weights is None else
+                                                  " weighted " + "/".join(f"{x:.2f}" for x in w))
     return dataclasses.replace(
         first, name=name or first.name, linear_flops=mean([p.linear_flops for p in parts]),
         linear_overhead_s=mean([p.linear_overhead_s for p in parts]),
         linear_bwd_overhead_s=mean([p.linear_bwd_overhead_s for p in parts]),
         optimizer_s_per_param=mean([p.optimizer_s_per_param for p in parts]), attention_table=table or None,
         intra=link, inter=link, p2p=link, cores=mean([p.cores for p in parts]),
-        sources={**first.sources, "averaged": f"mean of {len(parts)} calibrations"})
+        sources={**first.sources, "averaged": how})
 
 
 def calibrate_host(cfg: ModelConfig, tokens: tuple[int, ...] = (1024, 2048, 4096), dtype: torch.dtype = torch.float32,

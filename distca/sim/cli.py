@@ -1,7 +1,7 @@
 """``distca simulate``: predict a configuration, the paper's grid, or replay measured steps.
 
     distca simulate point --config configs/llama3-8b-128k.yaml --gpus 64 --max-len 131072 --dist pretrain
-    distca simulate grid [--hardware h200|h100|FILE.json] [--seeds 2] [--json out/sim/grid.json]
+    distca simulate grid [--hardware h200|h100|FILE.json] [--seeds 2] [--schedule 1f1b|pooled|both]
     distca simulate calibrate --config configs/tiny-cpu.yaml --out out/sim/cpu.json
     distca simulate validate out/e2e/e2e.json [--hardware out/sim/cpu.json]
 """
@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     s.add_argument("--seeds", type=int, default=2, help="steps sampled per point (median reported)")
     s.add_argument("--eps", type=float, default=0.05, help="CAD balance tolerance")
     s.add_argument("--no-pingpong", action="store_true", help="CAD without ping-pong overlap")
+    s.add_argument("--schedule", choices=["1f1b", "pooled", "both"], default="1f1b",
+                   help="CAD's pipeline schedule (point, grid): 1F1B with per-stage plans, or the pooled ticks")
     s.add_argument("--out", help="calibrate: where the hardware JSON goes")
     s.add_argument("--json", help="grid/validate: also write the results here")
 
@@ -45,6 +47,10 @@ def load_hardware(spec: str):
     return Hardware.load(spec)
 
 
+def _schedules(arg: str) -> tuple[str, ...]:
+    return ("1f1b", "pooled") if arg == "both" else (arg,)
+
+
 def _point(args) -> int:
     from distca.config import load_config
     from distca.sim.predict import GridPoint, predict_point
@@ -55,7 +61,7 @@ def _point(args) -> int:
     pt = GridPoint("custom", "4d" if args.pp > 1 else "3d", args.gpus, args.max_len, args.dist,
                    args.tokens_per_node, args.pp, args.micro_tokens, args.tp)
     r = predict_point(pt, cfg, load_hardware(args.hardware), seeds=args.seeds, eps=args.eps,
-                      pingpong=not args.no_pingpong)
+                      pingpong=not args.no_pingpong, schedules=_schedules(args.schedule))
     print(json.dumps(r, indent=1))
     return 0
 
@@ -63,7 +69,8 @@ def _point(args) -> int:
 def _grid(args) -> int:
     from distca.sim.report import grid_rows, run_grid
 
-    results = run_grid(load_hardware(args.hardware), seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong)
+    results = run_grid(load_hardware(args.hardware), seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong,
+                       schedules=_schedules(args.schedule))
     for line in grid_rows(results):
         print(line)
     if args.json:

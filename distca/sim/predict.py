@@ -19,7 +19,7 @@ import numpy as np
 
 from distca.config import ModelConfig
 from distca.sim.hardware import Hardware
-from distca.sim.step import Parallelism, SimOptions, StepReport, _Costs, simulate_step
+from distca.sim.step import Parallelism, SimOptions, StepReport, _Costs, peak_in_flight, simulate_step
 from distca.sim.workload import plain_packing, sample_documents, wlb_packing
 from distca.train.flops import block_linear_params
 
@@ -84,10 +84,10 @@ def paper_grid(dists=("pretrain", "prolong")) -> list[GridPoint]:
 
 
 def idle_fraction(rep: StepReport) -> float:
-    """Mean share of the step a device's compute stream does nothing (pipeline bubbles, waiting on
-    peers or on communication): what pooling attention across stages could at most put to use."""
-    busy = [sum(d.values()) for d in rep.per_device]
-    return float(1.0 - np.mean(busy) / rep.step_s) if busy and rep.step_s > 0 else 0.0
+    """Mean share of the step a device computes nothing: it is busy while it runs linear work, serves
+    attention (in-place, or on its server process) or steps the optimizer; pipeline bubbles, waiting on
+    peers and on communication are idle (:attr:`StepReport.idle_fraction`)."""
+    return rep.idle_fraction
 
 
 def _doc_cost(cfg: ModelConfig, hw: Hardware, tp: int):
@@ -103,29 +103,49 @@ def _doc_cost(cfg: ModelConfig, hw: Hardware, tp: int):
 
 
 def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2, eps: float = 0.05,
-                  pingpong: bool = True, layer_chunks: int = 2, slack: float = 0.1) -> dict:
-    """Median step time of CAD, plain colocated and the best WLB-style CP degree over ``seeds`` steps."""
+                  pingpong: bool = True, layer_chunks: int = 0, slack: float = 0.1,
+                  schedules: tuple[str, ...] = ("1f1b",), idle_aware: bool = False) -> dict:
+    """Median step time of CAD (per pipeline schedule), plain colocated and the best WLB-style CP degree
+    over ``seeds`` steps. ``layer_chunks=0``: one attention round per layer (ping-pong per layer, forward
+    and backward). With ``idle_aware`` the pooled schedule is also run with the idle-aware what-if balance
+    (4D only). Without a pipeline (pp = 1) the pooled schedule is 1F1B: its result is copied."""
     if pt.nodes % pt.pp:
         raise ValueError(f"{pt.label}: {pt.nodes} nodes do not split into pp={pt.pp} stages")
+    if not schedules:
+        raise ValueError("no schedule to predict")
     m = pt.micro_batches
     total = pt.dp * pt.replica_micro_tokens * m
     base = Parallelism(pp=pt.pp, dp=pt.dp, tp=pt.tp, micro_batches=m)
-    cad_opt = SimOptions(system="cad", pingpong=pingpong, eps=eps, layer_chunks=layer_chunks)
+    variants = {sch: SimOptions(system="cad", pingpong=pingpong, eps=eps, layer_chunks=layer_chunks, schedule=sch)
+                for sch in schedules}
+    if idle_aware and pt.pp > 1:
+        variants["pooled+idle_aware"] = SimOptions(system="cad", pingpong=pingpong, eps=eps,
+                                                   layer_chunks=layer_chunks, schedule="pooled", idle_aware=True)
     col_opt = SimOptions(system="colocated", layer_chunks=layer_chunks)
     cost = _doc_cost(cfg, hw, pt.tp)
-    rows = {"cad": [], "colocated": [], "wlb": []}
-    extra: dict = {"cad_attn": [], "col_attn": [], "wlb_cp": [], "wlb_attn": [], "wlb_tokens_max_min": [],
-                   "cad_idle": []}
+    rows: dict[str, list] = {"colocated": [], "wlb": []}
+    cad: dict[str, dict[str, list]] = {v: {"step": [], "attn": [], "idle": [], "full": [], "partial": [], "tail": []}
+                                       for v in variants}
+    extra: dict = {"col_attn": [], "wlb_cp": [], "wlb_attn": [], "wlb_tokens_max_min": []}
     for seed in range(seeds):
         lengths = sample_documents(pt.dist, pt.max_len, total, seed)
         plain = plain_packing(lengths, pt.dp, pt.replica_micro_tokens, m)
-        r_cad = simulate_step(cfg, hw, base, cad_opt, plain)
+        done: dict[str, StepReport] = {}
+        for name, opt in variants.items():
+            if pt.pp == 1 and opt.schedule == "pooled" and "1f1b" in done:
+                r = done["1f1b"]  # one stage: the same ticks, the same plans
+            else:
+                r = simulate_step(cfg, hw, base, opt, plain)
+            done[name] = r
+            c = cad[name]
+            c["step"].append(r.step_s)
+            c["attn"].append(r.attention_max_over_mean)
+            c["idle"].append(r.idle_fraction)
+            for k in ("full", "partial", "tail"):
+                c[k].append(r.idle_split_s.get(k, 0.0) / r.step_s)
         r_col = simulate_step(cfg, hw, base, col_opt, plain)
-        rows["cad"].append(r_cad.step_s)
         rows["colocated"].append(r_col.step_s)
-        extra["cad_attn"].append(r_cad.attention_max_over_mean)
         extra["col_attn"].append(r_col.attention_max_over_mean)
-        extra["cad_idle"].append(idle_fraction(r_cad))
         best: tuple[float, int, StepReport] | None = None
         cp = 1
         while cp <= pt.dp:
@@ -143,10 +163,21 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
         extra["wlb_attn"].append(best[2].attention_max_over_mean)
         extra["wlb_tokens_max_min"].append(best[2].tokens_max_over_min)
     med = {k: float(np.median(v)) for k, v in rows.items()}
+    by_schedule = {}
+    for name, c in cad.items():
+        step = float(np.median(c["step"]))
+        sch = variants[name].schedule
+        by_schedule[name] = {
+            "step_s": step, "speedup_vs_wlb": med["wlb"] / step, "speedup_vs_colocated": med["colocated"] / step,
+            "attn_max_over_mean": float(np.mean(c["attn"])), "idle_fraction": float(np.median(c["idle"])),
+            "idle_split": {k: float(np.median(c[k])) for k in ("full", "partial", "tail")},
+            "in_flight": peak_in_flight(sch, pt.pp, m)}
+    first = by_schedule[schedules[0]]
+    med["cad"] = first["step_s"]
     return {"point": pt.__dict__, "label": pt.label, "step_s": med, "micro_batches": m,
-            "speedup_vs_wlb": med["wlb"] / med["cad"], "speedup_vs_colocated": med["colocated"] / med["cad"],
-            "cad_attn_max_over_mean": float(np.mean(extra["cad_attn"])),
+            "speedup_vs_wlb": first["speedup_vs_wlb"], "speedup_vs_colocated": first["speedup_vs_colocated"],
+            "cad_attn_max_over_mean": first["attn_max_over_mean"],
             "colocated_attn_max_over_mean": float(np.mean(extra["col_attn"])),
             "wlb_cp": int(np.median(extra["wlb_cp"])), "wlb_attn_max_over_mean": float(np.mean(extra["wlb_attn"])),
             "wlb_tokens_max_over_min": float(np.mean(extra["wlb_tokens_max_min"])),
-            "cad_idle_fraction": float(np.median(extra["cad_idle"])), "tokens_per_step": total}
+            "cad_idle_fraction": first["idle_fraction"], "tokens_per_step": total, "cad": by_schedule}

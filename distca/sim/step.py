@@ -20,6 +20,31 @@ Three ways to run core attention (``SimOptions.system``):
     attention inside a group, every layer an all-gather of the group's keys/values and a
     reduce-scatter of their gradients. One device stands for its group (they are in lockstep).
 
+Two pipeline schedules (``SimOptions.schedule``):
+
+``1f1b``
+    DeepSpeed's order per stage (warm-up forwards, alternating forward/backward, cool-down backwards);
+    with CAD each stage plans its own micro-batches over its servers.
+``pooled`` (CAD only)
+    Tick-aligned: pairs of ticks k = 0..K-1, an F tick then a B tick, K = M + 2P - 2. Stage s runs the
+    forward of micro-batch m in pair m + s and its backward in pair m + 2(P-1) - s, so every stage
+    runs the same phase in a tick (:func:`pooled_ticks`). In each tick the attention tasks of all
+    active stages at the same layer position form one plan over every device (``make_plan`` over
+    P x DP trainer rows, idle stages' rows empty, ``Placement(P*DP, P*DP, "colocated")``): devices
+    of stages idle in that tick only serve attention. A tick with no active stage costs nothing.
+    ``idle_aware`` is a what-if the trainer does not implement: per round, the plan's attention is
+    re-spread by water-filling so that every server finishes together, given that a trainer's device
+    starts serving nano-batch i only after its pre-attention work of the later nano-batches while an
+    idle device starts as soon as rows arrive (the plan's relative per-server deviations are kept;
+    return bytes scale with each server's share). Without ping-pong there is no such head start: a
+    round needs every trainer's q/k/v before any server starts, so re-spreading cannot fill the
+    linear phases in which idle devices wait.
+
+Planning (``plan_s`` seconds of scheduler CPU per trainer and step) is either on the critical path at
+the start of the step (``prefetch_plans=False``) or on a background thread of each trainer
+(``prefetch_plans=True``, the trainer's ``train.prefetch``): there it delays nothing on a GPU cluster,
+and on a CPU host it only takes its share of the cores (a ``uses_core`` task on a stream of its own).
+
 Every quantity is per device; a tensor-parallel group of ``tp`` GPUs is one device with ``1/tp`` of the
 heads, FLOPs and bytes plus its NVLink all-reduces per layer.
 """
@@ -39,6 +64,8 @@ from distca.sim.hardware import Hardware
 from distca.train.flops import block_linear_params, model_params
 
 System = Literal["colocated", "cad", "wlb"]
+Schedule = Literal["1f1b", "pooled"]
+BUSY_KINDS = ("linear", "attention", "optimizer")  # a device computes (idle share: everything else)
 
 
 @dataclass(frozen=True)
@@ -73,6 +100,20 @@ class SimOptions:
     dtype_bytes: int = 2
     grad_bytes: int = 4
     p2p_async: bool = True
+    schedule: Schedule = "1f1b"
+    idle_aware: bool = False  # pooled only: what-if balance that gives idle devices more attention
+    prefetch_plans: bool = True  # planning on a background thread (off the critical path)
+    plan_s: float = 0.0  # scheduler CPU seconds per trainer and step (0: not charged)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("1f1b", "pooled"):
+            raise ValueError(f"schedule must be '1f1b' or 'pooled', got {self.schedule!r}")
+        if self.schedule == "pooled" and self.system != "cad":
+            raise ValueError("the pooled schedule pools CAD's attention tasks: it needs system='cad'")
+        if self.idle_aware and self.schedule != "pooled":
+            raise ValueError("idle_aware balancing is modelled for the pooled schedule only")
+        if not self.plan_s >= 0:
+            raise ValueError(f"plan_s must be >= 0, got {self.plan_s!r}")
 
 
 @dataclass
@@ -97,6 +138,21 @@ class StepReport:
     attention_max_over_mean: float = 1.0  # per pass, over replicas (colocated/wlb) or servers (cad)
     tokens_max_over_min: float = 1.0  # per micro-batch, across devices (activation memory proxy)
     result: SimResult | None = None
+    busy_union_s: list[float] = field(default_factory=list)  # per device: time computing (BUSY_KINDS)
+    in_flight: list[int] = field(default_factory=list)  # per stage: peak micro-batches held for backward
+    # pooled: device-mean idle seconds in ticks where every stage has work ("full"), in warm-up and
+    # cool-down ticks where some stages have none ("partial"), and after the last tick ("tail": the
+    # gradient all-reduce and optimizer); 1F1B: all under "tail"
+    idle_split_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def idle_fraction(self) -> float:
+        """Mean share of the step a device computes nothing: no linear work, no attention it serves
+        (in-place or on its server process), no optimizer. Pipeline bubbles, waiting on peers and on
+        communication count as idle."""
+        if not self.busy_union_s or self.step_s <= 0:
+            return 0.0
+        return float(1.0 - np.mean(self.busy_union_s) / self.step_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -111,6 +167,37 @@ def pipeline_order(stage: int, pp: int, m: int) -> list[tuple[str, int]]:
         order += [("F", warm + i), ("B", i)]
     order += [("B", i) for i in range(m - warm, m)]
     return order
+
+
+def pooled_ticks(pp: int, m: int) -> list[tuple[str, dict[int, int]]]:
+    """The pooled schedule's ticks in order: ``2K`` of them (K = m + 2pp - 2 pairs, an F tick then a B
+    tick each), each ``(phase, {stage: micro-batch})`` for the stages with work; the others are idle."""
+    if pp < 1 or m < 1:
+        raise ValueError(f"need pp >= 1 and m >= 1, got {pp} and {m}")
+    ticks = []
+    for k in range(m + 2 * pp - 2):
+        ticks.append(("F", {s: k - s for s in range(pp) if 0 <= k - s < m}))
+        ticks.append(("B", {s: k - 2 * (pp - 1) + s for s in range(pp) if 0 <= k - 2 * (pp - 1) + s < m}))
+    return ticks
+
+
+def peak_in_flight(schedule: str, pp: int, m: int) -> list[int]:
+    """Per stage, the most micro-batches whose forward has run and backward has not (activation memory)."""
+    if schedule == "1f1b":
+        orders = [pipeline_order(s, pp, m) for s in range(pp)]
+    else:
+        orders = [[] for _ in range(pp)]
+        for phase, active in pooled_ticks(pp, m):
+            for s, mb in active.items():
+                orders[s].append((phase, mb))
+    out = []
+    for order in orders:
+        n = peak = 0
+        for phase, _ in order:
+            n += 1 if phase == "F" else -1
+            peak = max(peak, n)
+        out.append(peak)
+    return out
 
 
 class _Costs:
@@ -197,6 +284,8 @@ class _Builder:
         self.server_comm: dict[int, int] = {}
         self.attn_ratios: list[float] = []
         self.layouts = [BatchLayout.from_ranks(mb.ranks, mb.continues) for mb in micro]
+        self.key_of = {d: k for k, d in self.dev.items()}
+        self.tick_spans: list[tuple[int, int, bool]] = []  # pooled: task id range and "every stage active"
 
     # -- helpers -------------------------------------------------------------------------------
     def _on(self, key, work, kind, deps=(), core=True):
@@ -234,30 +323,25 @@ class _Builder:
         return sum(per_w[w] for b in blocks for w in self.c.windows[b])
 
     # -- CAD plans -----------------------------------------------------------------------------
-    def _plans(self, s: int, m: int) -> list[dict]:
-        """Nano-batches of micro-batch ``m`` on stage ``s`` (two with ping-pong), each with its plan per
-        window, per-server attention seconds and per-(rank, server) bytes. A stage-local pool gives
-        every stage the same plans; a cluster-wide pool plans each stage from its own devices (as
-        ``distca.train.trainer`` does), so their home servers differ."""
-        key = (s if self.opt.servers == "all" else 0, m)
-        if key in self._plan_cache:
-            return self._plan_cache[key]
-        mb = self.micro[m]
-        halves = [mb] if not self.opt.pingpong else _split_halves(mb)
-        n_srv = self.par.dp if self.opt.servers == "stage" else self.par.devices
-        devices = None if self.opt.servers == "stage" else tuple(s * self.par.dp + r for r in range(self.par.dp))
-        placement = Placement(self.par.dp, n_srv, "colocated", devices)
+    def _halves(self, m: int) -> list[MicroBatch]:
+        if m not in self._halves_cache:
+            mb = self.micro[m]
+            self._halves_cache[m] = [mb] if not self.opt.pingpong else _split_halves(mb)
+        return self._halves_cache[m]
+
+    def _plan_nanos(self, layouts: list[BatchLayout], placement: Placement, n_srv: int, whiches) -> list[dict]:
+        """One entry per nano-batch layout: per window and pass, per-server attention seconds, and the
+        bytes and peers per rank (to servers) and per server (back to ranks)."""
         wins = sorted({w for ws in self.c.windows for w in ws})
         out = []
-        for nb in halves:
-            lay = BatchLayout.from_ranks(nb.ranks, nb.continues)
-            entry = {"tokens": [int(sum(p)) for p in nb.ranks], "srv": {}, "bytes": {}}
+        for lay in layouts:
+            entry = {"tokens": [int(t) for t in lay.rank_tokens], "srv": {}, "bytes": {}}
             for w in wins:
                 sched = SchedulerConfig(eps=self.opt.eps, granularity=self.opt.granularity, window=w)
                 plan, _ = make_plan(lay, placement, sched, self.c.shape)
                 q = plan.task_q1 - plan.task_q0
                 kv = plan.task_k1 - plan.task_k0
-                for which in ("fwd", "bwd"):
+                for which in whiches:
                     t = np.zeros(n_srv)
                     for j in range(n_srv):
                         sel = plan.task_server == j
@@ -266,25 +350,86 @@ class _Builder:
                     entry["bytes"][(w, which)] = _plan_bytes(plan, which)
                     self.attn_ratios.append(float(t.max() / t.mean()) if t.mean() > 0 else 1.0)
             out.append(entry)
+        return out
+
+    def _plans(self, s: int, m: int) -> list[dict]:
+        """Nano-batches of micro-batch ``m`` on stage ``s`` (two with ping-pong), each with its plan per
+        window, per-server attention seconds and per-(rank, server) bytes. A stage-local pool gives
+        every stage the same plans; a cluster-wide pool plans each stage from its own devices (as
+        ``distca.train.trainer`` does), so their home servers differ."""
+        key = (s if self.opt.servers == "all" else 0, m)
+        if key in self._plan_cache:
+            return self._plan_cache[key]
+        n_srv = self.par.dp if self.opt.servers == "stage" else self.par.devices
+        devices = None if self.opt.servers == "stage" else tuple(s * self.par.dp + r for r in range(self.par.dp))
+        placement = Placement(self.par.dp, n_srv, "colocated", devices)
+        layouts = [BatchLayout.from_ranks(nb.ranks, nb.continues) for nb in self._halves(m)]
+        out = self._plan_nanos(layouts, placement, n_srv, ("fwd", "bwd"))
+        self._plan_cache[key] = out
+        return out
+
+    def _pooled_plans(self, phase: str, active: dict[int, int]) -> list[dict]:
+        """A tick's plans: nano-batch i of every active stage's micro-batch in one layout whose rows are
+        the P x DP (stage, replica) trainers (idle stages' rows empty), over every device as a server."""
+        key = (phase, tuple(sorted(active.items())))
+        if key in self._plan_cache:
+            return self._plan_cache[key]
+        par = self.par
+        n = par.devices
+        halves = {s: self._halves(m) for s, m in active.items()}
+        n_nano = max(len(h) for h in halves.values())
+        layouts = []
+        for i in range(n_nano):
+            ranks: list[list[int]] = []
+            cont: list[bool] = []
+            for s in range(par.pp):
+                nb = halves[s][i] if s in halves and i < len(halves[s]) else None
+                for r in range(par.dp):
+                    ranks.append(list(nb.ranks[r]) if nb is not None else [])
+                    cont.append(bool(nb.continues[r]) and r > 0 if nb is not None else False)
+            layouts.append(BatchLayout.from_ranks(ranks, cont))
+        which = "fwd" if phase == "F" else "bwd"
+        out = self._plan_nanos(layouts, Placement(n, n, "colocated"), n, (which,))
         self._plan_cache[key] = out
         return out
 
     # -- the graph -----------------------------------------------------------------------------
     def run(self) -> StepReport:
         par, opt = self.par, self.opt
-        if opt.system == "cad" and not opt.server_streams and opt.servers == "all":
+        if opt.system == "cad" and not opt.server_streams and opt.servers == "all" and opt.schedule == "1f1b":
             raise ValueError("in-place servers (server_streams=False) serve their own stage: use servers='stage'")
         self.rep_attn = [self._replica_attention(m) for m in range(par.micro_batches)] \
             if opt.system != "cad" else None
         self._plan_cache: dict = {}
+        self._halves_cache: dict = {}
         if opt.system == "cad" and opt.server_streams:
             for d in range(par.devices):  # one server process per device
                 self.servers[d] = self.g.stream(f"srv{d}", ordered=False)
                 self.server_comm[d] = self.g.stream(f"srv{d}.comm", ordered=False)
+        if opt.system == "cad" and opt.plan_s > 0:
+            for key, d in self.dev.items():
+                if opt.prefetch_plans:  # the next step's plans, on a background thread during this step
+                    self.g.add(self.g.stream(f"dev{d}.plan"), opt.plan_s, "plan")
+                else:  # the step's plans before its first pass
+                    self._on(key, opt.plan_s, "plan")
+        sent: dict[tuple[str, int, int, int], int] = {}  # (pass, stage, replica, micro) -> transfer task
+        if opt.schedule == "pooled":
+            for phase, active in pooled_ticks(par.pp, par.micro_batches):
+                if active:  # a tick where no stage has work has no round and costs nothing
+                    lo = len(self.g.tasks)
+                    self._tick(phase, active, sent)
+                    self.tick_spans.append((lo, len(self.g.tasks), len(active) == par.pp))
+        else:
+            self._one_f_one_b(sent)
+        self._optimizer()
+        res = simulate(self.g, self.hw.cores)
+        return self._report(res)
+
+    def _one_f_one_b(self, sent: dict) -> None:
         # forward/backward passes in 1F1B order; build stage by stage in a global time-consistent order:
         # a stage's pass depends on the previous (forward) or next (backward) stage's transfer.
+        par = self.par
         orders = {s: pipeline_order(s, par.pp, par.micro_batches) for s in range(par.pp)}
-        sent: dict[tuple[str, int, int, int], int] = {}  # (pass, stage, replica, micro) -> transfer task
         pending = {s: list(orders[s]) for s in range(par.pp)}
         progress = True
         while any(pending.values()) and progress:
@@ -301,25 +446,47 @@ class _Builder:
                     progress = True
         if any(pending.values()):
             raise RuntimeError("pipeline order could not be built (internal error)")
-        self._optimizer()
-        res = simulate(self.g, self.hw.cores)
-        return self._report(res)
 
     def _pass(self, kind: str, s: int, m: int, sent: dict) -> None:
-        par, c = self.par, self.c
         which = "fwd" if kind == "F" else "bwd"
         keys = [(s, r) for r in range(self.n_rep)]
-        for r in range(self.n_rep):
-            dep = sent.get(("F", s - 1, r, m)) if kind == "F" else sent.get(("B", s + 1, r, m))
-            self._on((s, r), self.hw.micro_overhead_s, "overhead", (dep,))
-            if kind == "B" and s == par.pp - 1:
-                self._on((s, r), c.head(self._tokens(m, r), "fwd") + c.head(self._tokens(m, r), "bwd"), "linear")
-        blocks = c.stage_blocks[s] if kind == "F" else list(reversed(c.stage_blocks[s]))
+        self._pass_start(kind, s, m, sent)
+        blocks = self.c.stage_blocks[s] if kind == "F" else list(reversed(self.c.stage_blocks[s]))
         for chunk in _chunks(blocks, self.opt.layer_chunks):
             if self.opt.system == "cad":
                 self._cad_chunk(s, m, chunk, which, keys)
             else:
                 self._local_chunk(s, m, chunk, which, keys)
+        self._pass_end(kind, s, m, sent)
+
+    def _tick(self, phase: str, active: dict[int, int], sent: dict) -> None:
+        """One tick of the pooled schedule: every active stage runs ``phase`` of its micro-batch; per
+        chunk of layer positions (stages have equal layer counts), one round over every device."""
+        c = self.c
+        which = "fwd" if phase == "F" else "bwd"
+        for s, m in active.items():
+            self._pass_start(phase, s, m, sent)
+        per = len(c.stage_blocks[0])
+        positions = list(range(per)) if phase == "F" else list(reversed(range(per)))
+        nanos = self._pooled_plans(phase, active)
+        link = self.hw.link(c.same_node(0, self.par.devices - 1))
+        for pos in _chunks(positions, self.opt.layer_chunks):
+            members = [((s, r), s * self.par.dp + r, m) for s, m in sorted(active.items()) for r in range(self.n_rep)]
+            blocks = {s: [c.stage_blocks[s][p] for p in pos] for s in active}
+            self._cad_round(members, nanos, blocks, which, link, lambda j: j)
+        for s, m in active.items():
+            self._pass_end(phase, s, m, sent)
+
+    def _pass_start(self, kind: str, s: int, m: int, sent: dict) -> None:
+        for r in range(self.n_rep):
+            dep = sent.get(("F", s - 1, r, m)) if kind == "F" else sent.get(("B", s + 1, r, m))
+            self._on((s, r), self.hw.micro_overhead_s, "overhead", (dep,))
+            if kind == "B" and s == self.par.pp - 1:
+                t = self._tokens(m, r)
+                self._on((s, r), self.c.head(t, "fwd") + self.c.head(t, "bwd"), "linear")
+
+    def _pass_end(self, kind: str, s: int, m: int, sent: dict) -> None:
+        par, c = self.par, self.c
         for r in range(self.n_rep):
             key = (s, r)
             to = s + 1 if kind == "F" else s - 1
@@ -369,45 +536,75 @@ class _Builder:
         return self.hw.link(self.c.same_node(min(pool), max(pool)))
 
     def _cad_chunk(self, s, m, chunk, which, keys):
+        srv_dev = (lambda j: j) if self.opt.servers == "all" else (lambda j: self.dev[(s, j)])
+        members = [((s, r), r, m) for r in range(self.n_rep)]
+        self._cad_round(members, self._plans(s, m), {s: chunk}, which, self._cad_link(s), srv_dev)
+
+    def _cad_round(self, members, nanos, blocks, which, link, srv_dev):
+        """One attention round per nano-batch over ``blocks`` (stage -> its blocks of this chunk; equal
+        window patterns), for ``members`` ``[(device key, plan rank, micro-batch)]``. Program order per
+        device: the pre-attention linear work of every nano-batch, the attention it serves, then the
+        post-attention work of every nano-batch (ping-pong: one nano-batch's round overlaps the other's
+        linear work, forward and backward alike)."""
         opt, c = self.opt, self.c
-        nanos = self._plans(s, m)
         n_srv = len(next(iter(nanos[0]["srv"].values())))
-        link = self._cad_link(s)
-        srv_dev = (lambda j: j) if opt.servers == "all" else (lambda j: self.dev[(s, j)])
+        chunk = next(iter(blocks.values()))
         wins = sorted({w for b in chunk for w in c.windows[b]})
         count = {w: sum(c.windows[b].count(w) for b in chunk) for w in wins}
-        full = {r: self._pre_post(m, r, chunk, which) for r in range(self.n_rep)}
-        # program order per device: pre of every nano-batch, its sends, the attention it serves, the
-        # returns, then post of every nano-batch (ping-pong: one nano's comm overlaps the other's compute)
-        pre, send, rets = {}, {}, {}
+        if any(sorted(w for b in bl for w in c.windows[b]) != sorted(w for b in chunk for w in c.windows[b])
+               for bl in blocks.values()):
+                raise ValueError("the pooled schedule needs the same attention windows at every stage's layer j")
+        lin = {}  # (nano, key) -> (pre, post)
+        for key, t, m in members:
+            full = self._pre_post(m, key[1], chunk, which)
+            for i, nb in enumerate(nanos):
+                whole = self._tokens(m, key[1])
+                lin[(i, key)] = (_scaled(full[0], nb["tokens"][t], whole), _scaled(full[1], nb["tokens"][t], whole))
+        srv_t, ret_scale = [], []
         for i, nb in enumerate(nanos):
-            for r in range(self.n_rep):
-                pre[(i, r)] = self._on((s, r), _scaled(full[r][0], nb["tokens"][r], self._tokens(m, r)), "linear")
+            t = sum(count[w] * nb["srv"][(w, which)] for w in wins)
+            scale = np.ones(n_srv)
+            if opt.idle_aware:
+                # how much later a server can start nano-batch i's attention: on a trainer's device it
+                # queues behind the pre-attention work of the later nano-batches; an idle device starts
+                # as soon as the rows arrive. Equal finish = more attention where it can start earlier.
+                work = np.zeros(n_srv)
+                for key, _, _ in members:
+                    work[self.dev[key]] += sum(lin[(k, key)][0] for k in range(i + 1, len(nanos)))
+                new = _idle_aware(t, work)
+                scale = np.where(t > 0, new / np.where(t > 0, t, 1.0), 0.0)
+                t = new
+            srv_t.append(t)
+            ret_scale.append(scale)
+        pre, send, rets, attn = {}, {}, {}, {}
+        for i in range(len(nanos)):
+            for key, _, _ in members:
+                pre[(i, key)] = self._on(key, lin[(i, key)][0], "linear")
         for i, nb in enumerate(nanos):
-            for r in range(self.n_rep):
-                nbytes = sum(count[w] * nb["bytes"][(w, which)][0].get(r, 0.0) for w in wins)
-                send[(i, r)] = self.g.add(self.comm[(s, r)], _send_time(link, nbytes, n_srv), "cad_comm",
-                                          (pre[(i, r)],), uses_core=False)
-        attn = {}
-        for i, nb in enumerate(nanos):
-            srv_t = sum(count[w] * nb["srv"][(w, which)] for w in wins)
-            deps = tuple(send[(i, r)] for r in range(self.n_rep))
+            for key, t, _ in members:
+                nbytes = sum(count[w] * nb["bytes"][(w, which)][0].get(t, 0.0) for w in wins)
+                peers = max(nb["bytes"][(w, which)][2].get(t, 0) for w in wins)
+                send[(i, key)] = self.g.add(self.comm[key], _send_time(link, nbytes, peers), "cad_comm",
+                                            (pre[(i, key)],), uses_core=False)
+        for i in range(len(nanos)):
+            deps = tuple(send[(i, key)] for key, _, _ in members)
             for j in range(n_srv):
                 if opt.server_streams:
-                    attn[(i, j)] = self.g.add(self.servers[srv_dev(j)], float(srv_t[j]), "attention", deps)
+                    attn[(i, j)] = self.g.add(self.servers[srv_dev(j)], float(srv_t[i][j]), "attention", deps)
                 else:
-                    attn[(i, j)] = self._on((s, j), float(srv_t[j]), "attention", deps)
+                    attn[(i, j)] = self._on(self.key_of[srv_dev(j)], float(srv_t[i][j]), "attention", deps)
         for i, nb in enumerate(nanos):
             rets[i] = []
             for j in range(n_srv):
-                nbytes = sum(count[w] * nb["bytes"][(w, which)][1].get(j, 0.0) for w in wins)
-                stream = self.server_comm[srv_dev(j)] if opt.server_streams else self.comm[(s, j)]
-                rets[i].append(self.g.add(stream, _send_time(link, nbytes, self.n_rep), "cad_comm",
+                nbytes = ret_scale[i][j] * sum(count[w] * nb["bytes"][(w, which)][1].get(j, 0.0) for w in wins)
+                peers = max(nb["bytes"][(w, which)][3].get(j, 0) for w in wins)
+                stream = self.server_comm[srv_dev(j)] if opt.server_streams else self.comm[self.key_of[srv_dev(j)]]
+                rets[i].append(self.g.add(stream, _send_time(link, nbytes, peers), "cad_comm",
                                           (attn[(i, j)],), uses_core=False))
-        for i, nb in enumerate(nanos):
-            for r in range(self.n_rep):
-                self._on((s, r), 0.0, "cad_wait", tuple(rets[i]), core=False)
-                self._on((s, r), _scaled(full[r][1], nb["tokens"][r], self._tokens(m, r)), "linear")
+        for i in range(len(nanos)):
+            for key, _, _ in members:
+                self._on(key, 0.0, "cad_wait", tuple(rets[i]), core=False)
+                self._on(key, lin[(i, key)][1], "linear")
 
     def _optimizer(self) -> None:
         par, hw, c = self.par, self.hw, self.c
@@ -436,8 +633,63 @@ class _Builder:
             ratios = self.attn_ratios
         tok = [np.array([sum(p) for p in mb.ranks], dtype=float) for mb in self.micro]
         mm = max(float(t.max() / t.min()) for t in tok)
+        # busy: the union of a device's compute intervals, on its own stream and its server process's
+        owner = {}
+        for key, d in self.dev.items():
+            owner[self.comp[key]] = d
+        for d, st in self.servers.items():
+            owner[st] = d
+        spans: dict[int, list[tuple[float, float, int]]] = {d: [] for d in self.dev.values()}
+        for tid, t in enumerate(res.tasks):
+            d = owner.get(t.stream)
+            if d is not None and t.kind in BUSY_KINDS and t.end > t.start:
+                spans[d].append((t.start, t.end, tid))
+        busy = [_union_length([(a, b) for a, b, _ in spans[d]]) for d in sorted(spans)]
+        full = np.zeros(len(res.tasks), dtype=np.int8)  # 0: after the ticks, 1: full tick, 2: partial tick
+        for lo, hi, every in self.tick_spans:
+            full[lo:hi] = 1 if every else 2
+        split = {"full": 0.0, "partial": 0.0, "tail": 0.0}
+        names = {0: "tail", 1: "full", 2: "partial"}
+        for d in spans:
+            end = 0.0
+            for a, b, tid in sorted(spans[d]):
+                if a > end:  # the gap before a busy interval belongs to the tick of the task that ends it
+                    split[names[int(full[tid])]] += a - end
+                end = max(end, b)
+            split["tail"] += max(0.0, res.makespan_s - end)
+        split = {k: v / max(1, len(spans)) for k, v in split.items()}
         return StepReport(res.makespan_s, int(tokens), per_dev, servers, float(np.mean(ratios)) if ratios else 1.0,
-                          mm, res)
+                          mm, res, busy, peak_in_flight(self.opt.schedule, self.par.pp, self.par.micro_batches),
+                          split)
+
+
+def _union_length(spans: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -np.inf
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def _idle_aware(attn: np.ndarray, linear: np.ndarray) -> np.ndarray:
+    """Water-filling: spread ``attn.sum()`` so that ``linear`` (work ahead of the attention on each device)
+    plus attention is as even as it can be, keeping the plan's relative per-server deviations."""
+    total = float(attn.sum())
+    if total <= 0 or np.allclose(linear, linear[0]):
+        return attn
+    lo, hi = float(linear.min()), float(linear.max()) + total
+    for _ in range(100):  # bisection on the water level
+        h = 0.5 * (lo + hi)
+        if np.maximum(0.0, h - linear).sum() > total:
+            hi = h
+        else:
+            lo = h
+    ideal = np.maximum(0.0, 0.5 * (lo + hi) - linear)
+    dev = attn / attn.mean()
+    out = ideal * dev
+    return out * (total / out.sum()) if out.sum() > 0 else ideal
 
 
 def _scaled(t: float, part: int, whole: int) -> float:
@@ -446,7 +698,7 @@ def _scaled(t: float, part: int, whole: int) -> float:
 
 def _send_time(link, nbytes: float, peers: int) -> float:
     """Time to push ``nbytes`` to ``peers`` destinations over one NIC (one latency per message)."""
-    return 0.0 if nbytes <= 0 else peers * link.latency_s + nbytes / link.bandwidth
+    return 0.0 if nbytes <= 0 else max(1, peers) * link.latency_s + nbytes / link.bandwidth
 
 
 def _split_halves(mb: MicroBatch) -> list[MicroBatch]:
@@ -473,21 +725,28 @@ def _split_halves(mb: MicroBatch) -> list[MicroBatch]:
     return out
 
 
-def _plan_bytes(plan, which: str) -> tuple[dict[int, float], dict[int, float]]:
-    """Bytes each rank sends to servers, and each server sends back, in one pass (remote rows only)."""
+def _plan_bytes(plan, which: str):
+    """Bytes each rank sends to servers and each server sends back in one pass (remote rows only), and
+    how many distinct peers each of them sends to (one message, one latency, per peer)."""
     to_srv: dict[int, float] = {}
     to_rank: dict[int, float] = {}
+    peers_srv: dict[int, set] = {}
+    peers_rank: dict[int, set] = {}
     for direction, tensors, x in plan.messages(which):
         rb = sum(plan.row_bytes(t) for t in tensors)
         rem = x.remote
+        ranks, servers, ns = x.rank[rem].tolist(), x.server[rem].tolist(), x.n[rem].tolist()
         if direction == "to_server":
-            for r, n in zip(x.rank[rem].tolist(), x.n[rem].tolist(), strict=True):
+            for r, j, n in zip(ranks, servers, ns, strict=True):
                 to_srv[r] = to_srv.get(r, 0.0) + n * rb
+                peers_srv.setdefault(r, set()).add(j)
         else:
-            for s, n in zip(x.server[rem].tolist(), x.n[rem].tolist(), strict=True):
-                to_rank[s] = to_rank.get(s, 0.0) + n * rb
-    return to_srv, to_rank
+            for r, j, n in zip(ranks, servers, ns, strict=True):
+                to_rank[j] = to_rank.get(j, 0.0) + n * rb
+                peers_rank.setdefault(j, set()).add(r)
+    return (to_srv, to_rank, {r: len(v) for r, v in peers_srv.items()},
+            {j: len(v) for j, v in peers_rank.items()})
 
 
-__all__ = ["MicroBatch", "Parallelism", "SimOptions", "StepReport", "pipeline_order",
-           "simulate_step"]
+__all__ = ["BUSY_KINDS", "MicroBatch", "Parallelism", "SimOptions", "StepReport", "peak_in_flight",
+           "pipeline_order", "pooled_ticks", "simulate_step"]

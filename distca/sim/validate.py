@@ -5,13 +5,17 @@ a :class:`~distca.sim.hardware.Hardware` calibrated on the same machine, and com
 The CPU simulated cluster is modelled as it runs: every trainer and every attention server is a
 process, all sharing the machine's cores (processor sharing); CAD servers are separate processes
 serving requests in arrival order; the trainer blocks while its attention round is out; pipeline
-sends are asynchronous; the gradient all-reduce and the optimizer step close the step.
+sends are asynchronous; the gradient all-reduce and the optimizer step close the step. A run's
+pipeline schedule and in-stage ping-pong come from its config (``train.pipeline_schedule``,
+``train.pingpong``; 1F1B and none when a config predates them), and each step's recorded planning time
+is charged where the run put it (``train.prefetch``: a background thread sharing the cores).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 from distca.config import ModelConfig
@@ -19,8 +23,10 @@ from distca.sim.hardware import Hardware
 from distca.sim.step import MicroBatch, Parallelism, SimOptions, simulate_step
 
 
-def run_options(config: dict) -> tuple[ModelConfig, Parallelism, SimOptions]:
-    """The simulator's view of a resolved training config (``dataclasses.asdict`` of DistCAConfig)."""
+def run_options(config: dict, schedule_ran: str | None = None) -> tuple[ModelConfig, Parallelism, SimOptions]:
+    """The simulator's view of a resolved training config (``dataclasses.asdict`` of DistCAConfig).
+    ``schedule_ran``: the pipeline schedule the run's records say it used (what ``train.pipeline_schedule: auto``
+    resolved to); without it ``auto`` is resolved by its rule (:func:`distca.parts.pipeline_schedule`)."""
     t, cl = config["train"], config["cluster"]
     model = ModelConfig(**config["model"])
     pp = int(t["pipeline_parallel"])
@@ -29,19 +35,28 @@ def run_options(config: dict) -> tuple[ModelConfig, Parallelism, SimOptions]:
     if cad and int(cl["n_servers"]) != par.devices:
         raise ValueError(f"validation models one server per trainer; config has {cl['n_servers']} servers "
                          f"for {par.devices} trainers")
+    schedule = str(t.get("pipeline_schedule", "1f1b")) if cad else "1f1b"
+    if schedule == "auto":
+        schedule = schedule_ran or ("pooled" if pp > 1 and cl.get("data_plane") != "collective" else "1f1b")
     opt = SimOptions(system="cad" if cad else "colocated", server_streams=True, servers="all",
                      eps=float(config["scheduler"]["eps"]), granularity=int(config["attention"]["shard_tokens"]),
-                     dtype_bytes=2 if t["precision"] == "bf16" else 4, layer_chunks=0)
+                     dtype_bytes=2 if t["precision"] == "bf16" else 4, layer_chunks=0,
+                     pingpong=bool(t.get("pingpong", False)) and cad, schedule=schedule,
+                     prefetch_plans=bool(t.get("prefetch", False)))
     return model, par, opt
 
 
 def replay(run: dict, hw: Hardware, skip: int = 1) -> dict:
     """Simulate every recorded step of one run; medians of measured and predicted step times."""
-    model, par, opt = run_options(run["config"])
+    model, par, opt = run_options(run["config"], run["records"][0].get("pipeline_schedule") if run["records"] else None)
     measured, predicted = [], []
     for rec in run["records"][skip:]:
         mbs = [MicroBatch(mb["ranks"], mb["continues"]) for mb in rec["micro_batches"]]
-        predicted.append(simulate_step(model, hw, par, opt, mbs).step_s)
+        # the step's measured planning: drawn and planned in the background when prefetched (prepare_ms),
+        # else on the critical path (plan_ms)
+        ms = rec.get("prepare_ms", 0.0) if opt.prefetch_plans else rec.get("plan_cpu_ms") or rec.get("plan_ms", 0.0)
+        o = replace(opt, plan_s=float(ms or 0.0) / 1e3) if opt.system == "cad" else opt
+        predicted.append(simulate_step(model, hw, par, o, mbs).step_s)
         measured.append(float(rec["step_s"]))
     if not measured:
         raise ValueError("the run has no steps after the warm-up step")

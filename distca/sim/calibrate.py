@@ -10,7 +10,15 @@ Measured (medians after a warm-up):
   as a :class:`~distca.attention.CalibrationTable` (what ``benchmarks/kernels.py calibrate`` writes);
 - **optimizer**: one AdamW step over a flat parameter tensor, per parameter;
 - **links**: a ZeroMQ ``ipc`` round trip between two sockets of this process (latency) and a stream of
-  1 MiB messages (bandwidth) — the path trainers and servers use on one host.
+  1 MiB messages (bandwidth) — the path trainers and servers use on one host;
+- **pool rounds**: forward and backward attention rounds between this process (a ``CADClient``) and one
+  real attention-server process over ZeroMQ frames, over a sweep of row counts and task counts. The
+  server's processor time per round (all its threads, from ``/proc/<pid>/task/*/schedstat``) less the
+  kernel time the attention table predicts for the round's tasks is fitted as ``fixed + per_row * rows``
+  (rows: q rows plus k/v rows the server receives), per pass; likewise the trainer's processor time per
+  round (packing rows, sending, receiving, unpacking; no local tasks) over the rows it sends
+  (:func:`measure_pool_rounds`, :func:`fit_round_costs`). The server's own ``busy_s`` (last arrival to last
+  reply, wall) is recorded beside it.
 
 ``cores`` is what the machine's processors deliver to ``ranks`` single-threaded processes running at
 once (measured; every rank and server of the simulated cluster shares it). On this project's 2-vCPU
@@ -202,6 +210,122 @@ def measure_ipc_link(nbytes: int = 1 << 20, n: int = 20) -> Link:
     return Link(bandwidth=nbytes / max(per - lat, 1e-9), latency_s=lat)
 
 
+def fit_round_costs(rows, extra_s) -> tuple[float, float]:
+    """Least-squares line ``extra_s = fixed + per_row * rows`` (both clamped at 0): the per-round cost a
+    round adds on top of its attention kernels, from ``rows`` and the measured time beyond the kernels."""
+    x, y = np.asarray(rows, dtype=float), np.asarray(extra_s, dtype=float)
+    if x.size < 2 or np.ptp(x) == 0:
+        return max(float(np.mean(y)) if y.size else 0.0, 0.0), 0.0
+    per_row, fixed = np.polyfit(x, y, 1)
+    if per_row < 0:  # no growth with rows: all of it per round
+        return max(float(np.mean(y)), 0.0), 0.0
+    if fixed < 0:  # through the origin
+        return 0.0, max(float(np.dot(x, y) / np.dot(x, x)), 0.0)
+    return float(fixed), float(per_row)
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """Processor seconds of every thread of process ``pid`` so far (nanosecond schedstat)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
+def measure_pool_rounds(cfg: ModelConfig, table: CalibrationTable, dtype: torch.dtype = torch.float32,
+                        rows: tuple[int, ...] = (64, 256, 1024, 4096), tasks: tuple[int, ...] = (1, 4),
+                        reps: int = 12, backend: str = "auto") -> dict:
+    """Time attention rounds between this process and one real attention-server process (ZeroMQ frames):
+    per (rows, tasks, pass), the server's processor time, its reported ``busy_s`` and the trainer's
+    processor time per round, and the kernel time ``table`` predicts for the round's tasks. Returns the
+    samples and the fitted per-round costs (see :func:`fit_round_costs`)."""
+    import dataclasses
+
+    from distca.attention.cost import AttentionShape, CostModel
+    from distca.config import config_from_dict
+    from distca.parts import server_settings, transport_settings
+    from distca.runtime.client import CADClient
+    from distca.runtime.plan_exec import RankTensors
+    from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+    from distca.server.processes import server_processes
+
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    run = config_from_dict({"model": dataclasses.asdict(cfg), "attention": {"backend": backend},
+                            "cluster": {"n_trainers": 1},
+                            "train": {"precision": precision, "pipeline_parallel": 1, "tokens_per_rank": max(rows)}})
+    scfg = server_settings(run)
+    esize = torch.tensor([], dtype=dtype).element_size()
+    model = CostModel.from_table(table, AttentionShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, esize))
+    sched = SchedulerConfig(eps=0.05, granularity=128, window=-1, min_offload_pairs=0)  # every task remote
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    with server_processes(1, scfg) as running:
+        pid = running.processes[0].pid
+        client = CADClient(0, running.addresses, transport_settings(run), backend=backend)
+        try:
+            for n_rows in rows:
+                for n_tasks in tasks:
+                    if n_tasks > n_rows:
+                        continue
+                    docs = [n_rows // n_tasks] * n_tasks
+                    docs[-1] += n_rows - sum(docs)
+                    plan, _ = make_plan(BatchLayout.from_ranks([docs]), Placement(1, 1, "dedicated"), sched)
+                    q_len, kv_len = plan.task_q1 - plan.task_q0, plan.task_k1 - plan.task_k0
+                    srv_rows = int(plan.server_q_rows[0] + plan.server_kv_rows[0])
+                    sent = int(plan.q_xfer.n.sum() + plan.kv_xfer.n.sum())
+                    t = RankTensors(*(torch.randn(n_rows, h, cfg.head_dim, generator=g, dtype=dtype)
+                                      for h in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)))
+                    dout = torch.randn(n_rows, cfg.n_heads, cfg.head_dim, generator=g, dtype=dtype)
+                    out, lse = client.forward(plan, t)  # registers the plan, warms the buffers
+                    client.backward(plan, t, out, lse, dout)
+                    for which in ("fwd", "bwd"):
+                        def one(which=which, plan=plan, t=t, out=out, lse=lse, dout=dout):
+                            return (client.forward(plan, t) if which == "fwd"
+                                    else client.backward(plan, t, out, lse, dout))
+                        one()
+                        busy0 = client.ping(0)["busy_s"]
+                        s0, c0, w0 = _proc_cpu_s(pid), time.process_time(), time.perf_counter()
+                        for _ in range(reps):
+                            one()
+                        s1, c1, w1 = _proc_cpu_s(pid), time.process_time(), time.perf_counter()
+                        busy1 = client.ping(0)["busy_s"]
+                        kernel = float(model.time_s(q_len, kv_len, -1, which).sum())
+                        samples.append({"pass": which, "rows": n_rows, "tasks": int(q_len.size),
+                                        "server_rows": srv_rows, "trainer_rows": sent, "kernel_s": kernel,
+                                        "server_cpu_s": (s1 - s0) / reps, "server_busy_s": (busy1 - busy0) / reps,
+                                        "trainer_cpu_s": (c1 - c0) / reps, "round_wall_s": (w1 - w0) / reps})
+        finally:
+            client.close()
+    fit = {}
+    for which in ("fwd", "bwd"):
+        ss = [x for x in samples if x["pass"] == which]
+        fit[f"server_{which}"] = fit_round_costs([x["server_rows"] for x in ss],
+                                                 [x["server_cpu_s"] - x["kernel_s"] for x in ss])
+        fit[f"server_busy_{which}"] = fit_round_costs([x["server_rows"] for x in ss],
+                                                      [x["server_busy_s"] - x["kernel_s"] for x in ss])
+        fit[f"trainer_{which}"] = fit_round_costs([x["trainer_rows"] for x in ss], [x["trainer_cpu_s"] for x in ss])
+    return {"samples": samples, "fit": fit}
+
+
+POOL_FIELDS = tuple(f"pool_{side}_{which}{row}_s" for side in ("server", "trainer") for which in ("fwd", "bwd")
+                    for row in ("", "_row"))
+
+
+def round_fields(fit: dict) -> dict[str, float]:
+    """Hardware fields from :func:`measure_pool_rounds`'s fit (server processor time, trainer processor time)."""
+    out = {}
+    for side in ("server", "trainer"):
+        for which in ("fwd", "bwd"):
+            fixed, per_row = fit[f"{side}_{which}"]
+            out[f"pool_{side}_{which}_s"] = fixed
+            out[f"pool_{side}_{which}_row_s"] = per_row
+    return out
+
+
 def average_hardware(parts: list[Hardware], name: str | None = None, weights: list[float] | None = None) -> Hardware:
     """The (weighted) mean of several calibrations of the same host: e.g. one before and one after a
     measured run, weighted by how close in time each is to the run, so that a noisy machine's drift is
@@ -231,14 +355,16 @@ def average_hardware(parts: list[Hardware], name: str | None = None, weights: li
         linear_overhead_s=mean([p.linear_overhead_s for p in parts]),
         linear_bwd_overhead_s=mean([p.linear_bwd_overhead_s for p in parts]),
         optimizer_s_per_param=mean([p.optimizer_s_per_param for p in parts]), attention_table=table or None,
+        **{f: mean([getattr(p, f) for p in parts]) for f in POOL_FIELDS},
         intra=link, inter=link, p2p=link, cores=mean([p.cores for p in parts]),
         sources={**first.sources, "averaged": how})
 
 
 def calibrate_host(cfg: ModelConfig, tokens: tuple[int, ...] = (1024, 2048, 4096), dtype: torch.dtype = torch.float32,
                    threads: int = 1, cores: float | None = None, reps: int = 5, backend: str = "auto",
-                   name: str = "this host", ranks: int = 4) -> tuple[Hardware, dict]:
-    """Measure this machine; returns the hardware model and the raw measurements."""
+                   name: str = "this host", ranks: int = 4, pool_rounds: bool = True) -> tuple[Hardware, dict]:
+    """Measure this machine; returns the hardware model and the raw measurements. ``pool_rounds``: also
+    time attention rounds against a real server process (:func:`measure_pool_rounds`, a few seconds)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -246,6 +372,7 @@ def calibrate_host(cfg: ModelConfig, tokens: tuple[int, ...] = (1024, 2048, 4096
         table = measure_attention(cfg, dtype, reps, backend)
         opt = measure_optimizer()
         link = measure_ipc_link()
+        rounds = measure_pool_rounds(cfg, table, dtype, backend=backend) if pool_rounds else None
     finally:
         torch.set_num_threads(old)
     measured_cores = cores is None
@@ -255,9 +382,12 @@ def calibrate_host(cfg: ModelConfig, tokens: tuple[int, ...] = (1024, 2048, 4096
         name=name, linear_flops=lin["linear_flops"], linear_overhead_s=lin["linear_overhead_s"],
         linear_bwd_overhead_s=lin["linear_bwd_overhead_s"], optimizer_s_per_param=opt,
         attention_table=table.__dict__, attention_fused=False, intra=link, inter=link, p2p=link,
-        devices_per_node=1 << 20, cores=cores,
+        devices_per_node=1 << 20, cores=cores, **(round_fields(rounds["fit"]) if rounds else {}),
         sources={"linear": f"measured: one block fwd/bwd at {tokens} tokens, {threads} thread(s), {dtype}",
                  "attention": f"measured: {len(table.entries)} single-task shapes, {table.backend}",
                  "optimizer": "measured: AdamW step, 1M parameters", "links": "measured: ZeroMQ ipc in-process",
-                 "cores": f"measured: {ranks} concurrent single-thread processes" if measured_cores else "given"})
-    return hw, {"linear": lin, "optimizer_s_per_param": opt, "link": link.__dict__, "cores": cores}
+                 "cores": f"measured: {ranks} concurrent single-thread processes" if measured_cores else "given",
+                 "pool": ("measured: fwd/bwd rounds with one server process over ZeroMQ frames, server and trainer "
+                          "processor time beyond the table's kernels, fixed + per row" if rounds else "not measured")})
+    return hw, {"linear": lin, "optimizer_s_per_param": opt, "link": link.__dict__, "cores": cores,
+                "pool_rounds": rounds}

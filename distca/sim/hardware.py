@@ -9,7 +9,13 @@ A :class:`Hardware` holds everything the simulator charges time for:
   ``benchmarks/kernels.py``, or exact pair counts at a stated rate);
 - **links**: bandwidth and latency inside a node (NVLink, or loopback sockets on a CPU host) and
   across nodes (InfiniBand); collectives are ring algorithms over them;
-- **cores**: a CPU host's processor count shared by every rank and server (``inf`` for GPUs).
+- **cores**: a CPU host's processor count shared by every rank and server (``inf`` for GPUs);
+- **pool rounds**: what one attention round costs beyond its kernels when servers are separate processes
+  reached over ZeroMQ (``SimOptions.server_streams``): on the server, receiving and unpacking frames,
+  rebatching rows into the fused call, packing and sending outputs; on the trainer, gathering and sending
+  its rows and unpacking the replies. Each is ``fixed + per_row * rows`` per round and pass (server rows:
+  q plus k/v rows it receives; trainer rows: those it sends), measured by ``distca.sim.calibrate`` on a
+  CPU host; 0 (not charged) in the published-GPU figures.
 """
 
 from __future__ import annotations
@@ -53,6 +59,15 @@ class Hardware:
     p2p: Link | None = None  # pipeline send/recv; None: same as the node links
     devices_per_node: int = 8
     cores: float = math.inf  # processors shared by all ranks and servers (CPU hosts)
+    # per attention round on the ZeroMQ server pool, beyond the kernels (processor seconds; 0: not charged)
+    pool_server_fwd_s: float = 0.0
+    pool_server_fwd_row_s: float = 0.0
+    pool_server_bwd_s: float = 0.0
+    pool_server_bwd_row_s: float = 0.0
+    pool_trainer_fwd_s: float = 0.0
+    pool_trainer_fwd_row_s: float = 0.0
+    pool_trainer_bwd_s: float = 0.0
+    pool_trainer_bwd_row_s: float = 0.0
     sources: dict[str, str] = field(default_factory=dict)  # what each number came from
 
     # -- costs ---------------------------------------------------------------------------------
@@ -68,6 +83,13 @@ class Hardware:
         if which == "fwd":
             return calls * self.linear_overhead_s + flops / self.linear_flops
         return calls * self.linear_bwd_overhead_s + 2.0 * flops / self.linear_flops
+
+    def pool_round_s(self, side: str, which: str, rows: float) -> float:
+        """One pool round's cost beyond the kernels on ``side`` (``server``/``trainer``) for ``rows`` rows;
+        0 for a party with no rows in the round (it gets no request)."""
+        if rows <= 0:
+            return 0.0
+        return getattr(self, f"pool_{side}_{which}_s") + rows * getattr(self, f"pool_{side}_{which}_row_s")
 
     def link(self, same_node: bool) -> Link:
         return self.intra if same_node else self.inter

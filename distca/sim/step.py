@@ -12,7 +12,11 @@ Three ways to run core attention (``SimOptions.system``):
     the attention servers; each layer is an all-to-all round: replicas send q/k/v rows, servers run
     their tasks, results come back. Servers are the stage's own devices time-shared with the trainers
     (in-place, ``servers="stage"``), or separate processes (``server_streams=True``, how the CPU
-    simulated cluster runs them). With ``pingpong`` every micro-batch is two nano-batches, each planned
+    simulated cluster runs them). Separate server processes on the ZeroMQ pool also pay, per round and
+    nano-batch, the pool's work beyond the kernels (``Hardware.pool_*``: fixed + per row, forward and
+    backward): on the server's stream with its attention, and on each trainer's compute stream before it
+    sends (``pool_rounds``; 0 unless a calibration measured them). With ``pingpong`` every micro-batch
+    is two nano-batches, each planned
     on its own, and communication runs on a separate stream (DESIGN §2's overlap; the paper's Fig. 7).
 ``wlb``
     WLB-LLM-style: workload-balanced variable-length packing over data-parallel groups of ``cp``
@@ -104,6 +108,8 @@ class SimOptions:
     idle_aware: bool = False  # pooled only: what-if balance that gives idle devices more attention
     prefetch_plans: bool = True  # planning on a background thread (off the critical path)
     plan_s: float = 0.0  # scheduler CPU seconds per trainer and step (0: not charged)
+    # with server_streams: charge the hardware's pool per-round costs (ZeroMQ frames; Hardware.pool_*)
+    pool_rounds: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule not in ("1f1b", "pooled"):
@@ -335,10 +341,15 @@ class _Builder:
         wins = sorted({w for ws in self.c.windows for w in ws})
         out = []
         for lay in layouts:
-            entry = {"tokens": [int(t) for t in lay.rank_tokens], "srv": {}, "bytes": {}}
+            entry = {"tokens": [int(t) for t in lay.rank_tokens], "srv": {}, "bytes": {}, "rows": {}}
             for w in wins:
                 sched = SchedulerConfig(eps=self.opt.eps, granularity=self.opt.granularity, window=w)
                 plan, _ = make_plan(lay, placement, sched, self.c.shape)
+                # rows each trainer sends and each server receives in one round (pool per-round costs)
+                sent = np.zeros(len(entry["tokens"]))
+                for x in (plan.q_xfer, plan.kv_xfer):
+                    np.add.at(sent, x.rank, x.n)
+                entry["rows"][w] = (sent, (plan.server_q_rows + plan.server_kv_rows).astype(float))
                 q = plan.task_q1 - plan.task_q0
                 kv = plan.task_k1 - plan.task_k0
                 for which in whiches:
@@ -574,6 +585,9 @@ class _Builder:
                 new = _idle_aware(t, work)
                 scale = np.where(t > 0, new / np.where(t > 0, t, 1.0), 0.0)
                 t = new
+            if opt.server_streams and opt.pool_rounds:  # pool work beyond the kernels, per round of the chunk
+                t = t + sum(count[w] * np.array([self.hw.pool_round_s("server", which, x)
+                                                 for x in nb["rows"][w][1]]) for w in wins)
             srv_t.append(t)
             ret_scale.append(scale)
         pre, send, rets, attn = {}, {}, {}, {}
@@ -582,10 +596,15 @@ class _Builder:
                 pre[(i, key)] = self._on(key, lin[(i, key)][0], "linear")
         for i, nb in enumerate(nanos):
             for key, t, _ in members:
+                dep = pre[(i, key)]
+                if opt.server_streams and opt.pool_rounds:  # the trainer packs and sends rows, unpacks replies
+                    work = sum(count[w] * self.hw.pool_round_s("trainer", which, nb["rows"][w][0][t]) for w in wins)
+                    if work > 0:
+                        dep = self._on(key, work, "cad_round")
                 nbytes = sum(count[w] * nb["bytes"][(w, which)][0].get(t, 0.0) for w in wins)
                 peers = max(nb["bytes"][(w, which)][2].get(t, 0) for w in wins)
                 send[(i, key)] = self.g.add(self.comm[key], _send_time(link, nbytes, peers), "cad_comm",
-                                            (pre[(i, key)],), uses_core=False)
+                                            (dep,), uses_core=False)
         for i in range(len(nanos)):
             deps = tuple(send[(i, key)] for key, _, _ in members)
             for j in range(n_srv):

@@ -8,7 +8,9 @@ serving requests in arrival order; the trainer blocks while its attention round 
 sends are asynchronous; the gradient all-reduce and the optimizer step close the step. A run's
 pipeline schedule and in-stage ping-pong come from its config (``train.pipeline_schedule``,
 ``train.pingpong``; 1F1B and none when a config predates them), and each step's recorded planning time
-is charged where the run put it (``train.prefetch``: a background thread sharing the cores).
+is charged where the run put it (``train.prefetch``: a background thread sharing the cores). Runs over
+ZeroMQ frames (``cluster.data_plane: zmq``) pay the calibrated pool per-round costs (``Hardware.pool_*``);
+other data planes are not charged them (not calibrated).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def run_options(config: dict, schedule_ran: str | None = None) -> tuple[ModelCon
                      eps=float(config["scheduler"]["eps"]), granularity=int(config["attention"]["shard_tokens"]),
                      dtype_bytes=2 if t["precision"] == "bf16" else 4, layer_chunks=0,
                      pingpong=bool(t.get("pingpong", False)) and cad, schedule=schedule,
-                     prefetch_plans=bool(t.get("prefetch", False)))
+                     prefetch_plans=bool(t.get("prefetch", False)),
+                     pool_rounds=cl.get("data_plane") == "zmq")  # the per-round costs calibrated: ZeroMQ frames
     return model, par, opt
 
 

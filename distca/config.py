@@ -227,7 +227,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # CAD only: every block of a stage runs each micro-batch as two nano-batches (the first and second half of a
     # rank's rows) whose attention rounds overlap each other's linear work, forward and backward
-    # (distca.runtime.nano). The loss is the same either way.
+    # (distca.runtime.nano). The loss is the same either way. It pays where a round runs beside the trainer (GPUs
+    # and their network); on a CPU host whose cores all processes share it only doubles the rounds: set false.
     pingpong: bool = True
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio

@@ -8,6 +8,8 @@ this or the local kernel by config; it never sees the plan, the sockets or the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from distca.runtime.client import CADClient
@@ -16,26 +18,31 @@ from distca.scheduler import Plan
 
 
 class _CADAttention(torch.autograd.Function):
+    """``plan_of(backward)`` gives each pass its plan: one plan for both here; under the pooled schedule the
+    backward's is its tick's (:mod:`distca.runtime.pooled_attention`)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan, client: CADClient):
-        out, lse = client.forward(plan, RankTensors(q.detach(), k.detach(), v.detach()))
+    def forward(ctx, q, k, v, plan_of: Callable[[bool], Plan], client: CADClient):
+        out, lse = client.forward(plan_of(False), RankTensors(q.detach(), k.detach(), v.detach()))
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.client = plan, client
+        ctx.plan_of, ctx.client = plan_of, client
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.client.backward(ctx.plan, RankTensors(q.detach(), k.detach(), v.detach()), out, lse,
-                                         dout.contiguous())
+        dq, dk, dv = ctx.client.backward(ctx.plan_of(True), RankTensors(q.detach(), k.detach(), v.detach()), out,
+                                         lse, dout.contiguous())
         return dq, dk, dv, None, None
 
 
-def cad_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
+def cad_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan | Callable[[bool], Plan],
                   client: CADClient) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable core attention of this rank's rows over the attention servers: ``(out, lse)``."""
-    return _CADAttention.apply(q, k, v, plan, client)
+    """Differentiable core attention of this rank's rows over the attention servers: ``(out, lse)``. ``plan``: the
+    plan of both passes, or ``plan_of(backward) -> Plan`` when the backward's plan is another one."""
+    plan_of = plan if callable(plan) else (lambda backward: plan)
+    return _CADAttention.apply(q, k, v, plan_of, client)
 
 
 class CADCoreAttention:

@@ -3,9 +3,9 @@
 In a pooled schedule every stage runs the same phase in each tick and one CAD plan per (tick, window) covers the
 rows of every stage's micro-batch of that tick (:mod:`distca.train.pooled` builds the plans, one step at a time).
 A micro-batch's forward rounds on a stage therefore use its forward tick's plan and its backward rounds its
-backward tick's plan — a different plan, shared with other stages' micro-batches. So, unlike
-:func:`~distca.runtime.cad_attention.cad_attention`, the plan is not saved at forward for the backward: each pass
-looks it up in the step's :class:`TickTable` under the tick the pipeline is in (the schedule sets
+backward tick's plan — a different plan, shared with other stages' micro-batches. So the plan is not fixed at
+forward for the backward (:func:`~distca.runtime.cad_attention.cad_attention` takes a ``plan_of(backward)``): each
+pass looks it up in the step's :class:`TickTable` under the tick the pipeline is in (the schedule sets
 ``TickTable.tick`` as each tick starts). A forward run in the backward tick is activation checkpointing's
 recomputation and takes the backward tick's plan, as every other rank in that tick does.
 
@@ -15,9 +15,11 @@ fixed when the client is made.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from distca.runtime.plan_exec import RankTensors
+from distca.runtime.cad_attention import cad_attention
 from distca.scheduler import Plan
 
 
@@ -33,25 +35,6 @@ class TickTable:
         if got is None:
             raise KeyError(f"no pooled CAD plan for tick {tick}, window {window}; planned ticks: {sorted(self.plans)}")
         return got
-
-
-class _PooledCADAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, core: PooledCoreAttention, window: int):
-        out, lse = core.client.forward(core.plan(window, backward=False), RankTensors(q.detach(), k.detach(),
-                                                                                    v.detach()))
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.core, ctx.window = core, window
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        core = ctx.core
-        dq, dk, dv = core.client.backward(core.plan(ctx.window, backward=True),
-                                          RankTensors(q.detach(), k.detach(), v.detach()), out, lse, dout.contiguous())
-        return dq, dk, dv, None, None
 
 
 class TickNanoPlans:
@@ -91,4 +74,4 @@ class PooledCoreAttention:
         return self.table.plan(now, window)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
-        return _PooledCADAttention.apply(q, k, v, self, window)[0]
+        return cad_attention(q, k, v, functools.partial(self.plan, window), self.client)[0]

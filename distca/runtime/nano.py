@@ -37,7 +37,19 @@ import torch
 from torch import nn
 
 from distca.runtime.plan_exec import RankTensors
-from distca.scheduler import Plan
+from distca.scheduler import BatchLayout, Plan
+
+
+def nano_batches(batch: BatchLayout) -> tuple[BatchLayout, BatchLayout]:
+    """A batch's two nano-batches: the queries of the first and of the second half of every rank's rows (plan
+    each with ``make_plan(nano, ..., keys=batch)``: their keys are anywhere in the batch)."""
+    tokens = batch.rank_tokens
+    return batch.query_rows(0 * tokens, tokens // 2), batch.query_rows(tokens // 2, tokens)
+
+
+def nano_rows(n: int) -> tuple[slice, slice]:
+    """A rank's rows of the two nano-batches when it holds ``n`` rows, as :func:`nano_batches` cuts them."""
+    return slice(0, n // 2), slice(n // 2, n)
 
 
 @dataclass(frozen=True)

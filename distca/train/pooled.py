@@ -32,7 +32,7 @@ from distca.attention import lse_dtype
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
 from distca.parts import attention_shape, client_settings, scheduler_settings, server_dtype
-from distca.runtime.nano import PingPongBlocks
+from distca.runtime.nano import PingPongBlocks, nano_batches, nano_rows
 from distca.runtime.plan_exec import RankTensors
 from distca.runtime.pooled_attention import PooledCoreAttention, TickNanoPlans, TickTable
 from distca.scheduler import BatchLayout, Placement, Plan, make_plan
@@ -145,10 +145,9 @@ class PooledCAD:
             if micros not in made:
                 batch = tick_batch(micro_batches, micros)
                 if self.pingpong:
-                    tokens = batch.rank_tokens
-                    halves = [batch.query_rows(0 * tokens, tokens // 2), batch.query_rows(tokens // 2, tokens)]
                     made[micros] = {w: tuple(make_plan(h, self.placement, scheduler_settings(self.cfg, w), self.shape,
-                                                       keys=batch)[0] for h in halves) for w in self.windows}
+                                                       keys=batch)[0] for h in nano_batches(batch))
+                                    for w in self.windows}
                 else:
                     made[micros] = {w: make_plan(batch, self.placement, scheduler_settings(self.cfg, w),
                                                  self.shape)[0] for w in self.windows}
@@ -164,8 +163,7 @@ class PooledCAD:
         if self.pingpong:
             out = []
             for m, layout in enumerate(layouts):
-                n = int(layout.cu_seqlens[-1])
-                nano = TickNanoPlans((slice(0, n // 2), slice(n // 2, n)), self.table, forward_tick(m, s, P),
+                nano = TickNanoPlans(nano_rows(int(layout.cu_seqlens[-1])), self.table, forward_tick(m, s, P),
                                      backward_tick(m, s, P))  # the rows plan_step's halves planned
                 run = PingPongBlocks(self.client, nano, checkpoint=self.cfg.train.activation_checkpointing)
                 out.append(MicroContext(layout, runner_only, run_block=run))

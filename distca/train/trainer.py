@@ -282,10 +282,10 @@ class Trainer:
         if not self.pingpong:
             return layout, {w: make_plan(batch, self.placement, scheduler_settings(self.cfg, w), self.shape)[0]
                             for w in self.windows}
-        tokens = batch.rank_tokens
-        nanos = [batch.query_rows(np.zeros_like(tokens), tokens // 2), batch.query_rows(tokens // 2, tokens)]
+        from distca.runtime.nano import nano_batches
+
         return layout, {w: tuple(make_plan(n, self.placement, scheduler_settings(self.cfg, w), self.shape,
-                                           keys=batch)[0] for n in nanos) for w in self.windows}
+                                           keys=batch)[0] for n in nano_batches(batch)) for w in self.windows}
 
     def _micro_context(self, mb, layout: DocLayout, plans: dict[int, Any]) -> MicroContext:
         if self.client is None:
@@ -293,10 +293,9 @@ class Trainer:
             core = GroupLocalCoreAttention(layout, p.ranks, p.continues, self.dp_rank, self.dp_group,
                                            self.cfg.attention.backend, timer=self.attn_timer)
         elif self.pingpong:
-            from distca.runtime.nano import NanoPlans, PingPongBlocks
+            from distca.runtime.nano import NanoPlans, PingPongBlocks, nano_rows
 
-            n = int(layout.cu_seqlens[-1])
-            rows = (slice(0, n // 2), slice(n // 2, n))  # as planned in _prepare
+            rows = nano_rows(int(layout.cu_seqlens[-1]))  # as _prepare planned them
             run = PingPongBlocks(self.client, NanoPlans(rows, plans),
                                  checkpoint=self.cfg.train.activation_checkpointing)
             return MicroContext(layout, runner_only, run_block=run)

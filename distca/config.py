@@ -20,6 +20,48 @@ from distca.errors import ConfigError
 
 
 @dataclass
+class RopeScaling:
+    """RoPE frequency scaling, as Llama-family checkpoints use it (Hugging Face's ``rope_parameters``).
+
+    ``default``: none. ``linear``: every frequency divided by ``factor``. ``llama3`` (Llama 3.1+): low
+    frequencies (wavelength above ``original_max_position / low_freq_factor``) divided by ``factor``, high
+    ones (below ``original_max_position / high_freq_factor``) kept, a smooth blend between. ``yarn``: NTK-by-parts
+    interpolation over the band set by ``beta_fast``/``beta_slow``, with cos/sin scaled by ``attention_factor``
+    (0: derived from ``factor``, ``mscale`` and ``mscale_all_dim`` as YaRN does). Other rope types are refused.
+    """
+
+    type: Literal["default", "linear", "llama3", "yarn"] = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position: int = 8192  # llama3, yarn: the pre-training context
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float = 0.0  # yarn; 0: derived
+    mscale: float = 0.0  # yarn; 0: unset
+    mscale_all_dim: float = 0.0  # yarn; 0: unset
+    truncate: bool = True  # yarn: round the correction band to whole dimensions
+
+    def __post_init__(self) -> None:
+        import math
+
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"model.rope_scaling.{name} must be a finite number > 0, got {v}")
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"model.rope_scaling.{name} must be a finite number >= 0, got {v}")
+        if self.original_max_position < 1:
+            raise ConfigError("model.rope_scaling.original_max_position must be >= 1, got "
+                              f"{self.original_max_position}")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError("model.rope_scaling: llama3 needs high_freq_factor > low_freq_factor, got "
+                              f"{self.high_freq_factor} <= {self.low_freq_factor}")
+
+
+@dataclass
 class ModelConfig:
     """Decoder shape (Llama-style); only the attention shape is used by the attention core."""
 
@@ -32,6 +74,14 @@ class ModelConfig:
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    attention_head_dim: int = 0  # per-head width; 0: hidden // n_heads (HF's ``head_dim``)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # a bias on the attention output projection (Llama's attention_bias)
+    mlp_bias: bool = False  # biases on the MLP's gate/up/down projections (Llama's mlp_bias)
+    # Per-layer window of the (standard or DDL) attention, -1 = full causal; empty: every layer full.
+    # Mistral's sliding_window is this with every layer windowed; the scheduler plans them like ShortSWA's.
+    layer_windows: list[int] = field(default_factory=list)
     # Residual variant: "standard" pre-norm; "shortswa" adds a sliding-window attention sublayer before
     # full attention in every block (or, with shortswa_every = k > 1, makes every k-th layer's attention
     # windowed instead); "ddl" uses Deep Delta Learning residual updates (scalar value state, d_v = 1).
@@ -44,8 +94,24 @@ class ModelConfig:
         for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden % self.n_heads:
-            raise ConfigError(f"model.hidden ({self.hidden}) must be a multiple of model.n_heads ({self.n_heads})")
+        if self.attention_head_dim < 0 or self.attention_head_dim % 2:
+            raise ConfigError(f"model.attention_head_dim must be 0 (derived) or an even number > 0, got "
+                              f"{self.attention_head_dim}")
+        if not self.attention_head_dim and self.hidden % self.n_heads:
+            raise ConfigError(f"model.hidden ({self.hidden}) must be a multiple of model.n_heads ({self.n_heads}) "
+                              "unless model.attention_head_dim is set")
+        if self.head_dim % 2:
+            raise ConfigError(f"the head dimension ({self.head_dim}) must be even for RoPE")
+        if self.layer_windows:
+            if len(self.layer_windows) != self.n_layers:
+                raise ConfigError(f"model.layer_windows has {len(self.layer_windows)} entries for "
+                                  f"{self.n_layers} layers")
+            bad = [w for w in self.layer_windows if w != -1 and w < 1]
+            if bad:
+                raise ConfigError(f"model.layer_windows entries must be -1 (full) or >= 1, got {bad[0]}")
+            if self.residual == "shortswa":
+                raise ConfigError("model.layer_windows cannot combine with residual 'shortswa', which sets the "
+                                  "windows itself")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
@@ -57,7 +123,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.n_heads
+        return self.attention_head_dim or self.hidden // self.n_heads
 
     def block_windows(self) -> list[tuple[int, ...]]:
         """The window of each block's core-attention calls, in call order (-1 = full causal).
@@ -66,9 +132,10 @@ class ModelConfig:
         counter and the simulator count from it. ``standard``/``ddl``: ``(-1,)`` per block. ``shortswa``
         with ``shortswa_every == 1``: ``(w, -1)``, the sliding-window sublayer before full attention.
         ``shortswa_every = k > 1``: every k-th block's attention is windowed, ``(w,)``, the others ``(-1,)``.
+        ``layer_windows`` (standard/ddl), when set: ``(layer_windows[i],)``.
         """
         if self.residual != "shortswa":
-            return [(-1,)] * self.n_layers
+            return [(w,) for w in self.layer_windows] or [(-1,)] * self.n_layers
         if self.shortswa_every == 1:
             return [(self.shortswa_window, -1)] * self.n_layers
         k = self.shortswa_every

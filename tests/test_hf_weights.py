@@ -263,16 +263,29 @@ def test_index_and_config_problems(tmp_path, caplog):
     _write(tmp_path / "ok", sd)
     assert _load(_model(0), tmp_path / "ok") == []
 
-    # config.json: a head count that shapes cannot see is an error; rope_scaling is warned about.
+    # config.json: a head count that shapes cannot see is an error, and so is a rope scaling the model lacks
+    # (it used to be only a warning), an incomplete one, or a rope type not implemented.
     raw = hf_config(cfg)
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**raw, "num_attention_heads": 8}))
     with pytest.raises(ValueError, match="n_heads: checkpoint 8, model 4"):
         _load(_model(0), tmp_path / "ok")
-    scaling = {"rope_type": "llama3", "factor": 8.0}
-    (tmp_path / "ok" / "config.json").write_text(json.dumps({**raw, "rope_scaling": scaling}))
-    with caplog.at_level(logging.WARNING, logger="distca.model.hf"):
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64, "rope_theta": cfg.rope_theta}
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**raw, "rope_scaling": llama3}))
+    with pytest.raises(ValueError, match=r"describes another model \(rope_scaling.type: checkpoint 'llama3', "
+                       r"model 'default'; rope_scaling.factor: checkpoint 8.0, model 1.0;"):
         _load(_model(0), tmp_path / "ok")
-    assert "rope_scaling" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="distca.model.hf"):
+        _load(_model(0), tmp_path / "ok", strict=False)
+    assert "rope_scaling.type: checkpoint 'llama3', model 'default'" in caplog.text
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**raw, "rope_scaling": {"rope_type": "llama3",
+                                                                                     "factor": 8.0}}))
+    with pytest.raises(ValueError, match="rope type 'llama3' needs 'low_freq_factor'"):
+        _load(_model(0), tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**raw, "rope_scaling": {"rope_type": "dynamic",
+                                                                                     "factor": 2.0}}))
+    with pytest.raises(ValueError, match=r"rope type 'dynamic' \(implemented: default, linear, llama3, yarn\) is not"):
+        _load(_model(0), tmp_path / "ok")
 
 
 def test_tied_embeddings(tmp_path):

@@ -11,15 +11,15 @@ from distca.model.layers import apply_rope
 
 
 class SelfAttention(nn.Module):
-    """GQA attention with its own q/k/v/o projections (no biases); ``window=-1`` is full causal."""
+    """GQA attention with its own q/k/v/o projections (biases as the config says); ``window=-1`` is full causal."""
 
     def __init__(self, cfg: ModelConfig, window: int = -1):
         super().__init__()
         self.h, self.hkv, self.d, self.window = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, window
-        self.q = nn.Linear(cfg.hidden, self.h * self.d, bias=False)
-        self.k = nn.Linear(cfg.hidden, self.hkv * self.d, bias=False)
-        self.v = nn.Linear(cfg.hidden, self.hkv * self.d, bias=False)
-        self.o = nn.Linear(self.h * self.d, cfg.hidden, bias=False)
+        self.q = nn.Linear(cfg.hidden, self.h * self.d, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.hidden, self.hkv * self.d, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.hidden, self.hkv * self.d, bias=cfg.qkv_bias)
+        self.o = nn.Linear(self.h * self.d, cfg.hidden, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, core: CoreAttention, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return run_steps(self.steps(x, cos, sin), core)

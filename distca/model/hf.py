@@ -17,9 +17,13 @@ loaded model does not compute what the checkpoint did until it is trained. The i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distca.config import ModelConfig
+from distca.model.hf_config import config_differences, hf_config, hf_model_type
 from distca.model.llama import LlamaModel
 
 log = logging.getLogger(__name__)
@@ -51,21 +56,29 @@ _LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "mlp_norm.weight",
 }
-# config.json fields (as config_from_hf reads them) compared with the model's; tensor shapes cannot see
-# every difference (n_heads at equal hidden, rope_theta, norm_eps). Tying is judged by the tensors present.
-_CONFIG_FIELDS = ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "rope_theta",
-                  "norm_eps")
+_BIASES = {  # a config flag -> the bias tensors it adds to each layer
+    "qkv_bias": {"self_attn.q_proj.bias": "attn.q.bias", "self_attn.k_proj.bias": "attn.k.bias",
+                 "self_attn.v_proj.bias": "attn.v.bias"},
+    "o_bias": {"self_attn.o_proj.bias": "attn.o.bias"},
+    "mlp_bias": {"mlp.gate_proj.bias": "mlp.gate.bias", "mlp.up_proj.bias": "mlp.up.bias",
+                 "mlp.down_proj.bias": "mlp.down.bias"},
+}
 
 
 def hf_state_dict_mapping(cfg: ModelConfig) -> dict[str, str]:
-    """Hugging Face Llama parameter name -> our :class:`LlamaModel` parameter name, in checkpoint order.
+    """Hugging Face parameter name -> our :class:`LlamaModel` parameter name, in checkpoint order (Llama,
+    Mistral and Qwen2 share the names; biases appear as ``cfg`` has them).
 
     ``lm_head.weight`` is absent when embeddings are tied (our head shares ``embed.weight``). For the
     residual variants the map covers only the parameters they share with Llama (see the module docstring).
     """
+    layer = dict(_LAYER)
+    for flag, names in _BIASES.items():
+        if getattr(cfg, flag):
+            layer |= names
     mapping = {"model.embed_tokens.weight": "embed.weight"}
     for i in range(cfg.n_layers):
-        for hf, ours in _LAYER.items():
+        for hf, ours in layer.items():
             mapping[f"model.layers.{i}.{hf}"] = f"blocks.{i}.{ours}"
     mapping["model.norm.weight"] = "norm.weight"
     if not cfg.tie_embeddings:
@@ -113,25 +126,21 @@ def _same_tensor(a: tuple[Path, str], b: tuple[Path, str], rows: int = 4096) -> 
 
 
 def _check_config(folder: Path, cfg: ModelConfig, strict: bool) -> None:
-    """Compare the folder's ``config.json`` (if any) with the model's config (see ``_CONFIG_FIELDS``)."""
+    """Compare the folder's ``config.json`` (if any) with the model's config, every field that changes the math
+    (:func:`~distca.model.hf_config.config_differences`); tensor shapes cannot see every difference
+    (``n_heads`` at equal width, θ, rope scaling, ε, windows). A field the model does not implement is refused
+    by :meth:`LlamaModel.config_from_hf` itself."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         return
-    raw = json.loads(path.read_text())
-    theirs = LlamaModel.config_from_hf(folder)
-    diff = [f"{k}: checkpoint {getattr(theirs, k)!r}, model {getattr(cfg, k)!r}" for k in _CONFIG_FIELDS
-            if getattr(theirs, k) != getattr(cfg, k)]
+    theirs = LlamaModel.config_from_hf(folder, strict=strict)
+    # tying is judged by the tensors present, whose messages say more
+    diff = config_differences(dataclasses.replace(theirs, tie_embeddings=cfg.tie_embeddings), cfg)
     if diff:
         msg = f"{path} describes another model ({'; '.join(diff)})"
         if strict:
             raise ValueError(msg)
         log.warning(msg)
-    scaling = raw.get("rope_scaling")
-    if scaling and (not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "default"):
-        log.warning("%s asks for rope_scaling %s; our RoPE has no scaling, so outputs will differ from the "
-                    "checkpoint's model", path, scaling)
-    if raw.get("hidden_act", "silu") != "silu":
-        log.warning("%s has hidden_act %r; our MLP uses silu", path, raw["hidden_act"])
 
 
 def _model_names(cfg: ModelConfig) -> list[str]:
@@ -216,51 +225,42 @@ def load_hf_weights(cfg: ModelConfig, params: Mapping[str, torch.nn.Parameter], 
     return left
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The Hugging Face ``config.json`` of a standard model (read back by :meth:`LlamaModel.config_from_hf`)."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "hidden_size": cfg.hidden,
-        "intermediate_size": cfg.ffn_hidden,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
 def save_hf_weights(model: LlamaModel, folder: str | Path, max_shard_bytes: int | None = None) -> list[Path]:
-    """Write ``model`` as a Hugging Face Llama checkpoint into ``folder``: ``config.json`` and the weights
-    in the model's dtype, as ``model.safetensors`` or, when they exceed ``max_shard_bytes``, as shards
-    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (a tensor larger than the
-    limit gets a shard of its own). Weight files of an earlier save in ``folder`` are removed first.
-    Returns the files written.
+    """Write ``model`` as a Hugging Face checkpoint folder (:func:`write_hf_folder`): ``config.json`` (Llama,
+    Mistral or Qwen2, as the config requires) and the weights in the model's dtype. Returns the files written.
 
-    Only a ``residual: standard`` model is a Hugging Face Llama; any other is a :class:`ValueError`, since
+    Only a ``residual: standard`` model is a Hugging Face model; any other is a :class:`ValueError`, since
     the checkpoint would silently drop the variant's parameters or its windows.
     """
-    cfg = model.cfg
-    if cfg.residual != "standard":
-        raise ValueError(f"a {cfg.residual!r} model is not a Hugging Face Llama (only residual 'standard' is); "
-                         "its extra parameters or windows have no place in the checkpoint")
+    return write_hf_folder(model.cfg, dict(model.named_parameters()), folder, max_shard_bytes)
+
+
+def write_hf_folder(cfg: ModelConfig, params: Mapping[str, torch.Tensor], folder: str | Path,
+                    max_shard_bytes: int | None = None) -> list[Path]:
+    """Write the :class:`LlamaModel` parameters ``params`` (all of them, under our names) as a Hugging Face
+    folder: ``model.safetensors`` or, when the weights exceed ``max_shard_bytes``, shards
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (a tensor larger than the limit
+    gets a shard of its own), and ``config.json``. Tensors keep their dtype (the config's ``torch_dtype``).
+
+    The write is atomic: everything goes to a temporary folder beside ``folder``, which then takes its place
+    by rename, so a crash leaves either the old folder or the new one, never a folder without weights. Files
+    of an existing ``folder`` that are not a checkpoint's (a tokenizer, a README) are carried over.
+    Returns the files written, at their final paths.
+    """
+    hf_model_type(cfg)  # refuses a model no Hugging Face type computes, before anything is written
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
-    params = dict(model.named_parameters())
-    tensors = [(hf, params[ours]) for hf, ours in hf_state_dict_mapping(cfg).items()]
-    leftover = set(params) - set(hf_state_dict_mapping(cfg).values())
+    mapping = hf_state_dict_mapping(cfg)
+    lacking = [ours for ours in mapping.values() if ours not in params]
+    if lacking:
+        raise ValueError(f"parameters {lacking[:5]} of the model are missing")
+    leftover = set(params) - set(mapping.values())
     if leftover:
         raise ValueError(f"parameters with no Hugging Face name: {sorted(leftover)}")
+    tensors = [(hf, params[ours]) for hf, ours in mapping.items()]
+    dtypes = {p.dtype for _, p in tensors}
+    if len(dtypes) != 1:
+        raise ValueError(f"the parameters have several dtypes {sorted(map(str, dtypes))}; cast them to one first")
 
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
@@ -271,24 +271,57 @@ def save_hf_weights(model: LlamaModel, folder: str | Path, max_shard_bytes: int 
             size = 0
         shards[-1].append((name, p))
         size += nbytes
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(old.name):
-            old.unlink()
-    written = []
     names = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for fname, shard in zip(names, shards, strict=True):
-        save_file({n: p.detach().cpu().contiguous() for n, p in shard}, folder / fname, metadata={"format": "pt"})
-        written.append(folder / fname)
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(p.numel() * p.element_size() for _, p in tensors)},
-                 "weight_map": {n: fname for fname, shard in zip(names, shards, strict=True) for n, _ in shard}}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        written.append(folder / INDEX_FILE)
-    (folder / CONFIG_FILE).write_text(json.dumps(hf_config(cfg, model.embed.weight.dtype), indent=2) + "\n")
-    written.append(folder / CONFIG_FILE)
+
+    folder = Path(folder).absolute()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.writing-", dir=folder.parent))
+    try:
+        if folder.is_dir():  # keep what is not ours to replace
+            for old in folder.iterdir():
+                if old.name in (SINGLE_FILE, INDEX_FILE, CONFIG_FILE) or _SHARD_NAME.fullmatch(old.name):
+                    continue
+                (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
+        for fname, shard in zip(names, shards, strict=True):
+            save_file({n: p.detach().cpu().contiguous() for n, p in shard}, tmp / fname, metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(p.numel() * p.element_size() for _, p in tensors)},
+                     "weight_map": {n: fname for fname, shard in zip(names, shards, strict=True) for n, _ in shard}}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(cfg, next(iter(dtypes))), indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():  # on disk before the rename makes them visible, with the modes of a plain write
+            if f.is_file() and not f.is_symlink():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+                if f.name in names or f.name in (INDEX_FILE, CONFIG_FILE):
+                    f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
+        _swap_in(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    written = [folder / n for n in names] + ([folder / INDEX_FILE] if len(shards) > 1 else []) + [folder / CONFIG_FILE]
     log.info("saved %d tensors to %s in %d file(s)", len(tensors), folder, len(shards))
     return written
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """Put the complete folder ``new`` at ``folder``: one rename when ``folder`` does not exist; else the old
+    one is renamed aside first and removed after (between the two renames both complete folders exist)."""
+    if not folder.exists():
+        os.rename(new, folder)
+        return
+    if not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    aside.rmdir()
+    os.rename(folder, aside)
+    try:
+        os.rename(new, folder)
+    except BaseException:
+        os.rename(aside, folder)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

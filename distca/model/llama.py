@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.attn = SelfAttention(cfg, window)
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.hidden, cfg.ffn_hidden)
+        self.mlp = SwiGLU(cfg.hidden, cfg.ffn_hidden, cfg.mlp_bias)
         if cfg.residual == "ddl":
             self.attn_delta = DeltaResidual(cfg.hidden, cfg.ddl_beta_init)
             self.mlp_delta = DeltaResidual(cfg.hidden, cfg.ddl_beta_init)
@@ -101,26 +100,21 @@ class LlamaModel(nn.Module):
     def forward(self, tokens: torch.Tensor, layout: DocLayout, core: CoreAttention) -> torch.Tensor:
         """Logits ``[T, vocab]`` for packed ``tokens [T]``."""
         x = self.embed(tokens)
-        cos, sin = rope_cos_sin(layout.position_ids.to(x.device), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(layout.position_ids.to(x.device), self.cfg.head_dim, self.cfg.rope_theta, x.dtype,
+                                self.cfg.rope_scaling)
         for block in self.blocks:
             x = block(x, core, cos, sin)
         return self.head(self.norm(x))
 
     @staticmethod
-    def config_from_hf(folder: str | Path, **overrides) -> ModelConfig:
-        """A :class:`ModelConfig` from a local Hugging Face Llama ``config.json``."""
-        raw = json.loads((Path(folder) / "config.json").read_text())
-        try:
-            fields = dict(n_layers=raw["num_hidden_layers"], hidden=raw["hidden_size"],
-                          n_heads=raw["num_attention_heads"],
-                          n_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
-                          ffn_hidden=raw["intermediate_size"], vocab_size=raw["vocab_size"],
-                          rope_theta=float(raw.get("rope_theta", 10000.0)),
-                          norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-                          tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
-        except KeyError as exc:
-            raise ValueError(f"{folder}/config.json lacks {exc.args[0]!r}") from None
-        return ModelConfig(**{**fields, **overrides})
+    def config_from_hf(folder: str | Path, strict: bool = True, **overrides) -> ModelConfig:
+        """A :class:`ModelConfig` from a local Hugging Face ``config.json`` (``llama``, ``mistral`` or ``qwen2``;
+        transformers 4.x or 5.x layout). A field that changes the math and is not implemented is a
+        :class:`ValueError` naming it; with ``strict=False`` a warning saying what differs
+        (:mod:`distca.model.hf_config`). ``overrides`` replace fields of the result."""
+        from distca.model.hf_config import read_hf_config
+
+        return read_hf_config(folder, strict, **overrides)
 
 
 def next_token_labels(tokens: torch.Tensor, layout: DocLayout) -> torch.Tensor:

@@ -79,9 +79,11 @@ def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None,
     With ``core_attention: cad`` the run starts its own attention-server pool, unless ``pool`` (a running
     :class:`~distca.server.pool.AttentionServerPool` with this run's server settings) is given: then the run
     uses it and leaves it running (several runs, e.g. a test module's, share one pool and its Ray)."""
+    from distca.model.hf_config import with_checkpoint_model
     from distca.parts import train_device, uses_pool
 
     t_start = time.perf_counter()
+    cfg = with_checkpoint_model(cfg)  # a run from a Hugging Face folder takes its model from there
     world = cfg.cluster.n_trainers
     # longer than the collectives' own timeout, so a rank's own error is what usually surfaces
     timeout_s = timeout_s or 1.5 * cfg.train.step_timeout_s + 30

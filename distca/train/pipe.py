@@ -59,7 +59,7 @@ class MicroContext:
     def rope(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (dtype, device)
         if key not in self._rope:
-            cos, sin = rope_cos_sin(self.layout.position_ids, cfg.head_dim, cfg.rope_theta, dtype)
+            cos, sin = rope_cos_sin(self.layout.position_ids, cfg.head_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
             self._rope[key] = cos.to(device), sin.to(device)
         return self._rope[key]
 

@@ -71,10 +71,12 @@ def _worker(loop_config: dict[str, Any]) -> None:
 def train_on_ray(cfg: DistCAConfig, run_steps: int = 0, verbose: bool = False) -> TrainResult:
     """Start (or join) Ray, the server pool and ``cluster.n_trainers`` Ray Train workers; train. ``verbose``
     lets Ray Train and the libraries in the workers (DeepSpeed, torch.distributed) log and print."""
+    from distca.model.hf_config import with_checkpoint_model
     from distca.parts import cluster_device, pool_settings, uses_pool
     from distca.server.pool import AttentionServerPool, local_ray_on_loopback
 
     t_start = time.perf_counter()
+    cfg = with_checkpoint_model(cfg)  # on the driver: the workers get the resolved model
     device = cluster_device(cfg)  # resolved on the driver, once: every worker and server follows it
     _check_source(cfg)
     if not cfg.cluster.ray_address:

@@ -56,11 +56,13 @@ def run(cfg: DistCAConfig, env: Mapping[str, str], run_steps: int = 0, verbose: 
 
     import torch.distributed as dist
 
+    from distca.model.hf_config import with_checkpoint_model
     from distca.train.metrics import MetricsSink, TrainResult, collect, run_header, summary_table
     from distca.train.quiet import quiet_libraries
     from distca.train.trainer import Trainer
 
     t_start = time.perf_counter()
+    cfg = with_checkpoint_model(cfg)  # every rank reads the same folder
     rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
     local, per_node = _env_int(env, "LOCAL_RANK"), _env_int(env, "LOCAL_WORLD_SIZE")
     device = train_device(cfg)

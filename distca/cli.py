@@ -1,5 +1,5 @@
 """``distca`` command line: ``train``, ``launch``, ``demo``, ``config``, ``serve`` (a YAML config and dotted
-overrides), ``plan`` and ``simulate``."""
+overrides), ``plan``, ``export`` and ``simulate``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--head-dim", type=int, default=128, help="head dimension (128)")
     s.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (bf16: 2)")
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    s = sub.add_parser("export", help="write a training checkpoint as a Hugging Face folder",
+                       description="Turn a training checkpoint (DeepSpeed pipeline stages, any PP x DP) into a "
+                                   "Hugging Face folder (config.json + safetensors) that transformers loads. "
+                                   "The folder is written atomically.")
+    s.add_argument("--checkpoint", required=True,
+                   help="the run's checkpoint folder (its latest tag is used) or one step folder in it")
+    s.add_argument("--out", required=True, help="the Hugging Face folder to write (replaced atomically)")
+    s.add_argument("--tag", help="a tag (step folder) other than the latest, e.g. step00000100")
+    s.add_argument("--config", help="the run's YAML, for a checkpoint without distca_model.json")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="cast the weights (default: as stored: the module's dtype in training)")
+    s.add_argument("--max-shard-mb", type=float, default=0,
+                   help="split the weights into shards of at most this many MB (0: one file)")
     from distca.sim.cli import add_parser as add_simulate
 
     add_simulate(sub)
@@ -84,6 +97,21 @@ def _plan(args) -> int:
     else:
         for key, value in summary.items():
             print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    return 0
+
+
+def _export(args) -> int:
+    from distca.train.export import export_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        written = export_checkpoint(args.checkpoint, args.out, tag=args.tag, config=args.config,
+                                    dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                    max_shard_bytes=int(args.max_shard_mb * 2**20) or None)
+    except (DistCAError, OSError, ValueError) as exc:
+        print(f"distca: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": args.out, "files": [str(p) for p in written]}))
     return 0
 
 
@@ -136,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
         return _plan(args)
+    if args.command == "export":
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        return _export(args)
     if args.command == "simulate":
         if overrides:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
@@ -145,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, overrides)
+        from distca.model.hf_config import with_checkpoint_model
+
+        cfg = with_checkpoint_model(cfg)  # train.init_from_hf: the folder's model (the launchers do this too)
         if args.command == "config":
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0

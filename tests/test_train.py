@@ -221,6 +221,43 @@ def test_pooled_pingpong_resume_continues_the_same_curve_exactly(inplace_run, tm
     assert resumed.losses == straight.losses[14:]  # bit for bit
 
 
+def test_export_of_a_pipeline_checkpoint_loads_in_transformers(local_run, tmp_path):
+    """``distca export`` turns the PP=2 × DP=2 run's last checkpoint into a folder ``transformers`` loads; its
+    tensors are the checkpoint's, bit for bit, and its logits on text the run never saw equal ours."""
+    import torch
+    import transformers
+
+    from distca.cli import main
+    from distca.model.core import DocLayout, LocalCoreAttention
+    from distca.model.llama import LlamaModel
+
+    cfg, _ = local_run
+    ckpt = Path(cfg.output_dir) / "checkpoints"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+
+    # ours: the run's model with the tensors of the checkpoint's layer files, read here without the exporter
+    tag = ckpt / (ckpt / "latest").read_text().strip()
+    assert tag.name == f"step{STEPS:08d}"
+    ours = LlamaModel(cfg.model).eval()
+    prefixes = ["embed", *(f"blocks.{i}" for i in range(cfg.model.n_layers)), "norm", "head"]
+    params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for i, prefix in enumerate(prefixes):
+            for name, t in torch.load(tag / f"layer_{i:02d}-model_states.pt", weights_only=True).items():
+                params[f"{prefix}.{name}"].copy_(t)
+    assert torch.equal(theirs.model.layers[1].mlp.down_proj.weight, params["blocks.1.mlp.down.weight"])
+    assert torch.equal(theirs.lm_head.weight, params["head.weight"])
+
+    text = b"def held_out(x):\n    return sorted(set(x), key=len)[::-1]  # not in the embedded corpus\n"
+    tokens = torch.tensor(list(text))
+    lay = DocLayout.from_lengths([len(text)])
+    with torch.no_grad():
+        mine = ours(tokens, lay, LocalCoreAttention(lay))
+        hf = theirs(input_ids=tokens[None]).logits[0]
+    assert float((mine - hf).abs().max() / hf.abs().max()) <= 1e-5
+
+
 def test_metrics_files(local_run):
     cfg, _ = local_run
     out = Path(cfg.output_dir)
@@ -369,27 +406,30 @@ def test_a_server_killed_mid_run_is_replaced_and_the_curve_is_unchanged(tmp_path
     assert_same_curve(undisturbed.losses[:6], res.losses)
 
 
-def test_pipeline_loss_equals_the_plain_model_on_the_same_batch(tmp_path):
-    """End to end against the plain model: start PP=2 × DP=2 training from a Hugging Face safetensors
-    folder, and the first step's loss equals the mean per-replica, per-micro-batch loss of the plain
-    ``LlamaModel`` (loaded from the same folder, fp64) over the same packed documents — whole documents,
-    no pipeline, no data parallelism, no splitting at rank boundaries."""
+def test_training_from_a_transformers_folder_starts_at_transformers_loss(tmp_path):
+    """End to end against the real thing: a Llama 3.1-style model built and saved by Hugging Face
+    ``transformers`` (GQA, llama3 rope scaling, 5.x config layout, a shape unlike the run's YAML) starts PP=2 ×
+    DP=2 training through ``train.init_from_hf``. The run takes its model from the folder, and the first step's
+    loss equals the mean per-replica, per-micro-batch loss ``transformers`` computes over the same packed
+    documents, each document on its own — no pipeline, no data parallelism, no splitting at rank boundaries."""
     import torch
+    import transformers
 
     from distca.data import PackedStream
     from distca.data.sources import open_source
-    from distca.model.core import DocLayout, LocalCoreAttention
-    from distca.model.hf import load_hf_weights, save_hf_weights
-    from distca.model.llama import LlamaModel
 
-    cfg = tiny(tmp_path, **{"train.core_attention": "local", "train.steps": 1,
-                            "train.init_from_hf": str(tmp_path / "hf"), "model.tie_embeddings": False})
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
     torch.manual_seed(11)
-    save_hf_weights(LlamaModel(cfg.model), tmp_path / "hf")
+    theirs = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    cfg = tiny(tmp_path, **{"train.core_attention": "local", "train.steps": 1,
+                            "train.init_from_hf": str(tmp_path / "hf")})
     res = train(cfg)
 
-    ref = LlamaModel(cfg.model).double()
-    load_hf_weights(ref.cfg, dict(ref.named_parameters()), tmp_path / "hf")
     stream = PackedStream(open_source("embedded"), cfg.data_parallel, cfg.train.tokens_per_rank, cfg.seed)
     per_micro = []
     with torch.no_grad():
@@ -397,8 +437,8 @@ def test_pipeline_loss_equals_the_plain_model_on_the_same_batch(tmp_path):
             mb = stream.next_micro_batch()
             tokens = torch.from_numpy(np.concatenate(mb.tokens)).long()
             labels = torch.from_numpy(np.concatenate(mb.labels)).long()
-            layout = DocLayout.from_lengths(mb.packed.doc_lengths)
-            logits = ref(tokens, layout, LocalCoreAttention(layout, backend="reference"))
+            logits = torch.cat([theirs(input_ids=doc[None]).logits[0]
+                                for doc in tokens.split(list(mb.packed.doc_lengths))])
             ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
             ranks = zip(ce.split(cfg.train.tokens_per_rank), labels.split(cfg.train.tokens_per_rank), strict=True)
             per_micro.append(sum(float(c[y != -100].mean()) for c, y in ranks) / cfg.data_parallel)

@@ -44,6 +44,7 @@ from distca.parts import (
 from distca.scheduler import BatchLayout, Placement, make_plan
 from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.train.data import make_source
+from distca.train.export import write_model_config
 from distca.train.flops import measure_peak_flops
 from distca.train.metrics import StepMeter, combine_ranks
 from distca.train.pipe import MicroContext, StepContext, build_pipeline, llama_parameters, runner_only
@@ -353,6 +354,8 @@ class Trainer:
         state = {"step": step, "data": self.prefetch.stream_state(), "torch_rng": torch.get_rng_state(),
                  "numpy_rng": np.random.get_state()}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"distca": state})
+        if self.info.rank == 0:  # the model beside its tensors, for `distca export`
+            write_model_config(self.checkpoint_dir / tag, self.cfg.model)
         return tag
 
     def load(self) -> int:

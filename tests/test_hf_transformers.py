@@ -159,6 +159,12 @@ def test_round_trip_through_transformers(case, tmp_path):
     same logits as ours on the folder we wrote."""
     ours = _ours(_save(_build(case), tmp_path / "src", "5.x"))
     save_hf_weights(ours, tmp_path / "ours")
+    # the folder also carries the 4.x fields, so a reader of only those (transformers 4) gets the same rope
+    raw = json.loads((tmp_path / "ours" / "config.json").read_text())
+    raw.pop("rope_parameters")
+    (tmp_path / "4x").mkdir()
+    (tmp_path / "4x" / "config.json").write_text(json.dumps(raw))
+    assert LlamaModel.config_from_hf(tmp_path / "4x") == ours.cfg
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
     assert type(theirs).__name__ == f"{CASES[case][0]}ForCausalLM"
     tokens = _tokens(LENGTHS[1])

@@ -244,8 +244,9 @@ def hf_model_type(cfg: ModelConfig) -> str:
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The ``config.json`` of ``cfg`` in the 5.x layout (``rope_parameters``), which :func:`model_config_from_hf`
-    and ``transformers`` both read back to the same model."""
+    """The ``config.json`` of ``cfg`` in the 5.x layout (``rope_parameters``), with the same rope also in the 4.x
+    fields (``rope_theta``, and ``rope_scaling`` when scaled), so that :func:`model_config_from_hf` and both
+    ``transformers`` 4.x and 5.x read it back to the same model."""
     kind = hf_model_type(cfg)
     s = cfg.rope_scaling
     rope: dict[str, Any] = {"rope_type": s.type, "rope_theta": cfg.rope_theta}
@@ -275,10 +276,13 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "rms_norm_eps": cfg.norm_eps,
         "max_position_embeddings": max_pos,
         "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,  # 4.x layout: without it, transformers 4 would use theta = 10000
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if s.type != "default":
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     if kind == "llama":
         out |= {"attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
     if kind == "mistral":

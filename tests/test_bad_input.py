@@ -1,0 +1,180 @@
+"""Bad input at the edges (issue 16, "CLI and loaders"): every one is a one-line error that names the field, exit
+code 2 from the CLI, never a traceback, a MemoryError or a RecursionError; lengths are capped at 2**31 tokens per
+document so int64 pair counts cannot overflow. The CLI runs in-process through ``main`` (the real parser and
+planner), plus one real subprocess for the end-to-end exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distca.cli import main
+from distca.errors import InputError
+from distca.limits import MAX_DOC_TOKENS
+from distca.scheduler import BatchLayout, SchedulerConfig
+from distca.scheduler.summary import plan_summary
+
+ROOT = Path(__file__).parent.parent
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON (and YAML flow) nested 100k deep
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``distca *argv`` in this process: (exit code, stdout, stderr). argparse's own errors exit via SystemExit."""
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_error(rc: int, err: str, prog: str, *names: str) -> str:
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[:2000]
+    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture()
+def good_lengths(tmp_path: Path) -> Path:
+    path = tmp_path / "good.json"
+    path.write_text("[[100, 200], [300]]")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# distca plan: the lengths file
+# ------------------------------------------------------------------------------------------------------------------
+
+BAD_LENGTHS = {
+    "ranks is a number": ('{"ranks": 5}', "ranks must be a list"),
+    "continues is a number": ('{"ranks": [[4, 4], [4]], "continues": 7}', "continues must be a list"),
+    "continues holds a number": ('{"ranks": [[4], [4]], "continues": [false, 1]}', "continues[1] must be true or"),
+    "length 1e30 as a float": ("[[1e30, 5]]", "positive integers"),
+    "length 10**30 as an integer": (f"[[{10**30}, 5]]", "exceeds the cap of 2**31"),
+    "length 2**62": (f"[[{2**62}, {2**62}]]", "exceeds the cap of 2**31"),
+    "length 2**31 + 1": (f"[[{2**31 + 1}]]", "exceeds the cap of 2**31"),
+    "nested 100k deep": (DEEP, "nested too deeply"),
+    "a 5000-digit integer": (f"[[{'9' * 5000}]]", "not valid JSON"),
+    "not JSON": ("[[1, 2]", "not valid JSON"),
+    "a string": ('"abc"', "expected a list of per-rank lists"),
+    "unknown key": ('{"ranks": [[1]], "extra": 1}', "expected keys 'ranks'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LENGTHS))
+def test_plan_rejects_a_bad_lengths_file_in_one_line(capsys, tmp_path, case):
+    text, match = BAD_LENGTHS[case]
+    path = tmp_path / "lengths.json"
+    path.write_text(text)
+    rc, out, err = _cli(capsys, "plan", "--lengths", str(path), "--servers", "2")
+    line = _one_line_error(rc, err, "distca plan", "--lengths", match)
+    assert out == "" and len(line) < 400
+
+
+def test_plan_rejects_unreadable_lengths_files(capsys, tmp_path):
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe[[1]]")
+    for path, match in ((tmp_path / "missing.json", "cannot read"), (binary, "not UTF-8")):
+        rc, _, err = _cli(capsys, "plan", "--lengths", str(path), "--servers", "2")
+        _one_line_error(rc, err, "distca plan", "--lengths", match)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# distca plan: the flags
+# ------------------------------------------------------------------------------------------------------------------
+
+BAD_FLAGS = [
+    (["--kv-heads", "0"], "--kv-heads must be in [1,"),
+    (["--heads", "0"], "--heads must be in [1,"),
+    (["--head-dim", "0"], "--head-dim must be in [1,"),
+    (["--dtype-bytes", "0"], "--dtype-bytes must be in [1,"),
+    (["--heads", "-32"], "--heads must be in [1,"),
+    (["--heads", "32", "--kv-heads", "5"], "--heads (32) must be a multiple of --kv-heads (5)"),
+    (["--heads", "4096", "--head-dim", "4096"], "bytes per token exceeds"),
+    (["--eps", "nan"], "--eps must be a finite number, got nan"),
+    (["--eps", "inf"], "--eps must be a finite number, got inf"),
+    (["--eps", "-0.5"], "--eps must be in [0,"),
+    (["--servers", "0"], "--servers must be in [1,"),
+    (["--servers", str(2**40)], "--servers must be in [1, 2**20]"),
+    (["--granularity", "0"], "--granularity must be in [1, 2**31]"),
+    (["--window", "0"], "--window must be in [1, 2**31] or -1"),
+]
+
+
+@pytest.mark.parametrize(("flags", "match"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_plan_rejects_bad_flags_naming_the_flag(capsys, good_lengths, flags, match):
+    argv = ["plan", "--lengths", str(good_lengths), "--servers", "2"]
+    rc, out, err = _cli(capsys, *argv, *flags)
+    _one_line_error(rc, err, "distca plan", match)
+    assert out == ""
+
+
+def test_plan_takes_eps_zero_and_a_huge_finite_eps(capsys, good_lengths):
+    for eps in ("0", "1e300"):
+        rc, out, err = _cli(capsys, "plan", "--lengths", str(good_lengths), "--servers", "2", "--eps", eps, "--json")
+        assert rc == 0, err
+        summary = json.loads(out)
+        total = 100 * 101 // 2 + 200 * 201 // 2 + 300 * 301 // 2
+        assert summary["max_server_pairs"] <= summary["capacity_pairs"] <= total
+
+
+@pytest.mark.parametrize("argv", [["plan", "--lengths", "x.json", "--servers", "two"],
+                                  ["plan", "--lengths", "x.json", "--servers", "2", "--eps", "abc"],
+                                  ["train", "--run-steps", "abc"],
+                                  ["plan", "--servers", "2"],
+                                  ["nosuchcommand"]],
+                         ids=["int flag", "float flag", "train flag", "missing flag", "command"])
+def test_typed_flag_errors_are_one_line(capsys, argv):
+    rc, out, err = _cli(capsys, *argv)
+    line = _one_line_error(rc, err, err.split(": error: ")[0])
+    assert line.startswith("distca") and "usage:" not in err and out == ""
+
+
+def test_the_cli_process_exits_2_without_a_traceback(tmp_path):
+    """End to end, as a user runs it: the audit's RecursionError is one line and exit code 2."""
+    deep = tmp_path / "deep.json"
+    deep.write_text(DEEP)
+    r = subprocess.run([sys.executable, "-m", "distca.cli", "plan", "--servers", "2", "--lengths", str(deep)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.startswith("distca plan: error: --lengths")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the 2**31 cap: scheduler input, config, data loaders
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_lengths_are_capped_at_2_31_per_document_so_pair_counts_stay_exact():
+    """2**62 used to be accepted and planned with an int64 pair count that had wrapped around."""
+    with pytest.raises(InputError, match="exceeds the cap of 2\\*\\*31"):
+        BatchLayout.from_ranks([[2**62, 2**62]])
+    with pytest.raises(InputError, match="exceeds the cap"):
+        BatchLayout.from_ranks([[MAX_DOC_TOKENS + 1]])
+    with pytest.raises(InputError, match="continues reaches 2147483649 tokens"):
+        BatchLayout.from_ranks([[MAX_DOC_TOKENS], [1]], [False, True])
+    with pytest.raises(InputError, match="over the cap of 2\\*\\*62"):  # each document fits, their pairs do not
+        BatchLayout.from_ranks([[MAX_DOC_TOKENS] * 2, [MAX_DOC_TOKENS] * 2])
+    # At the cap a plan is exact: every pair counted once, no wrap-around.
+    batch = BatchLayout.from_ranks([[MAX_DOC_TOKENS], [2**30, 2**30]])
+    summary = plan_summary(batch, 2, SchedulerConfig(eps=0.0, granularity=128, window=-1))
+    pairs = MAX_DOC_TOKENS * (MAX_DOC_TOKENS + 1) // 2 + 2 * (2**30 * (2**30 + 1) // 2)
+    assert summary["mean_server_pairs"] * 2 == pytest.approx(pairs, rel=1e-12)
+    assert pairs / 2 <= summary["max_server_pairs"] <= pairs / 2 + MAX_DOC_TOKENS
+
+
+def test_scheduler_config_needs_a_finite_eps_and_capped_sizes():
+    for eps in (float("nan"), float("inf")):
+        with pytest.raises(InputError, match="eps must be >= 0 and finite"):
+            SchedulerConfig(eps=eps, granularity=128, window=-1)
+    with pytest.raises(InputError, match="window must be in"):
+        SchedulerConfig(eps=0.0, granularity=128, window=2**40)
+    SchedulerConfig(eps=0.0, granularity=128, window=-1)  # eps = 0 stays allowed

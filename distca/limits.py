@@ -32,6 +32,7 @@ MAX_VOCAB = 2**31
 MAX_DTYPE_BYTES = 8
 MAX_ROW_BYTES = 2**24  # n_heads × head_dim × dtype_bytes of one token's q row
 MAX_RANKS = 2**20  # trainers, servers
+MAX_DOCS = 2**31  # documents a synthetic epoch draws (its lengths array: 16 GiB at the cap)
 MAX_JSON_BYTES = 1 << 28  # a lengths file of a million documents is ~8 MB
 INT64_MAX = 2**63 - 1
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from distca.cli import main
-from distca.errors import InputError
+from distca.config import SchedulerSection, load_config
+from distca.errors import ConfigError, InputError
 from distca.limits import MAX_DOC_TOKENS
 from distca.scheduler import BatchLayout, SchedulerConfig
 from distca.scheduler.summary import plan_summary
@@ -178,3 +179,56 @@ def test_scheduler_config_needs_a_finite_eps_and_capped_sizes():
     with pytest.raises(InputError, match="window must be in"):
         SchedulerConfig(eps=0.0, granularity=128, window=2**40)
     SchedulerConfig(eps=0.0, granularity=128, window=-1)  # eps = 0 stays allowed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# config: YAML and --section.key overrides
+# ------------------------------------------------------------------------------------------------------------------
+
+BAD_OVERRIDES = [
+    (["--scheduler.eps", ".nan"], "scheduler.eps must be a finite number"),
+    (["--scheduler.eps", ".inf"], "scheduler.eps must be a finite number"),
+    (["--train.lr", "-.inf"], "train.lr must be a finite number"),
+    (["--model.n_heads", "0"], "model.n_heads must be >= 1"),
+    (["--model.n_kv_heads", "0"], "model.n_kv_heads must be >= 1"),
+    (["--model.hidden", str(2**40)], "model.hidden must be <= 2**20"),
+    (["--model.n_layers", str(10**30)], "model.n_layers must fit in 64 bits"),
+    (["--data.doc_lengths", f"[{2**62}]"], "data.doc_lengths[0] = 4611686018427387904 exceeds the cap of 2**31"),
+    (["--data.doc_lengths", f"[{2**31}, {2**31}, {2**31}, {2**31}]"], "data.doc_lengths attend more than 2**62"),
+    (["--data.max_len", str(2**40)], "data.max_len must be <= 2**31"),
+    (["--attention.window", str(2**40)], "attention.window must be -1 or >= 1"),
+    (["--train.tokens_per_rank", str(2**40)], "train.tokens_per_rank must be <= 2**31"),
+    (["--cluster.n_servers", str(2**40)], "cluster.n_servers must be in [1, 2**20]"),
+    (["--model.n_layers", DEEP], "override --model.n_layers: YAML nested deeper than 64 levels"),
+    (["--model.rope_scaling.type", "[[[[[1]]]]]"], "model.rope_scaling.type must be one of"),
+    (["--" + ".".join(["a"] * 1000), "1"], "a key has at most 8 dotted parts"),
+    (["--model.n_layers", ": : :"], "override --model.n_layers: cannot parse"),
+    (["--run-steps", "-3"], "--run-steps must be in [0,"),
+]
+
+
+@pytest.mark.parametrize(("args", "match"), BAD_OVERRIDES, ids=[a[0][:40] for a, _ in BAD_OVERRIDES])
+def test_config_overrides_are_validated_in_one_line(capsys, args, match):
+    command = "train" if args[0] == "--run-steps" else "config"
+    rc, out, err = _cli(capsys, command, *args)
+    _one_line_error(rc, err, "distca", match)
+    assert out == ""
+
+
+def test_config_file_nested_deep_is_one_error(capsys, tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("model: " + DEEP)
+    rc, _, err = _cli(capsys, "config", "--config", str(path))
+    _one_line_error(rc, err, "distca", "deep.yaml: YAML nested deeper than 64 levels")
+    path.write_text("".join(" " * i + f"k{i}:\n" for i in range(3000)))  # block style: the composer's recursion
+    rc, _, err = _cli(capsys, "config", "--config", str(path))
+    _one_line_error(rc, err, "distca", "deep.yaml: YAML nested too deeply")
+    path.write_text("1: 2\nzz: 3\n")  # a non-string key is named, not a TypeError from sorting int and str
+    rc, _, err = _cli(capsys, "config", "--config", str(path))
+    _one_line_error(rc, err, "distca", "unknown config key 1")
+
+
+def test_scheduler_eps_zero_stays_allowed():
+    assert load_config(None, ["--scheduler.eps", "0"]).scheduler.eps == 0.0
+    with pytest.raises(ConfigError, match="finite"):
+        SchedulerSection(eps=float("nan"))

@@ -8,12 +8,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from distca.cli import main
 from distca.config import SchedulerSection, load_config
+from distca.data import DataError, sample_lengths
+from distca.data.distributions import LengthDistribution
+from distca.data.stream import PackedStream
+from distca.data.synthetic_source import SyntheticSource
+from distca.data.text_source import TextSource
+from distca.data.token_files import TokenFileSource, token_file_paths, write_token_file
 from distca.errors import ConfigError, InputError
 from distca.limits import MAX_DOC_TOKENS
 from distca.scheduler import BatchLayout, SchedulerConfig
@@ -181,6 +190,20 @@ def test_scheduler_config_needs_a_finite_eps_and_capped_sizes():
     SchedulerConfig(eps=0.0, granularity=128, window=-1)  # eps = 0 stays allowed
 
 
+def test_distributions_and_stream_are_capped():
+    with pytest.raises(DataError, match="over the cap of 2\\*\\*31"):
+        sample_lengths("fixed", n_docs=2, length=2**62)
+    with pytest.raises(DataError, match="stretches 'pretrain' lengths"):
+        LengthDistribution("pretrain", elongate=1e300)
+    with pytest.raises(DataError, match="finite"):
+        sample_lengths("pretrain", n_docs=2, sigma=float("inf"))
+    source = SyntheticSource(LengthDistribution("fixed", params={"length": 8}), n_docs=4, vocab_size=16)
+    with pytest.raises(DataError, match="tokens_per_rank must be in \\[1, 2\\*\\*31\\]"):
+        PackedStream(source, n_ranks=2, tokens_per_rank=2**40)
+    with pytest.raises(DataError, match=r"max_doc_tokens .* must be in"):
+        PackedStream(source, n_ranks=2, tokens_per_rank=8, max_doc_tokens=2**62)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # config: YAML and --section.key overrides
 # ------------------------------------------------------------------------------------------------------------------
@@ -232,3 +255,71 @@ def test_scheduler_eps_zero_stays_allowed():
     assert load_config(None, ["--scheduler.eps", "0"]).scheduler.eps == 0.0
     with pytest.raises(ConfigError, match="finite"):
         SchedulerSection(eps=float("nan"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# data loaders: token files and jsonl
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _claim_entries(npy: Path, n: int) -> None:
+    """Rewrite ``npy``'s header to claim ``n`` entries, leaving its data (and size) as it was."""
+    raw = npy.read_bytes()
+    head_len = int.from_bytes(raw[8:10], "little")
+    head = raw[10:10 + head_len].decode("latin1")
+    start, end = head.index("'shape': (") + len("'shape': ("), head.index(",)")
+    new = (head[:start] + str(n) + head[end:]).rstrip()
+    assert len(new) < head_len
+    npy.write_bytes(raw[:10] + (new.ljust(head_len - 1) + "\n").encode("latin1") + raw[10 + head_len:])
+
+
+@pytest.mark.parametrize("claimed", [10**9, 10**11])
+def test_offsets_header_is_checked_against_the_file_size_before_allocating(tmp_path, claimed):
+    """A header claiming 10**9 entries used to allocate 8 GB (MemoryError under a memory limit); 10**11 always."""
+    write_token_file(tmp_path / "ds", [[1, 2, 3], [4, 5]])
+    meta_path = token_file_paths(tmp_path / "ds")[2]
+    meta = json.loads(meta_path.read_text())
+    meta["n_docs"] = claimed - 1  # the metadata agrees with the header: only the file size can tell
+    meta_path.write_text(json.dumps(meta))
+    _claim_entries(token_file_paths(tmp_path / "ds")[1], claimed)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=f"header promises {claimed} int64 offsets .* holds 24 bytes"):
+            TokenFileSource(tmp_path / "ds")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # nothing sized from the header was allocated
+
+
+def test_token_files_cap_documents_and_deep_metadata(tmp_path):
+    write_token_file(tmp_path / "ds", [[1, 2, 3], [4, 5]])
+    _, off_path, meta_path = token_file_paths(tmp_path / "ds")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(DEEP)
+    with pytest.raises(DataError, match=r"ds\.meta\.json is not readable: JSON nested too deeply"):
+        TokenFileSource(tmp_path / "ds")
+    # A document over the cap: offsets [0, 2**31 + 1, 2**31 + 3] (refused before the tokens file is opened).
+    n = MAX_DOC_TOKENS + 3
+    np.save(off_path, np.array([0, MAX_DOC_TOKENS + 1, n], dtype=np.int64))
+    meta.update(dtype="uint8", n_tokens=n)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="document 0 holds 2147483649 tokens, over the cap of 2\\*\\*31"):
+        TokenFileSource(tmp_path / "ds")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(["the cat sat"], trainer=trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_deeply_nested_jsonl_line_is_a_data_error_naming_the_line(tmp_path, tokenizer_json):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "the cat"}\n' + '{"meta": ' + DEEP + ', "text": "sat"}\n')
+    with pytest.raises(DataError, match=r"docs\.jsonl:2: JSON nested too deeply"):
+        TextSource(path, tokenizer_json)

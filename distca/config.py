@@ -486,9 +486,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {type(value).__name__}: {short_repr(value)}")
-        if not (abs(value) <= INT64_MAX if isinstance(value, int) else math.isfinite(value)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = math.inf
+        if not math.isfinite(number):
             raise ConfigError(f"{key} must be a finite number, got {short_repr(value)}")
-        return float(value)
+        return number
     if tp in (int, str, bool):
         if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
             raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__}: {short_repr(value)}")

@@ -240,9 +240,9 @@ def _read_offsets(path: Path, n_docs: int, n_tokens: int) -> np.ndarray:
                 raise DataError(f"{path}: the header promises {shape[0]} int64 offsets ({shape[0] * 8} bytes) but "
                                 f"the file holds {data_bytes} bytes after it; truncated or mismatched")
             off = np.fromfile(f, dtype=np.int64, count=shape[0])
+    except DataError:
+        raise
     except (OSError, ValueError, SyntaxError) as e:  # read_magic / read_array_header: ValueError on a bad header
-        if isinstance(e, DataError):
-            raise
         raise DataError(f"token file offsets {path} is not a readable .npy array: {' '.join(str(e).split())}") \
             from None
     if off[0] != 0:

@@ -6,6 +6,7 @@ planner), plus one real subprocess for the end-to-end exit code."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import tracemalloc
@@ -128,7 +129,7 @@ def test_plan_rejects_bad_flags_naming_the_flag(capsys, good_lengths, flags, mat
 
 
 def test_plan_takes_eps_zero_and_a_huge_finite_eps(capsys, good_lengths):
-    for eps in ("0", "1e300"):
+    for eps in ("0", "1e300", "1e308"):  # (1 + 1e308) * total overflows to inf
         rc, out, err = _cli(capsys, "plan", "--lengths", str(good_lengths), "--servers", "2", "--eps", eps, "--json")
         assert rc == 0, err
         summary = json.loads(out)
@@ -323,3 +324,61 @@ def test_deeply_nested_jsonl_line_is_a_data_error_naming_the_line(tmp_path, toke
     path.write_text('{"text": "the cat"}\n' + '{"meta": ' + DEEP + ', "text": "sat"}\n')
     with pytest.raises(DataError, match=r"docs\.jsonl:2: JSON nested too deeply"):
         TextSource(path, tokenizer_json)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# seeded fuzz: random lengths files, flags and overrides never escape as anything but exit 0 or one line + exit 2
+# ------------------------------------------------------------------------------------------------------------------
+
+_ODD = [0, 1, -1, 5, 300, 2**31, 2**31 + 1, 2**62, 10**30, 1e30, 3.5, float("nan"), True, False, None, "7", ""]
+
+
+def _random_lengths(rng: random.Random) -> object:
+    """Mostly well-formed lengths (so some plans succeed) with odd values, types and keys mixed in."""
+    if rng.random() < 0.1:
+        return rng.choice([*_ODD, {"ranks": 5}, [[[[1]]]], {}])
+    odd = rng.random() < 0.5  # half the files carry a few odd pieces, ranks or flags
+
+    def piece() -> object:
+        return rng.choice(_ODD) if odd and rng.random() < 0.1 else rng.randint(1, 4096)
+
+    ranks = [[piece() for _ in range(rng.randint(0, 4))] if not odd or rng.random() > 0.05 else rng.choice(_ODD)
+             for _ in range(rng.randint(1, 4))]
+    if rng.random() < 0.7:
+        return ranks
+    flags = [False] + [rng.random() < 0.5 for _ in ranks[1:]]
+    if odd:
+        flags = rng.choice([flags, flags[:-1], [True, *flags[1:]], [7] * len(flags), 7, None])
+    return {"ranks": ranks, "continues": flags, **({"extra": 1} if odd and rng.random() < 0.1 else {})}
+
+
+def _exits_cleanly(capsys, argv: list[str]) -> int:
+    rc, out, err = _cli(capsys, *argv)
+    assert rc in (0, 2), (argv, err)
+    assert (rc == 0 and out and not err) or (rc == 2 and len(err.strip().splitlines()) == 1 and not out), (argv, err)
+    return rc
+
+
+def test_seeded_fuzz_of_plan_and_config(capsys, tmp_path):
+    rng = random.Random(16)
+    path = tmp_path / "lengths.json"
+    codes = []
+    for _ in range(200):
+        path.write_text(json.dumps(_random_lengths(rng)))
+        flags = {"--servers": ["1", "3", "0"], "--eps": ["0", "0.02", "nan", "-1", "1e308"],
+                 "--window": ["-1", "64", "0", str(2**31 + 1)], "--heads": ["32", "0", "7"],
+                 "--kv-heads": ["8", "0"], "--placement": ["colocated", "dedicated"]}
+        argv = ["plan", "--lengths", str(path), "--json"]
+        for flag, choices in flags.items():
+            argv += [flag, choices[0] if rng.random() < 0.9 else rng.choice(choices)]
+        codes.append(_exits_cleanly(capsys, argv))
+    keys = ["model.n_heads", "model.rope_theta", "model.layer_windows", "model.rope_scaling.type", "attention.window",
+            "data.doc_lengths", "data.elongate", "cluster.n_servers", "scheduler.eps", "train.lr", "seed", "model"]
+    values = ["0", "2", ".nan", "-.inf", "1.0e30", str(2**31 + 1), str(10**30), "[1, 2]", "{a: 1}", "null", "'x'",
+              "&a [*a]", "[" * 70 + "]" * 70, ": :", "!!python/object:os.system x"]
+    for _ in range(200):
+        argv = ["config"]
+        for _ in range(rng.randint(1, 3)):
+            argv += ["--" + rng.choice(keys), rng.choice(values)]
+        codes.append(_exits_cleanly(capsys, argv))
+    assert 0 < codes.count(0) < len(codes)  # both outcomes happen: the fuzz reaches the planner and the config

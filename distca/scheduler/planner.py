@@ -435,7 +435,8 @@ def plan_assignment(
     n = placement.n_servers
     # Cuts are token-granular, so no plan can promise better than one query token's work (at most
     # the longest document's length in pairs) above the mean: that is the floor of the slack.
-    # A bound above the total is no bound (and must not overflow the int64 loads), hence the min.
-    capacity = max(-(-total // n) + int(batch.doc_len.max(initial=0)), min(total, int((1.0 + cfg.eps) * total / n)))
+    # A bound above the total is no bound: cap it there (a huge finite eps makes it inf, or too big for int64).
+    bound = (1.0 + cfg.eps) * total / n
+    capacity = max(-(-total // n) + int(batch.doc_len.max(initial=0)), int(bound) if bound < total else total)
     planner.shed(capacity)
     return planner.finish(capacity)

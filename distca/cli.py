@@ -7,19 +7,40 @@ import argparse
 import json
 import logging
 import sys
+import typing
 
 import torch
 
 from distca.config import AttentionConfig, SchedulerSection, load_config
 from distca.errors import DistCAError
+from distca.limits import MAX_DOC_TOKENS, MAX_RANKS, check_float, check_int, check_shape
 
 # Tolerances for the demo's own exactness check, per dtype (see tests for the property versions).
 _DEMO_TOL = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``distca plan: error: argument --servers: ...``, exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: object, limit: int = 500) -> str:
+    """``text`` on one line of at most ``limit`` characters (a message may quote a user's multi-line value)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _fail(prog: str, exc: BaseException) -> int:
+    """Print ``exc`` as one line on stderr; return the bad-input exit code, 2."""
+    print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+    return 2
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distca", description="Core attention disaggregation for LLM training.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="distca", description="Core attention disaggregation for LLM training.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, text in (("train", "train on a simulated cluster on this machine (local Ray, attention servers, "
                                  "one process per trainer rank)"),
                        ("launch", "train through a cluster engine: 'ray' runs the trainers as Ray Train workers and "
@@ -85,13 +106,19 @@ def _plan(args) -> int:
     from distca.scheduler.summary import load_batch, plan_summary
 
     try:
-        batch = load_batch(args.lengths)
+        # Flags first, each by its own name; then the lengths file (errors start with "--lengths PATH:").
+        servers = check_int(args.servers, "--servers", 1, MAX_RANKS)
+        check_float(args.eps, "--eps", 0.0)
+        check_int(args.granularity, "--granularity", 1, MAX_DOC_TOKENS)
+        check_int(args.window, "--window", 1, MAX_DOC_TOKENS, allow=(-1,))
+        check_shape(args.heads, args.kv_heads, args.head_dim, args.dtype_bytes,
+                    ("--heads", "--kv-heads", "--head-dim", "--dtype-bytes"))
+        batch = load_batch(args.lengths, name="--lengths")
         shape = AttentionShape(args.heads, args.kv_heads, args.head_dim, args.dtype_bytes)
         cfg = SchedulerConfig(eps=args.eps, granularity=args.granularity, window=args.window)
-        summary = plan_summary(batch, args.servers, cfg, args.placement, shape)
-    except ValueError as exc:
-        print(f"distca plan: error: {exc}", file=sys.stderr)
-        return 2
+        summary = plan_summary(batch, servers, cfg, args.placement, shape)
+    except ValueError as exc:  # InputError, and a planner's own refusal
+        return _fail("distca plan", exc)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -109,8 +136,7 @@ def _export(args) -> int:
                                     dtype=getattr(torch, args.dtype) if args.dtype else None,
                                     max_shard_bytes=int(args.max_shard_mb * 2**20) or None)
     except (DistCAError, OSError, ValueError) as exc:
-        print(f"distca: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail("distca export", exc)
     print(json.dumps({"out": args.out, "files": [str(p) for p in written]}))
     return 0
 
@@ -176,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         return simulate(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in ("train", "launch"):
+            check_int(args.run_steps, "--run-steps", 0)
+        if args.command == "serve" and args.hold_s != -1:
+            check_float(args.hold_s, "--hold-s (-1 or seconds >= 0)", 0.0)
         cfg = load_config(args.config, overrides)
         from distca.model.hf_config import with_checkpoint_model
 
@@ -205,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"OK: CAD attention equals whole-document attention (max error {worst:.2e} <= {tol:.0e})")
         return 0
     except DistCAError as exc:
-        print(f"distca: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail("distca", exc)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ deep in the code. Loading is strict: an unknown key, a wrong type or an invalid 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,17 @@ from typing import Any, Literal
 import yaml
 
 from distca.errors import ConfigError
+from distca.limits import (
+    INT64_MAX,
+    MAX_BATCH_PAIRS,
+    MAX_DIM,
+    MAX_DOC_TOKENS,
+    MAX_DOCS,
+    MAX_RANKS,
+    MAX_VOCAB,
+    pow2_text,
+    short_repr,
+)
 
 
 @dataclass
@@ -43,8 +56,6 @@ class RopeScaling:
     truncate: bool = True  # yarn: round the correction band to whole dimensions
 
     def __post_init__(self) -> None:
-        import math
-
         for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
@@ -53,9 +64,9 @@ class RopeScaling:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"model.rope_scaling.{name} must be a finite number >= 0, got {v}")
-        if self.original_max_position < 1:
-            raise ConfigError("model.rope_scaling.original_max_position must be >= 1, got "
-                              f"{self.original_max_position}")
+        if not 1 <= self.original_max_position <= MAX_DOC_TOKENS:
+            raise ConfigError(f"model.rope_scaling.original_max_position must be in [1, {pow2_text(MAX_DOC_TOKENS)}], "
+                              f"got {short_repr(self.original_max_position)}")
         if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ConfigError("model.rope_scaling: llama3 needs high_freq_factor > low_freq_factor, got "
                               f"{self.high_freq_factor} <= {self.low_freq_factor}")
@@ -94,6 +105,16 @@ class ModelConfig:
         for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+            cap = MAX_VOCAB if name == "vocab_size" else MAX_DIM
+            if getattr(self, name) > cap:
+                raise ConfigError(f"model.{name} must be <= {pow2_text(cap)}, got {short_repr(getattr(self, name))}")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0 and math.isfinite(self.norm_eps)
+                and self.norm_eps > 0):
+            raise ConfigError(f"model.rope_theta and model.norm_eps must be finite numbers > 0, got "
+                              f"{self.rope_theta} and {self.norm_eps}")
+        if self.attention_head_dim > MAX_DIM:
+            raise ConfigError(f"model.attention_head_dim must be <= {pow2_text(MAX_DIM)}, got "
+                              f"{short_repr(self.attention_head_dim)}")
         if self.attention_head_dim < 0 or self.attention_head_dim % 2:
             raise ConfigError(f"model.attention_head_dim must be 0 (derived) or an even number > 0, got "
                               f"{self.attention_head_dim}")
@@ -106,9 +127,10 @@ class ModelConfig:
             if len(self.layer_windows) != self.n_layers:
                 raise ConfigError(f"model.layer_windows has {len(self.layer_windows)} entries for "
                                   f"{self.n_layers} layers")
-            bad = [w for w in self.layer_windows if w != -1 and w < 1]
+            bad = [w for w in self.layer_windows if w != -1 and not 1 <= w <= MAX_DOC_TOKENS]
             if bad:
-                raise ConfigError(f"model.layer_windows entries must be -1 (full) or >= 1, got {bad[0]}")
+                raise ConfigError(f"model.layer_windows entries must be -1 (full) or in [1, "
+                                  f"{pow2_text(MAX_DOC_TOKENS)}], got {short_repr(bad[0])}")
             if self.residual == "shortswa":
                 raise ConfigError("model.layer_windows cannot combine with residual 'shortswa', which sets the "
                                   "windows itself")
@@ -116,8 +138,10 @@ class ModelConfig:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
             )
-        if self.shortswa_window < 1 or self.shortswa_every < 1:
-            raise ConfigError("model.shortswa_window and model.shortswa_every must be >= 1")
+        if not (1 <= self.shortswa_window <= MAX_DOC_TOKENS and 1 <= self.shortswa_every <= MAX_DIM):
+            raise ConfigError(f"model.shortswa_window must be in [1, {pow2_text(MAX_DOC_TOKENS)}] and "
+                              f"model.shortswa_every in [1, {pow2_text(MAX_DIM)}], got "
+                              f"{short_repr(self.shortswa_window)} and {short_repr(self.shortswa_every)}")
         if not 0.0 <= self.ddl_beta_init < 2.0:
             raise ConfigError(f"model.ddl_beta_init must be in [0, 2), got {self.ddl_beta_init}")
 
@@ -156,10 +180,12 @@ class AttentionConfig:
     shard_tokens: int = 128  # granularity of query shards
 
     def __post_init__(self) -> None:
-        if self.window != -1 and self.window < 1:
-            raise ConfigError(f"attention.window must be -1 or >= 1, got {self.window}")
-        if self.shard_tokens < 1:
-            raise ConfigError(f"attention.shard_tokens must be >= 1, got {self.shard_tokens}")
+        if self.window != -1 and not 1 <= self.window <= MAX_DOC_TOKENS:
+            raise ConfigError(f"attention.window must be -1 or >= 1 (at most {pow2_text(MAX_DOC_TOKENS)}), got "
+                              f"{short_repr(self.window)}")
+        if not 1 <= self.shard_tokens <= MAX_DOC_TOKENS:
+            raise ConfigError(f"attention.shard_tokens must be in [1, {pow2_text(MAX_DOC_TOKENS)}], got "
+                              f"{short_repr(self.shard_tokens)}")
 
 
 @dataclass
@@ -190,13 +216,27 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not self.doc_lengths or any(n < 1 for n in self.doc_lengths):
-            raise ConfigError(f"data.doc_lengths must be a non-empty list of positive ints, got {self.doc_lengths}")
+            raise ConfigError(f"data.doc_lengths must be a non-empty list of positive ints, got "
+                              f"{short_repr(self.doc_lengths)}")
+        big = next((i for i, n in enumerate(self.doc_lengths) if n > MAX_DOC_TOKENS), None)
+        if big is not None:
+            raise ConfigError(f"data.doc_lengths[{big}] = {short_repr(self.doc_lengths[big])} exceeds the cap of "
+                              f"{pow2_text(MAX_DOC_TOKENS)} tokens per document")
+        if sum(n * (n + 1) // 2 for n in self.doc_lengths) > MAX_BATCH_PAIRS:
+            raise ConfigError(f"data.doc_lengths attend more than {pow2_text(MAX_BATCH_PAIRS)} (query, key) pairs "
+                              "in one batch (int64 pair counts would overflow)")
         if self.source in ("tokens", "text") and not self.path:
             raise ConfigError(f"data.path is required for data.source: {self.source}")
         if self.source == "text" and not self.tokenizer:
             raise ConfigError("data.tokenizer (a local tokenizer.json) is required for data.source: text")
         if self.max_doc_tokens < 0 or self.n_docs < 1:
             raise ConfigError("data.max_doc_tokens must be >= 0 and data.n_docs >= 1")
+        for name, cap in (("max_doc_tokens", MAX_DOC_TOKENS), ("max_len", MAX_DOC_TOKENS), ("n_docs", MAX_DOCS)):
+            if getattr(self, name) > cap:
+                raise ConfigError(f"data.{name} must be <= {pow2_text(cap)}, got {short_repr(getattr(self, name))}")
+        if not (math.isfinite(self.upsample_long) and math.isfinite(self.elongate)):
+            raise ConfigError(f"data.upsample_long and data.elongate must be finite, got {self.upsample_long} and "
+                              f"{self.elongate}")
         if not (self.upsample_long >= 1 and self.elongate > 0 and self.max_len >= 0):
             raise ConfigError(f"data.upsample_long must be >= 1, data.elongate > 0 and data.max_len >= 0, got "
                               f"{self.upsample_long}, {self.elongate}, {self.max_len}")
@@ -227,10 +267,12 @@ class ClusterConfig:
     gpus_per_server: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.n_trainers < 1:
-            raise ConfigError(f"cluster.n_trainers must be >= 1, got {self.n_trainers}")
-        if self.n_servers < 1:
-            raise ConfigError(f"cluster.n_servers must be >= 1, got {self.n_servers}")
+        if not 1 <= self.n_trainers <= MAX_RANKS:
+            raise ConfigError(f"cluster.n_trainers must be in [1, {pow2_text(MAX_RANKS)}], got "
+                              f"{short_repr(self.n_trainers)}")
+        if not 1 <= self.n_servers <= MAX_RANKS:
+            raise ConfigError(f"cluster.n_servers must be in [1, {pow2_text(MAX_RANKS)}], got "
+                              f"{short_repr(self.n_servers)}")
         if self.cpus_per_server < 0 or self.gpus_per_server < 0:
             raise ConfigError("cluster.cpus_per_server and cluster.gpus_per_server must be >= 0")
 
@@ -267,8 +309,8 @@ class SchedulerSection:
     eps: float = 0.02  # every server's attention work <= (1 + eps) * mean
 
     def __post_init__(self) -> None:
-        if self.eps < 0:
-            raise ConfigError(f"scheduler.eps must be >= 0, got {self.eps}")
+        if not (math.isfinite(self.eps) and self.eps >= 0):  # 0 is allowed: the tightest balance the planner can cut
+            raise ConfigError(f"scheduler.eps must be a finite number >= 0, got {self.eps}")
 
 
 @dataclass
@@ -331,6 +373,9 @@ class TrainConfig:
                      "max_server_plans"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.tokens_per_rank > MAX_DOC_TOKENS:
+            raise ConfigError(f"train.tokens_per_rank must be <= {pow2_text(MAX_DOC_TOKENS)}, got "
+                              f"{short_repr(self.tokens_per_rank)}")
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"train.zero_stage must be 0 or 1 (pipeline parallelism), got {self.zero_stage}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -413,12 +458,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}: {value!r}")
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}: {short_repr(value)}")
         return _build(tp, value, key)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+        if isinstance(value, list | dict) or value not in choices:
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {short_repr(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -432,19 +477,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} matches none of {_type_name(tp)} ({'; '.join(errors)})")
+        raise ConfigError(f"{key}: {short_repr(value)} matches none of {_type_name(tp)} ({'; '.join(errors)})")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {type(value).__name__}: {value!r}")
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}: {short_repr(value)}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {type(value).__name__}: {value!r}")
-        return float(value)
+            raise ConfigError(f"{key} must be a number, got {type(value).__name__}: {short_repr(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {short_repr(value)}")
+        return number
     if tp in (int, str, bool):
         if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
-            raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__}: {value!r}")
+            raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__}: {short_repr(value)}")
+        if tp is int and not -INT64_MAX <= value <= INT64_MAX:
+            raise ConfigError(f"{key} must fit in 64 bits, got {short_repr(value)}")
         return value
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
@@ -452,11 +505,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - fields)
+    unknown = sorted(set(data) - fields, key=str)  # YAML keys may be ints or None as well as strings
     if unknown:
         where = f"{prefix}." if prefix else ""
+        first = unknown[0][:80] if isinstance(unknown[0], str) else short_repr(unknown[0])
         raise ConfigError(
-            f"unknown config key {where}{unknown[0]!s}" + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
+            f"unknown config key {where}{first}"
+            + (f" (and {short_repr(unknown[1:])})" if len(unknown) > 1 else "")
             + f"; valid keys here: {sorted(fields)}"
         )
     kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
@@ -478,6 +533,28 @@ def config_from_dict(data: dict[str, Any] | None) -> DistCAConfig:
     return _build(DistCAConfig, data)
 
 
+_MAX_KEY_DEPTH = 8  # section.sub.key is the deepest a config goes today
+_MAX_FLOW_DEPTH = 64  # [ ] and { } nesting in YAML text; PyYAML takes seconds to fail on ~1000 levels
+
+
+def _safe_load(text: str, what: str) -> Any:
+    """``yaml.safe_load`` with nesting bounded before parsing (flow brackets outside quotes are counted: PyYAML's
+    scanner is quadratic in the depth and its composer recursive), so deep input is one quick ConfigError."""
+    depth = 0
+    for bracket in _BRACKETS.finditer(_QUOTED.sub("", text)):
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > _MAX_FLOW_DEPTH:
+            raise ConfigError(f"{what}: YAML nested deeper than {_MAX_FLOW_DEPTH} levels")
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:  # block-style nesting (indentation) deep enough for the composer's recursion
+        raise ConfigError(f"{what}: YAML nested too deeply") from None
+
+
+_QUOTED = re.compile(r"'[^']*'|\"(?:[^\"\\]|\\.)*\"")
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """``["--model.n_layers", "4", "--attention.window=128"]`` → nested dict; values parsed as YAML."""
     out: dict[str, Any] = {}
@@ -494,12 +571,15 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg} has no value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override --{key}: cannot parse {raw!r}: {exc}") from exc
-        node = out
         parts = key.split(".")
+        if len(parts) > _MAX_KEY_DEPTH:
+            raise ConfigError(f"override --{key[:80]}: a key has at most {_MAX_KEY_DEPTH} dotted parts")
+        try:
+            value = _safe_load(raw, f"override --{key}")
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override --{key}: cannot parse {short_repr(raw)}: {' '.join(str(exc).split())}") \
+                from exc
+        node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -523,11 +603,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = _safe_load(Path(path).read_text(), f"config file {path}") or {}
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
     if overrides:

@@ -5,7 +5,12 @@ class DistCAError(Exception):
     """Base class for all DistCA errors."""
 
 
-class ConfigError(DistCAError, ValueError):
+class InputError(DistCAError, ValueError):
+    """A value handed in from outside (a CLI flag, a config key, a lengths or data file) is out of range or
+    malformed; the message names the field. The CLI prints it as one line and exits with code 2."""
+
+
+class ConfigError(InputError):
     """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
 
 
@@ -23,3 +28,4 @@ class CalibrationError(DistCAError, ValueError):
 
 class BackendBrokenError(DistCAError, RuntimeError):
     """An attention backend's package is installed but fails to load (a broken build, not a missing one)."""
+

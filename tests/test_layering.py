@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "distca"
 
 # Lowest first: a module may import its own package and anything listed before it, never after it.
-LAYERS = ["errors", "config", "data", "attention", "scheduler", "transport", "server", "runtime", "model",
+LAYERS = ["errors", "limits", "config", "data", "attention", "scheduler", "transport", "server", "runtime", "model",
           "parts", "train", "sim", "demo", "cli"]
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from distca.errors import CalibrationError
+from distca.limits import check_shape
 
 ArrayLike = int | np.ndarray
 Pass = Literal["fwd", "bwd"]
@@ -94,8 +95,7 @@ class AttentionShape:
     dtype_bytes: int = 2
 
     def __post_init__(self) -> None:
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        check_shape(self.n_heads, self.n_kv_heads, self.head_dim, self.dtype_bytes)
 
     def q_bytes(self, tokens: ArrayLike) -> np.ndarray:
         """Bytes of q (or out, or dout) for ``tokens`` query tokens."""

@@ -53,12 +53,13 @@ from typing import Any
 
 import numpy as np
 
-from distca.errors import DistCAError
+from distca.errors import InputError
+from distca.limits import MAX_DOC_TOKENS, pow2_text
 
 LONG_THRESHOLD = 16_384
 
 
-class DataError(DistCAError, ValueError):
+class DataError(InputError):
     """A length distribution, its parameters, or a packing request is invalid."""
 
 
@@ -102,8 +103,8 @@ def _check_uniform(p: Mapping[str, Any]) -> str | None:
 
 
 def _check_mixture(p: Mapping[str, Any]) -> str | None:
-    if not all(isinstance(p[k], int | float) and not isinstance(p[k], bool) for k in p):
-        return f"all parameters must be numbers, got {dict(p)}"
+    if not all(isinstance(p[k], int | float) and not isinstance(p[k], bool) and math.isfinite(p[k]) for k in p):
+        return f"all parameters must be finite numbers, got {dict(p)}"
     if not (p["body_median"] >= 1 and p["sigma"] >= 0 and 0 <= p["tail_p"] <= 1):
         return f"need body_median >= 1, sigma >= 0, 0 <= tail_p <= 1, got {dict(p)}"
     if not (_is_int(p["max_len"]) and 1 <= p["tail_lo"] <= p["max_len"]):
@@ -144,6 +145,9 @@ class LengthDistribution:
             raise DataError(f"upsample_long must be a finite number >= 1, got {u!r}")
         if not (isinstance(f, int | float) and math.isfinite(f) and f > 0):
             raise DataError(f"elongate must be a finite number > 0, got {f!r}")
+        if self.base_max_len * f > MAX_DOC_TOKENS:
+            raise DataError(f"elongate {f!r} stretches {self.name!r} lengths to {self.base_max_len * f:.3g} tokens, "
+                            f"over the cap of {pow2_text(MAX_DOC_TOKENS)} tokens per document")
 
     @property
     def base_max_len(self) -> int:
@@ -234,6 +238,9 @@ def _resolve(name: str, params: Mapping[str, Any]) -> tuple[dict[str, Any], int]
     problem = family.check(full)
     if problem:
         raise DataError(f"bad parameters for distribution {name!r}: {problem}")
+    if family.max_len(full) > MAX_DOC_TOKENS:
+        raise DataError(f"distribution {name!r} draws lengths up to {family.max_len(full)}, over the cap of "
+                        f"{pow2_text(MAX_DOC_TOKENS)} tokens per document")
     return full, int(threshold)
 
 

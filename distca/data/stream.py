@@ -31,6 +31,7 @@ import numpy as np
 from distca.data.distributions import DataError, _is_int
 from distca.data.document_source import DocumentSource
 from distca.data.packing import PackedBatch, pack_into_ranks
+from distca.limits import MAX_DOC_TOKENS, MAX_RANKS, check_int
 
 IGNORE_INDEX = -100
 STATE_FORMAT = "distca-packed-stream"
@@ -87,13 +88,12 @@ class PackedStream:
 
     def __init__(self, source: DocumentSource, n_ranks: int, tokens_per_rank: int, seed: int = 0,
                  max_doc_tokens: int | None = None, shuffle: bool = True) -> None:
-        for label, v in (("n_ranks", n_ranks), ("tokens_per_rank", tokens_per_rank)):
-            if not (_is_int(v) and v >= 1):
-                raise DataError(f"{label} must be an int >= 1, got {v!r}")
+        for label, v, cap in (("n_ranks", n_ranks, MAX_RANKS), ("tokens_per_rank", tokens_per_rank, MAX_DOC_TOKENS)):
+            check_int(v, label, 1, cap, DataError)
         if not (_is_int(seed) and seed >= 0):
             raise DataError(f"seed must be an int >= 0, got {seed!r}")
-        if max_doc_tokens is not None and not (_is_int(max_doc_tokens) and max_doc_tokens >= 1):
-            raise DataError(f"max_doc_tokens must be an int >= 1 or None, got {max_doc_tokens!r}")
+        if max_doc_tokens is not None:
+            check_int(max_doc_tokens, "max_doc_tokens (an int or None)", 1, MAX_DOC_TOKENS, DataError)
         if not isinstance(shuffle, bool):
             raise DataError(f"shuffle must be a bool, got {shuffle!r}")
         if len(source) < 1:

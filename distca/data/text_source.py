@@ -18,7 +18,6 @@ Pinned choices:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from tokenizers import Tokenizer
 
 from distca.data.distributions import DataError
 from distca.data.document_source import check_index
+from distca.limits import MAX_DOC_TOKENS, parse_json, pow2_text
 
 TEXT_SUFFIXES = (".jsonl", ".parquet")
 
@@ -112,6 +112,9 @@ class TextSource:
             ids.append(self._eos)
         if not ids:
             raise DataError(f"{self.where(i)}: text tokenises to no token; drop the record or set append_eos")
+        if len(ids) > MAX_DOC_TOKENS:
+            raise DataError(f"{self.where(i)}: {len(ids)} tokens, over the cap of {pow2_text(MAX_DOC_TOKENS)} tokens "
+                            "per document; split the record")
         doc = np.asarray(ids, dtype=np.int64)
         self._lengths[i] = doc.size
         return doc
@@ -125,10 +128,7 @@ class TextSource:
 
 
 def _parse_line(line: bytes, path: Path, lineno: int, text_key: str) -> str:
-    try:
-        obj = json.loads(line)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from e
+    obj = parse_json(line, f"{path}:{lineno}", DataError)  # syntax, bad UTF-8, nesting too deep: one DataError
     if not isinstance(obj, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
     if text_key not in obj:

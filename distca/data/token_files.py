@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from distca.data.distributions import DataError, _is_int
 from distca.data.document_source import DocumentSource, check_index
+from distca.limits import MAX_DOC_TOKENS, parse_json, pow2_text, read_json_text, short_repr
 
 FORMAT = "distca-tokens"
 VERSION = 1
@@ -200,10 +202,8 @@ class TokenFileSource:
 def _read_meta(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"token file metadata {path} is missing (write it with write_token_file)")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"token file metadata {path} is not readable JSON: {e}") from e
+    meta = parse_json(read_json_text(path, "token file metadata", DataError),
+                      f"token file metadata {path} is not readable", DataError)
     if not isinstance(meta, dict):
         raise DataError(f"token file metadata {path} must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -219,16 +219,32 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _read_offsets(path: Path, n_docs: int, n_tokens: int) -> np.ndarray:
+    """The offsets array, its ``.npy`` header checked against ``n_docs`` and the file's size before anything
+    is allocated (a header may claim any shape)."""
     if not path.is_file():
         raise DataError(f"token file offsets {path} is missing")
     try:
-        off = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError(f"token file offsets {path} is not a readable .npy array: {e}") from e
-    if off.dtype != np.int64 or off.ndim != 1:
-        raise DataError(f"{path}: offsets must be a 1-D int64 array, got dtype {off.dtype}, shape {off.shape}")
-    if off.size != n_docs + 1:
-        raise DataError(f"{path}: {off.size} offsets for {n_docs} documents (need n_docs + 1)")
+        with open(path, "rb") as f:
+            version = npy_format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy version {version}")
+            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+            if dtype != np.dtype("<i8") or len(shape) != 1:
+                raise DataError(f"{path}: offsets must be a 1-D int64 array (little-endian), got dtype {dtype}, "
+                                f"shape {short_repr(shape)}")
+            if shape[0] != n_docs + 1:
+                raise DataError(f"{path}: {short_repr(shape[0])} offsets for {n_docs} documents (need n_docs + 1)")
+            if data_bytes != shape[0] * 8:
+                raise DataError(f"{path}: the header promises {shape[0]} int64 offsets ({shape[0] * 8} bytes) but "
+                                f"the file holds {data_bytes} bytes after it; truncated or mismatched")
+            off = np.fromfile(f, dtype=np.int64, count=shape[0])
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError) as e:  # read_magic / read_array_header: ValueError on a bad header
+        raise DataError(f"token file offsets {path} is not a readable .npy array: {' '.join(str(e).split())}") \
+            from None
     if off[0] != 0:
         raise DataError(f"{path}: offsets must start at 0, got {int(off[0])}")
     bad = np.flatnonzero(np.diff(off) <= 0)
@@ -238,6 +254,11 @@ def _read_offsets(path: Path, n_docs: int, n_tokens: int) -> np.ndarray:
                         f"offsets[{j}] = {int(off[j])}, offsets[{j + 1}] = {int(off[j + 1])}")
     if off[-1] != n_tokens:
         raise DataError(f"{path}: last offset {int(off[-1])} != n_tokens {n_tokens} in the metadata")
+    lengths = np.diff(off)
+    if lengths.max() > MAX_DOC_TOKENS:
+        j = int(np.argmax(lengths))
+        raise DataError(f"{path}: document {j} holds {int(lengths[j])} tokens, over the cap of "
+                        f"{pow2_text(MAX_DOC_TOKENS)} tokens per document")
     return off
 
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distca.errors import InputError
+from distca.limits import MAX_BATCH_PAIRS, MAX_DOC_TOKENS, MAX_RANKS, is_int, pow2_text, short_repr
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -40,27 +43,44 @@ class BatchLayout:
     @classmethod
     def from_ranks(cls, ranks: list[list[int]], continues: list[bool] | None = None) -> BatchLayout:
         """Build from per-rank lists of piece lengths and continuation flags (see module docstring)."""
+        if not isinstance(ranks, list | tuple):
+            raise InputError(f"ranks must be a list of per-rank lists of lengths, got {type(ranks).__name__}")
         n_ranks = len(ranks)
         if n_ranks == 0:
-            raise ValueError("a batch needs at least one rank")
-        continues = [False] * n_ranks if continues is None else list(continues)
+            raise InputError("a batch needs at least one rank")
+        if n_ranks > MAX_RANKS:
+            raise InputError(f"a batch holds at most {MAX_RANKS} ranks, got {n_ranks}")
+        if continues is None:
+            continues = [False] * n_ranks
+        elif not isinstance(continues, list | tuple):
+            raise InputError(f"continues must be a list of {n_ranks} booleans, got {type(continues).__name__}")
+        continues = list(continues)
         if len(continues) != n_ranks:
-            raise ValueError(f"continues has {len(continues)} flags for {n_ranks} ranks")
+            raise InputError(f"continues has {len(continues)} flags for {n_ranks} ranks")
+        bad = next((i for i, c in enumerate(continues) if not isinstance(c, bool | np.bool_)), None)
+        if bad is not None:
+            raise InputError(f"continues[{bad}] must be true or false, got {type(continues[bad]).__name__}")
         if continues[0]:
-            raise ValueError("continues[0] must be false: rank 0 has no previous rank")
+            raise InputError("continues[0] must be false: rank 0 has no previous rank")
         rank, doc, off, length, row, doc_len = [], [], [], [], [], []
         for r, pieces in enumerate(ranks):
             if not isinstance(pieces, list | tuple):
-                raise ValueError(f"rank {r}: expected a list of lengths, got {type(pieces).__name__}")
+                raise InputError(f"rank {r}: expected a list of lengths, got {type(pieces).__name__}")
             pos = 0
             for i, n in enumerate(pieces):
-                if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-                    raise ValueError(f"rank {r} piece {i}: lengths must be positive integers, got {n!r}")
+                if not is_int(n) or n < 1:
+                    raise InputError(f"rank {r} piece {i}: lengths must be positive integers, got {short_repr(n)}")
+                if n > MAX_DOC_TOKENS:
+                    raise InputError(f"rank {r} piece {i}: length {short_repr(int(n))} exceeds the cap of "
+                                     f"{pow2_text(MAX_DOC_TOKENS)} tokens per document")
                 if i == 0 and continues[r]:
                     if not doc_len:
-                        raise ValueError(f"rank {r} continues a document but no earlier rank holds one")
+                        raise InputError(f"rank {r} continues a document but no earlier rank holds one")
                     d, o = len(doc_len) - 1, doc_len[-1]
                     doc_len[-1] += int(n)
+                    if doc_len[-1] > MAX_DOC_TOKENS:
+                        raise InputError(f"rank {r} piece {i}: the document it continues reaches {doc_len[-1]} "
+                                         f"tokens, over the cap of {pow2_text(MAX_DOC_TOKENS)} tokens per document")
                 else:
                     d, o = len(doc_len), 0
                     doc_len.append(int(n))
@@ -71,7 +91,11 @@ class BatchLayout:
                 row.append(pos)
                 pos += int(n)
             if continues[r] and not pieces:
-                raise ValueError(f"rank {r} continues a document but holds no pieces")
+                raise InputError(f"rank {r} continues a document but holds no pieces")
+        pairs = sum(n * (n + 1) // 2 for n in doc_len)  # Python ints: exact, no overflow
+        if pairs > MAX_BATCH_PAIRS:
+            raise InputError(f"the batch's documents attend {pairs} (query, key) pairs, over the cap of "
+                             f"{pow2_text(MAX_BATCH_PAIRS)} (int64 pair counts would overflow)")
         as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
         return cls(n_ranks, as64(rank), as64(doc), as64(off), as64(length), as64(row), as64(doc_len))
 

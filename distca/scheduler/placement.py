@@ -7,6 +7,9 @@ from typing import Literal
 
 import numpy as np
 
+from distca.errors import InputError
+from distca.limits import MAX_RANKS
+
 PlacementKind = Literal["colocated", "dedicated"]
 
 
@@ -27,7 +30,9 @@ class Placement:
 
     def __post_init__(self) -> None:
         if self.n_trainers < 1 or self.n_servers < 1:
-            raise ValueError(f"need >= 1 trainer and server, got {self.n_trainers} and {self.n_servers}")
+            raise InputError(f"need >= 1 trainer and server, got {self.n_trainers} and {self.n_servers}")
+        if max(self.n_trainers, self.n_servers) > MAX_RANKS:
+            raise InputError(f"at most {MAX_RANKS} trainers and servers, got {self.n_trainers} and {self.n_servers}")
         if self.kind not in ("colocated", "dedicated"):
             raise ValueError(f"placement must be 'colocated' or 'dedicated', got {self.kind!r}")
         if self.devices is not None and (len(self.devices) != self.n_trainers or min(self.devices) < 0

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from math import isqrt
+from math import isfinite, isqrt
 
 import numpy as np
 
 from distca.attention.cost import AttentionShape, cum_pairs
+from distca.errors import InputError
+from distca.limits import MAX_DOC_TOKENS, check_int
 from distca.scheduler.batch import BatchLayout
 from distca.scheduler.placement import Placement
 from distca.scheduler.work import first_reaching, key_start
@@ -53,12 +55,10 @@ class SchedulerConfig:
     min_offload_pairs: int = -1
 
     def __post_init__(self) -> None:
-        if self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
-        if self.granularity < 1:
-            raise ValueError(f"granularity must be >= 1, got {self.granularity}")
-        if self.window != -1 and self.window < 1:
-            raise ValueError(f"window must be -1 or >= 1, got {self.window}")
+        if not isfinite(self.eps) or self.eps < 0:
+            raise InputError(f"eps must be >= 0 and finite, got {self.eps}")
+        check_int(self.granularity, "granularity", 1, MAX_DOC_TOKENS)
+        check_int(self.window, "window", 1, MAX_DOC_TOKENS, allow=(-1,))
         if self.candidates < 0:
             raise ValueError(f"candidates must be >= 0 (0 = auto), got {self.candidates}")
         if self.min_offload_pairs < -1:
@@ -435,6 +435,8 @@ def plan_assignment(
     n = placement.n_servers
     # Cuts are token-granular, so no plan can promise better than one query token's work (at most
     # the longest document's length in pairs) above the mean: that is the floor of the slack.
-    capacity = max(-(-total // n) + int(batch.doc_len.max(initial=0)), int((1.0 + cfg.eps) * total / n))
+    # A bound above the total is no bound: cap it there (a huge finite eps makes it inf, or too big for int64).
+    bound = (1.0 + cfg.eps) * total / n
+    capacity = max(-(-total // n) + int(batch.doc_len.max(initial=0)), int(bound) if bound < total else total)
     planner.shed(capacity)
     return planner.finish(capacity)

@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from distca.attention.cost import AttentionShape
+from distca.errors import InputError
+from distca.limits import parse_json, read_json_text, short_repr
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 
 
-def load_batch(path: str | Path) -> BatchLayout:
+def load_batch(path: str | Path, name: str = "lengths file") -> BatchLayout:
     """Read a JSON list of per-rank lists of whole-document lengths, or
-    ``{"ranks": [[...], ...], "continues": [bool, ...]}``."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read lengths file {path}: {exc}") from exc
+    ``{"ranks": [[...], ...], "continues": [bool, ...]}``. Any problem is one :class:`InputError` that starts
+    with ``name`` and the path."""
+    where = f"{name} {path}"
+    raw = parse_json(read_json_text(path, name, kind="lengths file"), where)
     if isinstance(raw, dict):
         unknown = sorted(set(raw) - {"ranks", "continues"})
         if unknown or "ranks" not in raw:
-            raise ValueError(f"lengths file {path}: expected keys 'ranks' and optional 'continues', got {sorted(raw)}")
-        return BatchLayout.from_ranks(raw["ranks"], raw.get("continues"))
-    if isinstance(raw, list):
-        return BatchLayout.from_ranks(raw)
-    raise ValueError(f"lengths file {path}: expected a list of per-rank lists or an object, got {type(raw).__name__}")
+            keys = ", ".join(short_repr(k, 20) for k in sorted(raw)[:5]) + (", ..." if len(raw) > 5 else "")
+            raise InputError(f"{where}: expected keys 'ranks' and optional 'continues', got {keys}")
+        ranks, continues = raw["ranks"], raw.get("continues")
+    elif isinstance(raw, list):
+        ranks, continues = raw, None
+    else:
+        raise InputError(f"{where}: expected a list of per-rank lists or an object, got {type(raw).__name__}")
+    try:
+        return BatchLayout.from_ranks(ranks, continues)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 def plan_summary(batch: BatchLayout, n_servers: int, cfg: SchedulerConfig, placement: str = "colocated",

@@ -346,3 +346,18 @@ def test_dtype_is_converted_to_the_models(tmp_path):
     _load(dst, tmp_path)
     assert dst.embed.weight.dtype == torch.float64
     assert torch.equal(dst.embed.weight, src.embed.weight.double())
+
+
+def test_malformed_config_and_index_json_are_one_named_error(tmp_path):
+    """A config.json or index nested 100k deep, or not an object, is a ValueError naming the file (it used to be a
+    RecursionError or a TypeError from deep inside)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "config.json").write_text(deep)
+    with pytest.raises(ValueError, match=r"config\.json: JSON nested too deeply"):
+        LlamaModel.config_from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json is not a JSON object"):
+        LlamaModel.config_from_hf(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(deep)
+    with pytest.raises(ValueError, match=r"index\.json: JSON nested too deeply"):
+        _load(_model(0), tmp_path)

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distca.config import ModelConfig
+from distca.limits import parse_json, read_json_text
 from distca.model.hf_config import config_differences, hf_config, hf_model_type
 from distca.model.llama import LlamaModel
 
@@ -97,7 +98,7 @@ def _checkpoint(folder: Path) -> tuple[dict[str, Path], Path]:
     if not index.is_file():
         raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = parse_json(read_json_text(index, str(index), ValueError), str(index), ValueError)["weight_map"]
         where = {str(name): folder / str(shard) for name, shard in weight_map.items()}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise ValueError(f"{index} is not a safetensors index (it needs a 'weight_map' object)") from None

@@ -17,7 +17,6 @@ loaded model computes instead. Fields that do not change the math (token ids, ``
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from distca.config import ModelConfig, RopeScaling
+from distca.limits import parse_json, read_json_text
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +214,9 @@ def read_hf_config(folder: str | Path, strict: bool = True, **overrides) -> Mode
     """The :class:`ModelConfig` of a local Hugging Face folder's ``config.json`` (:func:`model_config_from_hf`),
     with ``overrides`` replacing fields of the result."""
     path = Path(folder) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    raw = parse_json(read_json_text(path, str(path), ValueError), str(path), ValueError)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is not a JSON object")
     return ModelConfig(**{**model_config_from_hf(raw, str(path), strict), **overrides})
 
 

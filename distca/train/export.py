@@ -23,6 +23,7 @@ import torch
 
 from distca.config import ModelConfig, config_from_dict, load_config
 from distca.errors import ConfigError
+from distca.limits import parse_json, read_json_text
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def checkpoint_model_config(tag_dir: Path, config: str | Path | None = None) -> 
     """The run's model: ``distca_model.json`` in the tag, else the ``model`` section of ``config`` (the run's YAML)."""
     path = tag_dir / MODEL_FILE
     if path.is_file():
-        return config_from_dict({"model": json.loads(path.read_text())}).model
+        return config_from_dict({"model": parse_json(read_json_text(path, str(path), ConfigError), str(path),
+                                                     ConfigError)}).model
     if config is None:
         raise ConfigError(f"{tag_dir} has no {MODEL_FILE} (a checkpoint from before it was written): pass the run's "
                           "config with --config")

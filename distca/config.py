@@ -356,6 +356,12 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per trainer, for MFU; 0: measure the GEMM rate at start (training device and precision)
     step_timeout_s: float = 600.0  # a rank silent this long fails the run (collectives, servers)
     max_server_plans: int = 256  # plan layouts each attention server keeps
+    # Hard limits of each attention server against any peer: the most q or k/v rows one round may bring (0: one
+    # micro-batch on every trainer, cluster.n_trainers * tokens_per_rank), the rounds it holds open at once, and
+    # the receive-buffer MiB it may hold (pinned host memory on a GPU server; 0: max_server_rounds full rounds).
+    max_server_rows: int = 0
+    max_server_rounds: int = 16
+    server_buffer_mb: int = 0
     init_from_hf: str = ""  # a local Hugging Face Llama folder (safetensors) to start from; "": random init
     malloc_arena_max: int = 2  # glibc malloc arenas per trainer/server process started here (0: glibc default)
     # Draw the next step's micro-batches and compute its CAD plans on a background thread while a step trains
@@ -376,6 +382,11 @@ class TrainConfig:
         if self.tokens_per_rank > MAX_DOC_TOKENS:
             raise ConfigError(f"train.tokens_per_rank must be <= {pow2_text(MAX_DOC_TOKENS)}, got "
                               f"{short_repr(self.tokens_per_rank)}")
+        if not (0 <= self.max_server_rows < MAX_DOC_TOKENS and 0 <= self.server_buffer_mb <= 1 << 30
+                and 1 <= self.max_server_rounds <= 1024):
+            raise ConfigError(f"train.max_server_rows must be in [0, 2**31), server_buffer_mb in [0, 2**30] and "
+                              f"max_server_rounds in [1, 1024], got {short_repr(self.max_server_rows)}, "
+                              f"{short_repr(self.server_buffer_mb)}, {short_repr(self.max_server_rounds)}")
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"train.zero_stage must be 0 or 1 (pipeline parallelism), got {self.zero_stage}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:

@@ -58,11 +58,12 @@ def server_settings(cfg: DistCAConfig, device: str = "cpu") -> ServerConfig:
     micro-batch per stage; 1F1B's plans one stage's replicas): no server ever receives more q rows, or more k/v
     rows (each key token once per document on a server), than that. The bound does not depend on the schedule,
     so runs of either schedule share a pool."""
-    m = cfg.model
+    m, t = cfg.model, cfg.train
     return ServerConfig(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, dtype=server_dtype(cfg),
-                        backend=cfg.attention.backend, max_plans=cfg.train.max_server_plans,
-                        max_rows=cfg.cluster.n_trainers * cfg.train.tokens_per_rank, transport=transport_settings(cfg),
-                        device=device)
+                        backend=cfg.attention.backend, max_plans=t.max_server_plans,
+                        max_rows=t.max_server_rows or cfg.cluster.n_trainers * t.tokens_per_rank,
+                        max_open_rounds=t.max_server_rounds, max_buffer_bytes=t.server_buffer_mb << 20,
+                        transport=transport_settings(cfg), device=device)
 
 
 def pool_settings(cfg: DistCAConfig, local_cpus: int | None = None, device: str | None = None) -> PoolConfig:

@@ -55,29 +55,77 @@ class ServerLayout:
                 "kv_rows": self.kv_rows}
 
     @classmethod
-    def from_message(cls, pid: int, tensors: dict[str, torch.Tensor], extra: dict) -> ServerLayout:
-        try:
-            table = tensors["senders"]
-            senders = {int(r): (int(a), int(b), int(c), int(d)) for r, a, b, c, d in table.tolist()}
-            layout = cls(pid, int(extra["window"]), tensors["cu_q"].clone(), tensors["cu_k"].clone(),
-                         int(extra["max_q"]), int(extra["max_k"]), tensors["key_rows"].clone(), int(extra["q_rows"]),
-                         int(extra["kv_rows"]), senders)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WireError(f"PLAN message is incomplete or malformed: {exc!r}") from None
+    def from_message(cls, pid: int, tensors: dict[str, torch.Tensor], extra: dict, max_rows: int) -> ServerLayout:
+        """A layout received in a PLAN, checked completely (:meth:`validate`); rows beyond ``max_rows`` are
+        refused before anything is sized from them."""
+        for key in ("window", "max_q", "max_k", "q_rows", "kv_rows"):
+            v = extra.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not -1 <= v < 1 << 62:
+                raise WireError(f"PLAN {pid}: {key} must be an integer, got {_short(v)}")
+        q_rows, kv_rows = extra["q_rows"], extra["kv_rows"]
+        if max(q_rows, kv_rows) > max_rows:
+            raise WireError(f"PLAN {pid}: {q_rows} q rows and {kv_rows} k/v rows per round exceed this server's "
+                            f"bound of {max_rows} rows")
+        want = {"cu_q": torch.int32, "cu_k": torch.int32, "key_rows": torch.int64, "senders": torch.int64}
+        if sorted(tensors) != sorted(want) or any(tensors[k].dtype != dt for k, dt in want.items()):
+            raise WireError(f"PLAN {pid}: needs tensors cu_q, cu_k (int32), key_rows and senders (int64), got "
+                            f"{_short({k: str(t.dtype) for k, t in tensors.items()})}")
+        table = tensors["senders"]
+        if table.dim() != 2 or table.shape[1] != 5 or any(tensors[k].dim() != 1 for k in ("cu_q", "cu_k", "key_rows")):
+            raise WireError(f"PLAN {pid}: cu_q, cu_k and key_rows must be vectors and senders an [n, 5] table")
+        senders = {int(r): (int(a), int(b), int(c), int(d)) for r, a, b, c, d in table.tolist()}
+        if len(senders) != table.shape[0]:
+            raise WireError(f"PLAN {pid}: a rank appears twice in the senders table")
+        layout = cls(pid, extra["window"], tensors["cu_q"].clone(), tensors["cu_k"].clone(), extra["max_q"],
+                     extra["max_k"], tensors["key_rows"].clone(), q_rows, kv_rows, senders)
         layout.validate()
         return layout
 
     def validate(self) -> None:
-        """Reject layouts that would index outside the buffers."""
+        """Reject layouts that would index outside the buffers, ask a kernel for more than the rows hold, or leave
+        a row no sender writes (the server would serve whatever a previous round left there)."""
         if self.cu_q.dtype != torch.int32 or self.cu_k.dtype != torch.int32 or self.key_rows.dtype != torch.int64:
             raise WireError("PLAN: cu_q/cu_k must be int32 and key_rows int64")
+        if self.window != -1 and self.window < 1:
+            raise WireError(f"PLAN: window must be -1 or >= 1, got {self.window}")
+        if min(self.q_rows, self.kv_rows) < 0:
+            raise WireError(f"PLAN: negative buffer rows ({self.q_rows} q, {self.kv_rows} k/v)")
+        if self.cu_q.numel() < 1 or self.cu_q.numel() != self.cu_k.numel() or self.cu_q.numel() > self.q_rows + 1:
+            raise WireError(f"PLAN: cu_q and cu_k must have the same length, 1 to q_rows + 1 = {self.q_rows + 1}, "
+                            f"got {self.cu_q.numel()} and {self.cu_k.numel()}")
+        dq, dk = self.cu_q.diff(), self.cu_k.diff()
+        if int(self.cu_q[0]) or int(self.cu_k[0]) or bool((dq < 1).any()) or bool((dk < 0).any()):
+            raise WireError("PLAN: cu_seqlens must start at 0, queries strictly and keys weakly increasing")
         if int(self.cu_q[-1]) != self.q_rows or int(self.cu_k[-1]) != self.key_rows.numel():
             raise WireError("PLAN: cu_seqlens do not match the buffer sizes")
+        longest_q, longest_k = (int(dq.max()), int(dk.max())) if dq.numel() else (0, 0)
+        if (self.max_q, self.max_k) != (longest_q, longest_k):
+            raise WireError(f"PLAN: max_q {self.max_q} and max_k {self.max_k} are not the longest task's rows")
+        if self.max_k > self.kv_rows:
+            raise WireError(f"PLAN: a task of {self.max_k} keys is longer than the {self.kv_rows} k/v rows")
         if self.key_rows.numel() and (int(self.key_rows.min()) < 0 or int(self.key_rows.max()) >= self.kv_rows):
             raise WireError("PLAN: key_rows index outside the k/v buffer")
         for r, (qd, nq, kd, nk) in self.senders.items():
+            if not 0 <= r < 1 << 31:
+                raise WireError(f"PLAN: sender rank {r} outside [0, 2**31)")
             if min(qd, nq, kd, nk) < 0 or qd + nq > self.q_rows or kd + nk > self.kv_rows:
                 raise WireError(f"PLAN: rows of rank {r} fall outside the receive buffers")
+        for what, blocks, total in (("q", [(v[0], v[1]) for v in self.senders.values()], self.q_rows),
+                                    ("k/v", [(v[2], v[3]) for v in self.senders.values()], self.kv_rows)):
+            at = 0
+            for a, n in sorted(b for b in blocks if b[1]):
+                if a != at:
+                    break
+                at = a + n
+            if at != total or sum(n for _, n in blocks) != total:
+                raise WireError(f"PLAN: the senders' {what} rows do not cover the {total} {what} rows exactly once "
+                                "(every row must be written by one sender each round)")
+
+
+def _short(value: object, limit: int = 120) -> str:
+    """A peer's value in an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def server_layout(plan: Plan, server: int, group: int = 0) -> ServerLayout:

@@ -14,7 +14,15 @@ and its segment bound, so they know whether shared memory is possible. At most `
 stay mapped (least recently used out); trainers name segments they retired in ``shm_drop`` of a later
 request (or of a PING when they close).
 
-Receive buffers grow to the largest plan seen and are reused, so memory stays flat over rounds.
+Receive buffers grow to the largest plan seen and are reused, so memory stays flat over rounds. Each open
+round holds a slot of them; at most ``max_open_rounds`` rounds are open, the buffers of all slots together stay
+under ``max_buffer_bytes``, and a slot past the first few is freed when its round completes, fails or times out.
+
+A request writes rows only after every check its header allows passed (plan, rank, not a repeat, tensor names,
+dtypes and shapes, the bounds); then only its own rank's rows of a round that rank has not arrived in. A PLAN
+whose senders do not write every row exactly once is refused, so no row of an earlier round is ever served.
+Peer-controlled text is escaped and cut short in logs and ERROR replies, and log lines are limited per peer
+(:mod:`distca.server.peerlog`).
 
 ``ServerConfig.device`` picks where the fused call runs. On ``cpu`` (the default) the rows land in the
 receive buffers and the kernel reads them there. On a GPU the rows still land in host buffers (both
@@ -44,6 +52,7 @@ from distca.attention import lse_dtype
 from distca.server.compute import FusedCall, fused_backward, fused_forward
 from distca.server.group_plane import GroupPlane
 from distca.server.layout import ServerLayout
+from distca.server.peerlog import MAX_REPLY, PeerLog, peer_text
 from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
 from distca.transport.shm import MAX_DROP, SegmentCache, host_identity
 from distca.transport.wire import DTYPE_NAMES, Kind, Message, TensorSpec, WireError
@@ -73,6 +82,12 @@ class ServerConfig:
     # (pinned host memory on a GPU server) are never sized by a peer's number beyond this bound.
     max_rows: int
     transport: TransportConfig
+    # Rounds open at once (ping and pong, forward and backward, of every stage in flight); a request that would
+    # open one more is refused. Each holds a slot of receive buffers until it completes, fails or times out.
+    max_open_rounds: int = 16
+    # Receive-buffer bytes the server may hold (pinned host memory on a GPU server); a round that would need more
+    # is refused after idle slots' buffers were freed. 0: max_open_rounds rounds of max_rows rows.
+    max_buffer_bytes: int = 0
     name: str = "server"
     reject_nonfinite: bool = True  # NaN/inf inputs get an ERROR instead of a result
     device: str = "cpu"  # where the fused call runs: "cpu", "cuda" or "cuda:N" (rows staged through host)
@@ -80,6 +95,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if torch.device(self.device).type not in ("cpu", "cuda"):
             raise ValueError(f"server device must be cpu or cuda[:N], got {self.device!r}")
+        if self.max_rows < 1 or self.max_open_rounds < 1 or self.max_buffer_bytes < 0:
+            raise ValueError(f"server bounds must be max_rows >= 1, max_open_rounds >= 1, max_buffer_bytes >= 0, got "
+                             f"{self.max_rows}, {self.max_open_rounds}, {self.max_buffer_bytes}")
 
 
 class _Buffers:
@@ -123,6 +141,44 @@ class _Buffers:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.store.values(), *self.dev_store.values()))
 
+    def growth(self, rows: dict[str, int], slot: int) -> int:
+        """Bytes the host buffers of ``slot`` would grow by to hold ``rows`` (role -> rows)."""
+        grow = 0
+        for role, n in rows.items():
+            tail, dt = self._spec(role)
+            have = self.store.get((slot, role))
+            if have is None or have.shape[0] < n:
+                row = torch.empty((), dtype=dt).element_size() * _numel(tail)
+                grow += max(n, 1) * row - (have.numel() * have.element_size() if have is not None else 0)
+        return grow
+
+    def free(self, slots: set[int]) -> None:
+        """Drop the host buffers of ``slots`` and give the memory back to the system."""
+        gone = [key for key in self.store if key[0] in slots]
+        for key in gone:
+            del self.store[key]
+        if gone and self.pin and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # pinned blocks go back to CUDA's host cache first
+        if gone:
+            _trim_heap()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise, so a burst's buffers would stay in RSS)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator decides
+        pass
+
 
 @dataclass
 class _Round:
@@ -133,8 +189,15 @@ class _Round:
     shm: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # rank -> its reply regions (shm)
 
 
+RETAIN_SLOTS = 4  # idle slots whose buffers stay allocated (ping and pong, forward and backward): reused next round
+
+
 class AttentionServer:
-    """Serve core attention on one ROUTER socket until SHUTDOWN."""
+    """Serve core attention on one ROUTER socket until SHUTDOWN.
+
+    No message stops the loop: whatever handling a message raises becomes an ERROR reply to its sender (the
+    message is drained, nothing it carried is kept); only a failure of the socket itself (its context terminated)
+    ends the loop, and then :attr:`failure` says why."""
 
     def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None):
         self.cfg = cfg
@@ -150,67 +213,142 @@ class AttentionServer:
         self.segments = SegmentCache(cfg.transport.shm_max_bytes, MAX_SEGMENTS)
         self.host = host_identity()
         self.served = 0
+        self.refused = 0  # messages answered with an ERROR (or dropped) since the start
         self.busy_s = 0.0  # time spent computing rounds (measured attention load)
         self.stage_s = 0.0  # of which host <-> device copies (device servers)
         self.group_plane = GroupPlane.of(cfg)  # the collective data plane's groups, if trainers ask for any
+        self.peer_log = PeerLog(log)
+        self.failure: BaseException | None = None  # why the loop ended, if not by SHUTDOWN
+        self._admitted: tuple[Message | None, tuple | None] = (None, None)  # the message in receipt, its target
+        self.max_buffer_bytes = cfg.max_buffer_bytes or cfg.max_open_rounds * self._round_bytes(cfg.max_rows)
 
-    # -- receive targets ---------------------------------------------------------------------
-    def _into(self, msg: Message, spec: TensorSpec) -> torch.Tensor | None:
-        """Where a tensor frame lands: straight into the plan's receive buffer rows."""
+    def _round_bytes(self, rows: int) -> int:
+        """Host buffer bytes of the largest round of ``rows`` q rows and ``rows`` k/v rows (a backward)."""
+        return sum(self.bufs.growth({r: rows}, -1) for r in BWD_INPUTS)
+
+    # -- admission: every check a request's header allows, before any of its rows is written ------------------
+    def _admit(self, msg: Message) -> tuple[ServerLayout, int, int]:
+        """``(layout, rank, slot)`` for a FWD/BWD request that may write its rows, or a :class:`WireError` naming
+        why not. Checks the plan, the rank, a repeat, the tensors the header announces (names, dtypes, shapes),
+        the open-round and buffer bounds: a request that passes writes only its own rows of a round it has not
+        yet arrived in, so a rejected one never touches rows another sender wrote."""
         layout = self.plans.get(msg.plan_id)
+        if layout is None:
+            raise WireError(f"unknown plan {msg.plan_id}: send PLAN first")
         rank = msg.extra.get("rank")
-        if msg.kind not in (Kind.FWD, Kind.BWD) or layout is None or type(rank) is not int \
-                or rank not in layout.senders:  # (an unhashable rank must not raise out of the receive)
-            return None
-        qd, nq, kd, nk = layout.senders[rank]
-        slot = self._round(msg.plan_id, msg.kind).slot
-        if spec.name in ("q", "out", "dout", "lse"):
-            return self.bufs.get(spec.name, layout.q_rows, slot)[qd:qd + nq]
-        if spec.name in ("k", "v"):
-            return self.bufs.get(spec.name, layout.kv_rows, slot)[kd:kd + nk]
-        return None
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank not in layout.senders:
+            raise WireError(f"rank {peer_text(repr(rank), 80)} sends nothing to this server in plan {msg.plan_id}")
+        rnd = self.rounds.get((msg.plan_id, msg.kind))
+        if rnd is not None and rank in rnd.arrived:
+            raise WireError(f"rank {rank} sent {msg.kind.name} twice for plan {msg.plan_id}")
+        want = FWD_INPUTS if msg.kind == Kind.FWD else BWD_INPUTS
+        _, nq, _, nk = layout.senders[rank]
+        if msg.extra.get("shm") is None:
+            names = [s.name for s in msg.tensors]
+            if sorted(names) != sorted(want):
+                raise WireError(f"{msg.kind.name} needs tensors {list(want)}, got {peer_text(names, 200)}")
+            for spec in msg.tensors:
+                tail, dtype = self.bufs._spec(spec.name)
+                shape = (nk if spec.name in KV_ROLES else nq, *tail)
+                if spec.dtype != dtype or spec.shape != shape:
+                    raise WireError(f"tensor {spec.name} of rank {rank}: got {spec.dtype} {list(spec.shape)}, the "
+                                    f"receive buffer expects {dtype} {list(shape)} (plan {msg.plan_id})"[:400])
+        if rnd is not None:
+            return layout, rank, rnd.slot
+        if len(self.rounds) >= self.cfg.max_open_rounds:
+            raise WireError(f"{len(self.rounds)} rounds are open on this server, its bound is "
+                            f"{self.cfg.max_open_rounds}: finish or abandon one first")
+        used = {r.slot for r in self.rounds.values()}
+        slot = next(i for i in range(len(used) + 1) if i not in used)
+        rows = {r: layout.kv_rows if r in KV_ROLES else layout.q_rows for r in want}
+        if self.bufs.nbytes() + self.bufs.growth(rows, slot) > self.max_buffer_bytes:
+            self.bufs.free({key[0] for key in self.bufs.store} - used)  # idle slots first
+            if self.bufs.nbytes() + self.bufs.growth(rows, slot) > self.max_buffer_bytes:
+                raise WireError(f"plan {msg.plan_id}'s {msg.kind.name} round needs more receive buffers than this "
+                                f"server's bound of {self.max_buffer_bytes} bytes allows with {len(self.rounds)} "
+                                "rounds open")
+        return layout, rank, slot
 
-    def _round(self, pid: int, kind: Kind) -> _Round:
-        """The round in flight for (plan, kind), opened with the lowest free buffer slot."""
-        rnd = self.rounds.get((pid, kind))
-        if rnd is None:
-            used = {r.slot for r in self.rounds.values()}
-            slot = next(i for i in range(len(used) + 1) if i not in used)
-            rnd = self.rounds[(pid, kind)] = _Round(kind, slot, started=time.monotonic())
-        return rnd
+    def _target(self, layout: ServerLayout, rank: int, slot: int, role: str) -> torch.Tensor:
+        """Where ``rank``'s rows of ``role`` go in ``slot``'s receive buffers."""
+        qd, nq, kd, nk = layout.senders[rank]
+        if role in KV_ROLES:
+            return self.bufs.get(role, layout.kv_rows, slot)[kd:kd + nk]
+        return self.bufs.get(role, layout.q_rows, slot)[qd:qd + nq]
+
+    def _into(self, msg: Message, spec: TensorSpec) -> torch.Tensor | None:
+        """Where a tensor frame lands: straight into the plan's receive buffer rows if the request passes
+        admission (:meth:`_admit`); otherwise nowhere that matters (a fresh frame, then an ERROR)."""
+        if msg.kind not in (Kind.FWD, Kind.BWD):
+            return None
+        if self._admitted[0] is not msg:
+            try:
+                self._admitted = (msg, self._admit(msg))
+            except Exception:  # the request's own checks in _arrive say why
+                self._admitted = (msg, None)
+        target = self._admitted[1]
+        return None if target is None else self._target(*target, spec.name)
 
     # -- loop --------------------------------------------------------------------------------
     def serve_forever(self, poll_s: float = 0.5) -> None:
-        """Handle messages until SHUTDOWN; time out incomplete rounds."""
-        while True:
-            self.group_plane.flush(self.ep)
-            try:
-                ident, msg, tensors = self.ep.recv(into=self._into, timeout_s=poll_s)
-            except TransportTimeout:
-                self._expire_rounds()
-                continue
-            except WireError as exc:
-                log.warning("%s: malformed message: %s", self.cfg.name, exc)
-                if self.ep.last_identity is not None:
-                    self.ep.send(Kind.ERROR, to=self.ep.last_identity, extra={"error": str(exc)})
-                continue
-            if msg.kind == Kind.SHUTDOWN:
-                self.ep.send(Kind.ACK, to=ident, request_id=msg.request_id)
-                break
-            try:
-                self._handle(ident, msg, tensors)
-            except WireError as exc:
-                self.ep.send(Kind.ERROR, to=ident, request_id=msg.request_id, plan_id=msg.plan_id,
-                             extra={"error": str(exc)})
-            except Exception as exc:  # a failed computation must not take the server down
-                log.exception("%s: request failed", self.cfg.name)
-                self.rounds.pop((msg.plan_id, msg.kind), None)
-                self.ep.send(Kind.ERROR, to=ident, request_id=msg.request_id, plan_id=msg.plan_id,
-                             extra={"error": f"{type(exc).__name__}: {exc}"})
+        """Handle messages until SHUTDOWN; time out incomplete rounds. A message never ends the loop; a failure of
+        the socket does (recorded in :attr:`failure`, then raised)."""
+        try:
+            while self._turn(poll_s):
+                pass
+        except BaseException as exc:
+            self.failure = exc
+            log.critical("%s: the serving loop stopped: %s: %s", self.cfg.name, type(exc).__name__, exc)
+            raise
+        finally:
+            self.group_plane.close()
+            self.segments.close()
+            self.ep.close()
+
+    def _turn(self, poll_s: float) -> bool:
+        """Serve one message (or time out rounds when none comes); False after SHUTDOWN."""
+        self.group_plane.flush(self.ep)
+        self._admitted = (None, None)
+        try:
+            ident, msg, tensors = self.ep.recv(into=self._into, timeout_s=poll_s)
+        except TransportTimeout:
             self._expire_rounds()
-        self.group_plane.close()
-        self.segments.close()
-        self.ep.close()
+            return True
+        except Exception as exc:  # malformed, or a decoder fault: this message only
+            _raise_if_socket_gone(exc)
+            self.ep.drain()  # a WireError was drained already; anything else left the rest of the message
+            self._refuse(self.ep.last_identity, None, exc)
+            self._expire_rounds()
+            return True
+        finally:
+            self._admitted = (None, None)
+        if msg.kind == Kind.SHUTDOWN:
+            self.ep.send(Kind.ACK, to=ident, request_id=msg.request_id)
+            return False
+        try:
+            self._handle(ident, msg, tensors)
+        except Exception as exc:  # a bad request or a failed computation must not take the server down
+            _raise_if_socket_gone(exc)
+            self._refuse(ident, msg, exc)
+        self._expire_rounds()
+        return True
+
+    def _refuse(self, ident: bytes | None, msg: Message | None, exc: Exception) -> None:
+        """Answer a message that could not be served with an ERROR naming why (escaped and cut short), and log it
+        within the peer's log budget."""
+        self.refused += 1
+        what = str(exc) if isinstance(exc, WireError) else f"{type(exc).__name__}: {exc}"
+        text = peer_text(what, MAX_REPLY)
+        level = logging.WARNING if isinstance(exc, WireError) else logging.ERROR
+        self.peer_log.line(level, ident, f"{self.cfg.name}: refused a message: {peer_text(what)}",
+                           exc_info=None if isinstance(exc, WireError) else exc)
+        if ident is None:
+            return
+        try:
+            self.ep.send(Kind.ERROR, to=ident, request_id=msg.request_id if msg else 0,
+                         plan_id=msg.plan_id if msg else 0, extra={"error": text})
+        except Exception as send_exc:  # a reply that cannot go is the peer's loss only
+            _raise_if_socket_gone(send_exc)
 
     def _handle(self, ident: bytes, msg: Message, tensors: list[torch.Tensor]) -> None:
         drop = _drop_list(msg.extra)
@@ -223,18 +361,21 @@ class AttentionServer:
                                 "busy_s": self.busy_s + group["busy_s"],
                                 "stage_s": self.stage_s, "device": str(self.device), "peak_rss_kb": peak_kb,
                                 "buffer_bytes": self.bufs.nbytes(), "plans": len(self.plans),
+                                "rounds_open": len(self.rounds), "refused": self.refused,
                                 "shm_segments": len(self.segments.open), "shm_bytes": self.segments.nbytes()})
         elif msg.kind == Kind.PLAN:
-            if msg.plan_id not in self.plans:
-                named = {s.name: t for s, t in zip(msg.tensors, tensors, strict=True)}
-                layout = ServerLayout.from_message(msg.plan_id, named, msg.extra)
-                if max(layout.q_rows, layout.kv_rows) > self.cfg.max_rows:
-                    raise WireError(f"PLAN {msg.plan_id}: {layout.q_rows} q rows and {layout.kv_rows} k/v rows per "
-                                    f"round exceed this server's bound of {self.cfg.max_rows} rows")
+            named = {s.name: t for s, t in zip(msg.tensors, tensors, strict=True)}
+            if len(named) != len(tensors):
+                raise WireError(f"PLAN {msg.plan_id}: a tensor name appears twice")
+            layout = ServerLayout.from_message(msg.plan_id, named, msg.extra, self.cfg.max_rows)
+            known = self.plans.get(msg.plan_id)
+            if known is None:
                 self.plans[msg.plan_id] = layout
                 while len(self.plans) > self.cfg.max_plans:
                     old, _ = self.plans.popitem(last=False)
                     self.dev_layouts.pop(old, None)
+            elif not _same_layout(known, layout):  # never serve a round by another layout than its senders'
+                raise WireError(f"PLAN {msg.plan_id} is registered here with a different layout")
             else:
                 self.plans.move_to_end(msg.plan_id)  # in use again: the last to be dropped
             self.ep.send(Kind.ACK, to=ident, request_id=msg.request_id, plan_id=msg.plan_id,
@@ -248,42 +389,29 @@ class AttentionServer:
             raise WireError(f"a server does not accept {msg.kind.name} messages")
 
     def _arrive(self, ident: bytes, msg: Message, tensors: list[torch.Tensor]) -> None:
-        layout = self.plans.get(msg.plan_id)
-        if layout is None:
-            raise WireError(f"unknown plan {msg.plan_id}: send PLAN first")
-        rank = msg.extra.get("rank")
-        if rank not in layout.senders:
-            raise WireError(f"rank {rank!r} sends nothing to this server in plan {msg.plan_id}")
-        want = FWD_INPUTS if msg.kind == Kind.FWD else BWD_INPUTS
-        qd, nq, kd, nk = layout.senders[rank]
+        layout, rank, slot = self._admit(msg)  # raises before anything changes
+        _, nq, _, nk = layout.senders[rank]
         shm = msg.extra.get("shm")
         if shm is None:  # ZeroMQ frames: already in the receive buffers (see _into)
-            names = [s.name for s in msg.tensors]
-            if sorted(names) != sorted(want):
-                raise WireError(f"{msg.kind.name} needs tensors {list(want)}, got {names}")
-            for spec in msg.tensors:
-                rows = nk if spec.name in KV_ROLES else nq
-                if spec.shape[:1] != (rows,):
-                    raise WireError(f"tensor {spec.name} of rank {rank}: {spec.shape[0] if spec.shape else 0} "
-                                    f"rows, plan {msg.plan_id} expects {rows}")
             received = {s.name: t for s, t in zip(msg.tensors, tensors, strict=True)}
+            for role, t in received.items():
+                if t.data_ptr() != self._target(layout, rank, slot, role).data_ptr():  # (_into admitted it too)
+                    raise WireError(f"tensor {role} of rank {rank} did not land in its receive rows")
             replies = None
         else:
             rows_in, replies = self._shm_request(msg, rank, nq, nk, shm)
-        key = (msg.plan_id, msg.kind)
-        rnd = self._round(*key)
-        if rank in rnd.arrived:
-            raise WireError(f"rank {rank} sent {msg.kind.name} twice for plan {msg.plan_id}")
-        if shm is not None:  # the trainer's rows into this round's receive buffers
-            received = {}
-            for role, src in rows_in.items():
-                a, n, total = (kd, nk, layout.kv_rows) if role in KV_ROLES else (qd, nq, layout.q_rows)
-                received[role] = self.bufs.get(role, total, rnd.slot)[a:a + n].copy_(src)
+            received = {role: self._target(layout, rank, slot, role).copy_(src) for role, src in rows_in.items()}
         # Device servers check on the device, after the copy (fast there, slow on one host thread).
         if self.cfg.reject_nonfinite and not self.on_device:
             for role, t in received.items():
                 if role != "lse" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise WireError(f"tensor {role} of rank {rank} holds NaN or inf")
+        # Accepted: the round opens (or grows) only now. Rows a rejected request wrote were its own rank's, in a
+        # round that rank has not arrived in; that rank's accepted request overwrites every one of them.
+        key = (msg.plan_id, msg.kind)
+        rnd = self.rounds.get(key)
+        if rnd is None:
+            rnd = self.rounds[key] = _Round(msg.kind, slot, started=time.monotonic())
         rnd.arrived[rank] = ident
         if replies is not None:
             rnd.shm[rank] = replies
@@ -296,10 +424,19 @@ class AttentionServer:
                     torch.cuda.synchronize(self.device)
                 self.busy_s += time.perf_counter() - t0
             except Exception as exc:  # every sender of the round learns why, and the server stays up
-                log.exception("%s: %s round of plan %d failed", self.cfg.name, msg.kind.name, msg.plan_id)
+                _raise_if_socket_gone(exc)
+                self.peer_log.line(logging.ERROR, None, f"{self.cfg.name}: {msg.kind.name} round of plan "
+                                   f"{msg.plan_id} failed", exc_info=exc)
                 for sender in rnd.arrived.values():
                     self.ep.send(Kind.ERROR, to=sender, request_id=msg.request_id, plan_id=msg.plan_id,
-                                 extra={"error": f"{self.cfg.name}: {type(exc).__name__}: {exc}"})
+                                 extra={"error": peer_text(f"{self.cfg.name}: {type(exc).__name__}: {exc}", MAX_REPLY)})
+            finally:
+                self._release(rnd.slot)
+
+    def _release(self, slot: int) -> None:
+        """A round left its slot: keep the buffers of the first few slots for the next rounds, free the rest."""
+        if slot >= RETAIN_SLOTS:
+            self.bufs.free({slot})
 
     def _shm_request(self, msg: Message, rank: int, nq: int, nk: int,
                      shm: object) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -412,12 +549,24 @@ class AttentionServer:
         for key, rnd in list(self.rounds.items()):
             if now - rnd.started > timeout:
                 del self.rounds[key]
+                self._release(rnd.slot)
                 layout = self.plans.get(key[0])
                 missing = sorted(set(layout.senders) - set(rnd.arrived)) if layout else []
                 for ident in rnd.arrived.values():
                     self.ep.send(Kind.ERROR, to=ident, plan_id=key[0],
                                  extra={"error": f"{self.cfg.name}: {rnd.kind.name} round of plan {key[0]} timed out "
                                                  f"after {timeout:.1f} s waiting for ranks {missing}"})
+
+
+def _same_layout(a: ServerLayout, b: ServerLayout) -> bool:
+    return a.extra() == b.extra() and a.senders == b.senders and all(
+        torch.equal(x, y) for (_, x), (_, y) in zip(a.tensors(), b.tensors(), strict=True))
+
+
+def _raise_if_socket_gone(exc: BaseException) -> None:
+    """Re-raise what no message can cause: the server's own socket or its context gone."""
+    if isinstance(exc, zmq.ZMQError) and exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+        raise exc
 
 
 def _drop_list(extra: dict) -> list[str]:

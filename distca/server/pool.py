@@ -61,7 +61,8 @@ class _ServerActor:
 
         torch.set_num_threads(1)
         self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # why the server did not start
+        self._loop_error: BaseException | None = None  # why its loop died
         self._thread = threading.Thread(target=self._run, args=(cfg,), daemon=True)
         self._thread.start()
         self._ready.wait(timeout=60)
@@ -74,7 +75,20 @@ class _ServerActor:
             self._ready.set()
             return
         self._ready.set()
-        self.server.serve_forever()
+        try:
+            self.server.serve_forever()
+        except BaseException as exc:  # the loop died (not from a message: it survives those); health() says so
+            self._loop_error = exc
+
+    def health(self) -> bool:
+        """True while the server loop serves; raises naming why once its thread has ended (a loop that died, or
+        SHUTDOWN), so a live actor whose server is gone never passes for healthy."""
+        if self._error is not None:
+            raise RuntimeError(f"attention server failed to start: {self._error!r}")
+        if self._thread.is_alive():
+            return True
+        why = self._loop_error
+        raise RuntimeError(f"attention server loop ended: {why!r}" if why else "attention server loop ended (SHUTDOWN)")
 
     def address(self) -> str:
         if self._error is not None:
@@ -144,8 +158,16 @@ class AttentionServerPool:
         self.shutdown()
 
     def health(self, timeout_s: float = 2.0) -> list[bool]:
-        """Whether each server answers a PING within ``timeout_s``."""
-        return [answers_ping(self.ctx, self.cfg.server.transport, a, timeout_s) for a in self.addresses]
+        """Whether each server's actor says its loop serves and the server answers a PING within ``timeout_s``."""
+        return [self._actor_serves(i, timeout_s) and answers_ping(self.ctx, self.cfg.server.transport, a, timeout_s)
+                for i, a in enumerate(self.addresses)]
+
+    def _actor_serves(self, i: int, timeout_s: float) -> bool:
+        try:
+            return bool(self.ray.get(self.actors[i].health.remote(), timeout=timeout_s))
+        except Exception as exc:  # a dead actor, a dead loop (its reason), or no answer in time
+            log.warning("attention server %d is not serving: %s", i, exc)
+            return False
 
     def restart_dead(self, timeout_s: float = 2.0) -> list[int]:
         """Replace servers that do not answer; returns their indices (addresses change)."""

@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import msgpack
 import torch
 import zmq
 
@@ -162,7 +163,49 @@ class Fuzzer:
 
     def _header(self) -> list[list[bytes]]:
         frames = self.seed_message()
+        if self.rng.random() < 0.5:
+            typed = self._retype(frames[0])
+            if typed is not None:
+                return [[typed, *frames[1:]]]
         return [[self._mutate_bytes(frames[0]), *frames[1:]]]
+
+    def _retype(self, header: bytes) -> bytes | None:
+        """The header with one value of its msgpack meta swapped for a value of another type and the same packed
+        length (a dtype as a list or map, a CRC as nil, a string or a float, a shape dimension as a bool, a rank as
+        a list or map), so every length the header announces still holds. The meta is found by decoding, not by
+        offset. With a secret the MAC no longer matches (the server must refuse it before parsing)."""
+        r = self.rng
+        meta, at = _find_meta(header)
+        if meta is None:
+            return None
+        swaps: list[tuple[bytes, bytes]] = []
+        for spec in meta["t"]:
+            _, dtype, shape, _, crc = spec
+            packed = msgpack.packb(spec, use_bin_type=True)
+            dt = msgpack.packb(dtype)
+            if len(dt) == 8:  # e.g. "float32": a one-string list or a one-entry map of the same length
+                swaps += [(packed, packed.replace(dt, b"\x91\xa6" + dt[1:7], 1)),
+                          (packed, packed.replace(dt, b"\x81\xa1a\xa4" + dt[1:5], 1))]
+            tail = msgpack.packb(crc)
+            for junk in ((b"\xc0", b"\xc3", b"\xa0") if len(tail) == 1 else
+                         (b"\xca\x7f\x80\x00\x00", b"\xca\x7f\xc0\x00\x00", b"\xa4abcd")):
+                if len(junk) == len(tail):
+                    swaps.append((packed, packed[:-len(tail)] + junk))
+            dims = msgpack.packb(shape)
+            if len(dims) > 1 and dims[1] < 0x80:  # a positive fixint dimension: a bool instead
+                swaps.append((packed, packed.replace(dims, dims[:1] + b"\xc3" + dims[2:], 1)))
+        for key in ("rank", "op", "pass", "group"):
+            k = msgpack.packb(key)
+            i = header.find(k, at)
+            if i >= 0 and header[i + len(k)] < 0x80:
+                for junk in (b"\x90", b"\x80", b"\xc0", b"\xc3"):
+                    swaps.append((k + header[i + len(k):i + len(k) + 1], k + junk))
+        r.shuffle(swaps)
+        for old, new in swaps:
+            i = header.find(old, at)
+            if i >= 0 and len(old) == len(new) and old != new:
+                return header[:i] + new + header[i + len(old):]
+        return None
 
     def _frames(self) -> list[list[bytes]]:
         r = self.rng
@@ -271,6 +314,23 @@ class Fuzzer:
         return [self.seed_message() for _ in range(n)]
 
 
+def _find_meta(header: bytes) -> tuple[dict | None, int]:
+    """The header's msgpack meta map (with its tensor list ``t``) and where it starts, found by decoding."""
+    for at in range(min(len(header), 256)):
+        if header[at] & 0xF0 != 0x80:  # a fixmap starts the meta
+            continue
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker.feed(header[at:])
+        try:
+            meta = unpacker.unpack()
+        except Exception:  # not here
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("t"), list) and all(
+                isinstance(t, list) and len(t) == 5 for t in meta["t"]):
+            return meta, at
+    return None, 0
+
+
 def _is_shutdown(frames: list[bytes], secret: bytes | None) -> bool:
     """Whether this server's decoder would read ``frames`` as a SHUTDOWN (which the fuzzer never sends)."""
     try:
@@ -319,7 +379,7 @@ def run_fuzz(address: str, tcfg: TransportConfig, n: int, seed: int, classes: tu
     try:
         ep.sock.send_multipart(fz.plan_message())
         _, pong = ping()
-        refused = pong["refused"] if pong else 0
+        refused = pong.get("refused", 0) if pong else 0
         for i in range(n):
             cls = classes[i % len(classes)]
             msgs = [m if not _is_shutdown(m, tcfg.secret) else fz.plan_message() for m in fz.case(cls)]

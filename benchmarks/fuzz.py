@@ -109,12 +109,13 @@ def main() -> None:
 
         fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.5), squeeze=False)
         for ax, r in zip(axes[0], results, strict=True):
-            bottom = [0] * len(CLASSES)
+            bottom = [0.0] * len(CLASSES)
+            totals = [max(sum(r["counts"][c].values()), 1) for c in CLASSES]
             for o in OUTCOMES:
-                vals = [r["counts"][c][o] for c in CLASSES]
+                vals = [100 * r["counts"][c][o] / n for c, n in zip(CLASSES, totals, strict=True)]
                 ax.bar(CLASSES, vals, bottom=bottom, label=o)
                 bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-            ax.set(yscale="log", ylabel="messages", title=f"server with {r['mode']}")
+            ax.set(ylabel="% of the class's messages", ylim=(0, 100), title=f"server with {r['mode']}")
             ax.tick_params(axis="x", rotation=30)
             ax.legend()
         fig.tight_layout()

@@ -315,6 +315,13 @@ def test_peer_text_in_logs_is_escaped_and_log_lines_per_peer_are_bounded(caplog)
                 err = _error(ep)
                 assert "\n" not in err and "\x1b" not in err and len(err) < 1200
             assert _pong(ep)["refused"] == 600
+            # a data-plane group whose store host is peer text: its join fails on the group's thread, which logs it
+            ep.send(Kind.GROUP, extra={"op": "join", "session": "s", "group": 0, "rank": 0, "n_trainers": 1,
+                                       "n_servers": 1, "server": 0, "store": ["no-such-host\nforged\x1b[2J", 1],
+                                       "timeout_s": 0.5, "format": [2, 1, 4, "float32"]})
+            assert _reply(ep).kind == Kind.ACK
+            err = _error(ep)
+            assert "could not join" in err and "\n" not in err
             ep.send(Kind.SHUTDOWN)
             assert _reply(ep).kind == Kind.ACK
             thread.join(10)
@@ -322,7 +329,8 @@ def test_peer_text_in_logs_is_escaped_and_log_lines_per_peer_are_bounded(caplog)
         ep.close()
         ctx.term()
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("distca.server")]
-    assert 0 < len(lines) <= 10, len(lines)  # 5 per peer per 10 s (one peer here)
+    assert 0 < len(lines) <= 10, len(lines)  # 5 per peer per 10 s (one peer here, and the group's thread)
+    assert any("could not join" in line and "no-such-host\\nforged\\x1b" in line for line in lines), lines
     for line in lines:
         assert "\n" not in line and "\x1b" not in line and len(line) < 1000, line[:200]
 

@@ -48,6 +48,7 @@ import zmq
 from distca.server.compute import FusedCall, fused_backward, fused_forward
 from distca.server.exchange import BWD_IN, BWD_OUT, FWD_IN, FWD_OUT, KV_ROLES, GroupRoles, RowExchange, RowFormat
 from distca.server.layout import ServerLayout
+from distca.server.peerlog import MAX_REPLY, PeerLog, peer_text
 from distca.transport.channel import Endpoint
 from distca.transport.wire import Kind, Message, WireError
 
@@ -158,7 +159,7 @@ class _Group:
         del x, pg  # the group's connections close here
 
     def _fail(self, why: str) -> None:
-        log.warning("%s", why)
+        self.plane.say(logging.WARNING, why)
         self.broken = why
         self.plane.outbox.put((self, 0, why, self.rounds))
 
@@ -173,7 +174,8 @@ class _Group:
             try:
                 res = self.plane.compute(layout, kind, bufs)
             except Exception as exc:  # the round completes anyway, with zeros its trainers are told not to use
-                log.exception("%s: %s round of plan %d failed", self.plane.name, kind, layout.plan_id)
+                self.plane.say(logging.ERROR, f"{self.plane.name}: {kind} round of plan {layout.plan_id} failed",
+                               exc_info=exc)
                 code = 1
                 res = {role: torch.zeros((layout.kv_rows if role in KV_ROLES else layout.q_rows,
                                           *x.fmt.spec(role)[0]), dtype=x.fmt.spec(role)[1]) for role in roles_out}
@@ -200,6 +202,12 @@ class GroupPlane:
         self._lock = threading.Lock()
         self.busy_s = 0.0
         self.served = 0
+        self.peer_log = PeerLog(log)  # the groups' lines: a peer's joins and rounds can make many
+
+    def say(self, level: int, text: str, exc_info: BaseException | None = None) -> None:
+        """Log a line about a group (text that may quote a peer's fields, escaped; within the log budget)."""
+        with self._lock:
+            self.peer_log.line(level, None, peer_text(text), exc_info=exc_info)
 
     @classmethod
     def of(cls, cfg: Any) -> GroupPlane:
@@ -320,7 +328,7 @@ class GroupPlane:
             for ident in group.trainers.values():
                 try:
                     ep.send(Kind.ERROR, to=ident, plan_id=pid,
-                            extra={"error": error, "group": group.join.group, "round": rnd})
+                            extra={"error": peer_text(error, MAX_REPLY), "group": group.join.group, "round": rnd})
                 except zmq.ZMQError as exc:  # a trainer gone: it learns nothing more anyway
                     log.warning("%s: could not send an error to a trainer of %s: %s", self.name, group.label, exc)
 

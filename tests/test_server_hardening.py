@@ -227,7 +227,7 @@ def test_a_plan_id_registered_again_with_another_layout_is_refused(ep):
 
 # -- open rounds are bounded, and their buffers freed ----------------------------------------------------------
 
-def test_open_rounds_are_bounded_and_their_buffers_freed_when_they_time_out():
+def test_open_rounds_are_bounded_and_their_buffers_freed_after_they_time_out():
     tcfg = dataclasses.replace(TCFG, timeout_s=3.0)
     scfg = dataclasses.replace(SCFG, transport=tcfg, max_open_rounds=8)
     plan = _two_rank_plan(512)
@@ -252,10 +252,12 @@ def test_open_rounds_are_bounded_and_their_buffers_freed_when_they_time_out():
             while timed_out < 8:  # the server abandons each round and says so
                 assert "timed out" in _error(ep)
                 timed_out += 1
-            after = _pong(ep)
-            assert after["rounds_open"] == 0
+            assert _pong(ep)["rounds_open"] == 0
             per_slot = (full["buffer_bytes"] - idle) / 8
-            assert after["buffer_bytes"] - idle <= 4 * per_slot  # slots past the first four are freed
+            deadline = time.monotonic() + 60
+            while _pong(ep)["buffer_bytes"] - idle > 2 * per_slot:  # slots past the first two, idle for the timeout
+                assert time.monotonic() < deadline, "the idle slots' buffers were not freed"
+                time.sleep(0.5)
             ep.send(Kind.FWD, rows, plan_id=layouts[-1].plan_id, extra={"rank": 0})  # a refused plan's round opens now
             with pytest.raises(TransportTimeout):
                 _reply(ep, timeout_s=0.2)  # accepted: no reply until rank 1 or the timeout

@@ -16,7 +16,8 @@ request (or of a PING when they close).
 
 Receive buffers grow to the largest plan seen and are reused, so memory stays flat over rounds. Each open
 round holds a slot of them; at most ``max_open_rounds`` rounds are open, the buffers of all slots together stay
-under ``max_buffer_bytes``, and a slot past the first few is freed when its round completes, fails or times out.
+under ``max_buffer_bytes``, and the buffers of a slot past the first two are freed once no round has used them for
+the transport timeout (after a round completed, failed or timed out there).
 
 A request writes rows only after every check its header allows passed (plan, rank, not a repeat, tensor names,
 dtypes and shapes, the bounds); then only its own rank's rows of a round that rank has not arrived in. A PLAN
@@ -141,6 +142,10 @@ class _Buffers:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.store.values(), *self.dev_store.values()))
 
+    def host_nbytes(self) -> int:
+        """Bytes of the host receive buffers (pinned on a GPU server): what ``max_buffer_bytes`` bounds."""
+        return sum(t.numel() * t.element_size() for t in self.store.values())
+
     def growth(self, rows: dict[str, int], slot: int) -> int:
         """Bytes the host buffers of ``slot`` would grow by to hold ``rows`` (role -> rows)."""
         grow = 0
@@ -189,7 +194,9 @@ class _Round:
     shm: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # rank -> its reply regions (shm)
 
 
-RETAIN_SLOTS = 4  # idle slots whose buffers stay allocated (ping and pong, forward and backward): reused next round
+# Slots whose buffers stay allocated however long they are idle; the buffers of any other slot are freed once it
+# has been idle for the transport timeout (a burst of rounds leaves no memory behind, steady rounds reuse theirs).
+RETAIN_SLOTS = 2
 
 
 class AttentionServer:
@@ -220,6 +227,7 @@ class AttentionServer:
         self.peer_log = PeerLog(log)
         self.failure: BaseException | None = None  # why the loop ended, if not by SHUTDOWN
         self._admitted: tuple[Message | None, tuple | None] = (None, None)  # the message in receipt, its target
+        self.idle: dict[int, float] = {}  # slot -> when its last round left it (slots no round holds)
         self.max_buffer_bytes = cfg.max_buffer_bytes or cfg.max_open_rounds * self._round_bytes(cfg.max_rows)
 
     def _round_bytes(self, rows: int) -> int:
@@ -261,9 +269,9 @@ class AttentionServer:
         used = {r.slot for r in self.rounds.values()}
         slot = next(i for i in range(len(used) + 1) if i not in used)
         rows = {r: layout.kv_rows if r in KV_ROLES else layout.q_rows for r in want}
-        if self.bufs.nbytes() + self.bufs.growth(rows, slot) > self.max_buffer_bytes:
-            self.bufs.free({key[0] for key in self.bufs.store} - used)  # idle slots first
-            if self.bufs.nbytes() + self.bufs.growth(rows, slot) > self.max_buffer_bytes:
+        if self.bufs.host_nbytes() + self.bufs.growth(rows, slot) > self.max_buffer_bytes:
+            self._free_idle({key[0] for key in self.bufs.store} - used - {slot})  # idle slots first
+            if self.bufs.host_nbytes() + self.bufs.growth(rows, slot) > self.max_buffer_bytes:
                 raise WireError(f"plan {msg.plan_id}'s {msg.kind.name} round needs more receive buffers than this "
                                 f"server's bound of {self.max_buffer_bytes} bytes allows with {len(self.rounds)} "
                                 "rounds open")
@@ -412,6 +420,7 @@ class AttentionServer:
         rnd = self.rounds.get(key)
         if rnd is None:
             rnd = self.rounds[key] = _Round(msg.kind, slot, started=time.monotonic())
+            self.idle.pop(slot, None)
         rnd.arrived[rank] = ident
         if replies is not None:
             rnd.shm[rank] = replies
@@ -434,9 +443,13 @@ class AttentionServer:
                 self._release(rnd.slot)
 
     def _release(self, slot: int) -> None:
-        """A round left its slot: keep the buffers of the first few slots for the next rounds, free the rest."""
-        if slot >= RETAIN_SLOTS:
-            self.bufs.free({slot})
+        """A round left its slot: its buffers wait for the next round (freed if none comes, see _expire_rounds)."""
+        self.idle[slot] = time.monotonic()
+
+    def _free_idle(self, slots: set[int]) -> None:
+        self.bufs.free(slots)
+        for slot in slots:
+            self.idle.pop(slot, None)
 
     def _shm_request(self, msg: Message, rank: int, nq: int, nk: int,
                      shm: object) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -556,6 +569,12 @@ class AttentionServer:
                     self.ep.send(Kind.ERROR, to=ident, plan_id=key[0],
                                  extra={"error": f"{self.cfg.name}: {rnd.kind.name} round of plan {key[0]} timed out "
                                                  f"after {timeout:.1f} s waiting for ranks {missing}"})
+        used = {r.slot for r in self.rounds.values()}
+        for slot in {key[0] for key in self.bufs.store} - used:  # (rows of a refused request may sit in a free slot)
+            self.idle.setdefault(slot, now)
+        stale = {slot for slot, since in self.idle.items() if slot >= RETAIN_SLOTS and now - since > timeout}
+        if stale:
+            self._free_idle(stale)
 
 
 def _same_layout(a: ServerLayout, b: ServerLayout) -> bool:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections import OrderedDict
 
 MAX_TEXT = 300  # characters of peer-controlled text in one log line
 MAX_REPLY = 1000  # characters of an ERROR reply's text
+MAX_TRACE = 4000  # characters of a traceback, escaped into its log line
 
 
 def peer_text(value: object, limit: int = MAX_TEXT) -> str:
@@ -65,5 +67,7 @@ class PeerLog:
             return False
         held, state[2] = state[2], 0
         note = f" ({held} earlier lines about this peer held back)" if held else ""
-        self.log.log(level, "peer %s: %s%s", peer_name(identity), text, note, exc_info=exc_info)
+        if exc_info is not None:  # the traceback too, escaped into the same line (its message may quote the peer)
+            note += " | " + peer_text("".join(traceback.format_exception(exc_info)), MAX_TRACE)
+        self.log.log(level, "peer %s: %s%s", peer_name(identity), text, note)
         return True

@@ -357,10 +357,11 @@ class TrainConfig:
     step_timeout_s: float = 600.0  # a rank silent this long fails the run (collectives, servers)
     max_server_plans: int = 256  # plan layouts each attention server keeps
     # Hard limits of each attention server against any peer: the most q or k/v rows one round may bring (0: one
-    # micro-batch on every trainer, cluster.n_trainers * tokens_per_rank), the rounds it holds open at once, and
+    # micro-batch on every trainer, cluster.n_trainers * tokens_per_rank), the rounds it holds open at once (0: 4 per
+    # trainer; a trainer has at most two in flight, ping and pong, and the rest is slack for abandoned ones), and
     # the receive-buffer MiB it may hold (pinned host memory on a GPU server; 0: max_server_rounds full rounds).
     max_server_rows: int = 0
-    max_server_rounds: int = 16
+    max_server_rounds: int = 0
     server_buffer_mb: int = 0
     init_from_hf: str = ""  # a local Hugging Face Llama folder (safetensors) to start from; "": random init
     malloc_arena_max: int = 2  # glibc malloc arenas per trainer/server process started here (0: glibc default)
@@ -383,9 +384,9 @@ class TrainConfig:
             raise ConfigError(f"train.tokens_per_rank must be <= {pow2_text(MAX_DOC_TOKENS)}, got "
                               f"{short_repr(self.tokens_per_rank)}")
         if not (0 <= self.max_server_rows < MAX_DOC_TOKENS and 0 <= self.server_buffer_mb <= 1 << 30
-                and 1 <= self.max_server_rounds <= 1024):
+                and 0 <= self.max_server_rounds <= 1 << 16):
             raise ConfigError(f"train.max_server_rows must be in [0, 2**31), server_buffer_mb in [0, 2**30] and "
-                              f"max_server_rounds in [1, 1024], got {short_repr(self.max_server_rows)}, "
+                              f"max_server_rounds in [0, 65536], got {short_repr(self.max_server_rows)}, "
                               f"{short_repr(self.server_buffer_mb)}, {short_repr(self.max_server_rounds)}")
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"train.zero_stage must be 0 or 1 (pipeline parallelism), got {self.zero_stage}")

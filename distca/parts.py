@@ -62,7 +62,8 @@ def server_settings(cfg: DistCAConfig, device: str = "cpu") -> ServerConfig:
     return ServerConfig(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, dtype=server_dtype(cfg),
                         backend=cfg.attention.backend, max_plans=t.max_server_plans,
                         max_rows=t.max_server_rows or cfg.cluster.n_trainers * t.tokens_per_rank,
-                        max_open_rounds=t.max_server_rounds, max_buffer_bytes=t.server_buffer_mb << 20,
+                        max_open_rounds=t.max_server_rounds or 4 * cfg.cluster.n_trainers,
+                        max_buffer_bytes=t.server_buffer_mb << 20,
                         transport=transport_settings(cfg), device=device)
 
 

@@ -293,6 +293,7 @@ def test_the_run_config_sets_the_server_bounds():
     default = config_from_dict({})
     derived = server_settings(default)
     assert derived.max_rows == default.cluster.n_trainers * default.train.tokens_per_rank
+    assert derived.max_open_rounds == 4 * default.cluster.n_trainers  # two in flight per trainer, and slack
     assert derived.max_buffer_bytes == 0  # the server's own: max_open_rounds full rounds
 
 

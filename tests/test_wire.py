@@ -126,7 +126,7 @@ _T = ["q", "float32", [2, 3], 24, 0]
     ({"t": [_T], "s": _S, "x": {"rank": True}}, 0, "'rank' must be int"),
     ({"t": [_T], "s": _S, "x": {"rank": -1}}, 0, "'rank' must be in"),
     ({"t": [_T], "s": _S, "x": {"error": 7}}, 0, "'error' must be str"),
-    ({"t": [_T], "s": _S, "x": {"shm_drop": "name"}}, 0, "'shm_drop' must be list"),
+    ({"t": [_T], "s": _S, "x": {"shm_max": "1"}}, 0, "'shm_max' must be int"),
     ({"t": [_T]}, 0, "'s' must be"),  # no session binding
     ({"t": [_T], "s": [b"x", bytes(16), 1]}, 0, "16-byte"),
     ({"t": [_T], "s": [bytes(16), bytes(16), -1]}, 0, "counter"),

@@ -96,7 +96,10 @@ def local_ray_on_loopback() -> None:
     if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
         log.warning("ray was imported before local_ray_on_loopback(): its services may bind a public interface")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's own token authentication stays on (Ray's default for a new local cluster, made explicit; a user who
+    # sets RAY_AUTH_MODE themselves keeps their choice): loopback binding alone would leave Ray's ports open
+    # to every local user, and a Ray client can run arbitrary code.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 class AttentionServerPool:

@@ -211,7 +211,7 @@ class Endpoint:
         if name:
             ep.sock.setsockopt(zmq.IDENTITY, name.encode())
         ep.sock.connect(ep.endpoint)
-        ep.address, ep.peer = address, ep.endpoint
+        ep.address, ep.peer = address, address
         return ep
 
     # -- sending -------------------------------------------------------------------------------

@@ -54,11 +54,10 @@ MAX_SEQ = (1 << 63) - 1
 FLAG_CRC = 1
 FLAG_HMAC = 2
 
-# Fields of ``x`` whose type every decoder checks (what servers and clients read); other fields pass as sent.
-EXTRA_TYPES: dict[str, tuple[type, ...]] = {
-    "rank": (int,), "error": (str,), "op": (str,), "shm_drop": (list,), "shm": (dict, bool), "name": (str,),
-    "session": (str,), "group": (int,), "pass": (str,), "round": (int,), "host": (str,), "shm_max": (int,),
-}
+# Fields of ``x`` whose type every decoder checks: those read without a check of their own (the server loop's
+# receive target indexes plans by ``rank``; clients read an ERROR's text and a PLAN ACK's host and bound). The
+# others (shm, shm_drop, GROUP/ROUND fields) are checked, with their own messages, where they are read.
+EXTRA_TYPES: dict[str, tuple[type, ...]] = {"rank": (int,), "error": (str,), "host": (str,), "shm_max": (int,)}
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,

@@ -19,8 +19,10 @@ refuses a message meant for another session (a captured message replayed to a fr
 server has a new session) or whose counter is not above the last one it accepted from that sender (ZeroMQ
 keeps a connection's order, so the window is "above the last"). SHUTDOWN is checked under ``owner_secret``
 where a server has one: only the process that started it can stop it. All of this happens in
-:meth:`Endpoint.recv`, which raises only ``TransportTimeout`` or ``WireError``; a server loop needs no check
-of its own.
+:meth:`Endpoint.recv`, which raises only ``TransportTimeout`` or ``WireError`` (``AuthError``, a WireError, for
+what is not authenticated for this receiver: a server may drop those unanswered); a server loop needs no check
+of its own. A receive target (``into``) is asked only after the header passed the MAC and the replay check; a
+frame whose SHA-256 then fails has landed in that target (the sender's own rows) before the WireError.
 
 Limits: ``max_message_bytes`` is ZeroMQ's MAXMSGSIZE (a larger frame disconnects its peer inside libzmq)
 and bounds the sum of a message's tensor bytes; a message of more than ``max_frames`` frames is refused
@@ -50,6 +52,7 @@ from distca.transport.wire import (
     MAX_TENSORS,
     NO_SESSION,
     SESSION_BYTES,
+    AuthError,
     Kind,
     Message,
     TensorSpec,
@@ -297,13 +300,13 @@ class Endpoint:
         # no session; a client takes it from its own server (src) as a diagnosis: at worst a replay fails a round.
         unbound_error = not self.router and msg.kind == Kind.ERROR and msg.dst == NO_SESSION
         if msg.dst != self.session and not unbound_error:
-            raise WireError("message is not bound to this endpoint's session: replayed from another connection or "
+            raise AuthError("message is not bound to this endpoint's session: replayed from another connection or "
                             "meant for another server")
         elif not self.router and msg.src != self.peer_session:
-            raise WireError("message comes from another session than this connection's server")
+            raise AuthError("message comes from another session than this connection's server")
         last = self._last_seq.get(msg.src, 0)
         if msg.seq <= last:
-            raise WireError(f"replayed message refused: counter {msg.seq} is not above {last}, the last accepted "
+            raise AuthError(f"replayed message refused: counter {msg.seq} is not above {last}, the last accepted "
                             "from that sender")
         self._last_seq[msg.src] = msg.seq
         self._last_seq.move_to_end(msg.src)

@@ -70,6 +70,11 @@ class WireError(DistCAError, ValueError):
     """A message that does not follow the wire format (or fails authentication)."""
 
 
+class AuthError(WireError):
+    """A message that is not authenticated for this receiver: no or a wrong MAC, a SHUTDOWN not under the
+    owner's key, meant for another session, or replayed. A server may drop these without an answer."""
+
+
 class Kind(enum.IntEnum):
     PING = 1
     PONG = 2
@@ -177,13 +182,13 @@ def decode_header(frame: bytes | memoryview, secret: bytes | None = None,
     key = owner_secret if kind == Kind.SHUTDOWN and owner_secret is not None else secret
     if key is not None:
         if not flags & FLAG_HMAC:
-            raise WireError("unauthenticated message refused: this server requires an HMAC")
+            raise AuthError("unauthenticated message refused: this server requires an HMAC")
         mac = hmac.new(key, data[:end], hashlib.sha256).digest()
         if not hmac.compare_digest(mac, data[end:]):
             if key is owner_secret:
-                raise WireError("SHUTDOWN refused: only the pool's owner may stop this server (owner MAC "
+                raise AuthError("SHUTDOWN refused: only the pool's owner may stop this server (owner MAC "
                                 "does not verify)")
-            raise WireError("message authentication failed: wrong HMAC (unknown peer or tampered header)")
+            raise AuthError("message authentication failed: wrong HMAC (unknown peer or tampered header)")
     try:
         meta = msgpack.unpackb(data[_PREFIX.size:end], raw=False, strict_map_key=True)
     except Exception as exc:

@@ -278,10 +278,18 @@ def test_config_limits_reach_the_sockets():
 
 # -- Ray -------------------------------------------------------------------------------------------------
 
-def test_a_local_ray_keeps_its_own_token_authentication(monkeypatch):
+def test_a_local_ray_keeps_its_own_token_authentication_with_a_private_token(monkeypatch, tmp_path):
     from distca.server.pool import local_ray_on_loopback
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))
     local_ray_on_loopback()
     assert os.environ["RAY_AUTH_MODE"] == "token" and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    token = tmp_path / ".ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64  # not Ray's 0644
+    token.chmod(0o644)
+    local_ray_on_loopback()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600

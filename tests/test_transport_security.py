@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -91,19 +92,30 @@ def _serve(cfg: ServerConfig) -> tuple[AttentionServer, threading.Thread]:
     return server, t
 
 
-def test_only_the_pools_owner_can_shut_a_server_down(ctx):
-    owned = dataclasses.replace(TCFG, owner_secret=OWNER)
+@pytest.mark.parametrize("key", [KEY, None], ids=["with-job-key", "owner-key-only"])
+def test_only_the_pools_owner_can_shut_a_server_down(ctx, key):
+    owned = dataclasses.replace(TCFG, secret=key, owner_secret=OWNER)
     scfg = ServerConfig(n_heads=2, n_kv_heads=1, head_dim=4, dtype="float32", backend="sdpa", max_plans=4,
                         max_rows=64, transport=owned)
     server, thread = _serve(scfg)
-    trainer = Endpoint.client(ctx, TCFG, server.address)  # holds the shared key, not the owner's
+    trainer = Endpoint.client(ctx, dataclasses.replace(TCFG, secret=key), server.address)  # not the owner's key
     trainer.send(Kind.SHUTDOWN)
     _, msg, _ = trainer.recv()
     assert msg.kind == Kind.ERROR and "only the pool's owner" in msg.extra["error"]
     trainer.send(Kind.PING)
     assert trainer.recv()[1].kind == Kind.PONG and thread.is_alive()
     owner = Endpoint.client(ctx, owned, server.address)
-    owner.send(Kind.SHUTDOWN)
+    captured = owner.frames(Kind.SHUTDOWN)
+    replay = ctx.socket(zmq.DEALER)  # the owner's SHUTDOWN, captured and replayed to a fresh owned server
+    fresh, fresh_thread = _serve(scfg)
+    replay.connect(fresh.ep.endpoint)
+    replay.send_multipart(captured)
+    time.sleep(0.3)
+    assert fresh_thread.is_alive()
+    Endpoint.client(ctx, owned, fresh.address).send(Kind.SHUTDOWN)
+    fresh_thread.join(timeout=5)
+    replay.close(linger=0)
+    owner.sock.send_multipart(captured)
     assert owner.recv()[1].kind == Kind.ACK
     thread.join(timeout=5)
     assert not thread.is_alive()

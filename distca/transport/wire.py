@@ -182,6 +182,8 @@ def decode_header(frame: bytes | memoryview, secret: bytes | None = None,
     key = owner_secret if kind == Kind.SHUTDOWN and owner_secret is not None else secret
     if key is not None:
         if not flags & FLAG_HMAC:
+            if key is owner_secret:
+                raise AuthError("SHUTDOWN refused: only the pool's owner may stop this server (no MAC)")
             raise AuthError("unauthenticated message refused: this server requires an HMAC")
         mac = hmac.new(key, data[:end], hashlib.sha256).digest()
         if not hmac.compare_digest(mac, data[end:]):

@@ -5,6 +5,7 @@ the file stays fast."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -81,6 +82,29 @@ def test_a_replayed_reply_is_refused_by_the_client(ctx):
     srv.sock.send_multipart([ident, *reply])
     with pytest.raises(WireError, match="replayed"):
         cli_ep.recv()
+
+
+def test_a_receive_raises_only_wire_errors_for_any_frames(ctx):
+    """Seeded multipart messages (valid and mutated headers, wrong frame counts and sizes, a receive target)
+    against a keyed endpoint: every one is a message or a WireError, and the socket stays in step."""
+    import random
+
+    rng = random.Random(1616)
+    srv, cli_ep = _pair(ctx)
+    buf = torch.empty(64)
+    for i in range(400):
+        frames = cli_ep.frames(Kind.FWD, [("q", torch.ones(rng.randint(0, 8)))], extra={"rank": 0})
+        header = bytearray(frames[0])
+        if i % 4 == 1:
+            header[rng.randrange(len(header))] ^= 1 << rng.randrange(8)
+        tail = [bytes(f) for f in frames[1:]]
+        if i % 4 == 2:
+            tail = [rng.randbytes(rng.randint(0, 40)) for _ in range(rng.randint(0, 5))]
+        cli_ep.sock.send_multipart([bytes(header), *tail])
+        with contextlib.suppress(WireError):  # anything else fails the test
+            srv.recv(into=(lambda m, spec: buf[:spec.shape[0]]) if i % 3 else None)
+    cli_ep.send(Kind.PING)
+    assert srv.recv()[1].kind == Kind.PING
 
 
 # -- SHUTDOWN only from the owner -------------------------------------------------------------------

@@ -25,7 +25,14 @@ from distca import cli
 from distca.config import ConfigError, config_from_dict, load_config
 from distca.parts import server_settings, transport_secret, transport_settings
 from distca.server.loop import AttentionServer, ServerConfig
-from distca.transport.channel import MAX_FRAMES, BindError, Endpoint, TransportConfig, TransportTimeout
+from distca.transport.channel import (
+    MAX_FRAMES,
+    BindError,
+    Endpoint,
+    TransportConfig,
+    TransportTimeout,
+    private_socket_dir,
+)
 from distca.transport.wire import AuthError, Kind, WireError
 
 KEY = bytes.fromhex("5e" * 32)
@@ -39,6 +46,10 @@ def ctx():
     c = zmq.Context()
     yield c
     c.destroy(linger=0)
+    for name in os.listdir(private_socket_dir()):  # servers of this test that were not closed
+        if f"-{os.getpid()}-" in name:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(private_socket_dir(), name))
 
 
 def _pair(ctx, cfg=TCFG, client_cfg=None):
@@ -260,6 +271,7 @@ def test_a_server_started_with_few_descriptors_serves_many_peers_instead_of_abor
     SIGABRT). A server starting with a soft limit of 48 now raises it to the hard limit and serves 100 peers."""
     proc = subprocess.Popen([sys.executable, "-c", _FD_SERVER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+    address = ""
     try:
         address = proc.stdout.readline().strip()
         assert address, proc.stderr.read()[-2000:]
@@ -272,6 +284,9 @@ def test_a_server_started_with_few_descriptors_serves_many_peers_instead_of_abor
     finally:
         proc.kill()
         proc.communicate(timeout=30)
+        if address:
+            with contextlib.suppress(OSError):
+                os.unlink(address.partition("#")[0][len("ipc://"):])
 
 
 # -- message limits ------------------------------------------------------------------------------------

@@ -209,7 +209,22 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         "plan_trainers": first.get("plan_trainers"),
         "timeline_per_rank": [r.get("timeline") for r in every],
         "spans_per_rank": [r.get("spans") for r in every],
+        **_recovery(every),
     }
+
+
+def _recovery(every: list[dict[str, Any]]) -> dict[str, Any]:
+    """In-step recovery from lost servers (``cluster.server_loss: in_step``): the servers the ranks agreed are lost
+    (the same list on every rank), and what standing in for them cost this step: rounds and tasks the trainers
+    finished themselves (summed over ranks), seconds spent on it and waiting to find a server lost (slowest rank)."""
+    if "servers_lost" not in every[0]:
+        return {}
+    return {"servers_lost": every[0]["servers_lost"],
+            "recovered_rounds": sum(r["recovered_rounds"] for r in every),
+            "recovered_tasks": sum(r["recovered_tasks"] for r in every),
+            "recovery_s": max(r["recovery_s"] for r in every),
+            "loss_detect_s": max(r["loss_detect_s"] for r in every),
+            "late_replies_dropped": sum(r["late_replies_dropped"] for r in every)}
 
 
 def _data_plane(every: list[dict[str, Any]]) -> dict[str, str]:

@@ -26,7 +26,8 @@ from distca.transport.wire import Kind
 
 pytestmark = pytest.mark.cluster  # spawns server (and trainer) processes
 
-LOST_AFTER_S = 1.0
+LOST_AFTER_S = 1.0  # a stopped server (alive, connected, silent) is lost after this
+PATIENT_S = 30.0  # where a killed server is found lost by its dropped connection, long before this
 TCFG = TransportConfig(transport="ipc", host="127.0.0.1", timeout_s=30.0, secret=None, checksum=False,
                        shm_max_bytes=1 << 20)
 
@@ -86,13 +87,15 @@ def test_one_trainer_finishes_rounds_of_a_killed_and_a_stopped_server_exactly(ca
 
 
 def test_a_server_killed_inside_a_round_is_recovered(cad_case):
-    """The request is sent, then the server dies before answering: the trainer finishes the round itself."""
+    """The request is sent, then the server dies before answering: the trainer finishes the round itself. A
+    replacement server then rejoins and serves the next rounds."""
     plan, ranks, douts = cad_case.make(_spec([[160, 96]], [False], seed=2))
     want = execute_plan(plan, ranks, douts, backend="sdpa")
     with server_processes(2, _scfg(cad_case)) as running:
-        rec = Recovery(LOST_AFTER_S)
+        rec = Recovery(PATIENT_S)
         client = CADClient(0, running.addresses, TCFG, backend="sdpa", recovery=rec)
         try:
+            client.register(plan)
             os.kill(running.processes[1].pid, signal.SIGSTOP)  # so that it cannot answer before it dies
             pending = client.start_forward(plan, ranks[0])
             os.kill(running.processes[1].pid, signal.SIGKILL)
@@ -100,6 +103,14 @@ def test_a_server_killed_inside_a_round_is_recovered(cad_case):
             dq, dk, dv = client.backward(plan, ranks[0], out, lse, douts[0])
             _same(dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv), want)
             assert rec.lost == {1} and rec.rounds == 2 and rec.late == 0
+            assert rec.detected_s < PATIENT_S / 2  # the dropped connection said so, not the timeout
+            with server_processes(1, _scfg(cad_case)) as spare:  # the pool's replacement, at a new address
+                client.rejoin(1, spare.addresses[0])
+                out, lse = client.forward(plan, ranks[0])
+                dq, dk, dv = client.backward(plan, ranks[0], out, lse, douts[0])
+                _same(dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv), want)
+                assert rec.lost == set() and rec.rounds == 2 and rec.rejoined == 1  # served by the new server
+                assert client.ping(1)["served"] == 2
         finally:
             client.close()
 
@@ -119,7 +130,7 @@ def _recovering_trainer(rank: int, world: int, port: int, addresses: list[str], 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
         plan, ranks, douts = _make_cad_case(spec)
-        rec = Recovery(LOST_AFTER_S, peers=list(range(world)), group=dist.new_group(list(range(world))),
+        rec = Recovery(PATIENT_S, peers=list(range(world)), group=dist.new_group(list(range(world))),
                        exchange_timeout_s=30)
         client = CADClient(rank, addresses, TCFG, backend="sdpa", shm=True, recovery=rec)
         client.register(plan)

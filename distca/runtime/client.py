@@ -201,6 +201,11 @@ class CADClient:
         self.ctx = ctx or zmq.Context.instance()
         tag = uuid.uuid4().hex[:6]
         self.eps = [Endpoint.client(self.ctx, cfg, a, name=f"trainer{rank}-{tag}-{i}") for i, a in enumerate(addresses)]
+        # in-step recovery: a dropped connection (the server's process is gone) makes a server lost at once,
+        # without waiting lost_after_s; the socket monitor reports it
+        self.monitors = {i: ep.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) for i, ep in enumerate(self.eps)} \
+            if recovery is not None else {}
+        self.down: set[int] = set()  # servers whose connection dropped
         self.registered: set[tuple[int, int]] = set()
         self.blocked_s = 0.0  # total time this trainer waited on servers (exposed communication)
         self.stash: dict[int, list] = {}  # replies that arrived while another request was awaited
@@ -240,8 +245,44 @@ class CADClient:
                 while deadline > time.monotonic():  # late replies to failed rounds may come first
                     if self.eps[s].recv(timeout_s=deadline - time.monotonic())[1].kind == Kind.PONG:
                         break
+        for s in list(self.monitors):
+            self._unwatch(s)
         for ep in self.eps:
             ep.close()
+
+    def _unwatch(self, s: int) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.eps[s].sock.disable_monitor()
+        self.monitors.pop(s).close(linger=0)
+
+    def _wait(self, s: int, timeout_s: float) -> None:
+        """Until server ``s`` has a message for this trainer: raises :class:`TransportTimeout` after ``timeout_s``,
+        or at once when its connection dropped (its process is gone) and nothing of it is left to read."""
+        sock, mon = self.eps[s].sock, self.monitors.get(s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = max(deadline - time.monotonic(), 0.0)
+            if s in self.down or mon is None:
+                grace = min(left, 0.05) if s in self.down else left  # a reply sent just before it died comes first
+                if sock.poll(int(grace * 1000), zmq.POLLIN):
+                    return
+                raise TransportTimeout(f"no message from {self.eps[s].address} within {timeout_s:.1f} s"
+                                       + (" (its connection dropped)" if s in self.down else ""))
+            ready = dict(self._poller(s).poll(int(left * 1000)))
+            if ready.get(sock):
+                return
+            if ready.get(mon):
+                mon.recv_multipart()  # EVENT_DISCONNECTED, the only event watched
+                self.down.add(s)
+                continue
+            if left <= 0:
+                raise TransportTimeout(f"no message from {self.eps[s].address} within {timeout_s:.1f} s")
+
+    def _poller(self, s: int) -> zmq.Poller:
+        p = zmq.Poller()
+        p.register(self.eps[s].sock, zmq.POLLIN)
+        p.register(self.monitors[s], zmq.POLLIN)
+        return p
 
     def note(self, what: str, pid: int) -> None:
         """Report one round event to ``on_event`` (see ``__init__``)."""
@@ -264,6 +305,8 @@ class CADClient:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if left is not None and s in self.monitors:
+                self._wait(s, left)
             _, msg, tensors = self.eps[s].recv(timeout_s=left)
             if (s, msg.plan_id) in dead:  # a late reply to a round given up on: the trainers computed it
                 log.info("attention server %d: a late %s of abandoned plan %d dropped", s, msg.kind.name,
@@ -282,6 +325,28 @@ class CADClient:
             if wanted:
                 return msg, named
 
+    def rejoin(self, s: int, address: str) -> None:
+        """Server ``s`` is back (a replacement at ``address``): a fresh connection, nothing of the lost one kept
+        (queued requests, set-aside replies, segments, registered plans). Every trainer calls it at the same step
+        boundary, so every rank of the next step sends to it."""
+        if s in self.monitors:
+            self._unwatch(s)
+        self.eps[s].close()
+        name = f"trainer{self.rank}-{uuid.uuid4().hex[:6]}-{s}"
+        self.eps[s] = Endpoint.client(self.ctx, self.cfg, address, name=name)
+        if self.recovery is not None:
+            self.monitors[s] = self.eps[s].sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.down.discard(s)
+        self.stash.pop(s, None)
+        if s in self.slots:
+            self.slots.pop(s).close()
+        self.acked.discard(s)
+        self.registered = {(pid, x) for pid, x in self.registered if x != s}
+        if self.recovery is not None:  # late replies of the lost one went to the closed socket
+            self.recovery.lost.discard(s)
+            self.recovery.abandoned = {(x, pid) for x, pid in self.recovery.abandoned if x != s}
+            self.recovery.rejoined += 1
+
     def forget_plans(self) -> None:
         """Register plans afresh on next use (servers keep a bounded number of layouts; re-registering a
         layout a server still holds costs one small round trip)."""
@@ -295,10 +360,12 @@ class CADClient:
             if s in rec.lost:
                 return {}
             self.eps[s].send(Kind.PING)
+            t0 = time.perf_counter()
             try:
                 return self._expect(s, (Kind.PONG,), None, timeout_s=min(timeout_s or self.cfg.timeout_s,
                                                                           rec.lost_after_s))[0].extra
             except TransportTimeout as exc:
+                rec.detected_s += time.perf_counter() - t0
                 rec.mark_lost(s, 0, str(exc))
                 return {}
         self.eps[s].send(Kind.PING)
@@ -323,9 +390,11 @@ class CADClient:
             if self.recovery is None:
                 msg, _ = self._expect(s, (Kind.ACK,), pid)
             else:
+                t0 = time.perf_counter()
                 try:
                     msg, _ = self._expect(s, (Kind.ACK,), pid, timeout_s=self.recovery.lost_after_s)
                 except TransportTimeout as exc:
+                    self.recovery.detected_s += time.perf_counter() - t0
                     self.recovery.mark_lost(s, pid, str(exc))
                     continue
             self._learn(s, msg.extra)

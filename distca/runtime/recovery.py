@@ -67,6 +67,7 @@ class Recovery:
     seconds: float = 0.0  # wall time spent on it (exchange + compute)
     detected_s: float = 0.0  # wall time spent waiting for servers found lost
     late: int = 0  # late replies of abandoned rounds dropped
+    rejoined: int = 0  # replacement servers taken back (CADClient.rejoin)
 
     def mark_lost(self, s: int, pid: int, why: str) -> None:
         if s not in self.lost:
@@ -78,7 +79,7 @@ class Recovery:
         """The counters, for the step record."""
         return {"servers_lost": sorted(self.lost), "recovered_rounds": self.rounds, "recovered_tasks": self.tasks,
                 "recovery_s": round(self.seconds, 4), "loss_detect_s": round(self.detected_s, 4),
-                "late_replies_dropped": self.late}
+                "late_replies_dropped": self.late, "servers_rejoined": self.rejoined}
 
     def agree(self, n_servers: int, group=None) -> set[int]:
         """Every rank's lost set becomes the union of all ranks' (call on every rank at a step boundary)."""

@@ -122,9 +122,13 @@ class Trainer:
     """A trainer rank; ``run()`` trains ``cfg.train.steps`` steps (or resumes) and returns its summary."""
 
     def __init__(self, cfg: DistCAConfig, info: RankInfo, server_addresses: list[str] | None = None,
-                 report: Report | None = None, verbose: bool = False):
-        """``verbose`` lets DeepSpeed print what it prints while the pipeline is built."""
+                 report: Report | None = None, verbose: bool = False,
+                 replacements: Callable[[], dict[int, str]] | None = None):
+        """``verbose`` lets DeepSpeed print what it prints while the pipeline is built. ``replacements()`` (rank 0;
+        the launcher's): servers the pool replaced since the last call, index -> new address; every rank takes
+        them back at the same step boundary (in-step recovery)."""
         self.cfg, self.info, self.report, self.verbose = cfg, info, report or (lambda rec: None), verbose
+        self.replacements = replacements
         self.addresses = list(server_addresses or [])
         t = cfg.train
         self.plane = data_plane(cfg, info.torch_device.type) if t.core_attention == "cad" else "local"
@@ -420,9 +424,16 @@ class Trainer:
             for step in range(start, end):
                 mine = self.step(step, prepare_next=step + 1 < end)
                 mine["stop"] = self.stop_requested
+                if self.replacements is not None and getattr(self.client, "recovery", None) is not None:
+                    mine["rejoin"] = self.replacements()
                 every = [None] * self.info.world
-                dist.all_gather_object(every, mine)
+                dist.all_gather_object(every, mine)  # rank 0's replacements reach every rank here
                 rec = combine_ranks(every, self.peak_flops)
+                rejoin = every[0].get("rejoin") or {}
+                for s, address in sorted(rejoin.items()):  # every rank at this step boundary
+                    self.client.rejoin(s, address)
+                if rejoin:
+                    rec["rejoined_after"] = sorted(rejoin)
                 records.append(rec)
                 if self.info.rank == 0:
                     self.report({"event": "step", **rec})

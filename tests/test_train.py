@@ -449,19 +449,21 @@ def test_a_server_killed_mid_step_is_recovered_in_the_step_without_a_restart(tmp
     assert [r["step"] for r in res.records] == list(range(RECOVERY_STEPS))
     assert res.losses == undisturbed.losses[:RECOVERY_STEPS]  # exact: the same kernel on the same rows
     hit = next(r for r in res.records if r["recovered_rounds"])
-    assert hit["step"] == KILL_AT and hit["servers_lost"] == [0] and hit["recovered_tasks"] > 0
+    k = hit["step"]  # KILL_AT, unless this test's thread was descheduled past the whole step
+    assert KILL_AT <= k <= KILL_AT + 1 and hit["servers_lost"] == [0] and hit["recovered_tasks"] > 0
     back = next((r["step"] + 1 for r in res.records if r.get("rejoined_after")), RECOVERY_STEPS)
-    assert back > KILL_AT and replaced
-    assert all(r["servers_lost"] == [] for r in res.records[:KILL_AT] + res.records[back:])
-    assert all(r["servers_lost"] == [0] for r in res.records[KILL_AT:back])  # agreed: nobody asks it meanwhile
-    assert all(r["loss_detect_s"] == 0 for r in res.records[KILL_AT + 1:])  # known lost: no more waiting
+    assert back > k and replaced
+    assert all(r["servers_lost"] == [] for r in res.records[:k] + res.records[back:])
+    assert all(r["servers_lost"] == [0] for r in res.records[k:back])  # agreed: nobody asks it meanwhile
+    assert all(r["loss_detect_s"] == 0 for r in res.records[k + 1:])  # known lost: no more waiting
     assert all(r["recovered_rounds"] == 0 for r in res.records[back:])
     assert all(r["server_busy_s"][0] > 0 for r in res.records[back:])  # the replacement serves
+    assert all(min(r["server_busy_s"]) >= 0 for r in res.records)  # a lost server counts no busy time
     median = float(np.median([r["step_s"] for r in undisturbed.records[1:]]))
     print(f"\nin-step recovery: step {hit['step']} with the loss took {hit['step_s']:.2f} s (waiting "
           f"{hit['loss_detect_s']:.2f} s to find server 0 lost, {hit['recovery_s']:.2f} s standing in for "
           f"{hit['recovered_rounds']} rounds / {hit['recovered_tasks']} tasks); median undisturbed step "
-          f"{median:.2f} s; steps after it {[round(r['step_s'], 2) for r in res.records[KILL_AT + 1:]]} s; "
+          f"{median:.2f} s; steps after it {[round(r['step_s'], 2) for r in res.records[k + 1:]]} s; "
           f"replacement back from step {back}")
 
 

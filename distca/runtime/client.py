@@ -108,11 +108,12 @@ class _Pending:
         c, rec = self.client, self.client.recovery
         try:
             for s in self.servers:
-                if rec is not None and (s in rec.lost or not self._answers(s, kind)):
+                got = self._reply(s, kind)
+                if got is None:  # lost: the trainers compute the round
                     take(s, rec.stand_in(self.plan, c.group, s, c.rank, "fwd" if kind == Kind.FWD_OUT else "bwd",
                                          self.mine(s), c.backend))
                     continue
-                msg, frames = self.client._expect(s, (kind,), self.pid)
+                msg, frames = got
                 if bool(msg.extra.get("shm")) != (s in self.shm):
                     raise ServerError(f"attention server {s}: a {'ZeroMQ' if s in self.shm else 'shared-memory'} "
                                       f"reply to a {'shared-memory' if s in self.shm else 'ZeroMQ'} request")
@@ -130,22 +131,26 @@ class _Pending:
         self.client.blocked_s += self.blocked_s
         self.client.note(event, self.pid)
 
-    def _answers(self, s: int, kind: Kind) -> bool:
-        """Whether server ``s``'s reply to this round arrives within ``lost_after_s`` (it stays in the stash for
-        ``_expect``); if not the server is lost: its round is abandoned and its segment never used again."""
+    def _reply(self, s: int, kind: Kind):
+        """Server ``s``'s reply to this round, ``(header, tensors)``. With recovery: None when the server is lost,
+        known already or now (its connection dropped, or no reply within ``lost_after_s``): the round is abandoned
+        and its segment never used again."""
         c, rec = self.client, self.client.recovery
-        t0 = time.perf_counter()
-        try:
-            c._expect(s, (kind,), self.pid, timeout_s=rec.lost_after_s, keep=True)
-            return True
-        except TransportTimeout as exc:
-            rec.detected_s += time.perf_counter() - t0
-            rec.mark_lost(s, self.pid, str(exc))
-            if s in self.shm:
-                seg, _ = self.shm.pop(s)
-                c._segment_done(s, seg, ok=False)  # a late reply may still write there
-            self.sends.pop(s, None)
-            return False
+        if rec is None:
+            return c._expect(s, (kind,), self.pid)
+        if s not in rec.lost:
+            t0 = time.perf_counter()
+            try:
+                return c._expect(s, (kind,), self.pid, timeout_s=rec.lost_after_s)
+            except TransportTimeout as exc:
+                rec.detected_s += time.perf_counter() - t0
+                rec.mark_lost(s, self.pid, str(exc))
+        rec.abandoned.add((s, self.pid))
+        if s in self.shm:
+            seg, _ = self.shm.pop(s)
+            c._segment_done(s, seg, ok=False)  # a late reply may still write there
+        self.sends.pop(s, None)
+        return None
 
     def _finish(self, ok: bool) -> None:
         for s, (seg, _) in self.shm.items():
@@ -196,16 +201,15 @@ class CADClient:
         this host (:func:`distca.parts.client_settings` decides it from the run's data plane). ``recovery``: finish
         rounds of lost servers in the step (see the module docstring); None: a lost server fails the step."""
         self.rank, self.cfg, self.backend, self.group = rank, cfg, backend, group
-        self.recovery = recovery
         self.on_event = on_event
         self.ctx = ctx or zmq.Context.instance()
         tag = uuid.uuid4().hex[:6]
         self.eps = [Endpoint.client(self.ctx, cfg, a, name=f"trainer{rank}-{tag}-{i}") for i, a in enumerate(addresses)]
-        # in-step recovery: a dropped connection (the server's process is gone) makes a server lost at once,
-        # without waiting lost_after_s; the socket monitor reports it
-        self.monitors = {i: ep.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) for i, ep in enumerate(self.eps)} \
-            if recovery is not None else {}
+        self.monitors: dict[int, zmq.Socket] = {}  # in-step recovery: each server's connection, watched
         self.down: set[int] = set()  # servers whose connection dropped
+        self.recovery = None
+        if recovery is not None:
+            self.recover_with(recovery)
         self.registered: set[tuple[int, int]] = set()
         self.blocked_s = 0.0  # total time this trainer waited on servers (exposed communication)
         self.stash: dict[int, list] = {}  # replies that arrived while another request was awaited
@@ -250,6 +254,14 @@ class CADClient:
         for ep in self.eps:
             ep.close()
 
+    def recover_with(self, recovery: Recovery) -> None:
+        """Finish rounds of lost servers in the step from now on. A dropped connection (the server's process is
+        gone) makes a server lost at once, without waiting ``lost_after_s``: a socket monitor watches each."""
+        self.recovery = recovery
+        for s, ep in enumerate(self.eps):
+            if s not in self.monitors:
+                self.monitors[s] = ep.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
     def _unwatch(self, s: int) -> None:
         with contextlib.suppress(zmq.ZMQError):
             self.eps[s].sock.disable_monitor()
@@ -289,17 +301,14 @@ class CADClient:
         if self.on_event is not None:
             self.on_event(what, pid)
 
-    def _expect(self, s: int, kinds: tuple[Kind, ...], pid: int | None = None, timeout_s: float | None = None,
-                keep: bool = False):
+    def _expect(self, s: int, kinds: tuple[Kind, ...], pid: int | None = None, timeout_s: float | None = None):
         """The next reply from server ``s`` of one of ``kinds`` (for plan ``pid``), within ``timeout_s`` in all
         (None: the transport's timeout per message). Replies to other requests in flight (ping-pong keeps two)
-        are set aside for their own ``_expect``; ``keep`` sets this one aside too (a look, not a take). Replies
-        to rounds abandoned on a lost server are dropped."""
+        are set aside for their own ``_expect``. Replies to rounds abandoned on a lost server are dropped."""
         stash = self.stash.setdefault(s, [])
         for i, (msg, named) in enumerate(stash):
             if msg.kind in kinds and (pid is None or msg.plan_id == pid):
-                if not keep:
-                    del stash[i]
+                del stash[i]
                 return msg, named
         dead = self.recovery.abandoned if self.recovery is not None else ()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -318,12 +327,9 @@ class CADClient:
             named = {spec.name: t for spec, t in zip(msg.tensors, tensors, strict=True)}
             if msg.kind == Kind.ERROR and (pid is None or msg.plan_id in (0, pid)):
                 raise ServerError(f"attention server {s} ({self.eps[s].address}): {msg.extra.get('error', '?')}")
-            wanted = msg.kind in kinds and (pid is None or msg.plan_id == pid)
-            if wanted and not keep:
+            if msg.kind in kinds and (pid is None or msg.plan_id == pid):
                 return msg, named
             stash.append((msg, {k: v.clone() for k, v in named.items()}))
-            if wanted:
-                return msg, named
 
     def rejoin(self, s: int, address: str) -> None:
         """Server ``s`` is back (a replacement at ``address``): a fresh connection, nothing of the lost one kept

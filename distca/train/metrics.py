@@ -114,8 +114,9 @@ class StepMeter:
         self._window = {
             "step_s": step_s, "cpu_s": cpu_s, "thread_cpu_s": thread_cpu_s, "rss_peak_mb": rss_peak_mb,
             "gpu_peak_mb": gpu_peak_mb, "after": after, "timer0": timer0,
-            "busy": [float(b.get("busy_s", 0.0)) - float(a.get("busy_s", 0.0)) for a, b in zip(before, after,
-                                                                                            strict=True)],
+            # a lost server (in-step recovery) answers no PING: {} counts no busy time
+            "busy": [float(b["busy_s"]) - float(a["busy_s"]) if "busy_s" in a and "busy_s" in b else 0.0
+                     for a, b in zip(before, after, strict=True)],
             "blocked": (self.client.blocked_s - blocked0) if self.client is not None else 0.0,
             "attn": getattr(self.client, "attn_s", 0.0) - attn0,
         }

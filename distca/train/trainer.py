@@ -254,10 +254,12 @@ class Trainer:
         if self.schedule == "pooled":  # one plan per tick over every stage's trainers
             client = pooled_client(cfg, self.plane, self.stage * cfg.data_parallel + self.dp_rank, self.device,
                                    self.addresses)
-            if hasattr(client, "recovery"):  # a pool client: plan rank r is stage r // dp, replica r % dp
+            if hasattr(client, "recover_with"):  # a pool client: plan rank r is stage r // dp, replica r % dp
                 dp = cfg.data_parallel
-                client.recovery = self._recovery([self.topo.get_rank(pipe=r // dp, data=r % dp)
-                                                  for r in range(cfg.cluster.n_trainers)])
+                rec = self._recovery([self.topo.get_rank(pipe=r // dp, data=r % dp)
+                                      for r in range(cfg.cluster.n_trainers)])
+                if rec is not None:
+                    client.recover_with(rec)
             return client
         if self.plane == "inplace":
             from distca.runtime.inplace import InPlaceClient

@@ -177,6 +177,55 @@ def test_two_trainers_exchange_rows_to_finish_a_lost_servers_round(cad_case, run
     assert got[0]["tasks"] == 2 * server_call(plan, kill).n_tasks and got[1]["tasks"] == 0  # rank 0 stood in
 
 
+def _lonely_stand_in(rank: int, world: int, port: int, spec: dict, q) -> None:
+    """Spawned trainer: rank 0 stands in for server 1's round, but rank 1 never sends its rows (it got its reply
+    before the server died, say); puts what rank 0 raised, or rank 1's "absent"."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from tests.conftest import _make_cad_case
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        group = dist.new_group(list(range(world)))
+        plan, ranks, _ = _make_cad_case(spec)
+        if rank == 1:
+            time.sleep(spec["exchange_timeout_s"] + 2)
+            q.put((rank, "absent"))
+            return
+        rec = Recovery(PATIENT_S, peers=list(range(world)), group=group, exchange_timeout_s=spec["exchange_timeout_s"])
+        t = ranks[0]
+        from distca.runtime.client import _rows
+
+        qr, kr = _rows(plan.q_xfer, 0, 1), _rows(plan.kv_xfer, 0, 1)
+        t0 = time.monotonic()
+        try:
+            rec.stand_in(plan, 0, 1, 0, "fwd", {"q": t.q[qr], "k": t.k[kr], "v": t.v[kr]}, "sdpa")
+            q.put((rank, "no error"))
+        except Exception as exc:
+            q.put((rank, (type(exc).__name__, str(exc), time.monotonic() - t0)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_stand_in_whose_peer_never_sends_raises_for_the_run_level_restart(cad_case, run_trainers):
+    """The case no rank can settle alone: the stand-in waits ``exchange_timeout_s`` for a peer's rows, then raises
+    :class:`RecoveryError` (the run-level restart takes over) instead of hanging."""
+    from distca.train.launch import free_port
+
+    spec = {**_spec([[100, 60], [80, 40, 40]], [False, True]), "exchange_timeout_s": 2.0}
+    port = free_port()
+    got = run_trainers(_lonely_stand_in, [(r, 2, port, spec) for r in range(2)], timeout_s=60)
+    assert got[1] == "absent"
+    name, text, waited = got[0]
+    assert name == "RecoveryError" and "run-level restart" in text and waited < 30
+
+
 def test_config_knobs():
     from distca.config import load_config
     from distca.errors import ConfigError

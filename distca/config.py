@@ -265,8 +265,19 @@ class ClusterConfig:
     # Ray GPUs each attention-server actor reserves on a CUDA run with dedicated placement (its server computes
     # on that GPU); colocated actors and CPU runs reserve none
     gpus_per_server: float = 1.0
+    # What a lost attention server (dead, or silent for lost_after_s in a round) costs, on the zmq/shm data planes:
+    #   in_step - the trainers finish its rounds themselves (exactly: the same fused call over the same rows), agree
+    #             on the lost servers at the step boundary and send them nothing more; no step is lost
+    #   restart - the step fails and the run restarts from its last checkpoint (train.max_restarts)
+    # Other data planes (inplace, collective) always restart.
+    server_loss: Literal["in_step", "restart"] = "in_step"
+    lost_after_s: float = 10.0  # a round's reply later than this: the server is lost (in_step); < transport.timeout_s
 
     def __post_init__(self) -> None:
+        if self.server_loss not in ("in_step", "restart"):
+            raise ConfigError(f"cluster.server_loss must be 'in_step' or 'restart', got {self.server_loss!r}")
+        if not self.lost_after_s > 0:
+            raise ConfigError(f"cluster.lost_after_s must be > 0, got {self.lost_after_s}")
         if not 1 <= self.n_trainers <= MAX_RANKS:
             raise ConfigError(f"cluster.n_trainers must be in [1, {pow2_text(MAX_RANKS)}], got "
                               f"{short_repr(self.n_trainers)}")

@@ -184,6 +184,21 @@ class AttentionServerPool:
             log.warning("restarted attention server %d at %s", i, self.addresses[i])
         return dead
 
+    def lost(self, timeout_s: float = 2.0) -> list[int]:
+        """The servers that do not answer a PING within ``timeout_s``."""
+        return [i for i, alive in enumerate(self.health(timeout_s)) if not alive]
+
+    def replace(self, i: int) -> str:
+        """Start a new server ``i`` in place of the one there (killed first, its socket file removed); returns its
+        address (a new one). In-step recovery calls it in the background for a server the trainers lost."""
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.actors[i], no_restart=True)
+        remove_ipc_socket(self.addresses[i])
+        self.actors[i] = self._start(i)
+        self.addresses[i] = self.ray.get(self.actors[i].address.remote(), timeout=self.cfg.start_timeout_s)
+        log.warning("replaced attention server %d: now at %s", i, self.addresses[i])
+        return self.addresses[i]
+
     def pids(self) -> list[int]:
         return self.ray.get([a.pid.remote() for a in self.actors], timeout=30)
 

@@ -265,8 +265,19 @@ class ClusterConfig:
     # Ray GPUs each attention-server actor reserves on a CUDA run with dedicated placement (its server computes
     # on that GPU); colocated actors and CPU runs reserve none
     gpus_per_server: float = 1.0
+    # What a lost attention server (dead, or silent for lost_after_s in a round) costs, on the zmq/shm data planes:
+    #   in_step - the trainers finish its rounds themselves (exactly: the same fused call over the same rows), agree
+    #             on the lost servers at the step boundary and send them nothing more; no step is lost
+    #   restart - the step fails and the run restarts from its last checkpoint (train.max_restarts)
+    # Other data planes (inplace, collective) always restart.
+    server_loss: Literal["in_step", "restart"] = "in_step"
+    lost_after_s: float = 10.0  # a round's reply later than this: the server is lost (in_step); < transport.timeout_s
 
     def __post_init__(self) -> None:
+        if self.server_loss not in ("in_step", "restart"):
+            raise ConfigError(f"cluster.server_loss must be 'in_step' or 'restart', got {self.server_loss!r}")
+        if not self.lost_after_s > 0:
+            raise ConfigError(f"cluster.lost_after_s must be > 0, got {self.lost_after_s}")
         if not 1 <= self.n_trainers <= MAX_RANKS:
             raise ConfigError(f"cluster.n_trainers must be in [1, {pow2_text(MAX_RANKS)}], got "
                               f"{short_repr(self.n_trainers)}")
@@ -279,27 +290,52 @@ class ClusterConfig:
 
 @dataclass
 class TransportSection:
-    """How trainers reach attention servers."""
+    """How trainers reach attention servers, and the key that authenticates them.
+
+    The key itself is never part of a config (it would be printed, saved with the run and visible on command
+    lines): ``secret_file`` names a file of this user, mode 0600 or stricter, that holds it in hex, or
+    ``secret_env`` names an environment variable that does (e.g. ``DISTCA_SECRET``). They are read where a
+    run's parts are built (:func:`distca.parts.transport_settings`). tcp without a key is refused unless
+    ``insecure: true`` says so (then any peer that reaches the port can use and stop the servers).
+    """
 
     kind: Literal["ipc", "tcp"] = "ipc"
     host: str = "127.0.0.1"  # servers bind here; another interface is an explicit choice
     timeout_s: float = 30.0
-    secret_hex: str = ""  # shared HMAC key (hex); empty = no authentication
-    checksum: bool = False
+    secret_file: str = ""  # a file (mode 0600) holding the shared key in hex (>= 16 bytes); "" = none
+    secret_env: str = ""  # or the name of an environment variable holding it; "" = none
+    insecure: bool = False  # tcp without a key: allowed only when true, with a loud WARNING
+    checksum: bool = False  # CRC32 of every tensor frame (with a key, SHA-256 digests under the MAC cover this)
     # Shared-memory data plane (cluster.data_plane: shm): the largest segment a trainer creates for one round
     # to one server, and the largest a server maps (it refuses bigger ones); a larger round goes as ZeroMQ
     # frames. 0 turns shared memory off on both sides.
     shm_max_mb: int = 1024
+    # The largest message (and ZeroMQ frame) a socket accepts: a larger frame disconnects its sender inside
+    # libzmq, a header announcing more tensor bytes is refused before a frame is read.
+    max_message_mb: int = 4096
+    # Frames per message, header included (a header and up to 64 tensors: wire.MAX_TENSORS); a message with
+    # more is refused and drained without copying.
+    max_frames: int = 65
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ConfigError(f"transport.timeout_s must be > 0, got {self.timeout_s}")
         if not 0 <= self.shm_max_mb <= 1 << 20:
             raise ConfigError(f"transport.shm_max_mb must be in [0, 1048576], got {self.shm_max_mb}")
-        try:
-            bytes.fromhex(self.secret_hex)
-        except ValueError:
-            raise ConfigError("transport.secret_hex must be hexadecimal") from None
+        if not 1 <= self.max_message_mb <= 1 << 20:
+            raise ConfigError(f"transport.max_message_mb must be in [1, 1048576], got {self.max_message_mb}")
+        if not 2 <= self.max_frames <= 65:
+            raise ConfigError(f"transport.max_frames must be in [2, 65], got {self.max_frames}")
+        if self.secret_file and self.secret_env:
+            raise ConfigError("transport.secret_file and transport.secret_env are both set: name one source of the key")
+        if self.secret_env and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", self.secret_env)
+                                or re.fullmatch(r"[0-9a-fA-F]{32,}", self.secret_env)):
+            raise ConfigError("transport.secret_env must name an environment variable (a letter or '_', then letters, "
+                              "digits, '_'), not hold the key itself")
+        if self.kind == "tcp" and not (self.secret_file or self.secret_env or self.insecure):
+            raise ConfigError("transport.kind tcp needs a key: set transport.secret_file (a mode-0600 file holding it "
+                              "in hex) or transport.secret_env (an environment variable holding it), or say "
+                              "transport.insecure: true to serve any peer that reaches the port")
 
 
 @dataclass
@@ -507,17 +543,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return number
     if tp in (int, str, bool):
         if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
-            raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__}: {short_repr(value)}")
+            shown = "" if key in _NO_ECHO else f": {short_repr(value)}"  # a key put where its source belongs: unprinted
+            raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__}{shown}")
         if tp is int and not -INT64_MAX <= value <= INT64_MAX:
             raise ConfigError(f"{key} must fit in 64 bits, got {short_repr(value)}")
         return value
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
 
+# Fields whose wrong values are not quoted in errors: someone may have put the key itself there.
+_NO_ECHO = {"transport.secret_file", "transport.secret_env"}
+
+# Keys that no longer exist, with what replaced them (the value is never echoed: it may be a secret).
+_REMOVED = {"transport.secret_hex": "a key never goes in a config or on a command line (it is printed, saved with "
+                                    "the run and visible in `ps`); put it in a mode-0600 file named by "
+                                    "transport.secret_file, or an environment variable named by transport.secret_env"}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - fields, key=str)  # YAML keys may be ints or None as well as strings
+    for key in unknown:
+        if f"{prefix}.{key}" in _REMOVED:
+            raise ConfigError(f"{prefix}.{key} was removed: {_REMOVED[f'{prefix}.{key}']}")
     if unknown:
         where = f"{prefix}." if prefix else ""
         first = unknown[0][:80] if isinstance(unknown[0], str) else short_repr(unknown[0])

@@ -7,10 +7,15 @@ library dataclasses built here have no defaults of their own for these knobs.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import secrets
+import stat
 from dataclasses import dataclass
 
 from distca.attention import AttentionShape
-from distca.config import DistCAConfig
+from distca.config import DistCAConfig, TransportSection
 from distca.errors import ConfigError
 from distca.scheduler import SchedulerConfig
 from distca.server.loop import ServerConfig
@@ -20,6 +25,8 @@ from distca.transport.channel import TransportConfig
 # Activation precision of training -> the dtype attention tensors travel and are computed in, and its size.
 _SERVER_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,12 +38,65 @@ class ClientSettings:
     shm: bool  # rows through shared memory with the servers on this host (the resolved data plane is shm)
 
 
+MIN_KEY_BYTES = 16
+
+
+def _key_of(text: str, where: str) -> bytes:
+    """The key held in ``text`` (hex, surrounding whitespace ignored); the text itself is never echoed."""
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ConfigError(f"{where} does not hold a key in hex") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"{where} holds a key of {len(key)} bytes: at least {MIN_KEY_BYTES} are needed "
+                          "(make one with: python -c 'import secrets; print(secrets.token_hex(32))')")
+    return key
+
+
+def transport_secret(t: TransportSection) -> bytes | None:
+    """The shared key named by ``transport.secret_file`` (this user's file, not readable by group or others) or
+    ``transport.secret_env``; None when neither is set. The one place a key is read."""
+    if t.secret_file:
+        where = f"transport.secret_file {t.secret_file}"
+        try:
+            fd = os.open(t.secret_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot open it ({exc.strerror})") from None
+        with os.fdopen(fd) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise ConfigError(f"{where} must be a regular file of this user")
+            if st.st_mode & 0o077:
+                raise ConfigError(f"{where} is readable or writable by group or others (mode "
+                                  f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 it")
+            try:
+                text = f.read(4096)
+            except (OSError, UnicodeDecodeError):
+                raise ConfigError(f"{where} is not a text file holding a key in hex") from None
+        return _key_of(text, where)
+    if t.secret_env:
+        text = os.environ.get(t.secret_env)
+        if text is None:
+            raise ConfigError(f"transport.secret_env: the environment variable {t.secret_env} is not set")
+        return _key_of(text, f"the environment variable {t.secret_env}")
+    return None
+
+
+_warned_insecure = False
+
+
 def transport_settings(cfg: DistCAConfig) -> TransportConfig:
-    """How trainers and servers talk, from ``cfg.transport``."""
+    """How trainers and servers talk, from ``cfg.transport`` (the key read from where it names)."""
+    global _warned_insecure
     t = cfg.transport
-    return TransportConfig(transport=t.kind, host=t.host, timeout_s=t.timeout_s,
-                           secret=bytes.fromhex(t.secret_hex) or None, checksum=t.checksum,
-                           shm_max_bytes=t.shm_max_mb << 20)
+    secret = transport_secret(t)
+    if t.kind == "tcp" and secret is None and not _warned_insecure:
+        _warned_insecure = True  # one line per process, however many parts are built
+        log.warning("INSECURE: transport.kind tcp without a key (transport.insecure: true): any peer that reaches "
+                    "%s can send rows into rounds, read results and stop attention servers", t.host)
+    return TransportConfig(transport=t.kind, host=t.host, timeout_s=t.timeout_s, secret=secret,
+                           checksum=t.checksum, shm_max_bytes=t.shm_max_mb << 20,
+                           max_message_bytes=t.max_message_mb << 20, max_frames=t.max_frames)
 
 
 def server_dtype(cfg: DistCAConfig) -> str:
@@ -57,14 +117,17 @@ def server_settings(cfg: DistCAConfig, device: str = "cpu") -> ServerConfig:
     are bounded by one micro-batch's tokens on every trainer (the pooled schedule's tick plans hold one
     micro-batch per stage; 1F1B's plans one stage's replicas): no server ever receives more q rows, or more k/v
     rows (each key token once per document on a server), than that. The bound does not depend on the schedule,
-    so runs of either schedule share a pool."""
+    so runs of either schedule share a pool.
+
+    Every call makes a fresh owner key: the process that starts servers with these settings (and so holds the
+    key) is the only one that can SHUTDOWN them; trainers' transport settings do not have it."""
     m, t = cfg.model, cfg.train
+    transport = dataclasses.replace(transport_settings(cfg), owner_secret=secrets.token_bytes(32))
     return ServerConfig(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, dtype=server_dtype(cfg),
                         backend=cfg.attention.backend, max_plans=t.max_server_plans,
                         max_rows=t.max_server_rows or cfg.cluster.n_trainers * t.tokens_per_rank,
                         max_open_rounds=t.max_server_rounds or 4 * cfg.cluster.n_trainers,
-                        max_buffer_bytes=t.server_buffer_mb << 20,
-                        transport=transport_settings(cfg), device=device)
+                        max_buffer_bytes=t.server_buffer_mb << 20, transport=transport, device=device)
 
 
 def pool_settings(cfg: DistCAConfig, local_cpus: int | None = None, device: str | None = None) -> PoolConfig:

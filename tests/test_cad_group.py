@@ -241,11 +241,16 @@ def test_a_server_gone_mid_run_fails_the_round_within_the_timeout_naming_it(cad_
             client.close()
 
 
-def _ack_everything(ctx: zmq.Context, address: str, stop: threading.Event) -> None:
-    """A fake server: ACKs every request (a JOIN too) but never joins a group."""
+def _fake_server(ctx: zmq.Context, endpoint: str) -> Endpoint:
+    """A bound ROUTER endpoint with the address a server would publish (endpoint#session)."""
     ep = Endpoint(ctx, zmq.ROUTER, TCFG)
-    ep.sock.bind(address)
-    ep.address = address
+    ep.sock.bind(endpoint)
+    ep.endpoint, ep.address = endpoint, f"{endpoint}#{ep.session.hex()}"
+    return ep
+
+
+def _ack_everything(ep: Endpoint, stop: threading.Event) -> None:
+    """A fake server: ACKs every request (a JOIN too) but never joins a group."""
     try:
         while not stop.is_set():
             if ep.sock.poll(100):
@@ -259,12 +264,13 @@ def test_a_server_that_never_joins_or_never_answers_fails_the_trainer_within_the
     # never answers the JOIN: an address nobody serves
     t0 = time.monotonic()
     with pytest.raises(DataPlaneError, match="did not answer the data-plane group's JOIN"):
-        _one_trainer(cad_case, [servers.addresses[0], f"ipc://{tmp_path}/nobody.sock"], QUICK)
+        _one_trainer(cad_case, [servers.addresses[0], f"ipc://{tmp_path}/nobody.sock#{'00' * 16}"], QUICK)
     # answers, but never joins the group: the group does not form, and the error says within what
     ctx = zmq.Context()
     stop = threading.Event()
-    fake = f"ipc://{tmp_path}/fake.sock"
-    thread = threading.Thread(target=_ack_everything, args=(ctx, fake, stop), daemon=True)
+    fake_ep = _fake_server(ctx, f"ipc://{tmp_path}/fake.sock")
+    fake = fake_ep.address
+    thread = threading.Thread(target=_ack_everything, args=(fake_ep, stop), daemon=True)
     thread.start()
     try:
         with pytest.raises(DataPlaneError, match="did not form"):

@@ -75,9 +75,11 @@ def test_plan_command_rejects_bad_lengths(tmp_path):
 
 
 @pytest.mark.cluster
-def test_serve_starts_a_pool_prints_addresses_and_stops():
+def test_serve_starts_a_pool_prints_addresses_and_stops(monkeypatch):
+    monkeypatch.setenv("DISTCA_TEST_KEY", "00ff" * 16)  # the key from the environment, never the command line
     r = _run("serve", "--config", "configs/tiny-cpu.yaml", "--cluster.n_servers", "2", "--hold-s", "0",
-             "--transport.secret_hex", "00ff")
+             "--transport.secret_env", "DISTCA_TEST_KEY")
+    assert "00ff" * 16 not in r.stdout + r.stderr
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(out["servers"]) == 2 and out["healthy"] == [True, True]

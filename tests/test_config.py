@@ -21,7 +21,8 @@ def test_every_shipped_config_loads(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_a_saved_config_loads_back_equal(path, tmp_path):
     """What a run writes into its output folder (config.yaml) is the same config when read back."""
-    cfg = load_config(path, ["--transport.secret_hex", "00ff", "--model.norm_eps", "0.000001", "--data.path", "a b:c"])
+    cfg = load_config(path, ["--transport.secret_env", "DISTCA_JOB_KEY", "--model.norm_eps", "0.000001",
+                             "--data.path", "a b:c"])
     save_config(cfg, tmp_path / "out" / "config.yaml")
     assert load_config(tmp_path / "out" / "config.yaml") == cfg
 

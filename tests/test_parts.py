@@ -44,11 +44,16 @@ def test_serve_and_train_get_identical_server_settings():
     assert pool_settings(cfg, local_cpus=6).local_cpus == 6
 
 
-def test_transport_settings_from_the_transport_section():
-    cfg = _cfg(transport={"kind": "tcp", "host": "10.0.0.7", "timeout_s": 7.0, "secret_hex": "abcd", "checksum": True})
+def test_transport_settings_from_the_transport_section(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("ab" * 16 + "\n")
+    key.chmod(0o600)
+    cfg = _cfg(transport={"kind": "tcp", "host": "10.0.0.7", "timeout_s": 7.0, "secret_file": str(key),
+                          "checksum": True, "max_message_mb": 64, "max_frames": 9})
     t = transport_settings(cfg)
-    assert (t.transport, t.host, t.timeout_s, t.secret, t.checksum) == ("tcp", "10.0.0.7", 7.0, b"\xab\xcd", True)
-    assert transport_settings(_cfg()).secret is None  # an empty secret means no authentication
+    assert (t.transport, t.host, t.timeout_s, t.secret, t.checksum) == ("tcp", "10.0.0.7", 7.0, b"\xab" * 16, True)
+    assert (t.max_message_bytes, t.max_frames) == (64 << 20, 9)
+    assert transport_settings(_cfg()).secret is None  # no key named: no authentication (ipc only)
     assert transport_settings(_cfg(transport={"shm_max_mb": 3})).shm_max_bytes == 3 << 20
     assert transport_settings(_cfg()).shm_max_bytes == _cfg().transport.shm_max_mb << 20  # the default: the config's
 
@@ -96,10 +101,13 @@ def test_a_pool_refuses_gpu_servers_without_a_gpu_reservation():
         PoolConfig(**{**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)}, "gpus_per_server": 0.0})
 
 
-def test_client_settings_share_the_servers_transport():
-    cfg = _cfg(attention={"backend": "reference"}, transport={"secret_hex": "00ff"})
-    c = client_settings(cfg)
-    assert c.backend == "reference" and c.transport == server_settings(cfg).transport
+def test_client_settings_share_the_servers_transport(monkeypatch):
+    monkeypatch.setenv("DISTCA_TEST_KEY", "00ff" * 8)
+    cfg = _cfg(attention={"backend": "reference"}, transport={"secret_env": "DISTCA_TEST_KEY"})
+    c, s = client_settings(cfg), server_settings(cfg)
+    assert c.backend == "reference" and c.transport == s.transport and c.transport.secret == bytes.fromhex("00ff" * 8)
+    # only the process that starts servers holds the key that stops them
+    assert c.transport.owner_secret is None and s.transport.owner_secret is not None
 
 
 def test_client_uses_shared_memory_exactly_when_the_resolved_data_plane_is_shm():

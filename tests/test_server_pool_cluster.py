@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ SERVER = ServerConfig(n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32", back
                       max_rows=1 << 16, transport=TCFG)
 
 
-def test_pool_joins_an_existing_cluster_with_address_auto():
+def test_pool_joins_an_existing_cluster_with_address_auto(tmp_path, monkeypatch):
     """A Ray head started outside the pool (as on a real cluster), bound to loopback; the pool joins it
     with ``address="auto"``, serves, and leaves the cluster running when it shuts down."""
     import subprocess
@@ -35,7 +36,13 @@ def test_pool_joins_an_existing_cluster_with_address_auto():
 
     assert not ray.is_initialized()
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    # Ray's own token authentication stays on (as the pool keeps it): the head and this driver share a token file
+    token = tmp_path / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     # --block: the head lives as long as this one process, and ending it stops exactly that head's processes
     # (`ray stop` would stop every Ray on the machine, other runs' included)
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "4", "--disable-usage-stats",

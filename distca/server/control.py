@@ -42,6 +42,7 @@ def request_shutdown(ctx: zmq.Context, transport: TransportConfig, addresses: li
 
 def remove_ipc_socket(address: str) -> None:
     """Remove the socket file of an ipc address (a killed server cannot remove its own)."""
-    if address.startswith("ipc://"):
+    endpoint = address.partition("#")[0]  # a published address ends in '#<server session>'
+    if endpoint.startswith("ipc://"):
         with contextlib.suppress(OSError):
-            os.unlink(address[len("ipc://"):])
+            os.unlink(endpoint[len("ipc://"):])

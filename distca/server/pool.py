@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
+import stat
 import threading
 from dataclasses import dataclass
 from typing import Literal
@@ -110,7 +112,30 @@ def local_ray_on_loopback() -> None:
     if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
         log.warning("ray was imported before local_ray_on_loopback(): its services may bind a public interface")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's own token authentication stays on (Ray's default for a new local cluster, made explicit; a user who
+    # sets RAY_AUTH_MODE themselves keeps their choice): loopback binding alone would leave Ray's ports open
+    # to every local user, and a Ray client can run arbitrary code.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token":
+        _private_ray_token()
+
+
+def _private_ray_token() -> None:
+    """Make sure the token a local Ray uses is readable by this user only: Ray would create ~/.ray/auth_token
+    with the umask's mode (0644 by default), so create it first (0600), or tighten one that is there."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return  # the user manages the token
+    path = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # Ray's own token format (256 bits, hex)
 
 
 class AttentionServerPool:
@@ -180,6 +205,21 @@ class AttentionServerPool:
             self.addresses[i] = self.ray.get(self.actors[i].address.remote(), timeout=self.cfg.start_timeout_s)
             log.warning("restarted attention server %d at %s", i, self.addresses[i])
         return dead
+
+    def lost(self, timeout_s: float = 2.0) -> list[int]:
+        """The servers that do not answer a PING within ``timeout_s``."""
+        return [i for i, alive in enumerate(self.health(timeout_s)) if not alive]
+
+    def replace(self, i: int) -> str:
+        """Start a new server ``i`` in place of the one there (killed first, its socket file removed); returns its
+        address (a new one). In-step recovery calls it in the background for a server the trainers lost."""
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.actors[i], no_restart=True)
+        remove_ipc_socket(self.addresses[i])
+        self.actors[i] = self._start(i)
+        self.addresses[i] = self.ray.get(self.actors[i].address.remote(), timeout=self.cfg.start_timeout_s)
+        log.warning("replaced attention server %d: now at %s", i, self.addresses[i])
+        return self.addresses[i]
 
     def pids(self) -> list[int]:
         return self.ray.get([a.pid.remote() for a in self.actors], timeout=30)

@@ -44,9 +44,10 @@ def free_port() -> int:
 
 
 def _trainer_process(cfg_dict: dict, rank: int, world: int, port: int, addresses: list[str], run_steps: int,
-                     out: Any, verbose: bool = False, device: str = "cpu") -> None:
+                     out: Any, verbose: bool = False, device: str = "cpu", inbox: Any = None) -> None:
     """Entry of a spawned trainer (``device``: the run's resolved device, ``cpu`` or ``cuda``): the environment
-    DeepSpeed reads, then the :class:`Trainer`."""
+    DeepSpeed reads, then the :class:`Trainer`. ``inbox`` (rank 0, in-step recovery): the driver's replaced
+    servers, ``{index: address}`` per message."""
     from distca.train.rank import RankInfo, deepspeed_env, rank_device
 
     info = RankInfo(rank, world, "127.0.0.1", port, local_rank=rank, device=rank_device(device, rank))
@@ -62,13 +63,61 @@ def _trainer_process(cfg_dict: dict, rank: int, world: int, port: int, addresses
 
         quiet_libraries(verbose)
         cfg = config_from_dict(cfg_dict)
-        trainer = Trainer(cfg, info, addresses, report=lambda rec: out.put(("report", rank, rec)), verbose=verbose)
+        trainer = Trainer(cfg, info, addresses, report=lambda rec: out.put(("report", rank, rec)), verbose=verbose,
+                          replacements=(lambda: _drain(inbox)) if inbox is not None else None)
         trainer.install_signal_handlers()
         res = trainer.run(run_steps)
         out.put(("done", rank, {k: v for k, v in res.items() if k != "records"} if rank else res))
     except BaseException:
         out.put(("error", rank, traceback.format_exc()))
         raise SystemExit(1) from None
+
+
+def _drain(inbox) -> dict[int, str]:
+    """Every ``{index: address}`` waiting in ``inbox``, merged (later wins)."""
+    got: dict[int, str] = {}
+    while True:
+        try:
+            got.update(inbox.get_nowait())
+        except queue_mod.Empty:
+            return got
+
+
+class _Replacer:
+    """In-step recovery's other half, in the driver: when a step record says the trainers lost servers, the pool
+    replaces them on a thread of its own (the run goes on meanwhile) and the new addresses go to rank 0's inbox;
+    the trainers take them back at a step boundary they agree on (:meth:`Trainer.run`)."""
+
+    def __init__(self, pool, inbox):
+        self.pool, self.inbox = pool, inbox
+        self.asked: set[int] = set()
+        self.threads: list = []
+
+    def saw(self, rec: dict[str, Any]) -> None:
+        import threading
+
+        for i in rec.get("servers_lost") or []:
+            if i in self.asked:
+                continue
+            self.asked.add(i)
+            t = threading.Thread(target=self._replace, args=(i,), daemon=True, name=f"distca-replace{i}")
+            t.start()
+            self.threads.append(t)
+        for i in rec.get("rejoined_after") or []:
+            self.asked.discard(i)  # back in the run: lost again later means replaced again
+
+    def _replace(self, i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.inbox.put({i: self.pool.replace(i)})
+            log.warning("attention server %d replaced in %.1f s; the trainers take it back at a step boundary", i,
+                        time.perf_counter() - t0)
+        except Exception as exc:  # the run goes on without it; the run-level restart still replaces the dead
+            log.warning("could not replace attention server %d: %s", i, exc)
+
+    def join(self, timeout_s: float = 120.0) -> None:
+        for t in self.threads:
+            t.join(timeout=timeout_s)
 
 
 def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None, verbose: bool = False,
@@ -138,7 +187,7 @@ def _with_restarts(cfg: DistCAConfig, world: int, pool, addresses: list[str], ru
     attempt, done = cfg, []
     for restart in range(cfg.train.max_restarts + 1):
         try:
-            res = _run_ranks(attempt, world, addresses, run_steps, timeout_s, t_start, verbose, device)
+            res = _run_ranks(attempt, world, addresses, run_steps, timeout_s, t_start, verbose, device, pool=pool)
         except TrainError as exc:
             if restart == cfg.train.max_restarts:
                 raise
@@ -202,12 +251,16 @@ def rank_context():
 
 
 def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: int, timeout_s: float,
-               t_start: float, verbose: bool = False, device: str = "cpu") -> TrainResult:
+               t_start: float, verbose: bool = False, device: str = "cpu", pool=None) -> TrainResult:
     ctx = rank_context()
     out = ctx.Queue()
     port = free_port()
+    # in-step recovery: the pool replaces lost servers while the run goes on (rank 0 hears of them)
+    replacer = _Replacer(pool, ctx.Queue()) if pool is not None and cfg.cluster.server_loss == "in_step" else None
+    inbox = [replacer.inbox if replacer is not None and r == 0 else None for r in range(world)]
     procs = [ctx.Process(target=_trainer_process, args=(cfg.to_dict(), r, world, port, addresses, run_steps, out,
-                                                        verbose, device), daemon=True, name=f"distca-trainer{r}")
+                                                        verbose, device, inbox[r]), daemon=True,
+                         name=f"distca-trainer{r}")
              for r in range(world)]
     metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
     sink = MetricsSink(cfg, metrics_path)
@@ -240,6 +293,8 @@ def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: i
                 _dump_stacks(procs)
                 raise TrainError(_errors(out, rank, payload, procs))
             if kind == "report":
+                if replacer is not None and payload.get("event") == "step":
+                    replacer.saw(payload)
                 collect(result, sink, payload)
             elif kind == "done":
                 done.add(rank)
@@ -248,6 +303,8 @@ def _run_ranks(cfg: DistCAConfig, world: int, addresses: list[str], run_steps: i
     finally:
         signals.restore()
         sink.close()
+        if replacer is not None:
+            replacer.join()  # the pool is the caller's again
         for p in procs:
             if p.is_alive():
                 p.kill()

@@ -114,8 +114,9 @@ class StepMeter:
         self._window = {
             "step_s": step_s, "cpu_s": cpu_s, "thread_cpu_s": thread_cpu_s, "rss_peak_mb": rss_peak_mb,
             "gpu_peak_mb": gpu_peak_mb, "after": after, "timer0": timer0,
-            "busy": [float(b.get("busy_s", 0.0)) - float(a.get("busy_s", 0.0)) for a, b in zip(before, after,
-                                                                                            strict=True)],
+            # a lost server (in-step recovery) answers no PING: {} counts no busy time
+            "busy": [float(b["busy_s"]) - float(a["busy_s"]) if "busy_s" in a and "busy_s" in b else 0.0
+                     for a, b in zip(before, after, strict=True)],
             "blocked": (self.client.blocked_s - blocked0) if self.client is not None else 0.0,
             "attn": getattr(self.client, "attn_s", 0.0) - attn0,
         }
@@ -209,7 +210,22 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         "plan_trainers": first.get("plan_trainers"),
         "timeline_per_rank": [r.get("timeline") for r in every],
         "spans_per_rank": [r.get("spans") for r in every],
+        **_recovery(every),
     }
+
+
+def _recovery(every: list[dict[str, Any]]) -> dict[str, Any]:
+    """In-step recovery from lost servers (``cluster.server_loss: in_step``): the servers the ranks agreed are lost
+    (the same list on every rank), and what standing in for them cost this step: rounds and tasks the trainers
+    finished themselves (summed over ranks), seconds spent on it and waiting to find a server lost (slowest rank)."""
+    if "servers_lost" not in every[0]:
+        return {}
+    return {"servers_lost": every[0]["servers_lost"],
+            "recovered_rounds": sum(r["recovered_rounds"] for r in every),
+            "recovered_tasks": sum(r["recovered_tasks"] for r in every),
+            "recovery_s": max(r["recovery_s"] for r in every),
+            "loss_detect_s": max(r["loss_detect_s"] for r in every),
+            "late_replies_dropped": sum(r["late_replies_dropped"] for r in every)}
 
 
 def _data_plane(every: list[dict[str, Any]]) -> dict[str, str]:

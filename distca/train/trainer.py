@@ -122,9 +122,13 @@ class Trainer:
     """A trainer rank; ``run()`` trains ``cfg.train.steps`` steps (or resumes) and returns its summary."""
 
     def __init__(self, cfg: DistCAConfig, info: RankInfo, server_addresses: list[str] | None = None,
-                 report: Report | None = None, verbose: bool = False):
-        """``verbose`` lets DeepSpeed print what it prints while the pipeline is built."""
+                 report: Report | None = None, verbose: bool = False,
+                 replacements: Callable[[], dict[int, str]] | None = None):
+        """``verbose`` lets DeepSpeed print what it prints while the pipeline is built. ``replacements()`` (rank 0;
+        the launcher's): servers the pool replaced since the last call, index -> new address; every rank takes
+        them back at the same step boundary (in-step recovery)."""
         self.cfg, self.info, self.report, self.verbose = cfg, info, report or (lambda rec: None), verbose
+        self.replacements = replacements
         self.addresses = list(server_addresses or [])
         t = cfg.train
         self.plane = data_plane(cfg, info.torch_device.type) if t.core_attention == "cad" else "local"
@@ -189,7 +193,7 @@ class Trainer:
                                f"{[g['weight_decay'] for g in groups]}")
         self.stage, self.dp_rank = self.engine.stage_id, self.engine.grid.data_parallel_id
         self.dp_group = self.engine.grid.get_data_parallel_group()
-        topo = pipe.topology()
+        topo = self.topo = pipe.topology()
         self.devices = tuple(topo.get_rank(pipe=self.stage, data=d) for d in range(cfg.data_parallel))
         # the pipeline schedule: DeepSpeed's 1F1B, or pooled ticks (distca.train.schedule, distca.train.pooled)
         self.schedule, why = pipeline_schedule(cfg, self.device.type)
@@ -248,8 +252,15 @@ class Trainer:
         if self.plane == "local":
             return None
         if self.schedule == "pooled":  # one plan per tick over every stage's trainers
-            return pooled_client(cfg, self.plane, self.stage * cfg.data_parallel + self.dp_rank, self.device,
-                                 self.addresses)
+            client = pooled_client(cfg, self.plane, self.stage * cfg.data_parallel + self.dp_rank, self.device,
+                                   self.addresses)
+            if hasattr(client, "recover_with"):  # a pool client: plan rank r is stage r // dp, replica r % dp
+                dp = cfg.data_parallel
+                rec = self._recovery([self.topo.get_rank(pipe=r // dp, data=r % dp)
+                                      for r in range(cfg.cluster.n_trainers)])
+                if rec is not None:
+                    client.recover_with(rec)
+            return client
         if self.plane == "inplace":
             from distca.runtime.inplace import InPlaceClient
             from distca.server.exchange import GroupRoles, RowExchange, RowFormat
@@ -265,7 +276,22 @@ class Trainer:
         from distca.runtime.client import CADClient
 
         return CADClient(self.dp_rank, self.addresses, settings.transport, backend=settings.backend, group=self.stage,
-                         shm=settings.shm)
+                         shm=settings.shm, recovery=self._recovery(list(self.devices)))
+
+    def _recovery(self, peers: list[int]):
+        """In-step recovery from lost servers for a pool client whose plan rank ``r`` is global rank ``peers[r]``
+        (``cluster.server_loss: in_step``; None: ``restart``). Its gloo group of every trainer is made here, so
+        every rank calls this, in the same order."""
+        cfg = self.cfg
+        if cfg.cluster.server_loss != "in_step":
+            return None
+        import torch.distributed as dist
+
+        from distca.runtime.recovery import Recovery
+
+        group = dist.new_group(list(range(self.info.world)), backend="gloo")  # host rows, even on NCCL runs
+        return Recovery(cfg.cluster.lost_after_s, peers, group,
+                        exchange_timeout_s=cfg.transport.timeout_s + cfg.cluster.lost_after_s)
 
     # -- one step ------------------------------------------------------------------------------
     def _prepare(self, mb) -> tuple[DocLayout, dict[int, Any]]:
@@ -334,6 +360,7 @@ class Trainer:
             loss = float(self.engine.train_batch(data_iter=iter(self._batches(mbs))))
         plans = self.pooled.forward_plans() if self.pooled is not None else [plans for _, plans in prep.parts]
         rec = self.meter.record(step, loss, float(self.engine.get_lr()[0]), mbs, plans, plan_ms)
+        rec.update(self._agree_on_servers())
         rec["pipeline_schedule"], rec["timeline"] = self.schedule, self.timeline.entries
         rec["spans"] = self.timeline.spans
         rec["plan_trainers"] = describe(prep.step)["plan_trainers"] if self.pooled is not None else \
@@ -342,6 +369,18 @@ class Trainer:
         rec["plan_cpu_ms"] = plan_cpu_ms
         rec["pingpong"] = self.pingpong
         return rec
+
+    def _agree_on_servers(self) -> dict[str, Any]:
+        """At the step boundary every rank takes the union of the servers any rank lost (one small all-reduce), so
+        every rank of the next step skips the same ones; returns this step's recovery counters for the record."""
+        rec = getattr(self.client, "recovery", None)
+        if rec is None:
+            return {}
+        rec.agree(self.cfg.cluster.n_servers)
+        now = rec.stats()
+        was, self._recovery_seen = getattr(self, "_recovery_seen", {}), now
+        return {**now, **{k: now[k] - was.get(k, 0) for k in ("recovered_rounds", "recovered_tasks", "recovery_s",
+                                                               "loss_detect_s", "late_replies_dropped")}}
 
     # -- checkpoints ---------------------------------------------------------------------------
     @property
@@ -387,9 +426,16 @@ class Trainer:
             for step in range(start, end):
                 mine = self.step(step, prepare_next=step + 1 < end)
                 mine["stop"] = self.stop_requested
+                if self.replacements is not None and getattr(self.client, "recovery", None) is not None:
+                    mine["rejoin"] = self.replacements()
                 every = [None] * self.info.world
-                dist.all_gather_object(every, mine)
+                dist.all_gather_object(every, mine)  # rank 0's replacements reach every rank here
                 rec = combine_ranks(every, self.peak_flops)
+                rejoin = every[0].get("rejoin") or {}
+                for s, address in sorted(rejoin.items()):  # every rank at this step boundary
+                    self.client.rejoin(s, address)
+                if rejoin:
+                    rec["rejoined_after"] = sorted(rejoin)
                 records.append(rec)
                 if self.info.rank == 0:
                     self.report({"event": "step", **rec})

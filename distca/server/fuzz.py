@@ -1,9 +1,9 @@
 """A seeded fuzzer for a running attention server: malformed, mutated, replayed and flooding messages, and what
 the server did with each (the fuzz test and ``benchmarks/fuzz.py`` drive it).
 
-Messages are built with the public wire API (:func:`~distca.transport.wire.encode`, signed with the server's
-secret where the class plays an insider) and then mutated as raw multipart frames, so the fuzzer does not depend
-on the header's layout. Classes:
+Messages are built with the public API (the fuzzer's own connection's ``Endpoint.frames``: signed, bound to the
+connection and counted as an insider's would be; :func:`~distca.transport.wire.encode` where an endpoint has no
+``frames``) and then mutated as raw multipart frames, so the fuzzer does not depend on the header's layout. Classes:
 
 =========  ===========================================================================================
 garbage    random frames (random bytes, a random number of them)
@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -75,9 +76,11 @@ def fuzz_plan(group: int) -> tuple[object, ServerLayout]:
 class Fuzzer:
     """Builds fuzz cases for a server with attention shape ``(heads, kv_heads, dim)`` in float32."""
 
-    def __init__(self, seed: int, secret: bytes | None, heads: int = 2, kv_heads: int = 1, dim: int = 4):
+    def __init__(self, seed: int, secret: bytes | None, heads: int = 2, kv_heads: int = 1, dim: int = 4,
+                 build: Callable[..., list] | None = None):
         self.rng = random.Random(seed)
         self.secret = secret
+        self.build = build  # an Endpoint's ``frames`` (bound to its connection, next counter); None: bare encode()
         self.shape = (heads, kv_heads, dim)
         self.plan, self.layout = fuzz_plan(group=seed + 1)
         self.captured: list[list[bytes]] = []  # frames sent before, for replays
@@ -92,10 +95,14 @@ class Fuzzer:
             out += [("out", make(nq, h, d)), ("dout", make(nq, h, d)), ("lse", torch.zeros(nq, h))]
         return out
 
-    def encode(self, kind: Kind, tensors=None, *, plan_id: int = 0, extra: dict | None = None,
-               sign: bool = True) -> list[bytes]:
-        frames = encode(kind, tensors, request_id=self.rng.getrandbits(63), plan_id=plan_id, extra=extra,
-                        secret=self.secret if sign else None, checksum=self.rng.random() < 0.3)
+    def encode(self, kind: Kind, tensors=None, *, plan_id: int = 0, extra: dict | None = None) -> list[bytes]:
+        """A valid message as the fuzzer's connection would send it (what an insider with the key can send)."""
+        rid = self.rng.getrandbits(63)
+        if self.build is not None:
+            frames = self.build(kind, tensors, request_id=rid, plan_id=plan_id, extra=extra)
+        else:
+            frames = encode(kind, tensors, request_id=rid, plan_id=plan_id, extra=extra, secret=self.secret,
+                            checksum=self.rng.random() < 0.3)
         return [bytes(f) for f in frames]
 
     def plan_message(self) -> list[bytes]:
@@ -363,10 +370,10 @@ def run_fuzz(address: str, tcfg: TransportConfig, n: int, seed: int, classes: tu
              reply_timeout_s: float = 10.0, fresh_connections: int = 20) -> FuzzReport:
     """Send ``n`` fuzz cases (classes in turn, seeded) to the server at ``address``; every case is followed by a
     marker PING. Stops early, with ``alive=False``, if a marker goes unanswered for ``reply_timeout_s``."""
-    fz = Fuzzer(seed, tcfg.secret)
     report = FuzzReport()
     ctx = zmq.Context()
     ep = Endpoint.client(ctx, tcfg, address)
+    fz = Fuzzer(seed, tcfg.secret, build=getattr(ep, "frames", None))
     t0 = time.perf_counter()
     marker = 0
 

@@ -3,8 +3,9 @@ and flooding messages (:mod:`distca.server.fuzz`) to a server with a secret and 
 server answers, its resident memory is within ``RSS_BOUND_MB`` of where it was before the fuzz, and a valid round
 still returns exactly what local attention computes, forward and backward.
 
-Outcomes are counted, not asserted per class (replayed frames, for one, are accepted until the wire refuses
-replays); ``benchmarks/fuzz.py`` runs the same fuzzer longer and prints the counts."""
+Outcomes are counted, not asserted per class (replayed and tampered frames, for one, are accepted by a server
+without a key and refused by one with a key); ``benchmarks/fuzz.py`` runs the same fuzzer longer and prints the
+counts."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ SERVER = ServerConfig(n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32", back
                       max_rows=1 << 16, transport=TCFG)
 
 
-def test_pool_joins_an_existing_cluster_with_address_auto(tmp_path, monkeypatch):
+def test_pool_joins_an_existing_cluster_with_address_auto():
     """A Ray head started outside the pool (as on a real cluster), bound to loopback; the pool joins it
     with ``address="auto"``, serves, and leaves the cluster running when it shuts down."""
     import subprocess
@@ -36,12 +35,12 @@ def test_pool_joins_an_existing_cluster_with_address_auto(tmp_path, monkeypatch)
 
     assert not ray.is_initialized()
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    # Ray's own token authentication stays on (as the pool keeps it): the head and this driver share a token file
-    token = tmp_path / "ray_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    # Ray's own token authentication stays on (as the pool keeps it): local_ray_on_loopback() set RAY_AUTH_MODE=token
+    # and made this user's token file private; the head reads the same file as this driver (a driver process loads
+    # its token once, so a test-only token file would not reach a driver that an earlier test already connected)
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    token = Path.home() / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o077 == 0
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     # --block: the head lives as long as this one process, and ending it stops exactly that head's processes
     # (`ray stop` would stop every Ray on the machine, other runs' included)

@@ -208,8 +208,6 @@ class CADClient:
         self.monitors: dict[int, zmq.Socket] = {}  # in-step recovery: each server's connection, watched
         self.down: set[int] = set()  # servers whose connection dropped
         self.recovery = None
-        if recovery is not None:
-            self.recover_with(recovery)
         self.registered: set[tuple[int, int]] = set()
         self.blocked_s = 0.0  # total time this trainer waited on servers (exposed communication)
         self.stash: dict[int, list] = {}  # replies that arrived while another request was awaited
@@ -220,6 +218,8 @@ class CADClient:
         self.acked: set[int] = set()  # servers that acknowledged a plan (their host is known)
         self.planes: set[str] = set()  # data planes the rounds so far used
         self._fell_back = False
+        if recovery is not None:
+            self.recover_with(recovery)
 
     @property
     def data_plane(self) -> str:
@@ -261,6 +261,23 @@ class CADClient:
         for s, ep in enumerate(self.eps):
             if s not in self.monitors:
                 self.monitors[s] = ep.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._hello()
+
+    def _hello(self) -> None:
+        """Every server answers one PING within the transport's timeout (all at once), or this raises: in-step
+        recovery is for servers lost after they served, and a server that never answers (a wrong address or key,
+        a pool that did not start) is a setup error to report at once, not a loss to work around for the run."""
+        for ep in self.eps:
+            ep.send(Kind.PING)
+        deadline = time.monotonic() + self.cfg.timeout_s
+        for s, ep in enumerate(self.eps):
+            try:
+                self._expect(s, (Kind.PONG,), None, timeout_s=max(deadline - time.monotonic(), 0.0))
+            except TransportTimeout as exc:
+                raise TransportTimeout(
+                    f"attention server {s} ({ep.address}) never answered within {self.cfg.timeout_s:g} s: it is "
+                    "unreachable, not lost (in-step recovery covers servers lost after they served); check the "
+                    "pool's addresses, the transport key and that the servers run") from exc
 
     def _unwatch(self, s: int) -> None:
         with contextlib.suppress(zmq.ZMQError):

@@ -174,7 +174,10 @@ class Fuzzer:
             typed = self._retype(frames[0])
             if typed is not None:
                 return [[typed, *frames[1:]]]
-        return [[self._mutate_bytes(frames[0]), *frames[1:]]]
+        header = frames[0]
+        while header == frames[0]:  # a tamper case always changes bytes (a cut at the end can cut nothing)
+            header = self._mutate_bytes(frames[0])
+        return [[header, *frames[1:]]]
 
     def _retype(self, header: bytes) -> bytes | None:
         """The header with one value of its msgpack meta swapped for a value of another type and the same packed
@@ -218,7 +221,14 @@ class Fuzzer:
         r = self.rng
         rank = r.randrange(2)
         kind = r.choice([Kind.FWD, Kind.BWD])
-        frames = self.encode(kind, self.rows(rank, kind), plan_id=self.layout.plan_id, extra={"rank": rank})
+        signed = self.encode(kind, self.rows(rank, kind), plan_id=self.layout.plan_id, extra={"rank": rank})
+        frames = list(signed)
+        while frames == signed:  # a tamper case always changes bytes (a frame swapped with itself does not)
+            frames = self._tamper_frames(list(signed))
+        return [frames]
+
+    def _tamper_frames(self, frames: list[bytes]) -> list[bytes]:
+        r = self.rng
         op = r.randrange(7)
         if op == 0:
             del frames[r.randrange(1, len(frames))]
@@ -241,7 +251,7 @@ class Fuzzer:
             if b:
                 b[r.randrange(len(b))] ^= 0x40
             frames[i] = bytes(b)
-        return [frames]
+        return frames
 
     def _fields(self) -> list[list[bytes]]:
         r = self.rng

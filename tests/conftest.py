@@ -5,9 +5,10 @@ name); tests reach them through fixtures, never by importing this file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue as queue_mod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ from distca.runtime.client import CADClient
 from distca.runtime.plan_exec import RankTensors
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.train.launch import rank_context
-from distca.transport.channel import TransportConfig
+from distca.transport.channel import Endpoint, TransportConfig
 
 # Two cores: keep torch from oversubscribing them (pytest may run beside other processes).
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -141,3 +142,18 @@ def cad_case() -> SimpleNamespace:
     step with in-place servers over a gloo group; and the attention shape ``heads``, ``kv_heads``, ``dim``."""
     return SimpleNamespace(make=_make_cad_case, trainer=_cad_trainer, inplace_trainer=_inplace_trainer,
                            heads=CAD_HEADS, kv_heads=CAD_KV_HEADS, dim=CAD_DIM)
+
+
+@contextlib.contextmanager
+def client_endpoint(tcfg: TransportConfig, address: str) -> Iterator[Endpoint]:
+    """A trainer-side socket to ``address`` in a fresh ZeroMQ context, closed (and the context ended) after."""
+    import zmq
+
+    ctx = zmq.Context()
+    ep = Endpoint.client(ctx, tcfg, address)
+    try:
+        yield ep
+    finally:
+        ep.close()
+        ctx.term()
+

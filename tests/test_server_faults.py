@@ -24,6 +24,7 @@ from distca.server.processes import server_processes
 from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
 from distca.transport.shm import PREFIX, Segment
 from distca.transport.wire import _PREFIX, MAGIC, VERSION, Kind, WireError
+from tests.conftest import client_endpoint
 
 pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
 
@@ -48,11 +49,8 @@ def server():
 
 @pytest.fixture()
 def ep(server):
-    ctx = zmq.Context()
-    e = Endpoint.client(ctx, TCFG, server[0])
-    yield e
-    e.close()
-    ctx.term()
+    with client_endpoint(TCFG, server[0]) as e:
+        yield e
 
 
 def _error(ep: Endpoint) -> str:

@@ -28,6 +28,7 @@ from distca.server.pool import _ServerActor
 from distca.server.processes import server_processes
 from distca.transport.channel import Endpoint, TransportConfig, TransportTimeout
 from distca.transport.wire import _PREFIX, MAGIC, VERSION, Kind, encode
+from tests.conftest import client_endpoint
 
 pytestmark = pytest.mark.cluster  # spawns server processes (left out of `make test-fast`)
 
@@ -47,11 +48,8 @@ def server():
 
 @pytest.fixture()
 def ep(server):
-    ctx = zmq.Context()
-    e = Endpoint.client(ctx, TCFG, server[0])
-    yield e
-    e.close()
-    ctx.term()
+    with client_endpoint(TCFG, server[0]) as e:
+        yield e
 
 
 def _reply(ep: Endpoint, timeout_s: float = 5.0):

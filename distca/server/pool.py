@@ -196,14 +196,9 @@ class AttentionServerPool:
 
     def restart_dead(self, timeout_s: float = 2.0) -> list[int]:
         """Replace servers that do not answer; returns their indices (addresses change)."""
-        dead = [i for i, alive in enumerate(self.health(timeout_s)) if not alive]
+        dead = self.lost(timeout_s)
         for i in dead:
-            with contextlib.suppress(Exception):
-                self.ray.kill(self.actors[i], no_restart=True)
-            remove_ipc_socket(self.addresses[i])
-            self.actors[i] = self._start(i)
-            self.addresses[i] = self.ray.get(self.actors[i].address.remote(), timeout=self.cfg.start_timeout_s)
-            log.warning("restarted attention server %d at %s", i, self.addresses[i])
+            self.replace(i)
         return dead
 
     def lost(self, timeout_s: float = 2.0) -> list[int]:
@@ -212,7 +207,8 @@ class AttentionServerPool:
 
     def replace(self, i: int) -> str:
         """Start a new server ``i`` in place of the one there (killed first, its socket file removed); returns its
-        address (a new one). In-step recovery calls it in the background for a server the trainers lost."""
+        address (a new one). In-step recovery calls it in the background for a server the trainers lost, and
+        :meth:`restart_dead` for each server that does not answer."""
         with contextlib.suppress(Exception):
             self.ray.kill(self.actors[i], no_restart=True)
         remove_ipc_socket(self.addresses[i])

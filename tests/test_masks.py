@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -30,7 +32,7 @@ def masks(draw, length: int) -> Mask:
     # A grid of cells, each a slice of a random type or empty: cells never overlap in both q and k.
     qs = sorted({0, length, *draw(st.lists(st.integers(0, length), max_size=3))})
     ks = sorted({0, length, *draw(st.lists(st.integers(0, length), max_size=3))})
-    cells = [(a, b, c, d) for a, b in zip(qs, qs[1:], strict=False) for c, d in zip(ks, ks[1:], strict=False)]
+    cells = [(a, b, c, d) for a, b in itertools.pairwise(qs) for c, d in itertools.pairwise(ks)]
     kinds = draw(st.lists(st.sampled_from(["full", "causal", "inv_causal", "bi_causal", None]),
                           min_size=len(cells), max_size=len(cells)))
     return Mask.from_slices(Slice(*cell, kind) for cell, kind in zip(cells, kinds, strict=True) if kind)
@@ -70,7 +72,7 @@ def test_pairs_key_hulls_and_cuts_are_exact(case):
     keys = [j for a, b in mask.key_ranges(length, x, y) for j in range(a, b)]
     assert keys == np.flatnonzero(dense[x:y].any(axis=0)).tolist()
     ranges = mask.key_ranges(length, x, y)
-    assert all(b < c for (_, b), (c, _) in zip(ranges, ranges[1:], strict=False)), "ranges disjoint, not touching"
+    assert all(b < c for (_, b), (c, _) in itertools.pairwise(ranges)), "ranges disjoint, not touching"
     total = mask.pairs(length, x, length)
     for target in {0, min(1, total), total // 2, total}:
         cut = mask.first_reaching(length, x, target)

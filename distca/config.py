@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from distca.errors import ConfigError
+from distca.attention.masks import AttentionKey, Mask, attention_key, key_text, layer_masks
+from distca.errors import ConfigError, InputError
 from distca.limits import (
     INT64_MAX,
     MAX_BATCH_PAIRS,
@@ -93,6 +94,11 @@ class ModelConfig:
     # Per-layer window of the (standard or DDL) attention, -1 = full causal; empty: every layer full.
     # Mistral's sliding_window is this with every layer windowed; the scheduler plans them like ShortSWA's.
     layer_windows: list[int] = field(default_factory=list)
+    # Per-layer mask pattern, repeated over the layers: ["window:128", "causal"] alternates windowed and full
+    # layers (gpt-oss), ["window:1024"] * 5 + ["causal"] is Gemma 3's 5 local : 1 global, ["chunked:8192"] * 3 +
+    # ["causal"] Llama 4's chunked 3 : 1. Entries: causal | window:W | chunked:C | sink_window:S:W |
+    # prefix_lm:P | bidirectional (see distca.attention.masks). Empty: layer_windows (or every layer causal).
+    layer_masks: list[str] = field(default_factory=list)
     # Residual variant: "standard" pre-norm; "shortswa" adds a sliding-window attention sublayer before
     # full attention in every block (or, with shortswa_every = k > 1, makes every k-th layer's attention
     # windowed instead); "ddl" uses Deep Delta Learning residual updates (scalar value state, d_v = 1).
@@ -134,6 +140,8 @@ class ModelConfig:
             if self.residual == "shortswa":
                 raise ConfigError("model.layer_windows cannot combine with residual 'shortswa', which sets the "
                                   "windows itself")
+        if self.layer_masks:
+            self._check_layer_masks()
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
@@ -145,28 +153,55 @@ class ModelConfig:
         if not 0.0 <= self.ddl_beta_init < 2.0:
             raise ConfigError(f"model.ddl_beta_init must be in [0, 2), got {self.ddl_beta_init}")
 
+    def _check_layer_masks(self) -> None:
+        if not isinstance(self.layer_masks, list | tuple):
+            raise ConfigError(f"model.layer_masks must be a list of mask specs, got {short_repr(self.layer_masks)}")
+        if len(self.layer_masks) > self.n_layers:
+            raise ConfigError(f"model.layer_masks has {len(self.layer_masks)} entries for {self.n_layers} layers "
+                              "(a pattern repeats over the layers; it cannot be longer than them)")
+        for i, spec in enumerate(self.layer_masks):
+            try:
+                Mask.parse(spec)
+            except InputError as exc:
+                raise ConfigError(f"model.layer_masks[{i}]: {exc}") from None
+        if self.layer_windows:
+            raise ConfigError("model.layer_masks and model.layer_windows both set: use layer_masks alone "
+                              "('window:W' / 'causal' entries are windows)")
+        if self.residual == "shortswa" and self.shortswa_every != 1:
+            raise ConfigError("model.layer_masks cannot combine with residual 'shortswa' with shortswa_every > 1, "
+                              "which sets the layers' masks itself")
+
     @property
     def head_dim(self) -> int:
         return self.attention_head_dim or self.hidden // self.n_heads
 
-    def block_windows(self) -> list[tuple[int, ...]]:
-        """The window of each block's core-attention calls, in call order (-1 = full causal).
+    def layer_keys(self) -> list[AttentionKey]:
+        """Each layer's own attention mask key (int window, or a Mask for the other families)."""
+        if self.layer_masks:
+            return [attention_key(m) for m in layer_masks(self.layer_masks, self.n_layers)]
+        return list(self.layer_windows) or [-1] * self.n_layers
 
-        The one source of the layer windows: the model builds its attention sublayers from it, the FLOPs
-        counter and the simulator count from it. ``standard``/``ddl``: ``(-1,)`` per block. ``shortswa``
-        with ``shortswa_every == 1``: ``(w, -1)``, the sliding-window sublayer before full attention.
-        ``shortswa_every = k > 1``: every k-th block's attention is windowed, ``(w,)``, the others ``(-1,)``.
-        ``layer_windows`` (standard/ddl), when set: ``(layer_windows[i],)``.
+    def block_windows(self) -> list[tuple[AttentionKey, ...]]:
+        """The mask key of each block's core-attention calls, in call order: an int window (-1 = full causal)
+        or a :class:`~distca.attention.masks.Mask` for the other families (chunked, sink + window, prefix-LM,
+        bidirectional).
+
+        The one source of the layer masks: the model builds its attention sublayers from it, the FLOPs
+        counter and the simulator count from it. ``standard``/``ddl``: the layer's key per block
+        (``layer_masks``, else ``layer_windows``, else ``-1``). ``shortswa`` with ``shortswa_every == 1``:
+        ``(w, key)``, the sliding-window sublayer before the layer's own attention (full causal unless
+        ``layer_masks`` says otherwise). ``shortswa_every = k > 1``: every k-th block's attention is
+        windowed, ``(w,)``, the others ``(-1,)``.
         """
         if self.residual != "shortswa":
-            return [(w,) for w in self.layer_windows] or [(-1,)] * self.n_layers
+            return [(key,) for key in self.layer_keys()]
         if self.shortswa_every == 1:
-            return [(self.shortswa_window, -1)] * self.n_layers
+            return [(self.shortswa_window, key) for key in self.layer_keys()]
         k = self.shortswa_every
         return [(self.shortswa_window,) if i % k == k - 1 else (-1,) for i in range(self.n_layers)]
 
-    def attention_windows(self) -> list[int]:
-        """The window of every core-attention call of one forward pass, in order (-1 = full causal)."""
+    def attention_windows(self) -> list[AttentionKey]:
+        """The mask key of every core-attention call of one forward pass, in order (see ``block_windows``)."""
         return [w for block in self.block_windows() for w in block]
 
 
@@ -457,6 +492,10 @@ class DistCAConfig:
         if self.cluster.data_plane == "inplace" and self.cluster.placement != "colocated":
             raise ConfigError("cluster.data_plane: inplace makes every trainer an attention server; it needs "
                               f"cluster.placement: colocated, got {self.cluster.placement!r}")
+        masks = sorted({key_text(k) for k in self.model.attention_windows() if isinstance(k, Mask)})
+        if self.train.core_attention == "cad" and masks:
+            raise ConfigError(f"model.layer_masks {masks}: CAD plans the causal and window families so far; run "
+                              "these layers with train.core_attention: local")
 
         if self.train.pipeline_schedule == "pooled":
             why = self.pooled_obstacle()
@@ -481,8 +520,8 @@ class DistCAConfig:
         blocks = m.block_windows()
         stages = {tuple(blocks[s * per:(s + 1) * per]) for s in range(pp)}
         if len(stages) > 1:
-            return (f"the stages' blocks call attention with different windows ({sorted(stages)}): a tick's rounds "
-                    "must use one window at a time on every stage")
+            return (f"the stages' blocks call attention with different windows ({sorted(stages, key=str)}): a tick's "
+                    "rounds must use one window at a time on every stage")
         if self.train.core_attention == "cad" and self.cluster.data_plane == "collective":
             return ("cluster.data_plane: collective moves rows in one process group per pipeline stage; a pooled "
                     "tick needs every stage's trainers in one plan (use inplace, shm or zmq)")

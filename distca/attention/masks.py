@@ -435,3 +435,30 @@ def layer_masks(pattern: Sequence[str | int], n_layers: int) -> list[Mask]:
         raise InputError("a mask pattern needs at least one entry")
     masks = [Mask.parse(p) for p in pattern]
     return [masks[i % len(masks)] for i in range(n_layers)]
+
+
+# An attention call's mask as the runtime keys it: an int window (-1 full causal, w > 0) for the families the
+# window kernels run directly, a Mask for every other family. Plans, rounds and FLOPs are keyed by it.
+AttentionKey = int | Mask
+
+
+def attention_key(spec: str | int | Mask) -> AttentionKey:
+    """The canonical key of a mask: its window when it is causal or a window, else the :class:`Mask` itself."""
+    mask = spec if isinstance(spec, Mask) else Mask.parse(spec)
+    w = mask.as_window
+    return mask if w is None else w
+
+
+def key_mask(key: AttentionKey) -> Mask:
+    """The :class:`Mask` of an attention key."""
+    return key if isinstance(key, Mask) else Mask.sliding(int(key))
+
+
+def key_order(key: AttentionKey) -> tuple[int, int, str]:
+    """A sort key over attention keys (windows first, by window; then masks by spec): deterministic plan order."""
+    return (0, int(key), "") if not isinstance(key, Mask) else (1, 0, key.spec())
+
+
+def key_text(key: AttentionKey) -> str:
+    """How logs and errors name an attention key."""
+    return key_mask(key).spec()

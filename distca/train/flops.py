@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from distca.attention.cost import cum_pairs
+from distca.attention.masks import key_mask
 from distca.config import ModelConfig
 
 
@@ -45,7 +45,7 @@ def step_flops(cfg: ModelConfig, doc_lengths: list[int]) -> dict[str, float]:
     """
     tokens = sum(doc_lengths)
     linear = 3 * 2 * linear_params_per_token(cfg) * tokens
-    pairs = sum(sum(cum_pairs(n, w) for n in doc_lengths) for w in cfg.attention_windows())
+    pairs = sum(sum(key_mask(w).cum(n, n) for n in doc_lengths) for w in cfg.attention_windows())
     attention = 3 * 4 * cfg.head_dim * cfg.n_heads * pairs
     return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
 

@@ -40,10 +40,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from distca.attention.cost import cum_pairs
+from distca.attention.masks import key_mask, key_order
 from distca.config import DistCAConfig, save_config
 from distca.errors import ConfigError
 from distca.parts import data_plane, pipeline_schedule, train_device
+from distca.scheduler import BatchLayout
 from distca.train.flops import step_flops
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class StepMeter:
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
         sublayers = cfg.model.attention_windows()
-        self.calls = {w: sublayers.count(w) for w in sorted(set(sublayers))}  # attention calls per window
+        self.calls = {w: sublayers.count(w) for w in sorted(set(sublayers), key=key_order)}  # calls per mask
         self.saved = SavedActivations()
         self._window: dict[str, Any] = {}
 
@@ -164,9 +165,12 @@ class StepMeter:
                        for p in plans for w in p for plan in (p[w] if isinstance(p[w], tuple) else (p[w],)))
         load = np.zeros(self.cfg.data_parallel)
         for mb in micro_batches:
+            batch = BatchLayout.from_ranks(mb.packed.ranks, mb.packed.continues)
             for w, n in self.calls.items():
-                for r, (lens, offs) in enumerate(zip(mb.packed.ranks, mb.packed.offsets, strict=True)):
-                    load[r] += n * sum(cum_pairs(o + x, w) - cum_pairs(o, w) for x, o in zip(lens, offs, strict=True))
+                mask = key_mask(w)
+                for d, r, o, x in zip(batch.piece_doc.tolist(), batch.piece_rank.tolist(), batch.piece_off.tolist(),
+                                      batch.piece_len.tolist(), strict=True):
+                    load[r] += n * mask.pairs(int(batch.doc_len[d]), o, o + x)
         return load
 
 

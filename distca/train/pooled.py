@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from distca.attention import lse_dtype
+from distca.attention.masks import key_order
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
 from distca.parts import attention_shape, client_settings, scheduler_settings, server_dtype
@@ -126,7 +127,7 @@ class PooledCAD:
         self.cfg, self.stage, self.client, self.placement, self.device = cfg, stage, client, placement, device
         self.serves, self.pingpong = serves, pingpong
         self.stages, self.micro_batches = cfg.train.pipeline_parallel, cfg.train.micro_batches
-        self.windows = sorted(set(cfg.model.attention_windows()))
+        self.windows = sorted(set(cfg.model.attention_windows()), key=key_order)
         self.shape = attention_shape(cfg)
         per = cfg.model.n_layers // self.stages
         blocks = cfg.model.block_windows()[stage * per:(stage + 1) * per]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from distca.attention import resolve_backend
+from distca.attention.masks import key_order
 from distca.config import DistCAConfig
 from distca.model.core import DocLayout
 from distca.parts import (
@@ -137,7 +138,7 @@ class Trainer:
                              "addresses were given")
         if info.world != cfg.cluster.n_trainers:
             raise ValueError(f"{info.world} processes started for cluster.n_trainers={cfg.cluster.n_trainers}")
-        self.windows = sorted(set(cfg.model.attention_windows()))
+        self.windows = sorted(set(cfg.model.attention_windows()), key=key_order)
         # ping-pong nano-batches inside the stages (CAD only); they recompute activations themselves, so
         # DeepSpeed's per-block checkpointing is off when they are on
         self.pingpong = t.core_attention == "cad" and t.pingpong

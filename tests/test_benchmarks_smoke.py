@@ -114,3 +114,21 @@ def test_short_soak_finds_no_leak(tmp_path):
     analysis = json.loads((tmp_path / "soak.json").read_text())["analysis"]
     assert analysis["steps"] == 50 and len(analysis["per_rank"]) == 4
     assert len(analysis["server_peak_growth_mb"]) == 4
+
+
+def test_attention_scaling_benchmark_runs(tmp_path, capsys, monkeypatch):
+    """The simulated weak-scaling table (both mask families, both kernel models, the published H100 rows) and
+    the --cpu scheduler table, at tiny sizes (in this process: no subprocess start)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import attention_scaling
+
+    attention_scaling.main(["--gpus", "8", "16", "--tokens-per-gpu", "1024", "--seeds", "1", "--window", "256",
+                            "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "SIMULATED" in out and "| MagiAttention " in out and "| varlen-window 256 " in out
+    assert "16 vs 8 GPUs keeps" in out and "without ping-pong" in out
+    assert (tmp_path / "attention_scaling.png").exists() and (tmp_path / "attention_scaling.json").exists()
+    attention_scaling.main(["--cpu", "--servers", "2", "4", "--tokens-per-gpu", "512", "--seeds", "1",
+                            "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "4 | varlen-causal" in out and "4 | varlen-window 256" in out and "max/mean pairs" in out

@@ -285,3 +285,25 @@ def test_validation_replays_recorded_steps(tmp_path):
     path.write_text(json.dumps({"nothing": 1}))
     with pytest.raises(ValueError, match="no 'runs'"):
         validate_file(path, hw)
+
+
+def test_h100_with_h200_kernels_keeps_published_links_and_the_measured_attention_table():
+    from distca.attention.cost import AttentionShape, attention_flops, pair_count
+    from distca.sim.hardware import H100_HBM, h100_with_h200_kernels, published
+
+    hw = h100_with_h200_kernels()
+    base = published("h100")
+    assert hw.intra == base.intra and hw.inter == base.inter and hw.attention_table
+    assert hw.optimizer_s_per_param == pytest.approx(16 / H100_HBM)
+    assert "H200" in hw.sources["attention"] and "3.35" in hw.sources["hbm"]
+    # a long causal task runs at the measured kernel's rate (FA2 class: 250-400 TFLOP/s), with 64 heads too
+    for heads in (32, 64):
+        model = hw.attention_model(AttentionShape(heads, 8, 128))
+        n = 16 * 1024
+        t = hw.attention_call_s(model, np.array([n]), np.array([n]), -1, "fwd")
+        assert 250e12 < float(attention_flops(pair_count(n, n), heads, 128)) / t < 400e12
+    # one fused call pays the per-task overhead once
+    one = hw.attention_call_s(model, np.array([512]), np.array([512]), -1, "fwd")
+    two = hw.attention_call_s(model, np.array([512, 512]), np.array([512, 512]), -1, "fwd")
+    assert one < two < 2 * one
+    assert hw.attention_call_s(model, np.array([], dtype=np.int64), np.array([], dtype=np.int64), -1, "fwd") == 0.0

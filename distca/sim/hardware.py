@@ -20,10 +20,13 @@ A :class:`Hardware` holds everything the simulator charges time for:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from distca.attention.cost import AttentionShape, CalibrationTable, CostModel
 
@@ -76,6 +79,21 @@ class Hardware:
         if self.attention_table:
             return CostModel.from_table(CalibrationTable(**self.attention_table), shape)
         return CostModel(shape=shape, mode="pairs", peak_flops=self.attention_flops)
+
+    def attention_call_s(self, model: CostModel, q: np.ndarray, kv: np.ndarray, window: int, which: str) -> float:
+        """One server's tasks ``(q, kv)`` under ``window`` as one call on this device, in seconds: the sum of
+        the cost model's task times, plus one call's overhead in the pairs fallback, or, for fused GPU
+        varlen kernels under a calibrated table, the per-task overhead paid once for the call."""
+        q = np.asarray(q)
+        if q.size == 0:
+            return 0.0
+        t = float(model.time_s(q, kv, window, which).sum())
+        if model.mode == "pairs":
+            t += self.attention_task_s
+        elif self.attention_fused and q.size > 1:  # one launch for the fused call, not one per task
+            coef = model.coef_fwd if which == "fwd" else model.coef_bwd
+            t -= (q.size - 1) * float(coef[0])
+        return t
 
     def linear_s(self, flops: float, which: str = "fwd", calls: float = 1.0) -> float:
         if flops <= 0:
@@ -137,6 +155,8 @@ class Hardware:
 # Published figures (vendor datasheets), used where no measurement exists; marked in ``sources``.
 H100_BF16_DENSE = 989.4e12  # H100 SXM, dense bf16 tensor-core peak
 H200_BF16_DENSE = 989.4e12  # H200 has H100's compute
+H100_HBM = 3.35e12  # H100 SXM HBM3, bytes/s
+H200_HBM = 4.8e12  # H200 HBM3e, bytes/s
 NVLINK4_PER_DIR = 450e9  # 900 GB/s bidirectional per GPU
 IB_NDR_PER_GPU = 50e9  # one 400 Gb/s NDR NIC per GPU (the paper's Appendix A assumes 50 GB/s)
 # Assumed efficiencies for the published fallback only (no measurement behind them; see sources).
@@ -161,3 +181,37 @@ def published(name: str) -> Hardware:
                  "inter": "published NDR InfiniBand: 400 Gb/s = 50 GB/s per GPU",
                  "optimizer": "assumed: 16 bytes per parameter over ~3 TB/s HBM"})
 
+
+
+MEASURED_H200 = Path(__file__).parent / "data" / "h200-measured.json"
+
+
+def h100_with_h200_kernels(path: str | Path = MEASURED_H200) -> Hardware:
+    """An H100 SXM node: published peak, HBM and links, with core attention from the kernel table measured
+    on an H200 (``distca/sim/data/h200-measured.json``, ``torch_varlen`` bf16, 32 query / 8 kv heads, head
+    dim 128; the cost model scales its compute terms by ``n_heads * head_dim`` for other shapes).
+
+    Published H100 SXM figures: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, NVLink 4 at 900 GB/s per GPU
+    (450 GB/s per direction) inside an 8-GPU node, one 400 Gb/s NDR NIC per GPU (50 GB/s) across nodes.
+
+    Assumption behind reusing the H200 kernel table: H100 SXM and H200 are the same GH100 chip (132 SMs,
+    same clocks, same 989 TFLOP/s), and the H200 differs in HBM only (4.8 vs 3.35 TB/s, 141 vs 80 GB).
+    Flash-style attention at head dim 128 does ~2·128 FLOPs per byte of k/v streamed per query tile of 128
+    rows, above the H100's ~295 FLOP/byte ridge, so long tasks are compute-bound and cost the same on
+    both; short tasks (a few hundred tokens) lean on memory and launch overhead and may run a few percent
+    slower on the H100 than the table says. The table's kernel is torch's FlashAttention-2-class varlen
+    kernel (~330 TFLOP/s forward at 16K causal on the H200), not a FlashAttention-3-class one
+    (~500-600 TFLOP/s forward on an H100); :func:`published` ``("h100")``'s pairs fallback at
+    0.5 x peak (495 TFLOP/s, assumed) stands in for the latter. Linear-layer figures are those of
+    :func:`published` (attention-only benchmarks do not use them).
+    """
+    measured = Hardware.load(path)
+    base = published("h100")
+    sources = dict(base.sources)
+    sources.update(attention=f"measured on an H200 ({measured.sources.get('attention', 'calibration table')}), "
+                             "reused for the H100: same GH100 compute, attention compute-bound (assumed)",
+                   hbm="published H100 SXM HBM3: 3.35 TB/s",
+                   optimizer="assumed: 16 bytes per parameter over published 3.35 TB/s HBM")
+    return dataclasses.replace(base, name="h100 (published; attention: H200-measured kernel table)",
+                               attention_table=measured.attention_table, attention_fused=measured.attention_fused,
+                               optimizer_s_per_param=16 / H100_HBM, sources=sources)

@@ -243,15 +243,7 @@ class _Costs:
         return blocks * 2 * self.hw.allreduce_s(nbytes, self.par.tp, same_node=True)
 
     def attention(self, q: np.ndarray, kv: np.ndarray, window: int, which: str) -> float:
-        if q.size == 0:
-            return 0.0
-        t = float(self.model.time_s(q, kv, window, which).sum())
-        if self.model.mode == "pairs":
-            t += self.hw.attention_task_s
-        elif self.hw.attention_fused and q.size > 1:  # one launch for the fused call, not one per task
-            coef = self.model.coef_fwd if which == "fwd" else self.model.coef_bwd
-            t -= (q.size - 1) * float(coef[0])
-        return t
+        return self.hw.attention_call_s(self.model, q, kv, window, which)
 
     def act_bytes(self, tokens: int) -> float:
         return tokens * self.cfg.hidden * self.opt.dtype_bytes / self.par.tp

@@ -16,7 +16,7 @@ from distca.attention.masks import Mask, Rect
 from distca.errors import InputError
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, compile_plan, make_plan, plan_assignment
 from distca.scheduler.calls import local_rects, server_call, server_rects
-from distca.scheduler.work import mask_cum, mask_key_ranges
+from distca.scheduler.work import mask_cum, mask_key_ranges, mask_reach
 
 FAMILIES = ["causal", "window:64", "chunked:100", "sink_window:4:50", "sink_window:40:16", "prefix_lm:150",
             "bidirectional"]
@@ -221,6 +221,8 @@ def test_vectorised_counts_and_key_ranges_match_the_mask(mask, n, data):
     assert int(mask_cum(mask, np.array([n]), np.array([y]))[0]) == mask.cum(n, y)
     a0, a1, b0, b1 = (int(v[0]) for v in mask_key_ranges(mask, np.array([n]), np.array([x]), np.array([y])))
     assert [(a0, a1)] + ([(b0, b1)] if b0 < b1 else []) == mask.key_ranges(n, x, y)
+    t = data.draw(st.integers(-2, mask.cum(n, n) + 2))
+    assert mask_reach(mask, n, t) == mask.first_reaching(n, 0, t)
 
 
 @settings(max_examples=100, deadline=None)

@@ -34,7 +34,7 @@ from distca.errors import InputError
 from distca.limits import MAX_DOC_TOKENS, check_int
 from distca.scheduler.batch import BatchLayout
 from distca.scheduler.placement import Placement
-from distca.scheduler.work import first_reaching, key_start, mask_cum, mask_key_ranges
+from distca.scheduler.work import first_reaching, key_start, mask_cum, mask_key_ranges, mask_reach
 
 LOCAL = -1  # task runs on its own trainer, outside the server pool
 
@@ -180,7 +180,7 @@ class _Planner:
             w = self.w
             return (lambda y: cum_pairs(y, w)), (lambda t: first_reaching(t, w))
         m, n = self.mask, self.doc_len[doc]
-        return (lambda y: m.cum(n, y)), (lambda t: m.first_reaching(n, 0, t))
+        return (lambda y: m.cum(n, y)), (lambda t: mask_reach(m, n, t))
 
     def _token_work(self, seg) -> int:
         """At most one query token's work in segment ``seg`` (the keys its last query may see)."""

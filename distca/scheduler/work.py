@@ -84,3 +84,26 @@ def mask_key_ranges(mask: Mask, length: np.ndarray, x: np.ndarray, y: np.ndarray
         start = np.where(s1 > 0, 0, w0)  # one range: from the sink when it reaches the window
         return (np.where(two, 0, start), np.where(two, s1, y + zero), np.where(two, w0, 0), np.where(two, y + zero, 0))
     raise InputError("slices masks are per-document data: the scheduler takes one mask family per layer")
+
+
+def mask_reach(mask: Mask, length: int, target: int) -> int:
+    """Smallest ``y`` in ``[0, length]`` with ``mask.cum(length, y) >= target`` (``length`` if none): the inverse of
+    the pair count in closed form (Python ints; ``Mask.first_reaching(length, 0, target)`` without its search)."""
+    if target <= 0:
+        return 0
+    f = mask.family
+    if f in ("causal", "window", "sink_window"):
+        w = {"causal": -1, "window": mask.window, "sink_window": mask.sink + mask.window}[f]
+        y = first_reaching(target, w)
+    elif f == "chunked":
+        c = mask.chunk
+        n, rem = divmod(target, c * (c + 1) // 2)
+        y = n * c + first_reaching(rem)
+    elif f == "prefix_lm":
+        p = min(mask.prefix, length)
+        y = -(-target // p) if target <= p * p else first_reaching(target - p * p + cum_pairs(p))
+    elif f == "bidirectional":
+        y = -(-target // length)
+    else:
+        return mask.first_reaching(length, 0, target)
+    return min(y, length)

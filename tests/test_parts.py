@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from distca.config import config_from_dict, load_config
+from distca.errors import InputError
 from distca.parts import (
     attention_shape,
     client_settings,
@@ -129,7 +130,9 @@ def test_library_settings_have_no_defaults_of_their_own_for_config_knobs():
         return {f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
 
-    assert {"eps", "granularity", "window"} <= required(SchedulerConfig)
+    assert {"eps", "granularity"} <= required(SchedulerConfig)
+    with pytest.raises(InputError, match="window"):  # the layer's attention: window= or mask=, never a default
+        SchedulerConfig(eps=0.02, granularity=128)
     assert {"n_heads", "n_kv_heads", "head_dim", "dtype", "backend", "max_plans", "max_rows",
             "transport"} <= required(ServerConfig)
     assert {"n_servers", "placement", "cpus_per_server", "gpus_per_server", "address", "server"} <= required(PoolConfig)

@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 
+from distca.attention.masks import Mask, Rect
 from distca.errors import CalibrationError
 from distca.limits import check_shape
 
@@ -77,6 +78,23 @@ def tile_count(
     lo = np.minimum(lo, np.maximum(hi, 0))
     tiles = np.where(hi >= 0, hi // tile_k - lo // tile_k + 1, 0)
     return np.bincount(task, weights=tiles, minlength=q.size).astype(np.int64).reshape(q.shape)
+
+
+def rect_tiles(rect: Rect, tile_q: int = DEFAULT_TILE, tile_k: int = DEFAULT_TILE) -> int:
+    """Score tiles a block-sparse kernel computes for one rectangle: ``full`` every tile of the
+    ``ceil(nq/T)·ceil(nk/T)`` grid; ``causal`` (banded by its window) as :func:`tile_count`; ``inv_causal`` as the
+    causal rectangle it is on reversed rows and columns."""
+    if rect.kind == "full":
+        return -(-rect.nq // tile_q) * -(-rect.nk // tile_k)
+    return int(tile_count(rect.nq, rect.nk, rect.window, tile_q, tile_k))
+
+
+def mask_task_cost(mask: Mask, length: int, q0: int, q1: int, tile: int = DEFAULT_TILE) -> tuple[int, int]:
+    """``(pairs, tiles)`` of queries ``[q0, q1)`` of a document of ``length`` tokens under ``mask``, summed over the
+    rectangles the mask runs as (``mask.rects``). For causal and window masks this is one bottom-right rectangle:
+    :func:`pair_count` and :func:`tile_count` of the task's own shape."""
+    rects = mask.rects(length, q0, q1)
+    return sum(r.pairs for r in rects), sum(rect_tiles(r, tile, tile) for r in rects)
 
 
 def attention_flops(pairs: ArrayLike, n_heads: int, head_dim: int, which: Pass = "fwd") -> np.ndarray:

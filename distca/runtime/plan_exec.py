@@ -59,6 +59,9 @@ def execute_plan(
     """
     if len(ranks) != plan.n_ranks:
         raise ValueError(f"plan is for {plan.n_ranks} ranks, got tensors for {len(ranks)}")
+    if plan.masked:  # the rectangle executor (distca.attention.masked) runs these; calls.server_rects lays them out
+        raise NotImplementedError(f"execute_plan runs causal and sliding-window plans; a {plan.mask.spec()!r} plan "
+                                  "needs the masked rectangle executor")
     ref = ranks[0].q
     hq, d, hkv = ref.shape[1], ref.shape[2], ranks[0].k.shape[1]
     dev = ref.device

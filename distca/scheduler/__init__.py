@@ -31,7 +31,7 @@ def make_plan(
     t0 = time.perf_counter()
     assignment = plan_assignment(batch, placement, cfg, shape)
     t1 = time.perf_counter()
-    plan = compile_plan(assignment, batch, placement, cfg.window, shape, keys=keys)
+    plan = compile_plan(assignment, batch, placement, cfg.mask_, shape, keys=keys, exact_keys=cfg.exact_keys)
     t2 = time.perf_counter()
     return plan, PlanTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3)
 

@@ -61,8 +61,15 @@ def _block(x: Transfers, server: int, rank: int, what: str) -> tuple[int, int]:
     return int(dst[0]), int(n.sum())
 
 
+def _refuse_masked(plan: Plan, what: str) -> None:
+    if plan.masked:
+        raise NotImplementedError(f"{what}: a {plan.mask.spec()!r} plan runs as rectangles over its key ranges, not "
+                                  "one causal/window varlen call per task; use server_rects / local_rects")
+
+
 def server_call(plan: Plan, server: int) -> ServerCall:
     """Server ``server``'s fused call over its tasks of ``plan`` and the rows each sender fills."""
+    _refuse_masked(plan, "server_call")
     m = np.flatnonzero(plan.task_server == server)
     q_len = plan.task_q1[m] - plan.task_q0[m]
     k_len = plan.task_k1[m] - plan.task_k0[m]
@@ -82,6 +89,7 @@ def server_call(plan: Plan, server: int) -> ServerCall:
 
 def local_tasks(plan: Plan, rank: int) -> list[LocalTask]:
     """The tasks ``plan`` keeps on trainer ``rank`` (``LOCAL``), in plan order."""
+    _refuse_masked(plan, "local_tasks")
     out = []
     for i in np.flatnonzero((plan.task_server == LOCAL) & (plan.task_rank == rank)).tolist():
         row = int(plan.task_row[i])
@@ -120,3 +128,67 @@ def local_call(plan: Plan, rank: int) -> LocalCall:
     q_rows = row_ranges(np.array([t.q_row for t in tasks], dtype=np.int64), n_q)
     k_rows = row_ranges(np.array([t.k_row for t in tasks], dtype=np.int64), n_k)
     return LocalCall(q_rows, k_rows, cu_q, cu_k, int(n_q.max(initial=0)), int(n_k.max(initial=0)))
+
+
+RECT_KINDS: tuple[str, ...] = ("full", "causal", "inv_causal")
+
+
+@dataclass(frozen=True)
+class RowRects:
+    """Kernel rectangles in row coordinates, one per row of the arrays: queries ``[q0, q1)`` of a q buffer
+    against keys ``[k0, k1)`` of a k/v buffer, ``kind`` one of :data:`RECT_KINDS` (``causal`` bottom-right
+    aligned, banded to ``window`` keys when ``window > 0``; ``inv_causal`` top-left aligned; ``full``), and
+    the plan ``task`` each belongs to. Rectangles sharing query rows are merged by their log-sum-exp; no two
+    share a (query, key) pair."""
+
+    task: np.ndarray  # int64
+    q0: np.ndarray
+    q1: np.ndarray
+    k0: np.ndarray
+    k1: np.ndarray
+    kind: np.ndarray  # str
+    window: np.ndarray  # int64, -1: no band
+
+    @property
+    def n(self) -> int:
+        return int(self.task.size)
+
+
+def _row_rects(plan: Plan, tasks: np.ndarray, q_base: np.ndarray, key_rows) -> RowRects:
+    rows: list[tuple[int, int, int, int, int, str, int]] = []
+    mask = plan.mask
+    for i, qb in zip(tasks.tolist(), q_base.tolist(), strict=True):
+        doc, q0, q1 = int(plan.task_doc[i]), int(plan.task_q0[i]), int(plan.task_q1[i])
+        length = int(plan.doc_len[doc]) if plan.doc_len.size else q1
+        ranges = key_rows(i)
+        for rc in mask.rects(length, q0, q1):
+            hit = next((kr for kr in ranges if kr[0] <= rc.k0 and rc.k1 <= kr[1]), None)  # the range holding them
+            if hit is None:
+                raise ValueError(f"task {i}: rectangle keys [{rc.k0}, {rc.k1}) lie outside its key ranges {ranges}")
+            k0, _, row = hit
+            rows.append((i, qb + rc.q0 - q0, qb + rc.q1 - q0, row + rc.k0 - k0, row + rc.k1 - k0, rc.kind,
+                         rc.window))
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 7
+    as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return RowRects(*(as64(c) for c in cols[:5]), np.asarray(cols[5], dtype="<U10"), as64(cols[6]))
+
+
+def server_rects(plan: Plan, server: int) -> RowRects:
+    """Server ``server``'s tasks of ``plan`` as rectangles over its receive buffers: query rows of its q buffer,
+    key rows of its k/v buffer (each task's keys are its exact ranges, laid out by ``compile_plan``). Any family;
+    for causal and window plans one rectangle per task."""
+    m = np.flatnonzero(plan.task_server == server)
+    return _row_rects(plan, m, plan.task_q_row[m],
+                      lambda i: [(k0, k1, row) for k0, k1, row in plan.task_key_ranges(i)])
+
+
+def local_rects(plan: Plan, rank: int) -> RowRects:
+    """The tasks ``plan`` keeps on trainer ``rank`` as rectangles over that trainer's own rows (a local task's
+    keys all lie in its piece, laid out in document order around its queries)."""
+    m = np.flatnonzero((plan.task_server == LOCAL) & (plan.task_rank == rank))
+
+    def keys(i: int) -> list[tuple[int, int, int]]:
+        base = int(plan.task_row[i] - plan.task_q0[i])  # row of document position 0 (if it were on this rank)
+        return [(k0, k1, base + k0) for k0, k1, _ in plan.task_key_ranges(i)]
+
+    return _row_rects(plan, m, plan.task_row[m], keys)

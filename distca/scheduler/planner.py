@@ -29,24 +29,35 @@ from math import isfinite, isqrt
 import numpy as np
 
 from distca.attention.cost import AttentionShape, cum_pairs
+from distca.attention.masks import Mask
 from distca.errors import InputError
 from distca.limits import MAX_DOC_TOKENS, check_int
 from distca.scheduler.batch import BatchLayout
 from distca.scheduler.placement import Placement
-from distca.scheduler.work import first_reaching, key_start
+from distca.scheduler.work import first_reaching, key_start, mask_cum, mask_key_ranges, mask_reach
 
 LOCAL = -1  # task runs on its own trainer, outside the server pool
 
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
-    """Knobs of the CAD planner. ``eps``, ``granularity`` and ``window`` have no default here: a run takes
-    them from its config (``scheduler.eps``, ``attention.shard_tokens``, the layer's window; see
-    :mod:`distca.parts`), so each default lives in one place."""
+    """Knobs of the CAD planner. ``eps``, ``granularity`` and the layer's attention (``window`` or ``mask``) have
+    no default here: a run takes them from its config (``scheduler.eps``, ``attention.shard_tokens``, the layer's
+    window; see :mod:`distca.parts`), so each default lives in one place.
+
+    The attention is one mask family for the whole batch (families are per layer): ``window=w`` is
+    ``mask=Mask.sliding(w)`` (-1 full causal); give either, or both when they agree. After construction both
+    fields are resolved: ``mask`` always holds the family, ``window`` the runtime window (``None`` for a family
+    that is not causal or a sliding window). ``slices`` masks are per-document data and are refused here."""
 
     eps: float  # every server's work <= (1 + eps) * mean
     granularity: int  # preferred cut multiple (tokens, document positions)
-    window: int  # -1 full causal; w > 0 sliding window of w keys including self
+    window: int | None = None  # -1 full causal; w > 0 sliding window of w keys including self
+    mask: Mask | None = None  # the layer's mask family (any but slices); None: from window
+    # Family-aware key hulls: a task receives exactly the key ranges its mask lets it see (a sink and a
+    # window: two runs). False: one convex hull [first key, last key + 1) per task and per (server,
+    # document), as a planner that knows only causal masks would ship (the bytes comparison's control).
+    exact_keys: bool = True
     # Heaviest pieces of a donor considered per move (plus the ones closest in size to the need).
     # 0 = auto: 3 under a tight bound (eps < 0.01), where the choice matters most, else 1.
     candidates: int = 0
@@ -58,11 +69,33 @@ class SchedulerConfig:
         if not isfinite(self.eps) or self.eps < 0:
             raise InputError(f"eps must be >= 0 and finite, got {self.eps}")
         check_int(self.granularity, "granularity", 1, MAX_DOC_TOKENS)
-        check_int(self.window, "window", 1, MAX_DOC_TOKENS, allow=(-1,))
+        if self.window is None and self.mask is None:
+            raise InputError("the scheduler needs the layer's attention: window= (-1 full causal, w > 0) or mask=")
+        if self.window is not None:
+            check_int(self.window, "window", 1, MAX_DOC_TOKENS, allow=(-1,))
+        if self.mask is not None:
+            if not isinstance(self.mask, Mask):
+                raise InputError(f"mask must be a distca.attention.masks.Mask, got {type(self.mask).__name__}")
+            if self.mask.family == "slices":
+                raise InputError("slices masks are per-document data; the scheduler plans one mask family per layer "
+                                 "for the whole batch (causal, window, chunked, sink_window, prefix_lm, bidirectional)")
+            if self.window is not None and self.mask.as_window != self.window:
+                raise InputError(f"window={self.window} disagrees with mask={self.mask.spec()!r}; give one of them")
+            object.__setattr__(self, "window", self.mask.as_window)
+        else:
+            object.__setattr__(self, "mask", Mask.sliding(self.window))
+        if not isinstance(self.exact_keys, bool):
+            raise InputError(f"exact_keys must be true or false, got {type(self.exact_keys).__name__}")
         if self.candidates < 0:
             raise ValueError(f"candidates must be >= 0 (0 = auto), got {self.candidates}")
         if self.min_offload_pairs < -1:
             raise ValueError(f"min_offload_pairs must be >= 0 or -1 (auto), got {self.min_offload_pairs}")
+
+    @property
+    def mask_(self) -> Mask:
+        """The resolved mask family (never ``None``)."""
+        assert self.mask is not None
+        return self.mask
 
     @property
     def n_candidates(self) -> int:
@@ -103,30 +136,77 @@ class _Planner:
 
     def __init__(self, batch: BatchLayout, placement: Placement, cfg: SchedulerConfig, shape: AttentionShape):
         self.b, self.p, self.cfg = batch, placement, cfg
-        self.w = cfg.window
+        self.mask = cfg.mask_
+        # Causal and sliding windows keep their closed-form integer paths (plans byte-identical to a planner
+        # that knows only them); other families go through the mask (and the document's length).
+        self.fast = self.mask.as_window is not None
+        self.w = self.mask.as_window if self.fast else -1
+        self.exact = cfg.exact_keys
+        # Head–tail moves (ship a middle, keep both ends) pay where a middle needs keys only up to its end.
+        self.middle = self.w < 0 if self.fast else self.mask.family == "prefix_lm"
+        self.doc_len = batch.doc_len.tolist()
         self.g = cfg.granularity
         self.q_bytes = int(shape.q_bytes(1)) * 2 + int(shape.lse_bytes(1))  # q there, out + lse back
         self.kv_bytes = int(shape.kv_bytes(1))
         self.remote_all = placement.kind == "dedicated"
-        self.have: dict[tuple[int, int], tuple[int, int]] = {}  # (server, doc) -> key hull held there
+        # (server, doc) -> keys held there: one hull (lo, hi) for causal/window; for other families the exact
+        # union, a sorted list of disjoint (lo, hi) runs.
+        self.have: dict[tuple[int, int], tuple[int, int] | list[tuple[int, int]]] = {}
         self.by_doc: dict[int, list[int]] = {}  # doc -> servers holding a key hull for it
         self.seg: dict[int, list[int]] = {}  # live segments: id -> [doc, q0, q1, rank, row, server, work]
         self.dirty: set[int] = set()  # base pieces changed by a move
         self.n_base = batch.n_pieces
 
     # -- bookkeeping -------------------------------------------------------------------------
+    def _work(self, doc, q0, q1) -> int:
+        """Pairs of queries ``[q0, q1)`` of ``doc``."""
+        if self.fast:
+            return cum_pairs(q1, self.w) - cum_pairs(q0, self.w)
+        n = self.doc_len[doc]
+        return self.mask.cum(n, q1) - self.mask.cum(n, q0)
+
+    def _keys(self, doc, x, y) -> list[tuple[int, int]]:
+        """The key ranges queries ``[x, y)`` of ``doc`` need (one convex hull when exact hulls are off)."""
+        if self.fast:
+            return [(key_start(x, self.w), y)]
+        ranges = self.mask.key_ranges(self.doc_len[doc], x, y)
+        if not self.exact and len(ranges) > 1:
+            return [(ranges[0][0], ranges[-1][1])]
+        return ranges
+
+    def _curve(self, doc):
+        """``(cum, reach)`` of ``doc``: pairs of queries ``[0, y)``, and the smallest ``y`` with ``cum(y) >= t``."""
+        if self.fast:
+            w = self.w
+            return (lambda y: cum_pairs(y, w)), (lambda t: first_reaching(t, w))
+        m, n = self.mask, self.doc_len[doc]
+        return (lambda y: m.cum(n, y)), (lambda t: mask_reach(m, n, t))
+
+    def _token_work(self, seg) -> int:
+        """At most one query token's work in segment ``seg`` (the keys its last query may see)."""
+        f = self._get(seg)
+        return self.doc_len[f[DOC]] if self.mask.length_dependent else f[Q1]
+
     def _add(self, doc, q0, q1, rank, row, server) -> int:
-        w = cum_pairs(q1, self.w) - cum_pairs(q0, self.w)
+        w = self._work(doc, q0, q1)
         sid = self.n_base + len(self.new)
         self.seg[sid] = [doc, q0, q1, rank, row, server, w]
         self.new.append(sid)
         self.load[server] += w
-        self._hold(server, doc, key_start(q0, self.w), q1)
+        self._hold(server, doc, self._keys(doc, q0, q1))
         return sid
 
-    def _hold(self, server, doc, lo, hi) -> None:
+    def _hold(self, server, doc, ranges) -> None:
         key = (server, doc)
         old = self.have.get(key)
+        if not self.fast:  # the exact union of what the server holds
+            if old is None:
+                self.have[key] = list(ranges)
+                self.by_doc.setdefault(doc, []).append(server)
+            else:
+                self.have[key] = _union(old, ranges)
+            return
+        lo, hi = ranges[0]
         if old is None:
             self.have[key] = (lo, hi)
             self.by_doc.setdefault(doc, []).append(server)
@@ -135,24 +215,39 @@ class _Planner:
         elif hi - lo > old[1] - old[0]:
             self.have[key] = (lo, hi)
 
-    def _new_kv(self, server, doc, lo, hi) -> int:
+    def _new_kv(self, server, doc, ranges) -> int:
+        """Key tokens of ``ranges`` the server does not hold yet."""
         held = self.have.get((server, doc))
+        if self.fast:
+            lo, hi = ranges[0]
+            if held is None:
+                return hi - lo
+            return hi - lo - max(0, min(hi, held[1]) - max(lo, held[0]))
+        n = sum(hi - lo for lo, hi in ranges)
         if held is None:
-            return hi - lo
-        return hi - lo - max(0, min(hi, held[1]) - max(lo, held[0]))
+            return n
+        return n - sum(max(0, min(hi, b) - max(lo, a)) for lo, hi in ranges for a, b in held)
 
     # -- initial placement -------------------------------------------------------------------
     def place_home(self) -> None:
         b, w = self.b, self.w
         self.q1_arr = b.piece_off + b.piece_len
-        work = cum_pairs(self.q1_arr, w) - cum_pairs(b.piece_off, w)
+        if self.fast:
+            work = cum_pairs(self.q1_arr, w) - cum_pairs(b.piece_off, w)
+        else:
+            length = b.doc_len[b.piece_doc]
+            work = mask_cum(self.mask, length, self.q1_arr) - mask_cum(self.mask, length, b.piece_off)
         server = self.p.home_servers()[b.piece_rank]
         threshold = self.cfg.offload_threshold
         has_local = self.p.has_local_server()
         if threshold and not has_local.all():
             # A tiny piece stays on its trainer when all the keys it needs are there too.
             no_local = ~has_local[b.piece_rank]
-            own_keys = b.piece_off == 0 if w < 0 else b.piece_off - w + 1 >= b.piece_off
+            if self.fast:
+                own_keys = b.piece_off == 0 if w < 0 else b.piece_off - w + 1 >= b.piece_off
+            else:  # a family whose queries see later keys (prefix-LM, bidirectional) needs them in the piece too
+                a0, a1, _, b1 = mask_key_ranges(self.mask, length, b.piece_off, self.q1_arr)
+                own_keys = (a0 >= b.piece_off) & (np.maximum(a1, b1) <= self.q1_arr)
             server = np.where(no_local & own_keys & (work < threshold), LOCAL, server)
         on = server >= 0
         self.server_arr, self.work_arr = server, work
@@ -162,10 +257,15 @@ class _Planner:
         # split over several ranks (a single-piece document lives on its donor alone).
         multi = np.bincount(b.piece_doc, minlength=b.n_docs) > 1
         idx = np.flatnonzero(multi[b.piece_doc] & on)
+        if not self.fast:
+            for s, d, x, y in zip(server[idx].tolist(), b.piece_doc[idx].tolist(), b.piece_off[idx].tolist(),
+                                  self.q1_arr[idx].tolist(), strict=True):
+                self._hold(s, d, self._keys(d, x, y))
+            return
         starts = np.zeros_like(idx) if w < 0 else np.maximum(0, b.piece_off[idx] - w + 1)
         for s, d, lo, hi in zip(server[idx].tolist(), b.piece_doc[idx].tolist(), starts.tolist(),
                                 self.q1_arr[idx].tolist(), strict=True):
-            self._hold(s, d, lo, hi)
+            self._hold(s, d, [(lo, hi)])
 
     def _index_servers(self) -> None:
         """Pieces grouped by server (one stable sort), so a donor's pieces are a slice."""
@@ -204,37 +304,39 @@ class _Planner:
         return Assignment(*(col[order] for col in cols), capacity=capacity)
 
     # -- cutting -----------------------------------------------------------------------------
-    def _cut_ending(self, start: int, end: int, target: int, at_least: bool, lo: int, hi: int):
+    def _cut_ending(self, doc: int, start: int, end: int, target: int, at_least: bool, lo: int, hi: int):
         """``(x, m)``: queries ``[x, end)`` (``start < x < end``) carry ``m`` pairs, ``lo <= m <= hi``, ``m``
         as close to ``target`` as the cut allows (at least it, or at most it); tile-aligned if possible."""
-        w, g = self.w, self.g
-        ce = cum_pairs(end, w)
+        g = self.g
+        cum, reach = self._curve(doc)
+        ce = cum(end)
         if at_least:
-            x = first_reaching(ce - target + 1, w) - 1
+            x = reach(ce - target + 1) - 1
             xa = x // g * g
         else:
-            x = first_reaching(ce - target, w)
+            x = reach(ce - target)
             xa = -(-x // g) * g
         for c in (xa, x):
             if start < c < end:
-                m = ce - cum_pairs(c, w)
+                m = ce - cum(c)
                 if lo <= m <= hi:
                     return c, m
         return None
 
-    def _cut_starting(self, start: int, end: int, target: int, at_least: bool, lo: int, hi: int):
+    def _cut_starting(self, doc: int, start: int, end: int, target: int, at_least: bool, lo: int, hi: int):
         """``(y, m)``: queries ``[start, y)`` (``start < y < end``) carry ``m`` pairs; as ``_cut_ending``."""
-        w, g = self.w, self.g
-        cs = cum_pairs(start, w)
+        g = self.g
+        cum, reach = self._curve(doc)
+        cs = cum(start)
         if at_least:
-            y = first_reaching(cs + target, w)
+            y = reach(cs + target)
             ya = -(-y // g) * g
         else:
-            y = first_reaching(cs + target + 1, w) - 1
+            y = reach(cs + target + 1) - 1
             ya = y // g * g
         for c in (ya, y):
             if start < c < end:
-                m = cum_pairs(c, w) - cs
+                m = cum(c) - cs
                 if lo <= m <= hi:
                     return c, m
         return None
@@ -243,7 +345,7 @@ class _Planner:
         """Feasible moves of part of ``seg`` to ``receiver`` moving work in [lo_ok, hi_ok + slack]:
         tuples ``(bytes per pair, -pairs, kind, a, b, pairs)``."""
         doc, q0, q1, rank, _, _, total = self._get(seg)
-        w = self.w
+        keys = self._keys
         remote_q = self.q_bytes if self.remote_all or rank != receiver else 0
         kvb = self.kv_bytes
         new_kv = self._new_kv
@@ -251,7 +353,7 @@ class _Planner:
         lo = max(lo_ok, 1)
         out = []
         if 0 < total <= hi:
-            cost = (q1 - q0) * remote_q + new_kv(receiver, doc, key_start(q0, w), q1) * kvb
+            cost = (q1 - q0) * remote_q + new_kv(receiver, doc, keys(doc, q0, q1)) * kvb
             out.append((cost / total, -total, 0, q0, q1, total))
             if total >= lo_ok:
                 return out
@@ -262,29 +364,30 @@ class _Planner:
         at_least = lo_ok > 0 or slack > 0
         target = lo_ok if lo_ok > 0 else max(hi_ok, 1)
         # Suffix [x, q1): the late queries carry the most work per query token.
-        got = self._cut_ending(q0, q1, target, at_least, lo, hi)
+        got = self._cut_ending(doc, q0, q1, target, at_least, lo, hi)
         if got:
             x, m = got
-            cost = (q1 - x) * remote_q + new_kv(receiver, doc, key_start(x, w), q1) * kvb
+            cost = (q1 - x) * remote_q + new_kv(receiver, doc, keys(doc, x, q1)) * kvb
             out.append((cost / m, -m, 1, x, q1, m))
         # Head [q0, y): early queries need few keys.
-        got = self._cut_starting(q0, q1, target, at_least, lo, hi)
+        got = self._cut_starting(doc, q0, q1, target, at_least, lo, hi)
         if got:
             y, m = got
-            cost = (y - q0) * remote_q + new_kv(receiver, doc, key_start(q0, w), y) * kvb
+            cost = (y - q0) * remote_q + new_kv(receiver, doc, keys(doc, q0, y)) * kvb
             out.append((cost / m, -m, 2, q0, y, m))
         g = self.g
-        if w < 0 and remote_q and q1 - q0 >= 2 * g:
+        if self.middle and remote_q and q1 - q0 >= 2 * g:
             # Middle [x, y): for a small move, the donor keeps a head–tail pair and ships the middle,
-            # which needs keys only up to y. A chunk of c queries ending at y carries ~c·(y - c/2)
-            # pairs and costs c·q + y·kv bytes; for work m that is least at c = sqrt(m·kv / (q + kv/2)).
+            # which needs keys only up to y (causal; prefix-LM: up to y or the prefix's end). A chunk of c
+            # queries ending at y carries ~c·(y - c/2) pairs and costs c·q + y·kv bytes; for work m that is
+            # least at c = sqrt(m·kv / (q + kv/2)).
             c = max(1, isqrt(target * kvb // (remote_q + kvb // 2)))
             y = -(-(target // c + c // 2) // g) * g
             if q0 + 1 < y < q1:
-                got = self._cut_ending(q0, y, target, at_least, lo, hi)
+                got = self._cut_ending(doc, q0, y, target, at_least, lo, hi)
                 if got:
                     x, m = got
-                    cost = (y - x) * remote_q + new_kv(receiver, doc, 0, y) * kvb
+                    cost = (y - x) * remote_q + new_kv(receiver, doc, keys(doc, x, y)) * kvb
                     out.append((cost / m, -m, 3, x, y, m))
         return out
 
@@ -292,7 +395,6 @@ class _Planner:
     def _apply(self, seg: int, kind: int, a: int, b: int, receiver: int, donor_segs: list[int]) -> None:
         f = self._get(seg)
         doc, q0, q1, rank, row, donor, work = f
-        w = self.w
         self.load[donor] -= work
         donor_segs.remove(seg)
         if seg < self.n_base:
@@ -300,7 +402,7 @@ class _Planner:
         if kind == 0:  # whole segment
             f[SERVER] = receiver
             self.load[receiver] += work
-            self._hold(receiver, doc, key_start(q0, w), q1)
+            self._hold(receiver, doc, self._keys(doc, q0, q1))
             return
         if kind == 1:  # suffix: donor keeps [q0, a), receiver gets [a, q1)
             keep, moved, also_keep = (q0, a), (a, q1), None
@@ -310,7 +412,7 @@ class _Planner:
             keep, moved, also_keep = (q0, a), (a, b), (b, q1)
         f[Q0], f[Q1] = keep
         f[ROW] = row + (keep[0] - q0)
-        f[WORK] = cum_pairs(keep[1], w) - cum_pairs(keep[0], w)
+        f[WORK] = self._work(doc, keep[0], keep[1])
         self.load[donor] += f[WORK]
         self._add(doc, moved[0], moved[1], rank, row + (moved[0] - q0), receiver)
         get = self._get
@@ -380,14 +482,14 @@ class _Planner:
                         receivers.append(t)
                 # Relaxed pass: when no cut fits (tiny spares, eps ~ 0) allow one query token's
                 # work of overshoot — the last token of a segment sees at most q1 keys.
-                slack = self._get(seg)[Q1] if relax else 0
+                slack = self._token_work(seg) if relax else 0
                 for t in receivers:
                     spare = capacity - self.load[t]
                     opts = None
                     if need <= spare + slack:
                         # A final cut may overshoot the need by the donor's share of the free room,
                         # or by one query token's work (a token-granular cut cannot do better).
-                        top_up = min(spare, need + max(self.overshoot, self._get(seg)[Q1]))
+                        top_up = min(spare, need + max(self.overshoot, self._token_work(seg)))
                         opts = self._options(seg, t, need, top_up, slack)
                     if not opts:  # fill the receiver instead (the donor continues with the next one)
                         opts = self._options(seg, t, 0, spare, slack)
@@ -398,6 +500,18 @@ class _Planner:
             if best is not None:
                 return best[1]
         return None
+
+
+def _union(held: list[tuple[int, int]], ranges) -> list[tuple[int, int]]:
+    """Sorted, disjoint union of two lists of half-open ranges (touching ones joined)."""
+    out: list[list[int]] = []
+    for a, b in sorted([*held, *ranges]):
+        if out and a <= out[-1][1]:
+            if b > out[-1][1]:
+                out[-1][1] = b
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
 
 
 class _Receivers:

@@ -8,7 +8,10 @@ from distca.attention.backends.base import VarlenMeta
 
 
 def window_size(meta: VarlenMeta) -> tuple[int, int]:
-    """flash-attn's ``(left, right)``: ``w`` keys including self is ``(w - 1, 0)``; full causal ``(-1, 0)``."""
+    """flash-attn's ``(left, right)``: ``w`` keys including self is ``(w - 1, 0)``; full causal ``(-1, 0)``;
+    non-causal (every key) ``(-1, -1)``."""
+    if not meta.causal:
+        return (-1, -1)
     return (-1, 0) if meta.window < 0 else (meta.window - 1, 0)
 
 

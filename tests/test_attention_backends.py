@@ -280,3 +280,11 @@ def test_non_causal_call_refuses_a_window():
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(AttentionInputError, match="window"):
         forward(q, q, q, cu, cu, 4, 4, window=2, causal=False)
+
+
+def test_gpu_kernels_keyless_rows_get_minus_inf_lse():
+    """flash-attn writes +inf for a row that sees no key; DistCA's lse is -inf there (a merge's neutral element)."""
+    from distca.attention.backends.gpu_common import lse_to_token_major
+
+    got = lse_to_token_major(torch.tensor([[0.5, float("inf"), float("-inf")]]), 3, 1)
+    assert got.tolist() == [[0.5], [float("-inf")], [float("-inf")]]

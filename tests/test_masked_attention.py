@@ -75,18 +75,19 @@ def rel_err(got: torch.Tensor, truth: torch.Tensor) -> float:
     return float((got.double() - truth).abs().max() / truth.abs().max().clamp_min(1.0))
 
 
-def check_against_dense(case, name: str, dtype: torch.dtype, tol: float) -> None:
+def check_against_dense(case, name: str, dtype: torch.dtype, tol: float, device: str = "cpu") -> None:
     lens, doc_masks, shards, q, k, v, dout = case
     truth_in = [t.to(dtype).double().requires_grad_() for t in (q, k, v)]
     t_out, t_lse = dense_attention(*truth_in, dense_allowed(lens, doc_masks, shards))
     t_grads = torch.autograd.grad(t_out, truth_in, dout.to(dtype).double())
 
     call = document_call(lens, doc_masks, shards)
-    ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    ins = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
     out, lse = masked_attention(*ins, call, backend=name)
     assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert not lse.requires_grad
-    grads = torch.autograd.grad(out, ins, dout.to(dtype))
+    grads = [g.cpu() for g in torch.autograd.grad(out, ins, dout.to(device=device, dtype=dtype))]
+    out, lse = out.cpu(), lse.cpu()
 
     what = f"{name}/{dtype} masks {[m.spec() for m in doc_masks]} shards {shards}"
     dead = torch.isinf(t_lse)
@@ -117,6 +118,20 @@ def test_every_family_matches_dense_masked_attention_fp64(name, case):
 def test_every_family_matches_dense_masked_attention_fp32(name, case):
     _skip_unless(name, torch.float32)
     check_against_dense(case, name, torch.float32, 2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["flash", "torch_varlen"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@settings(max_examples=10)
+@given(case=doc_cases(max_docs=3))
+def test_every_family_matches_dense_masked_attention_cuda(name, dtype, case):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = get_backend_reason(name, torch.device("cuda"), dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    check_against_dense(case, name, dtype, {torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype], "cuda")
 
 
 @pytest.mark.parametrize("name", CPU64)

@@ -260,21 +260,23 @@ def forward(
             backend, causal=g.causal))
     if len(parts) == 1 and call.groups[0].q_identity:  # the fast path: the kernel's own buffers
         return parts[0]
+    parts = [(o, l.to(ld)) for o, l in parts]
     if call.depth <= 1:  # no row has two results: scatter them
         out = q.new_zeros(q.shape)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=ld, device=q.device)
         for g, (o, l) in zip(call.groups, parts, strict=True):
             idx = _index(g.q_index, q.device)
-            out[idx], lse[idx] = o, l.to(ld)
+            out[idx], lse[idx] = o, l
         return out, lse
     return _merge(parts, call.q_slots, q, ld)
+
 
 
 def _merge(parts, slots: np.ndarray, q: torch.Tensor, ld: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine each row's partial results: ``lse = logsumexp(lse_r)``, ``out = Σ exp(lse_r - lse)·out_r``,
     computed in ``ld``. A pad row (``lse = -inf``, ``out = 0``) stands for missing results."""
     hq, d = q.shape[1], q.shape[2]
-    all_l = torch.cat([l.to(ld) for _, l in parts] + [torch.full((1, hq), float("-inf"), dtype=ld, device=q.device)])
+    all_l = torch.cat([l for _, l in parts] + [torch.full((1, hq), float("-inf"), dtype=ld, device=q.device)])
     all_o = torch.cat([o for o, _ in parts] + [q.new_zeros(1, hq, d)])
     idx = _index(slots, q.device)
     ls = all_l[idx]  # [depth, n_q, Hq]

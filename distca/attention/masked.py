@@ -233,12 +233,15 @@ def _index(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.tensor(a, device=device)  # a copy: the plan's arrays are read-only
 
 
-def _take(x: torch.Tensor, index: np.ndarray, identity: bool) -> torch.Tensor:
-    return x if identity else x[_index(index, x.device)]
+def _take(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return x if index is None else x[index]
 
 
-def _cu(g: RectGroup, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return _index(g.cu_q, device), _index(g.cu_k, device)
+def _device_plan(g: RectGroup, device: torch.device):
+    """``(q index | None, k index | None, cu_q, cu_k)`` on ``device``; ``None`` where rows are taken as they are."""
+    qi = None if g.q_identity else _index(g.q_index, device)
+    ki = None if g.k_identity else _index(g.k_index, device)
+    return qi, ki, _index(g.cu_q, device), _index(g.cu_k, device)
 
 
 def forward(
@@ -253,11 +256,9 @@ def forward(
     ld = lse_dtype(q.dtype)
     parts = []
     for g in call.groups:
-        cu_q, cu_k = _cu(g, q.device)
-        parts.append(varlen_forward(
-            _take(q, g.q_index, g.q_identity), _take(k, g.k_index, g.k_identity),
-            _take(v, g.k_index, g.k_identity), cu_q, cu_k, g.max_q, g.max_k, g.window, softmax_scale,
-            backend, causal=g.causal))
+        qi, ki, cu_q, cu_k = _device_plan(g, q.device)
+        parts.append(varlen_forward(_take(q, qi), _take(k, ki), _take(v, ki), cu_q, cu_k, g.max_q, g.max_k,
+                                    g.window, softmax_scale, backend, causal=g.causal))
     if len(parts) == 1 and call.groups[0].q_identity:  # the fast path: the kernel's own buffers
         return parts[0]
     parts = [(o, l.to(ld)) for o, l in parts]
@@ -304,12 +305,10 @@ def backward(
                                   f"and lse {tuple(lse.shape)} must be {tuple(q.shape[:2])}")
     grads = []
     for g in call.groups:
-        cu_q, cu_k = _cu(g, q.device)
-        take_q = lambda x, g=g: _take(x, g.q_index, g.q_identity)  # noqa: E731
+        qi, ki, cu_q, cu_k = _device_plan(g, q.device)
         grads.append(varlen_backward(
-            take_q(q), _take(k, g.k_index, g.k_identity), _take(v, g.k_index, g.k_identity), take_q(out),
-            take_q(lse), take_q(dout), cu_q, cu_k, g.max_q, g.max_k, g.window, softmax_scale, backend,
-            causal=g.causal))
+            _take(q, qi), _take(k, ki), _take(v, ki), _take(out, qi), _take(lse, qi), _take(dout, qi), cu_q, cu_k,
+            g.max_q, g.max_k, g.window, softmax_scale, backend, causal=g.causal))
     if len(grads) == 1 and call.groups[0].q_identity and call.groups[0].k_identity:
         return grads[0]
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype

@@ -27,6 +27,7 @@ from distca.attention import (
     varlen_metadata,
 )
 from distca.attention.tasks import task_row_indices
+from distca.errors import AttentionInputError
 
 
 # -- cases: packed documents, shard cuts, and the dense reference --------------------------------
@@ -215,3 +216,75 @@ def test_one_fused_call_over_many_shards_equals_per_document_calls(name, case):
         start += n
     for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), sharded, per_doc, strict=True):
         assert rel_err(a, b) <= 1e-5, f"{label} differs between sharded and per-document calls"
+
+
+# -- non-causal calls (the mask families' ``full`` rectangles) ----------------------------------------
+@st.composite
+def full_cases(draw):
+    """Independent (q_len, kv_len) sequences, GQA, packed for one non-causal fused call."""
+    n = draw(st.integers(1, 4))
+    q_lens = draw(st.lists(st.integers(0, 40), min_size=n, max_size=n))
+    k_lens = draw(st.lists(st.integers(1, 40), min_size=n, max_size=n))
+    hq, hkv = draw(st.sampled_from(((4, 4), (4, 2), (6, 1))))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    mk = lambda rows, h: torch.randn(rows, h, 8, generator=gen, dtype=torch.float64)  # noqa: E731
+    tq, tk = sum(q_lens), sum(k_lens)
+    return q_lens, k_lens, mk(tq, hq), mk(tk, hkv), mk(tk, hkv), mk(tq, hq)
+
+
+def _full_truth(q_lens, k_lens, q, k, v, dout):
+    """Per sequence, softmax over every key (fp64 autograd): ``(out, lse, dq, dk, dv)``."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    outs, lses = [], []
+    qa = ka = 0
+    for nq, nk in zip(q_lens, k_lens, strict=True):
+        kk = k[ka:ka + nk].repeat_interleave(groups, dim=1)
+        vv = v[ka:ka + nk].repeat_interleave(groups, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q[qa:qa + nq], kk) * q.shape[-1] ** -0.5
+        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), vv))
+        lses.append(torch.logsumexp(s, dim=-1).transpose(0, 1))
+        qa, ka = qa + nq, ka + nk
+    out = torch.cat(outs)
+    grads = torch.autograd.grad(out, (q, k, v), dout.double())
+    return out.detach(), torch.cat(lses).detach(), *grads
+
+
+@pytest.mark.parametrize(("name", "device", "dtype"), [
+    p for p in _configs() if p.values[2] in (torch.float64, torch.float32, torch.float16)])
+@given(case=full_cases())
+def test_non_causal_call_sees_every_key_of_its_sequence(name, device, dtype, case):
+    _skip_unless_runnable(name, device, dtype)
+    q_lens, k_lens, q, k, v, dout = case
+    cu_q = torch.tensor(np.cumsum([0, *q_lens]), dtype=torch.int32, device=device)
+    cu_k = torch.tensor(np.cumsum([0, *k_lens]), dtype=torch.int32, device=device)
+    q, k, v, dout = (t.to(device=device, dtype=dtype) for t in (q, k, v, dout))
+    mq, mk = max(q_lens), max(k_lens)
+    out, lse = forward(q, k, v, cu_q, cu_k, mq, mk, backend=name, causal=False)
+    grads = backward(q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, backend=name, causal=False)
+    truth = _full_truth(q_lens, k_lens, q.cpu(), k.cpu(), v.cpu(), dout.cpu())
+    for label, g, t in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), truth, strict=True):
+        assert g.shape == t.shape, f"{name} non-causal {label}: shape {tuple(g.shape)}, want {tuple(t.shape)}"
+        err = rel_err(g.cpu().double(), t) if t.numel() else 0.0
+        assert err <= TOLERANCE[dtype], f"{name}/{dtype} non-causal {label}: relative error {err:.2e}"
+    # The autograd path computes the same gradients.
+    qa, ka, va = (t.clone().requires_grad_() for t in (q, k, v))
+    out2, _ = varlen_attention(qa, ka, va, cu_q, cu_k, mq, mk, backend=name, causal=False)
+    out2.backward(dout)
+    for a, b in zip((qa.grad, ka.grad, va.grad), grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_non_causal_call_refuses_a_window():
+    q = torch.zeros(4, 2, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(AttentionInputError, match="window"):
+        forward(q, q, q, cu, cu, 4, 4, window=2, causal=False)
+
+
+def test_gpu_kernels_keyless_rows_get_minus_inf_lse():
+    """flash-attn writes +inf for a row that sees no key; DistCA's lse is -inf there (a merge's neutral element)."""
+    from distca.attention.backends.gpu_common import lse_to_token_major
+
+    got = lse_to_token_major(torch.tensor([[0.5, float("inf"), float("-inf")]]), 3, 1)
+    assert got.tolist() == [[0.5], [float("-inf")], [float("-inf")]]

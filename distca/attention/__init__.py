@@ -11,6 +11,7 @@ from distca.attention.cost import (
     pair_count,
     tile_count,
 )
+from distca.attention.masked import RectCall, document_call, masked_attention
 from distca.attention.tasks import FULL, CATask, key_range, shard_document, uniform_cuts, varlen_metadata
 from distca.attention.varlen import backward, forward, varlen_attention
 
@@ -21,14 +22,17 @@ __all__ = [
     "CATask",
     "CalibrationTable",
     "CostModel",
+    "RectCall",
     "attention_flops",
     "available_backends",
     "backward",
     "cum_pairs",
+    "document_call",
     "forward",
     "get_backend_reason",
     "key_range",
     "lse_dtype",
+    "masked_attention",
     "pair_count",
     "resolve_backend",
     "shard_document",

@@ -37,7 +37,8 @@ def _host_offsets(cu: torch.Tensor, name: str, total: int) -> tuple[int, ...]:
 
 def make_meta(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, window: int = -1, softmax_scale: float | None = None,
+    max_seqlen_q: int, max_seqlen_k: int, window: int = -1, softmax_scale: float | None = None, *,
+    causal: bool = True,
 ) -> VarlenMeta:
     """Validate inputs of a varlen call and bundle its metadata; errors name what is wrong."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -57,6 +58,11 @@ def make_meta(
         raise AttentionInputError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
     if window != -1 and window < 1:
         raise AttentionInputError(f"window must be -1 (full causal) or >= 1 keys, got {window}")
+    if not isinstance(causal, bool):
+        raise AttentionInputError(f"causal must be a bool, got {type(causal).__name__}")
+    if not causal and window != -1:
+        raise AttentionInputError(f"a window ({window}) needs causal attention; causal=False sees every key, "
+                                  "so its window must be -1")
     cq = _host_offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
     ck = _host_offsets(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
     if len(cq) != len(ck):
@@ -68,16 +74,18 @@ def make_meta(
             f"max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) below the longest sequences ({longest_q}, {longest_k})"
         )
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
-    return VarlenMeta(cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), int(window), scale, cq, ck)
+    return VarlenMeta(cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), int(window), scale, cq, ck,
+                      causal)
 
 
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, window: int = -1, softmax_scale: float | None = None,
-    backend: str = "auto",
+    backend: str = "auto", *, causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Graph-free forward: ``(out [total_q, Hq, D], lse [total_q, Hq])``, the lse in ``lse_dtype(q.dtype)``."""
-    meta = make_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, softmax_scale)
+    meta = make_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, softmax_scale,
+                     causal=causal)
     with torch.no_grad():
         return resolve_backend(backend, q.device, q.dtype).forward(q, k, v, meta)
 
@@ -85,10 +93,15 @@ def forward(
 def backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-    window: int = -1, softmax_scale: float | None = None, backend: str = "auto",
+    window: int = -1, softmax_scale: float | None = None, backend: str = "auto", *, causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Graph-free backward from the forward's ``out`` and ``lse``: ``(dq, dk, dv)``."""
-    meta = make_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, softmax_scale)
+    """Graph-free backward from the forward's ``out`` and ``lse``: ``(dq, dk, dv)``.
+
+    ``out`` and ``lse`` may be those of a larger softmax this call's pairs are part of (other key blocks
+    merged by lse): the gradients are then this call's share of that softmax's, as in ring attention.
+    """
+    meta = make_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, softmax_scale,
+                     causal=causal)
     if out.shape != q.shape or dout.shape != q.shape:
         raise AttentionInputError(
             f"out {tuple(out.shape)} and dout {tuple(dout.shape)} must match q {tuple(q.shape)}"
@@ -119,15 +132,18 @@ class _VarlenAttention(torch.autograd.Function):
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, window: int = -1, softmax_scale: float | None = None,
-    backend: str = "auto",
+    backend: str = "auto", *, causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal core attention over many (query, key) sequences in one call, differentiable.
+    """Causal (or, with ``causal=False``, unmasked) core attention over many (query, key) sequences in one
+    call, differentiable.
 
     ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]`` (``Hq`` a multiple of ``Hkv``); sequence ``i``
     is rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of q against ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``
     of k/v. The causal mask is bottom-right aligned; ``window=w`` lets each query see at most ``w``
-    keys including itself (flash-attn ``window_size=(w-1, 0)``). Returns ``(out, lse)`` with
-    ``lse [total_q, Hq]`` the natural-log log-sum-exp in ``lse_dtype(q.dtype)`` (not differentiable).
+    keys including itself (flash-attn ``window_size=(w-1, 0)``). ``causal=False`` lets every query see every
+    key of its sequence (the window must then be -1). Returns ``(out, lse)`` with ``lse [total_q, Hq]`` the
+    natural-log log-sum-exp in ``lse_dtype(q.dtype)`` (not differentiable).
     """
-    meta = make_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, softmax_scale)
+    meta = make_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, softmax_scale,
+                     causal=causal)
     return _VarlenAttention.apply(q, k, v, meta, backend)

@@ -5,7 +5,9 @@ All backends take flash-attn varlen layouts: ``q [total_q, Hq, D]``, ``k, v [tot
 input dtype and ``lse [total_q, Hq]`` (natural log, fp32; fp64 for fp64 inputs). ``lse`` is
 token-major — unlike flash-attn's ``[Hq, total_q]`` — so that one task's rows of ``out`` and
 ``lse`` are contiguous slices, which is what the transport ships. Query rows that see no key
-(only possible when a task has ``q_len > kv_len``) get ``out = 0`` and ``lse = -inf``.
+(only possible when a task has ``q_len > kv_len``) get ``out = 0`` and ``lse = -inf``. A call is
+causal (bottom-right aligned, optionally banded by a window) unless ``meta.causal`` is False: then every
+query sees every key of its sequence — the ``full`` rectangles of the mask families.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class VarlenMeta:
     softmax_scale: float
     cu_q_host: tuple[int, ...]
     cu_k_host: tuple[int, ...]
+    causal: bool = True  # False: every query sees every key of its sequence (window is then -1)
 
     @property
     def n_tasks(self) -> int:

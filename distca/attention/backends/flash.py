@@ -1,8 +1,9 @@
 """flash-attn 2 varlen kernels (optional; install the ``gpu`` extra on a CUDA machine).
 
 flash-attn's causal mask is bottom-right aligned and ``window_size=(w - 1, 0)`` is exactly
-DistCA's ``w`` keys including self. The explicit backward calls flash-attn's internal varlen
-backward, whose positional signature changed across 2.x releases, so arguments are passed by name.
+DistCA's ``w`` keys including self; a non-causal call is ``causal=False`` with ``window_size=(-1, -1)``.
+The explicit backward calls flash-attn's internal varlen backward, whose positional signature changed
+across 2.x releases, so arguments are passed by name.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class FlashBackend(Backend):
                 self._fa._flash_attn_varlen_forward,
                 q=q, k=k, v=v, cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.cu_seqlens_k,
                 max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, dropout_p=0.0,
-                softmax_scale=meta.softmax_scale, causal=True, window_size_left=left,
+                softmax_scale=meta.softmax_scale, causal=meta.causal, window_size_left=left,
                 window_size_right=right, window_size=(left, right), softcap=0.0, alibi_slopes=None,
                 return_softmax=False, block_table=None,
             )
@@ -71,7 +72,7 @@ class FlashBackend(Backend):
                 dout=dout.contiguous(), q=q, k=k, v=v, out=out, softmax_lse=lse_to_kernel(lse), dq=dq, dk=dk,
                 dv=dv, cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.cu_seqlens_k,
                 max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, dropout_p=0.0,
-                softmax_scale=meta.softmax_scale, causal=True, window_size_left=left,
+                softmax_scale=meta.softmax_scale, causal=meta.causal, window_size_left=left,
                 window_size_right=right, window_size=(left, right), softcap=0.0, alibi_slopes=None,
                 deterministic=False, rng_state=None,
             )

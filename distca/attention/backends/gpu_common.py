@@ -8,19 +8,27 @@ from distca.attention.backends.base import VarlenMeta
 
 
 def window_size(meta: VarlenMeta) -> tuple[int, int]:
-    """flash-attn's ``(left, right)``: ``w`` keys including self is ``(w - 1, 0)``; full causal ``(-1, 0)``."""
+    """flash-attn's ``(left, right)``: ``w`` keys including self is ``(w - 1, 0)``; full causal ``(-1, 0)``;
+    non-causal (every key) ``(-1, -1)``."""
+    if not meta.causal:
+        return (-1, -1)
     return (-1, 0) if meta.window < 0 else (meta.window - 1, 0)
 
 
 def lse_to_token_major(lse: torch.Tensor, total_q: int, n_heads: int) -> torch.Tensor:
-    """Kernel lse (flash layout ``[Hq, total_q]``) → DistCA's ``[total_q, Hq]`` fp32."""
+    """Kernel lse (flash layout ``[Hq, total_q]``) → DistCA's ``[total_q, Hq]`` fp32.
+
+    flash-attn writes ``+inf`` for a row that sees no key; DistCA's convention is ``-inf`` (the neutral
+    element of a log-sum-exp merge, so such a row adds nothing when partial results are combined). The
+    kernels' backward treats both alike (a row whose max is infinite gets probability 0)."""
     if lse.dim() == 3:  # some builds return [1, Hq, total_q]
         lse = lse.squeeze(0)
     if tuple(lse.shape) == (n_heads, total_q):
-        return lse.transpose(0, 1).float()
-    if tuple(lse.shape) == (total_q, n_heads):
-        return lse.float()
-    raise RuntimeError(f"kernel returned lse of shape {tuple(lse.shape)}; expected [{n_heads}, {total_q}]")
+        lse = lse.transpose(0, 1)
+    elif tuple(lse.shape) != (total_q, n_heads):
+        raise RuntimeError(f"kernel returned lse of shape {tuple(lse.shape)}; expected [{n_heads}, {total_q}]")
+    lse = lse.float()
+    return lse.masked_fill(lse == float("inf"), float("-inf"))
 
 
 def lse_to_kernel(lse: torch.Tensor) -> torch.Tensor:

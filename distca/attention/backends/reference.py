@@ -2,7 +2,8 @@
 
 The mask is built from positions, independently of the fast kernels: query ``j`` of a task with
 ``q_len`` queries and ``kv_len`` keys sits at key position ``p = kv_len - q_len + j`` and sees keys
-``[max(0, p - w + 1), p]`` (``w = window``; ``[0, p]`` when ``window = -1``). The backward is the
+``[max(0, p - w + 1), p]`` (``w = window``; ``[0, p]`` when ``window = -1``); a non-causal call lets every
+query see every key of its task. The backward is the
 closed-form softmax gradient, so the servers' graph-free backward is checked against it.
 """
 
@@ -13,8 +14,12 @@ import torch
 from distca.attention.backends.base import Backend, VarlenMeta, lse_dtype
 
 
-def visible_mask(q_len: int, kv_len: int, window: int, device: torch.device | None = None) -> torch.Tensor:
-    """Bool ``[q_len, kv_len]``: True where query j may attend key i (bottom-right aligned)."""
+def visible_mask(q_len: int, kv_len: int, window: int, device: torch.device | None = None,
+                 causal: bool = True) -> torch.Tensor:
+    """Bool ``[q_len, kv_len]``: True where query j may attend key i (bottom-right aligned; all True when
+    not ``causal``)."""
+    if not causal:
+        return torch.ones((q_len, kv_len), dtype=torch.bool, device=device)
     qpos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
     kpos = torch.arange(kv_len, device=device)[None, :]
     mask = kpos <= qpos
@@ -53,7 +58,8 @@ class ReferenceBackend(Backend):
                 continue
             qh, kh, vh = (_heads_first(q[q0:q1], 1, ct), _heads_first(k[k0:k1], groups, ct),
                           _heads_first(v[k0:k1], groups, ct))
-            p, l = self._probs(qh, kh, visible_mask(q1 - q0, k1 - k0, meta.window, q.device), meta.softmax_scale)
+            mask = visible_mask(q1 - q0, k1 - k0, meta.window, q.device, meta.causal)
+            p, l = self._probs(qh, kh, mask, meta.softmax_scale)
             out[q0:q1] = torch.matmul(p, vh).transpose(0, 1).to(q.dtype)
             lse[q0:q1] = l.transpose(0, 1).to(lse.dtype)
         return out, lse
@@ -71,7 +77,7 @@ class ReferenceBackend(Backend):
             qh, kh, vh = (_heads_first(q[q0:q1], 1, ct), _heads_first(k[k0:k1], groups, ct),
                           _heads_first(v[k0:k1], groups, ct))
             doh, oh = _heads_first(dout[q0:q1], 1, ct), _heads_first(out[q0:q1], 1, ct)
-            mask = visible_mask(q1 - q0, k1 - k0, meta.window, q.device)
+            mask = visible_mask(q1 - q0, k1 - k0, meta.window, q.device, meta.causal)
             # Recompute P from the saved lse (as flash backward does) rather than from scratch.
             l = lse[q0:q1].transpose(0, 1).to(ct)
             s = torch.matmul(qh, kh.transpose(-1, -2)) * meta.softmax_scale

@@ -7,6 +7,7 @@ sees (no mask) and the square diagonal block ``[e, kv_len)`` (top-left causal). 
 merged by their log-sum-exps, and the backward runs each piece's kernel backward with the
 *merged* ``out`` and ``lse`` — exact, as in ring attention. Sliding-window tasks are computed in
 query blocks over their key band with an additive mask, so their cost stays ~tokens × window.
+A non-causal task is a single unmasked piece.
 
 The kernel (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward) is the one
 ``F.scaled_dot_product_attention`` dispatches to on CPU; it is called directly because the public
@@ -75,12 +76,16 @@ class _Piece:
         self.j0, self.j1, self.lo, self.hi, self.causal, self.mask = j0, j1, lo, hi, causal, mask
 
 
-def _pieces(q_len: int, kv_len: int, window: int, dtype, device) -> tuple[list[list[_Piece]], bool]:
+def _pieces(q_len: int, kv_len: int, window: int, dtype, device, causal: bool = True
+            ) -> tuple[list[list[_Piece]], bool]:
     """Groups of pieces, each group covering some query rows and merged by lse; and whether the
-    groups' key ranges are disjoint (full causal) or overlap (sliding-window bands).
+    groups' key ranges are disjoint (full causal, non-causal) or overlap (sliding-window bands).
 
-    Leading query rows that see no key at all (``q_len > kv_len``) belong to no group.
+    Leading query rows that see no key at all (``q_len > kv_len``, causal) belong to no group. A
+    non-causal task is one unmasked piece: every query sees every key.
     """
+    if not causal:
+        return [[_Piece(0, q_len, 0, kv_len)]], True
     skip = max(0, q_len - kv_len)
     qe = q_len - skip
     e = kv_len - qe  # >= 0: keys before the first (non-empty) query's diagonal
@@ -120,7 +125,7 @@ class SdpaBackend(Backend):
             if q1 == q0 or k1 == k0:
                 continue
             qt, kt, vt = lay.q(q[q0:q1]), lay.kv(k[k0:k1]), lay.kv(v[k0:k1])
-            for group in _pieces(q1 - q0, k1 - k0, meta.window, q.dtype, q.device)[0]:
+            for group in _pieces(q1 - q0, k1 - k0, meta.window, q.dtype, q.device, meta.causal)[0]:
                 parts = [
                     _OPS._scaled_dot_product_flash_attention_for_cpu(
                         qt[:, :, p.j0:p.j1], kt[:, :, p.lo:p.hi], vt[:, :, p.lo:p.hi], 0.0, p.causal,
@@ -154,7 +159,7 @@ class SdpaBackend(Backend):
             qt, kt, vt = lay.q(q[q0:q1]), lay.kv(k[k0:k1]), lay.kv(v[k0:k1])
             ot, dot = lay.q(out[q0:q1]), lay.q(dout[q0:q1])
             lt = lay.lse_in(lse[q0:q1], kernel_lse)
-            groups, disjoint = _pieces(q1 - q0, k1 - k0, meta.window, q.dtype, q.device)
+            groups, disjoint = _pieces(q1 - q0, k1 - k0, meta.window, q.dtype, q.device, meta.causal)
             if not disjoint:
                 dk_acc = torch.zeros((k1 - k0, *k.shape[1:]), dtype=acc, device=k.device)
                 dv_acc = torch.zeros_like(dk_acc)

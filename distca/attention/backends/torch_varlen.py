@@ -2,7 +2,8 @@
 
 This is the GPU path on machines where flash-attn cannot be built (a PyPI-only network: flash-attn
 ships as an sdist that needs nvcc and a CUDA torch). Its causal/window semantics follow flash-attn:
-bottom-right aligned, ``window_size=(w - 1, 0)``.
+bottom-right aligned, ``window_size=(w - 1, 0)``; a non-causal call is ``is_causal=False`` with
+``window_size=(-1, -1)`` (every key).
 
 The kernels are private ops whose argument lists change between torch releases, so they are called by
 argument name (``call_by_schema``). A release whose ``torch_attn::_varlen_attn`` takes no window runs
@@ -89,7 +90,7 @@ class TorchVarlenBackend(Backend):
         else:
             out, lse, *_ = call_by_schema(self._ops._varlen_attn, {
                 "query": q, "key": k, "value": v, "cu_seq_q": meta.cu_seqlens_q, "cu_seq_k": meta.cu_seqlens_k,
-                "max_q": meta.max_seqlen_q, "max_k": meta.max_seqlen_k, "is_causal": meta.window < 0,
+                "max_q": meta.max_seqlen_q, "max_k": meta.max_seqlen_k, "is_causal": meta.causal and meta.window < 0,
                 "scale": meta.softmax_scale, "window_size": ws, "enable_gqa": q.shape[1] != k.shape[1]})
         return out, lse_to_token_major(lse, q.shape[0], q.shape[1])
 
@@ -110,6 +111,6 @@ class TorchVarlenBackend(Backend):
             dq, dk, dv = call_by_schema(self._ops._varlen_attn_backward, {
                 "grad_out": dout.contiguous(), "query": q, "key": k, "value": v, "out": out,
                 "lse": lse_to_kernel(lse), "cu_seq_q": meta.cu_seqlens_q, "cu_seq_k": meta.cu_seqlens_k,
-                "max_q": meta.max_seqlen_q, "max_k": meta.max_seqlen_k, "is_causal": meta.window < 0,
+                "max_q": meta.max_seqlen_q, "max_k": meta.max_seqlen_k, "is_causal": meta.causal and meta.window < 0,
                 "rng_state": rng, "scale": meta.softmax_scale, "window_size": ws})
         return dq, dk, dv

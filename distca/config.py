@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from distca.attention.masks import AttentionKey, Mask, attention_key, key_text, layer_masks
+from distca.attention.masks import AttentionKey, Mask, attention_key, layer_masks
 from distca.errors import ConfigError, InputError
 from distca.limits import (
     INT64_MAX,
@@ -492,10 +492,6 @@ class DistCAConfig:
         if self.cluster.data_plane == "inplace" and self.cluster.placement != "colocated":
             raise ConfigError("cluster.data_plane: inplace makes every trainer an attention server; it needs "
                               f"cluster.placement: colocated, got {self.cluster.placement!r}")
-        masks = sorted({key_text(k) for k in self.model.attention_windows() if isinstance(k, Mask)})
-        if self.train.core_attention == "cad" and masks:
-            raise ConfigError(f"model.layer_masks {masks}: CAD plans the causal and window families so far; run "
-                              "these layers with train.core_attention: local")
 
         if self.train.pipeline_schedule == "pooled":
             why = self.pooled_obstacle()

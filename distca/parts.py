@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 
 from distca.attention import AttentionShape
+from distca.attention.masks import AttentionKey, key_mask
 from distca.config import DistCAConfig, TransportSection
 from distca.errors import ConfigError
 from distca.scheduler import SchedulerConfig
@@ -156,9 +157,10 @@ def client_settings(cfg: DistCAConfig, device: str | None = None) -> ClientSetti
     return ClientSettings(transport=transport_settings(cfg), backend=cfg.attention.backend, shm=plane == "shm")
 
 
-def scheduler_settings(cfg: DistCAConfig, window: int) -> SchedulerConfig:
-    """The CAD planner's settings for layers of attention ``window`` (-1: full causal)."""
-    return SchedulerConfig(eps=cfg.scheduler.eps, granularity=cfg.attention.shard_tokens, window=window)
+def scheduler_settings(cfg: DistCAConfig, window: AttentionKey) -> SchedulerConfig:
+    """The CAD planner's settings for layers of attention ``window``: an int window (-1: full causal) or a
+    :class:`~distca.attention.masks.Mask` of another family (``ModelConfig.block_windows``' keys)."""
+    return SchedulerConfig(eps=cfg.scheduler.eps, granularity=cfg.attention.shard_tokens, mask=key_mask(window))
 
 
 def train_device(cfg: DistCAConfig, cuda_available: bool | None = None) -> str:

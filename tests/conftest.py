@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from distca.attention.masks import attention_key, key_mask
 from distca.runtime.client import CADClient
 from distca.runtime.plan_exec import RankTensors
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
@@ -69,10 +70,11 @@ CAD_HEADS, CAD_KV_HEADS, CAD_DIM = 4, 2, 8
 
 def _make_cad_case(spec: dict):
     """A plan and per-rank q/k/v and output gradients for ``spec`` (ranks, continues, servers, placement,
-    eps, window, seed, dtype)."""
+    eps, window, seed, dtype); ``window`` may be a mask spec such as ``"sink_window:4:32"``."""
     batch = BatchLayout.from_ranks(spec["ranks"], spec["continues"])
     placement = Placement(batch.n_ranks, spec["servers"], spec["placement"])
-    cfg = SchedulerConfig(eps=spec["eps"], window=spec["window"], granularity=16, min_offload_pairs=300)
+    key = attention_key(spec["window"])
+    cfg = SchedulerConfig(eps=spec["eps"], mask=key_mask(key), granularity=16, min_offload_pairs=300)
     plan, _ = make_plan(batch, placement, cfg)
     gen = torch.Generator().manual_seed(spec["seed"])
     dtype = getattr(torch, spec["dtype"])

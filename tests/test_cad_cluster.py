@@ -215,3 +215,46 @@ def test_server_memory_stays_flat_over_many_rounds(plane, cad_case, f32_servers)
     finally:
         probe.close()
     assert _segments_left(client.stem) == []
+
+
+FAMILIES = ("chunked:96", "sink_window:8:48", "prefix_lm:120", "bidirectional")
+
+
+def _trainer_families(rank: int, addresses: list[str], specs: list[dict], tcfg: TransportConfig, make_case,
+                      q) -> None:
+    """Spawned trainer: each spec's plan (one mask family each) forward and backward over ZeroMQ frames and over
+    shared memory, in one client per plane: ``{plane: [tensors per spec]}``."""
+    torch.set_num_threads(1)
+    cases = [make_case(s) for s in specs]
+    res = {}
+    try:
+        for plane in ("zmq", "shm"):
+            client = CADClient(rank, addresses, tcfg, backend=specs[0]["backend"], shm=plane == "shm")
+            try:
+                res[plane] = []
+                for plan, ranks, douts in cases:
+                    out, lse = client.forward(plan, ranks[rank])
+                    dq, dk, dv = client.backward(plan, ranks[rank], out, lse, douts[rank])
+                    res[plane].append({k: v.numpy() for k, v in dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv).items()})
+            finally:
+                client.close()
+        q.put((rank, res))
+    except Exception as exc:  # report, never hang the parent
+        q.put((rank, repr(exc)))
+
+
+def test_every_mask_family_over_zeromq_and_shared_memory(cad_case, run_trainers, f64_servers):
+    """Chunked, sink + window, prefix-LM and bidirectional plans (servers run kernel rectangles over exact key
+    hulls, merged by lse) equal the in-process execution — itself checked against dense masked attention — on
+    both data planes, with a document spanning all three trainers."""
+    base = dict(ranks=[[300, 140], [440], [200, 240]], continues=[False, True, True], servers=3,
+                placement="dedicated", eps=0.02, seed=21, dtype="float64", backend="reference")
+    specs = [dict(base, window=f, seed=21 + i) for i, f in enumerate(FAMILIES)]
+    got = run_trainers(_trainer_families, [(r, f64_servers, specs, IPC, cad_case.make) for r in range(3)])
+    for i, spec in enumerate(specs):
+        plan, ranks, douts = cad_case.make(spec)
+        assert plan.masked and plan.mask.spec() == spec["window"]
+        want = execute_plan(plan, ranks, douts, backend="reference")
+        per = {r: {"zmq": dict(got[r]["zmq"][i], data_plane="zmq"), "shm": dict(got[r]["shm"][i], data_plane="shm")}
+               if isinstance(got[r], dict) else got[r] for r in range(3)}
+        _check_both_planes(per, want, 3, 1e-10)

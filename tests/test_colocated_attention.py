@@ -1,7 +1,8 @@
 """The colocated baseline for documents split at rank boundaries: each rank attends its own queries,
 borrowing earlier ranks' keys through a gloo all-gather. Checked in real processes against
 whole-document attention (outputs and q/k/v gradients), including a document spanning three ranks,
-a rank with no borrowed keys, and a sliding window."""
+a rank with no borrowed keys, a sliding window, and the mask families whose queries see later keys of their
+document (prefix-LM, bidirectional) or a part of its earlier ones (chunked, sink + window)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from distca.attention import CATask, varlen_attention, varlen_metadata
+from distca.attention.masked import document_call, masked_attention
+from distca.attention.masks import Mask, attention_key
 from distca.train.colocated_attention import GroupLocalCoreAttention, PrefixRows
 
 pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)
@@ -23,7 +26,7 @@ def _case(ranks, seed):
     return mk(H), mk(HKV), mk(HKV), mk(H)
 
 
-def _rank(rank, world, port, ranks, continues, window, q_out):
+def _rank(rank, world, port, ranks, continues, windows, q_out):
     import torch.distributed as dist
 
     from distca.model.core import DocLayout
@@ -32,15 +35,18 @@ def _rank(rank, world, port, ranks, continues, window, q_out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         qs, ks, vs, douts = _case(ranks, 0)
-        q, k, v = (x[rank].clone().requires_grad_() for x in (qs, ks, vs))
         first = PrefixRows.of(ranks, continues, rank).n
         core = GroupLocalCoreAttention(DocLayout.from_lengths(ranks[rank], first), ranks, continues, rank,
                                        dist.group.WORLD, backend="reference")
-        out = core(q, k, v, window)
-        out.backward(douts[rank])
-        # numpy, not tensors: a tensor would travel as a shared-memory handle that dies with this process
-        q_out.put((rank, {"out": out.detach().numpy(), "dq": q.grad.numpy(), "dk": k.grad.numpy(),
-                          "dv": v.grad.numpy()}))
+        res = []
+        for window in windows:  # one process group, every mask of the case in turn
+            q, k, v = (x[rank].clone().requires_grad_() for x in (qs, ks, vs))
+            out = core(q, k, v, attention_key(window))
+            out.backward(douts[rank])
+            # numpy, not tensors: a tensor would travel as a shared-memory handle that dies with this process
+            res.append({"out": out.detach().numpy(), "dq": q.grad.numpy(), "dk": k.grad.numpy(),
+                        "dv": v.grad.numpy()})
+        q_out.put((rank, res))
     except Exception as exc:
         q_out.put((rank, repr(exc)))
     finally:
@@ -59,18 +65,24 @@ def _reference(ranks, continues, window):
                 docs[-1] += n
             else:
                 docs.append(n)
-    cu_q, cu_k, mq, mk = varlen_metadata([CATask.for_queries(d, 0, n, window) for d, n in enumerate(docs)])
-    out, _ = varlen_attention(q, k, v, torch.from_numpy(cu_q), torch.from_numpy(cu_k), mq, mk, window=window,
-                              backend="reference")
+    key = attention_key(window)
+    if isinstance(key, Mask):  # whole documents on the masked executor (itself checked against dense attention)
+        out, _ = masked_attention(q, k, v, document_call(docs, key), backend="reference")
+    else:
+        cu_q, cu_k, mq, mk = varlen_metadata([CATask.for_queries(d, 0, n, key) for d, n in enumerate(docs)])
+        out, _ = varlen_attention(q, k, v, torch.from_numpy(cu_q), torch.from_numpy(cu_k), mq, mk, window=key,
+                                  backend="reference")
     out.backward(torch.cat(douts))
     split = lambda x: torch.split(x.detach(), [sum(p) for p in ranks])  # noqa: E731
     return {"out": split(out), "dq": split(q.grad), "dk": split(k.grad), "dv": split(v.grad)}
 
 
+FAMILIES = ["chunked:24", "sink_window:4:20", "prefix_lm:50", "bidirectional"]
 CASES = {
-    "doc-spans-three-ranks": ([[40, 24], [64], [20, 44]], [False, True, True], -1),
-    "no-crossing": ([[30, 34], [64], [10, 54]], [False, False, False], -1),
-    "window-across-boundary": ([[50, 14], [64], [64]], [False, True, False], 24),
+    "doc-spans-three-ranks": ([[40, 24], [64], [20, 44]], [False, True, True], [-1]),
+    "no-crossing": ([[30, 34], [64], [10, 54]], [False, False, False], [-1, *FAMILIES]),
+    "window-across-boundary": ([[50, 14], [64], [64]], [False, True, False], [24]),
+    "mask-families-across-boundaries": ([[40, 24], [64], [20, 44]], [False, True, True], FAMILIES),
 }
 
 
@@ -78,16 +90,17 @@ CASES = {
 def test_group_local_attention_equals_whole_documents(name, run_trainers):
     from distca.train.launch import free_port
 
-    ranks, continues, window = CASES[name]
+    ranks, continues, windows = CASES[name]
     port = free_port()
-    got = run_trainers(_rank, [(r, len(ranks), port, ranks, continues, window) for r in range(len(ranks))],
+    got = run_trainers(_rank, [(r, len(ranks), port, ranks, continues, windows) for r in range(len(ranks))],
                        timeout_s=120)
-    ref = _reference(ranks, continues, window)
-    for r in range(len(ranks)):
-        assert not isinstance(got[r], str), got[r]
-        for key in ("out", "dq", "dk", "dv"):
-            torch.testing.assert_close(torch.from_numpy(got[r][key]), ref[key][r], rtol=1e-9, atol=1e-9,
-                                       msg=f"rank {r} {key}")
+    for i, window in enumerate(windows):
+        ref = _reference(ranks, continues, window)
+        for r in range(len(ranks)):
+            assert not isinstance(got[r], str), got[r]
+            for key in ("out", "dq", "dk", "dv"):
+                torch.testing.assert_close(torch.from_numpy(got[r][i][key]), ref[key][r], rtol=1e-9, atol=1e-9,
+                                           msg=f"{window}: rank {r} {key}")
 
 
 def test_prefix_rows():

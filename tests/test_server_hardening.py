@@ -398,3 +398,36 @@ def test_the_pool_sees_an_actor_whose_loop_ended_and_replaces_it():
         assert pool.health(timeout_s=5.0) == [False]
         assert pool.restart_dead(timeout_s=5.0) == [0]
         assert pool.health(timeout_s=30.0) == [True]
+
+
+# -- a masked plan's rectangles are checked like the rest of a PLAN ---------------------------------------------
+
+def test_a_masked_plan_registers_and_bad_rectangles_are_refused_with_the_server_serving_on(ep):
+    from distca.attention.masks import Mask
+
+    batch = BatchLayout.from_ranks([[64], [64]], [False, True])
+    plan, _ = make_plan(batch, Placement(2, 1, "dedicated"), dataclasses.replace(SCHED, window=None,
+                                                                                   mask=Mask.sink_window(4, 16)))
+    layout = server_layout(plan, 0)
+    assert layout.rects is not None and layout.rects.shape[0] >= 2  # window band + sink rectangles
+    ep.send(Kind.PLAN, layout.tensors(), plan_id=layout.plan_id, extra=layout.extra())
+    assert _reply(ep).kind == Kind.ACK
+    before = _pong(ep)["buffer_bytes"]
+    good = layout.rects
+    bad = {"a row past the q buffer": good.clone().index_put_((torch.tensor([0]), torch.tensor([1])),
+                                                               torch.tensor(layout.q_rows + 1)),
+           "a key row past the k/v buffer": good.clone().index_put_((torch.tensor([0]), torch.tensor([3])),
+                                                                    torch.tensor(layout.kv_rows + 5)),
+           "an unknown kind": good.clone().index_put_((torch.tensor([0]), torch.tensor([4])), torch.tensor(7)),
+           "a table of the wrong width": good[:, :5].contiguous(),
+           "a float table": good.double()}
+    for i, (what, rects) in enumerate(bad.items()):
+        tensors = dict(layout.tensors())
+        tensors["rects"] = rects
+        ep.send(Kind.PLAN, list(tensors.items()), plan_id=layout.plan_id + 1 + i, extra=layout.extra())
+        assert "PLAN" in _error(ep), what
+    fused = dict(layout.tensors())  # rectangles and a fused call at once
+    fused["cu_q"] = fused["cu_k"] = torch.tensor([0, layout.q_rows], dtype=torch.int32)
+    ep.send(Kind.PLAN, list(fused.items()), plan_id=layout.plan_id + 99, extra=layout.extra())
+    assert "rectangles layout has no fused call" in _error(ep)
+    assert _pong(ep)["buffer_bytes"] == before

@@ -1,8 +1,10 @@
 """The one interface through which the model calls core attention.
 
-``core(q, k, v, window) -> out`` for the rank's packed tokens ``[T, H, D]``. The local implementation
-runs ``varlen_attention`` over the documents of a :class:`DocLayout`; the CAD implementation (runtime)
-ships the same tensors to attention servers by a plan. The model never sees which one it has.
+``core(q, k, v, window) -> out`` for the rank's packed tokens ``[T, H, D]``. ``window`` is the call's mask key:
+an int window (-1 full causal) or a :class:`~distca.attention.masks.Mask` of another family (chunked, sink +
+window, prefix-LM, bidirectional). The local implementation runs ``varlen_attention`` (other families: the
+masked rectangle executor) over the documents of a :class:`DocLayout`; the CAD implementation (runtime) ships the
+same tensors to attention servers by a plan. The model never sees which one it has.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Protocol
 import torch
 
 from distca.attention import varlen_attention
+from distca.attention.masked import RectCall, document_call, masked_attention
+from distca.attention.masks import AttentionKey, Mask
 
 
 class CoreAttention(Protocol):
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: AttentionKey = -1) -> torch.Tensor:
         """Causal attention of packed ``q [T, Hq, D]`` over ``k, v [T, Hkv, D]`` within documents."""
 
 
@@ -28,7 +32,7 @@ class AttentionCall:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    window: int = -1
+    window: AttentionKey = -1
 
 
 # A layer written as steps: it yields each core-attention call it needs, is sent that call's output, and returns
@@ -77,9 +81,19 @@ class LocalCoreAttention:
 
     def __init__(self, layout: DocLayout, backend: str = "auto"):
         self.layout, self.backend = layout, backend
+        self._calls: dict[Mask, RectCall] = {}
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: AttentionKey = -1) -> torch.Tensor:
         lay = self.layout
+        if isinstance(window, Mask):
+            call = self._calls.get(window)
+            if call is None:
+                if lay.position_ids.numel() and int(lay.position_ids[0]):
+                    raise ValueError(f"a {window.spec()!r} mask needs whole documents; this layout's first document "
+                                     "continues from an earlier rank (use the data-parallel group's core attention)")
+                lengths = (lay.cu_seqlens[1:] - lay.cu_seqlens[:-1]).tolist()
+                call = self._calls[window] = document_call(lengths, window)
+            return masked_attention(q, k, v, call, self.backend)[0]
         out, _ = varlen_attention(q, k, v, lay.cu_seqlens, lay.cu_seqlens, lay.max_len, lay.max_len, window=window,
                                   backend=self.backend)
         return out

@@ -225,6 +225,10 @@ def hf_model_type(cfg: ModelConfig) -> str:
     if cfg.residual != "standard":
         raise ValueError(f"a {cfg.residual!r} model is not a Hugging Face Llama (only residual 'standard' is); "
                          "its extra parameters or windows have no place in the checkpoint")
+    if cfg.layer_masks:
+        raise ValueError(f"model.layer_masks {list(cfg.layer_masks)}: the Llama, Mistral and Qwen2 configs have no "
+                         "per-layer mask pattern (windows alone are model.layer_windows, which Mistral and Qwen2 "
+                         "express)")
     windows = set(cfg.layer_windows) - {-1}
     if cfg.qkv_bias and not cfg.o_bias:
         if cfg.mlp_bias:

@@ -58,5 +58,5 @@ class CADCoreAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
         plan = self.plans.get(window)
         if plan is None:
-            raise KeyError(f"no CAD plan for window {window}; planned windows: {sorted(self.plans)}")
+            raise KeyError(f"no CAD plan for window {window}; planned windows: {sorted(self.plans, key=str)}")
         return cad_attention(q, k, v, plan, self.client)[0]

@@ -71,7 +71,7 @@ class NanoPlans:
         schedule the backward's plan is another tick's, :class:`distca.runtime.pooled_attention.TickNanoPlans`)."""
         got = self.plans.get(window)
         if got is None:
-            raise KeyError(f"no CAD plan for window {window}; planned windows: {sorted(self.plans)}")
+            raise KeyError(f"no CAD plan for window {window}; planned windows: {sorted(self.plans, key=str)}")
         return got[nano]
 
 

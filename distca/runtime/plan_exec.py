@@ -19,9 +19,12 @@ import torch
 from distca.attention import backward as attn_backward
 from distca.attention import forward as attn_forward
 from distca.attention import lse_dtype
+from distca.attention.masked import RectCall
+from distca.attention.masked import backward as masked_backward
+from distca.attention.masked import forward as masked_forward
 from distca.attention.tasks import row_ranges
 from distca.scheduler import Plan
-from distca.scheduler.calls import local_call, server_call
+from distca.scheduler.calls import RowRects, local_call, local_rects, server_call, server_rects
 from distca.scheduler.plan import Transfers
 
 
@@ -59,9 +62,6 @@ def execute_plan(
     """
     if len(ranks) != plan.n_ranks:
         raise ValueError(f"plan is for {plan.n_ranks} ranks, got tensors for {len(ranks)}")
-    if plan.masked:  # the rectangle executor (distca.attention.masked) runs these; calls.server_rects lays them out
-        raise NotImplementedError(f"execute_plan runs causal and sliding-window plans; a {plan.mask.spec()!r} plan "
-                                  "needs the masked rectangle executor")
     ref = ranks[0].q
     hq, d, hkv = ref.shape[1], ref.shape[2], ranks[0].k.shape[1]
     dev = ref.device
@@ -72,10 +72,15 @@ def execute_plan(
         res.update(dq=[torch.zeros_like(t.q) for t in ranks], dk=[torch.zeros_like(t.k) for t in ranks],
                    dv=[torch.zeros_like(t.v) for t in ranks])
     for s in range(plan.n_servers):
-        call = server_call(plan, s)
-        if call.n_tasks == 0:
-            continue
-        cu_q, cu_k, key_rows = (torch.from_numpy(a).to(dev) for a in (call.cu_q, call.cu_k, call.key_rows))
+        if plan.masked:
+            rects = _rect_call(server_rects(plan, s), int(plan.server_q_rows[s]), int(plan.server_kv_rows[s]))
+            if rects is None:
+                continue
+        else:
+            call = server_call(plan, s)
+            if call.n_tasks == 0:
+                continue
+            cu_q, cu_k, key_rows = (torch.from_numpy(a).to(dev) for a in (call.cu_q, call.cu_k, call.key_rows))
         # Receive: q rows in task order; k/v once per (server, document) hull.
         qb = ref.new_zeros((int(plan.server_q_rows[s]), hq, d))
         kb = ref.new_zeros((int(plan.server_kv_rows[s]), hkv, d))
@@ -87,18 +92,24 @@ def execute_plan(
             if ss == s:
                 kb[dst] = ranks[r].k[src]
                 vb[dst] = ranks[r].v[src]
-        kt, vt = kb[key_rows], vb[key_rows]  # each task's keys contiguous, as varlen needs
-        args = (cu_q, cu_k, call.max_q, call.max_k)
-        out, lse = attn_forward(qb, kt, vt, *args, window=plan.window, backend=backend)
+        if plan.masked:
+            out, lse = masked_forward(qb, kb, vb, rects, backend)
+        else:
+            kt, vt = kb[key_rows], vb[key_rows]  # each task's keys contiguous, as varlen needs
+            args = (cu_q, cu_k, call.max_q, call.max_k)
+            out, lse = attn_forward(qb, kt, vt, *args, window=plan.window, backend=backend)
         if douts is not None:
             dob = torch.zeros_like(qb)
             for r, ss, src, dst in q_moves:
                 if ss == s:
                     dob[dst] = douts[r][src]
-            dq, dkt, dvt = attn_backward(qb, kt, vt, out, lse, dob, *args, window=plan.window, backend=backend)
-            # A key row used by several tasks here: sum its gradients on the server before returning.
-            dkb = torch.zeros_like(kb).index_add_(0, key_rows, dkt)
-            dvb = torch.zeros_like(vb).index_add_(0, key_rows, dvt)
+            if plan.masked:  # the executor sums a key row's gradients over its rectangles
+                dq, dkb, dvb = masked_backward(dob, qb, kb, vb, out, lse, rects, backend)
+            else:
+                dq, dkt, dvt = attn_backward(qb, kt, vt, out, lse, dob, *args, window=plan.window, backend=backend)
+                # A key row used by several tasks here: sum its gradients on the server before returning.
+                dkb = torch.zeros_like(kb).index_add_(0, key_rows, dkt)
+                dvb = torch.zeros_like(vb).index_add_(0, key_rows, dvt)
         for r, ss, src, dst in q_moves:  # return along the same rows
             if ss == s:
                 res["out"][r][src] = out[dst]
@@ -126,6 +137,22 @@ def _index(rows: np.ndarray, device: torch.device) -> torch.Tensor | slice:
     return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
+def _rect_call(r: RowRects, n_q: int, n_k: int) -> RectCall | None:
+    """Row rectangles as a planned call over buffers of ``n_q`` and ``n_k`` rows (None when there are none)."""
+    if r.n == 0:
+        return None
+    return RectCall.build(r.q0, r.q1, r.k0, r.k1, r.kind, r.window, n_q=n_q, n_k=n_k)
+
+
+def _local_rects(plan: Plan, rank: int, rows: int) -> tuple[RectCall, torch.Tensor] | None:
+    """A masked plan's local tasks on ``rank`` over its own rows, and the query rows they cover."""
+    r = local_rects(plan, rank)
+    call = _rect_call(r, rows, rows)
+    if call is None:
+        return None
+    return call, torch.from_numpy(np.unique(row_ranges(r.q0, r.q1 - r.q0)))
+
+
 def _local(plan: Plan, rank: int, device: torch.device):
     call = local_call(plan, rank)
     if call.n_tasks == 0:
@@ -139,6 +166,14 @@ def run_local_forward(plan: Plan, rank: int, t: RankTensors, out: torch.Tensor, 
                       backend: str = "auto") -> None:
     """Compute the tasks ``plan`` keeps on trainer ``rank`` over its rows ``t`` — all of them in one varlen call —
     writing their ``out``/``lse`` rows."""
+    if plan.masked:
+        local = _local_rects(plan, rank, t.q.shape[0])
+        if local is not None:
+            call, rows = local
+            rows = rows.to(t.q.device)
+            o, l_ = masked_forward(t.q, t.k, t.v, call, backend)
+            out[rows], lse[rows] = o[rows], l_[rows]
+        return
     local = _local(plan, rank, t.q.device)
     if local is None:
         return
@@ -153,6 +188,17 @@ def run_local_backward(plan: Plan, rank: int, t: RankTensors, out: torch.Tensor,
                        backend: str = "auto") -> None:
     """Gradients of trainer ``rank``'s local tasks from their forward ``out``/``lse`` (one varlen call): writes
     their ``dq`` rows and adds into ``dk``/``dv`` (a key row may serve several tasks, local and remote)."""
+    if plan.masked:
+        local = _local_rects(plan, rank, t.q.shape[0])
+        if local is not None:
+            call, rows = local
+            rows = rows.to(t.q.device)
+            # Rows outside the local rectangles hold other tasks' results: the executor reads only its own.
+            g = masked_backward(dout, t.q, t.k, t.v, out, lse, call, backend)
+            dq[rows] = g[0][rows]
+            dk += g[1]
+            dv += g[2]
+        return
     local = _local(plan, rank, t.q.device)
     if local is None:
         return

@@ -79,12 +79,17 @@ def server_call(plan: Plan, server: int) -> ServerCall:
     np.cumsum(k_len, out=cu_k[1:])
     if m.size and not np.array_equal(plan.task_q_row[m], cu_q[:-1]):
         raise ValueError(f"server {server}: task query rows are not laid out contiguously in plan order")
-    ranks = sorted(set(plan.q_xfer.rank[plan.q_xfer.server == server].tolist())
-                   | set(plan.kv_xfer.rank[plan.kv_xfer.server == server].tolist()))
-    senders = {r: (*_block(plan.q_xfer, server, r, "q"), *_block(plan.kv_xfer, server, r, "kv")) for r in ranks}
     return ServerCall(server, cu_q, cu_k, int(q_len.max(initial=0)), int(k_len.max(initial=0)),
                       row_ranges(plan.task_kv_row[m], k_len), int(plan.server_q_rows[server]),
-                      int(plan.server_kv_rows[server]), senders)
+                      int(plan.server_kv_rows[server]), server_senders(plan, server))
+
+
+def server_senders(plan: Plan, server: int) -> dict[int, tuple[int, int, int, int]]:
+    """Which rows each trainer fills on ``server``: rank -> (q_dst, n_q, kv_dst, n_kv), one block each (any
+    family: the plan compiler lays receive buffers out in document order, which is rank order)."""
+    ranks = sorted(set(plan.q_xfer.rank[plan.q_xfer.server == server].tolist())
+                   | set(plan.kv_xfer.rank[plan.kv_xfer.server == server].tolist()))
+    return {r: (*_block(plan.q_xfer, server, r, "q"), *_block(plan.kv_xfer, server, r, "kv")) for r in ranks}
 
 
 def local_tasks(plan: Plan, rank: int) -> list[LocalTask]:

@@ -12,11 +12,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from distca.attention.masked import KINDS, RectCall
+from distca.errors import AttentionInputError
 from distca.scheduler import Plan
-from distca.scheduler.calls import server_call
+from distca.scheduler.calls import server_call, server_rects, server_senders
 from distca.transport.wire import WireError
+
+RECT_COLUMNS = ("q0", "q1", "k0", "k1", "kind", "window")  # the rects table's columns (kind: index into KINDS)
 
 
 def plan_id(plan: Plan, group: int = 0) -> int:
@@ -45,10 +50,21 @@ class ServerLayout:
     q_rows: int
     kv_rows: int
     senders: dict[int, tuple[int, int, int, int]]  # rank -> (q_dst, n_q, kv_dst, n_kv)
+    # A mask family other than causal/window: its kernel rectangles over the receive buffers, int64 [n, 6] with
+    # RECT_COLUMNS (cu_q, cu_k are then [0] and key_rows empty); None: the one fused varlen call above.
+    rects: torch.Tensor | None = None
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         table = torch.tensor([[r, *v] for r, v in sorted(self.senders.items())], dtype=torch.int64).reshape(-1, 5)
-        return [("cu_q", self.cu_q), ("cu_k", self.cu_k), ("key_rows", self.key_rows), ("senders", table)]
+        out = [("cu_q", self.cu_q), ("cu_k", self.cu_k), ("key_rows", self.key_rows), ("senders", table)]
+        return out if self.rects is None else [*out, ("rects", self.rects)]
+
+    def rect_call(self) -> RectCall | None:
+        """The rectangles as a planned :class:`~distca.attention.masked.RectCall` (None for a fused-call layout)."""
+        if self.rects is None:
+            return None
+        cols = self.rects.numpy().T
+        return RectCall.build(*cols[:4], cols[4], cols[5], n_q=self.q_rows, n_k=self.kv_rows)
 
     def extra(self) -> dict:
         return {"window": self.window, "max_q": self.max_q, "max_k": self.max_k, "q_rows": self.q_rows,
@@ -67,17 +83,23 @@ class ServerLayout:
             raise WireError(f"PLAN {pid}: {q_rows} q rows and {kv_rows} k/v rows per round exceed this server's "
                             f"bound of {max_rows} rows")
         want = {"cu_q": torch.int32, "cu_k": torch.int32, "key_rows": torch.int64, "senders": torch.int64}
+        if "rects" in tensors:
+            want["rects"] = torch.int64
         if sorted(tensors) != sorted(want) or any(tensors[k].dtype != dt for k, dt in want.items()):
-            raise WireError(f"PLAN {pid}: needs tensors cu_q, cu_k (int32), key_rows and senders (int64), got "
-                            f"{_short({k: str(t.dtype) for k, t in tensors.items()})}")
+            raise WireError(f"PLAN {pid}: needs tensors cu_q, cu_k (int32), key_rows and senders (int64), and "
+                            f"optionally rects (int64), got {_short({k: str(t.dtype) for k, t in tensors.items()})}")
         table = tensors["senders"]
         if table.dim() != 2 or table.shape[1] != 5 or any(tensors[k].dim() != 1 for k in ("cu_q", "cu_k", "key_rows")):
             raise WireError(f"PLAN {pid}: cu_q, cu_k and key_rows must be vectors and senders an [n, 5] table")
         senders = {int(r): (int(a), int(b), int(c), int(d)) for r, a, b, c, d in table.tolist()}
         if len(senders) != table.shape[0]:
             raise WireError(f"PLAN {pid}: a rank appears twice in the senders table")
+        rects = tensors.get("rects")
+        if rects is not None and (rects.dim() != 2 or rects.shape[1] != len(RECT_COLUMNS)):
+            raise WireError(f"PLAN {pid}: rects must be an [n, {len(RECT_COLUMNS)}] table, got {tuple(rects.shape)}")
         layout = cls(pid, extra["window"], tensors["cu_q"].clone(), tensors["cu_k"].clone(), extra["max_q"],
-                     extra["max_k"], tensors["key_rows"].clone(), q_rows, kv_rows, senders)
+                     extra["max_k"], tensors["key_rows"].clone(), q_rows, kv_rows, senders,
+                     None if rects is None else rects.clone())
         layout.validate()
         return layout
 
@@ -93,6 +115,29 @@ class ServerLayout:
         if self.cu_q.numel() < 1 or self.cu_q.numel() != self.cu_k.numel() or self.cu_q.numel() > self.q_rows + 1:
             raise WireError(f"PLAN: cu_q and cu_k must have the same length, 1 to q_rows + 1 = {self.q_rows + 1}, "
                             f"got {self.cu_q.numel()} and {self.cu_k.numel()}")
+        if self.rects is not None:
+            self._validate_rects()
+        else:
+            self._validate_fused()
+        self._validate_senders()
+
+    def _validate_rects(self) -> None:
+        """A rectangles layout: no fused-call metadata, and rectangles inside the buffers (RectCall checks them)."""
+        if self.cu_q.numel() != 1 or self.cu_k.numel() != 1 or self.key_rows.numel() or self.max_q or self.max_k:
+            raise WireError("PLAN: a rectangles layout has no fused call (cu_q = cu_k = [0], no key_rows, max 0)")
+        if self.rects.dtype != torch.int64 or self.rects.dim() != 2 or self.rects.shape[1] != len(RECT_COLUMNS):
+            raise WireError(f"PLAN: rects must be an int64 [n, {len(RECT_COLUMNS)}] table")
+        if self.rects.shape[0] > 4 * self.q_rows:  # a family's rects per query row: at most 3 (sink + window)
+            raise WireError(f"PLAN: {self.rects.shape[0]} rectangles for {self.q_rows} q rows, more than a plan makes")
+        kinds = self.rects[:, 4]
+        if self.rects.numel() and (int(kinds.min()) < 0 or int(kinds.max()) >= len(KINDS)):
+            raise WireError(f"PLAN: rectangle kinds must be indices into {KINDS}")
+        try:
+            self.rect_call()
+        except (AttentionInputError, ValueError) as exc:
+            raise WireError(f"PLAN: bad rectangles: {exc}") from None
+
+    def _validate_fused(self) -> None:
         dq, dk = self.cu_q.diff(), self.cu_k.diff()
         if int(self.cu_q[0]) or int(self.cu_k[0]) or bool((dq < 1).any()) or bool((dk < 0).any()):
             raise WireError("PLAN: cu_seqlens must start at 0, queries strictly and keys weakly increasing")
@@ -105,6 +150,8 @@ class ServerLayout:
             raise WireError(f"PLAN: a task of {self.max_k} keys is longer than the {self.kv_rows} k/v rows")
         if self.key_rows.numel() and (int(self.key_rows.min()) < 0 or int(self.key_rows.max()) >= self.kv_rows):
             raise WireError("PLAN: key_rows index outside the k/v buffer")
+
+    def _validate_senders(self) -> None:
         for r, (qd, nq, kd, nk) in self.senders.items():
             if not 0 <= r < 1 << 31:
                 raise WireError(f"PLAN: sender rank {r} outside [0, 2**31)")
@@ -130,6 +177,14 @@ def _short(value: object, limit: int = 120) -> str:
 
 def server_layout(plan: Plan, server: int, group: int = 0) -> ServerLayout:
     """Server ``server``'s layout of ``plan`` (for trainer group ``group``, see :func:`plan_id`)."""
+    if plan.masked:
+        r = server_rects(plan, server)
+        kind = np.array([KINDS.index(k) for k in r.kind.tolist()], dtype=np.int64)
+        table = torch.from_numpy(np.stack([r.q0, r.q1, r.k0, r.k1, kind, r.window], axis=1).astype(np.int64))
+        return ServerLayout(plan_id(plan, group), -1, torch.zeros(1, dtype=torch.int32),
+                            torch.zeros(1, dtype=torch.int32), 0, 0, torch.zeros(0, dtype=torch.int64),
+                            int(plan.server_q_rows[server]), int(plan.server_kv_rows[server]),
+                            server_senders(plan, server), table.reshape(-1, len(RECT_COLUMNS)))
     call = server_call(plan, server)
     return ServerLayout(plan_id(plan, group), plan.window, torch.from_numpy(call.cu_q), torch.from_numpy(call.cu_k),
                         call.max_q, call.max_k, torch.from_numpy(call.key_rows), call.q_rows, call.kv_rows,

@@ -14,6 +14,10 @@ the wall seconds are the device's, from CUDA events around each call (the host o
 
 On a GPU everything here stays on the device: the layout's offsets, the gathered k/v (NCCL all-gather over
 the data-parallel group) and the kernel (``torch_varlen`` or ``flash`` under ``auto``).
+
+Mask families other than causal and window (chunked, sink + window, prefix-LM, bidirectional) run on the masked
+rectangle executor over the exact key ranges this rank's queries see — later keys of a document included, for the
+families whose queries see them — taken from the same all-gather.
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from distca.attention import resolve_backend
+from distca.attention import masked, resolve_backend
+from distca.attention.masked import RectCall
+from distca.attention.masks import AttentionKey, Mask, Rect
 from distca.attention.varlen import make_meta
 from distca.model.core import DocLayout
+from distca.scheduler import BatchLayout
 
 
 @dataclass
@@ -111,6 +119,68 @@ class _TimedVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _TimedMasked(torch.autograd.Function):
+    """The masked executor's output (:mod:`distca.attention.masked`), forward and backward timed like the kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call: RectCall, backend: str, timer: AttentionTimer):
+        with _Timed(timer, "kernel", q.device):
+            out, lse = masked.forward(q, k, v, call, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call, ctx.backend, ctx.timer = call, backend, timer
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        with _Timed(ctx.timer, "kernel", q.device):
+            dq, dk, dv = masked.backward(dout.to(q.dtype), q, k, v, out, lse, ctx.call, ctx.backend)
+        return dq, dk, dv, None, None, None
+
+
+@dataclass(frozen=True)
+class _MaskedKeys:
+    """A mask family's call on this rank: which rows of the group's gathered keys it reads (``rows`` into the
+    ``[world · T]`` concatenation; ``None``: this rank's own rows, nothing gathered) and its rectangles."""
+
+    rows: torch.Tensor | None
+    call: RectCall
+
+
+def _masked_keys(mask: Mask, ranks: list[list[int]], continues: list[bool], rank: int, exchange: bool) -> _MaskedKeys:
+    """The exact keys ``rank``'s queries see under ``mask`` and the rectangles over them."""
+    batch = BatchLayout.from_ranks(ranks, continues)
+    tokens = sum(ranks[0]) if ranks else 0
+    starts = {}  # document -> global row of its first token (pieces are packed rank after rank)
+    for r, d, o, row in zip(batch.piece_rank.tolist(), batch.piece_doc.tolist(), batch.piece_off.tolist(),
+                            batch.piece_row.tolist(), strict=True):
+        starts.setdefault(d, r * tokens + row - o)
+    # A rank holds one piece per document: its key ranges (sorted, disjoint) are appended to the key buffer in
+    # order, and each rectangle's keys lie inside one of them.
+    rows: list[np.ndarray] = []
+    n_k = 0
+    rects = []
+    for i in np.flatnonzero(batch.piece_rank == rank).tolist():
+        d, off, n, row = (int(batch.piece_doc[i]), int(batch.piece_off[i]), int(batch.piece_len[i]),
+                          int(batch.piece_row[i]))
+        length, base = int(batch.doc_len[d]), starts[d]
+        at = []  # (first key, last key + 1, its row in the key buffer)
+        for a, b in mask.key_ranges(length, off, off + n):
+            at.append((a, b, n_k))
+            rows.append(np.arange(base + a, base + b, dtype=np.int64))
+            n_k += b - a
+        for r in mask.rects(length, off, off + n):
+            a, _, k_row = next(x for x in at if x[0] <= r.k0 and r.k1 <= x[1])
+            rects.append(Rect(row + r.q0 - off, row + r.q1 - off, k_row + r.k0 - a, k_row + r.k1 - a, r.kind,
+                              r.window))
+    flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    call = RectCall.from_rects(rects, tokens, n_k)
+    own = np.arange(tokens, dtype=np.int64) + rank * tokens
+    if not exchange and not np.array_equal(flat, own[:flat.size]):
+        raise AssertionError("without an exchange every key must be this rank's own row")
+    return _MaskedKeys(None if not exchange else torch.from_numpy(flat), call)
+
+
 class _GroupAllGather(torch.autograd.Function):
     """``x [T, ...]`` → ``[world, T, ...]``; backward sums every rank's gradient for each slot."""
 
@@ -169,6 +239,8 @@ class GroupLocalCoreAttention:
         if len({sum(p) for p in ranks}) != 1:
             raise ValueError(f"every rank of the group must hold the same number of tokens (the all-gather needs "
                              f"it), got {[sum(p) for p in ranks]}")
+        self.ranks, self.continues = ranks, continues
+        self._masked: dict[Mask, _MaskedKeys] = {}
         self.prefix = PrefixRows.of(ranks, continues, rank)
         self.needs_exchange = any(continues)  # every rank must join the all-gather, even without a prefix
         if self.needs_exchange and group is None and self.world > 1:
@@ -189,11 +261,24 @@ class GroupLocalCoreAttention:
         parts = [every[r, row:row + n] for r, row, n in self.prefix.pieces] or [every[self.rank, :0]]
         return torch.cat([*parts, x])
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
+    def _masked_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
+        exchange = self.needs_exchange and self.world > 1
+        got = self._masked.get(mask)
+        if got is None:
+            got = self._masked[mask] = _masked_keys(mask, self.ranks, self.continues, self.rank, exchange)
+        if exchange:  # every rank joins the gather (and its backward), with or without keys of others
+            rows = got.rows.to(k.device)
+            k = _GroupAllGather.apply(k, self.group, self.rank, self.world, self.timer).flatten(0, 1)[rows]
+            v = _GroupAllGather.apply(v, self.group, self.rank, self.world, self.timer).flatten(0, 1)[rows]
+        return _TimedMasked.apply(q, k, v, got.call, self.backend, self.timer)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: AttentionKey = -1) -> torch.Tensor:
         lay = self.layout
         if q.device != lay.cu_seqlens.device:
             raise ValueError(f"the document layout is on {lay.cu_seqlens.device} but q is on {q.device}: build the "
                              "layout where the model runs (DocLayout.to)")
+        if isinstance(window, Mask):
+            return self._masked_call(q, k, v, window)
         k, v = self._with_prefix(k), self._with_prefix(v)
         meta = make_meta(q, k, v, *self._host, lay.max_len, self.max_k, window)
         if q.device.type != "cpu":

@@ -59,6 +59,45 @@ def test_windows_reach_core_attention_as_configured():
     assert seen == [-1, -1]
 
 
+@pytest.mark.parametrize("variant", [dict(residual="standard"), dict(residual="shortswa"), dict(residual="ddl")],
+                         ids=lambda v: v["residual"])
+def test_a_per_layer_mask_pattern_reaches_attention_and_masks_what_it_says(variant):
+    """``layer_masks`` composes with every residual variant (ShortSWA's window sublayer stays first), and each
+    family changes exactly what a query sees: with bidirectional layers the first token's output depends on later
+    tokens; with chunked layers a token's output is blind to earlier chunks."""
+    from distca.attention.masks import Mask
+
+    seen = []
+
+    class Spy(LocalCoreAttention):
+        def __call__(self, q, k, v, window=-1):
+            seen.append(window)
+            return super().__call__(q, k, v, window)
+
+    lay = DocLayout.from_lengths([24])
+    tokens = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(2))
+    model = _model(**variant, n_layers=4, layer_masks=["chunked:8", "window:5", "bidirectional"])
+    model(tokens, lay, Spy(lay, backend="reference"))
+    own = [Mask.chunked(8), 5, Mask.bidirectional(), Mask.chunked(8)]
+    assert seen == ([x for m in own for x in (8, m)] if variant["residual"] == "shortswa" else own)
+
+    def out(m, toks):
+        return m(toks, lay, LocalCoreAttention(lay, backend="reference"))
+
+    later = tokens.clone()
+    later[20] = (later[20] + 1) % 97  # change one late token
+    bidi = _model(**variant, layer_masks=["bidirectional"])
+    assert not torch.allclose(out(bidi, tokens)[0], out(bidi, later)[0])  # the first token sees it
+    causal = _model(**variant)
+    torch.testing.assert_close(out(causal, tokens)[:20], out(causal, later)[:20], rtol=0, atol=0)
+    if variant["residual"] != "shortswa":  # (its window sublayer would carry earlier chunks' tokens)
+        early = tokens.clone()
+        early[3] = (early[3] + 1) % 97  # a token of the first chunk
+        chunked = _model(**variant, layer_masks=["chunked:8"])
+        torch.testing.assert_close(out(chunked, tokens)[8:], out(chunked, early)[8:], rtol=0, atol=0)
+        assert not torch.allclose(out(chunked, tokens)[:8], out(chunked, early)[:8])
+
+
 def test_a_document_continued_from_an_earlier_rank_keeps_its_positions():
     lay = DocLayout.from_lengths([4, 3], first_position=10)
     assert lay.position_ids.tolist() == [10, 11, 12, 13, 0, 1, 2]

@@ -45,6 +45,10 @@ def test_attention_flops_follow_exact_pairs():
     assert two["attention"] == 3 * 4 * cfg.head_dim * cfg.n_heads * 2 * 2 * 500 * 501 // 2
     swa = load_config(None, ["--model.n_layers=2", "--model.residual=shortswa", "--model.shortswa_window=8"]).model
     assert swa.attention_windows() == [8, -1, 8, -1]
+    # a mask pattern counts each family's exact pairs: bidirectional l^2, chunked C(C+1)/2 per full chunk
+    masked = load_config(None, ["--model.n_layers=3", "--model.layer_masks=[bidirectional, chunked:100, causal]"])
+    pairs = 1000 * 1000 + 10 * 100 * 101 // 2 + 1000 * 1001 // 2
+    assert step_flops(masked.model, [1000])["attention"] == 3 * 4 * cfg.head_dim * cfg.n_heads * pairs
 
 
 def test_linear_flops_match_a_counted_forward():

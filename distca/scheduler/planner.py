@@ -174,7 +174,7 @@ class _Planner:
             self.k_doc, self.k_off = kb.piece_doc[order], kb.piece_off[order]
             self.k_end, self.k_rank = (kb.piece_off + kb.piece_len)[order], kb.piece_rank[order]
             self.k_bounds = np.searchsorted(self.k_doc, np.arange(kb.n_docs + 1))
-            self.holders: dict[int, tuple[list[int], list[int], list[int]]] = {}
+            self.holders: dict[int, dict[int, list[tuple[int, int]]]] = {}
         # Receivers inside the node of the rank holding a move's queries are tried too (more than one node only:
         # inside a single node the flat planner's choices stand, and its plans are unchanged).
         self.near = self.topo and len(self.node_servers) > 1
@@ -255,12 +255,19 @@ class _Planner:
         the flat planner counts them, keys already on the device included), ``inter_node_cost`` across."""
         return 1.0 if self.t_node[rank] == server // self.dpn else self.xw
 
-    def _holders(self, doc: int) -> tuple[list[int], list[int], list[int]]:
-        """Pieces of ``doc`` in the key batch: starts, ends, ranks (by start)."""
+    def _holders(self, doc: int) -> dict[int, list[tuple[int, int]]]:
+        """Key positions of ``doc`` per node: sorted, disjoint runs held by that node's ranks."""
         h = self.holders.get(doc)
         if h is None:
             a, b = self.k_bounds[doc], self.k_bounds[doc + 1]
-            h = self.holders[doc] = (self.k_off[a:b].tolist(), self.k_end[a:b].tolist(), self.k_rank[a:b].tolist())
+            h = self.holders[doc] = {}
+            for lo, hi, r in zip(self.k_off[a:b].tolist(), self.k_end[a:b].tolist(), self.k_rank[a:b].tolist(),
+                                 strict=True):
+                runs = h.setdefault(self.t_node[r], [])
+                if runs and runs[-1][1] == lo:
+                    runs[-1] = (runs[-1][0], hi)
+                else:
+                    runs.append((lo, hi))
         return h
 
     def _kv_cost(self, server, doc, ranges) -> float:
@@ -269,17 +276,11 @@ class _Planner:
         runs = list(ranges) if held is None else _minus(ranges, [held] if self.fast else held)
         if not runs:
             return 0.0
-        starts, ends, ranks = self._holders(doc)
-        link = self._link
-        cost = 0.0
-        for lo, hi in runs:
-            i = max(0, bisect.bisect_right(starts, lo) - 1)
-            while i < len(starts) and starts[i] < hi:
-                n = min(hi, ends[i]) - max(lo, starts[i])
-                if n > 0:
-                    cost += n * link(ranks[i], server)
-                i += 1
-        return cost
+        # Every key costs xw, except those held in the receiver's node, which cost 1.
+        near = self._holders(doc).get(server // self.dpn, ())
+        total = sum(hi - lo for lo, hi in runs)
+        inside = sum(max(0, min(hi, b) - max(lo, a)) for lo, hi in runs for a, b in near)
+        return self.xw * total - (self.xw - 1.0) * inside
 
     # -- initial placement -------------------------------------------------------------------
     def place_home(self) -> None:

@@ -106,10 +106,16 @@ def useful_flops(layout: BatchLayout, family: Family, shape: AttentionShape, whi
 
 
 def plan_nanos(layout: BatchLayout, family: Family, shape: AttentionShape, eps: float, granularity: int,
-               pingpong: bool):
-    """The plans of one step: two nano-batches (query rows split in half on every GPU) or one."""
+               pingpong: bool, hw: Hardware | None = None):
+    """The plans of one step: two nano-batches (query rows split in half on every GPU) or one. ``hw``: plan
+    node-aware on its nodes (``Placement.devices_per_node``, a byte between nodes weighing the bandwidth ratio of
+    its two links); ``None``: the node-blind planner (every remote byte the same)."""
     n = layout.n_ranks
-    placement = Placement(n, n, "colocated")
+    if hw is None:
+        placement = Placement(n, n, "colocated")
+    else:
+        placement = Placement(n, n, "colocated", devices_per_node=hw.devices_per_node,
+                              inter_node_cost=hw.intra.bandwidth / hw.inter.bandwidth)
     cfg = _sched(family, eps, granularity)
     if not pingpong:
         plan, t = make_plan(layout, placement, cfg, shape)
@@ -232,16 +238,23 @@ def kernels() -> dict[str, Hardware]:
 def simulated(args) -> None:
     shape = AttentionShape(args.heads, args.kv_heads, args.head_dim, 2)
     hws = kernels()
+    hw0 = next(iter(hws.values()))  # the links and node size the node-aware planner sees (the same H100 cluster)
     fams = families(args.window)
     results = []  # one per (gpus, family, kernel)
+    sbs = []  # node-blind vs node-aware, first kernel model, same seeds
     t_start = time.time()
     for gpus in args.gpus:
         for fam in fams:
             acc = {name: [] for name in hws}
-            bal, plan_ms, diags = [], [], []
+            bal, plan_ms, diags, blind = [], [], [], []
             for seed in range(args.seeds):
                 layout = sample_layout(gpus, args.tokens_per_gpu, args.doc_cap, seed)
-                plans, ms = plan_nanos(layout, fam, shape, args.eps, args.granularity, not args.no_pingpong)
+                if not args.node_blind:  # the same seeds through the node-blind planner, for the side-by-side
+                    flat, ms_flat = plan_nanos(layout, fam, shape, args.eps, args.granularity, not args.no_pingpong)
+                    blind.append([ms_flat] + [useful_flops(layout, fam, shape, w) / gpus / pass_time(
+                        flat, hw0, shape, fam.window, w)["time_s"] / 1e12 for w in ("fwd", "bwd")])
+                plans, ms = plan_nanos(layout, fam, shape, args.eps, args.granularity, not args.no_pingpong,
+                                       None if args.node_blind else hw0)
                 bal.append(balance(plans))
                 plan_ms.append(ms)
                 diags.append(diagnose(plans, args.granularity))
@@ -265,6 +278,12 @@ def simulated(args) -> None:
                                 "bytes_per_gpu", "bytes_max_gpu"):
                         r[f"{which}_{key}"] = float(np.mean([x[which][key] for x in rows]))
                 results.append(r)
+            if blind:
+                b = np.mean(blind, axis=0)
+                r0 = next(x for x in results if x["gpus"] == gpus and x["family"] == fam.name)
+                sbs.append({"gpus": gpus, "family": fam.name, "blind_plan_ms": float(b[0]), "blind_tflops_fwd":
+                            float(b[1]), "blind_tflops_bwd": float(b[2]), "aware_plan_ms": r0["plan_ms"],
+                            "aware_tflops_fwd": r0["tflops_fwd"], "aware_tflops_bwd": r0["tflops_bwd"]})
             print(f"{gpus} GPUs, {fam.name}: planned in {np.mean(plan_ms):.0f} ms per step "
                   f"({time.time() - t_start:.0f} s so far)", file=sys.stderr, flush=True)
     info = run_info(torch.device("cpu"), gpus=" ".join(map(str, args.gpus)), tokens_per_gpu=args.tokens_per_gpu,
@@ -272,6 +291,7 @@ def simulated(args) -> None:
                     heads=f"{args.heads}/{args.kv_heads}x{args.head_dim} bf16", eps=args.eps,
                     granularity=args.granularity, pingpong=not args.no_pingpong, window=args.window,
                     placement="colocated (every GPU a trainer and a server)",
+                    planner="node-blind" if args.node_blind else "node-aware (devices_per_node=8, inter_node_cost=9)",
                     links="NVLink 450 GB/s/dir in 8-GPU nodes, IB 50 GB/s/GPU across")
     lines = [*header_lines("Attention-only weak scaling, SIMULATED H100 cluster (real CAD scheduler)", info)]
     lines += [f"Goal: at 64 GPUs >= {GOAL:.0%} of the 8-GPU per-GPU throughput for varlen-causal "
@@ -291,6 +311,21 @@ def simulated(args) -> None:
                              f"fwd vs {min(args.gpus)}", f"bwd vs {min(args.gpus)}", "max/mean pairs",
                              "fwd MB/GPU (max)", "bwd MB/GPU (max)", "fwd ms: slowest compute / exposed comm",
                              "bwd ms: slowest compute / exposed comm"], rows)
+    if sbs:
+        lo = min(args.gpus)
+        first = {x["family"]: x for x in sbs if x["gpus"] == lo}
+        lines += ["", f"Planner side by side, same seeds, {next(iter(hws))}: node-blind (every remote byte the same) "
+                  "vs node-aware (bytes weighted by the link they cross, in-node receivers tried first):", ""]
+        lines += markdown_table(
+            ["GPUs", "family", "node-blind fwd / bwd TFLOP/s", f"vs {lo}", "node-aware fwd / bwd TFLOP/s", f"vs {lo}",
+             "plan ms blind / aware (step)"],
+            [[x["gpus"], x["family"], f"{x['blind_tflops_fwd']:.1f} / {x['blind_tflops_bwd']:.1f}",
+              f"{100 * x['blind_tflops_fwd'] / first[x['family']]['blind_tflops_fwd']:.0f}% / "
+              f"{100 * x['blind_tflops_bwd'] / first[x['family']]['blind_tflops_bwd']:.0f}%",
+              f"{x['aware_tflops_fwd']:.1f} / {x['aware_tflops_bwd']:.1f}",
+              f"{100 * x['aware_tflops_fwd'] / first[x['family']]['aware_tflops_fwd']:.0f}% / "
+              f"{100 * x['aware_tflops_bwd'] / first[x['family']]['aware_tflops_bwd']:.0f}%",
+              f"{x['blind_plan_ms']:.0f} / {x['aware_plan_ms']:.0f}"] for x in sbs])
     lines += ["", "Published (H100, measured by MagiAttention; varlen-causal, 8K tokens per GPU):", ""]
     lines += markdown_table(["system", "8 GPUs fwd / bwd", "64 GPUs fwd / bwd", "64 vs 8 fwd / bwd"],
                             [[k, f"{v[8][0]:.0f} / {v[8][1]:.0f}", f"{v[64][0]:.0f} / {v[64][1]:.0f}",
@@ -328,7 +363,8 @@ def simulated(args) -> None:
             vals = []
             for seed in range(args.seeds):
                 layout = sample_layout(g, args.tokens_per_gpu, args.doc_cap, seed)
-                plans, _ = plan_nanos(layout, fam, shape, args.eps, args.granularity, False)
+                plans, _ = plan_nanos(layout, fam, shape, args.eps, args.granularity, False,
+                                      None if args.node_blind else hw0)
                 vals.append([useful_flops(layout, fam, shape, w) / g / pass_time(plans, hw, shape, fam.window,
                                                                                   w)["time_s"] / 1e12
                              for w in ("fwd", "bwd")])
@@ -340,6 +376,7 @@ def simulated(args) -> None:
     print("\n".join(lines))
     dest = Path(args.out_dir) if args.out_dir else out_dir("attention_scaling")
     write_json(dest / "attention_scaling.json", {"info": info, "published_h100": PUBLISHED, "results": results,
+                                                  "node_blind_vs_aware": sbs,
                                                   "sources": {k: hw.sources for k, hw in hws.items()}})
     paths = [dest / "attention_scaling.png"]
     if args.plot:
@@ -441,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--no-pingpong", action="store_true", help="one round per pass, no communication overlap")
+    p.add_argument("--node-blind", action="store_true",
+                   help="plan without the node map (every remote byte the same), and skip the side-by-side")
     p.add_argument("--plot", action="store_true", help="also write docs/figures/attention_scaling.png")
     p.add_argument("--out-dir", default=None, help="default out/attention_scaling/")
     args = p.parse_args(argv)

@@ -59,11 +59,12 @@ def _execute(xfer, rank_bufs, sizes):
 
 
 @given(batch=batches(), n_servers=st.integers(1, 9), cfg=configs,
-       kind=st.sampled_from(["colocated", "dedicated"]))
-def test_plan_covers_every_query_once_with_exact_key_ranges_and_correct_manifests(batch, n_servers, cfg, kind):
+       kind=st.sampled_from(["colocated", "dedicated"]), per_node=st.sampled_from([None, None, 1, 2, 3]))
+def test_plan_covers_every_query_once_with_exact_key_ranges_and_correct_manifests(batch, n_servers, cfg, kind,
+                                                                                   per_node):
     if kind == "colocated":
         n_servers = batch.n_ranks
-    placement = Placement(batch.n_ranks, n_servers, kind)
+    placement = Placement(batch.n_ranks, n_servers, kind, devices_per_node=per_node)
     plan, _ = make_plan(batch, placement, cfg)
 
     # Coverage: every document's queries exactly once.
@@ -104,9 +105,9 @@ def test_plan_covers_every_query_once_with_exact_key_ranges_and_correct_manifest
 
 
 @given(batch=batches(max_ranks=12, max_tokens=20000), eps=st.sampled_from([0.0, 0.01, 0.02, 0.05, 0.1]),
-       window=st.sampled_from([-1, 512]))
-def test_busiest_server_is_within_one_plus_eps_of_the_mean(batch, eps, window):
-    plan, _ = make_plan(batch, Placement(batch.n_ranks, batch.n_ranks),
+       window=st.sampled_from([-1, 512]), per_node=st.sampled_from([None, 2, 4]))
+def test_busiest_server_is_within_one_plus_eps_of_the_mean(batch, eps, window, per_node):
+    plan, _ = make_plan(batch, Placement(batch.n_ranks, batch.n_ranks, devices_per_node=per_node),
                         SchedulerConfig(eps=eps, window=window, granularity=128))
     loads = plan.server_pairs
     mean = loads.mean()
@@ -133,6 +134,40 @@ def test_same_input_gives_the_same_plan_byte_for_byte(batch, cfg):
     first, _ = make_plan(batch, placement, cfg)
     again, _ = make_plan(BatchLayout.from_ranks(*_ranks_of(batch)), placement, cfg)
     assert first.digest() == again.digest()
+
+
+def test_topology_aware_plans_keep_the_bound_and_move_fewer_bytes_across_nodes():
+    """Nodes of 8 GPUs: one node plans exactly as the flat planner; over several nodes the planner (nano-batches
+    planned with the whole batch's keys, as ping-pong does) keeps the bound, covers every query and sends fewer
+    bytes between nodes."""
+    from distca.attention.cost import AttentionShape
+    from distca.data import sample_batch
+
+    shape = AttentionShape(64, 8, 128, 2)
+    cfg = SchedulerConfig(eps=0.02, granularity=128, window=-1)
+    one = sample_batch("pretrain", 8, 16384, seed=1)
+    b = BatchLayout.from_ranks(one.ranks, one.continues)
+    flat, _ = make_plan(b, Placement(8, 8), cfg, shape)
+    node, _ = make_plan(b, Placement(8, 8, devices_per_node=8), cfg, shape)
+    assert flat.digest() == node.digest()
+
+    packed = sample_batch("prolong", 32, 32768, seed=2)
+    b = BatchLayout.from_ranks(packed.ranks, packed.continues)
+    half = b.rank_tokens // 2
+    cross = {}
+    for per_node in (None, 8):
+        total = 0
+        for lo, hi in ((np.zeros_like(half), half), (half, b.rank_tokens)):
+            part = b.query_rows(lo, hi)
+            plan, _ = make_plan(part, Placement(32, 32, devices_per_node=per_node), cfg, shape, keys=b)
+            assert plan.max_over_mean <= 1.02 + 1e-9
+            assert int((plan.task_q1 - plan.task_q0).sum()) == int(part.piece_len.sum())
+            kv = plan.row_bytes("k") + plan.row_bytes("v")
+            for x, rb in ((plan.q_xfer, plan.row_bytes("q")), (plan.kv_xfer, kv)):
+                across = x.rank // 8 != x.server // 8
+                total += int(x.n[across].sum()) * rb
+        cross[per_node] = total
+    assert cross[8] < cross[None], cross
 
 
 def _ranks_of(batch: BatchLayout):
@@ -299,7 +334,7 @@ ranks = [[3000, 900, 4292], [8192], [1200, 5000, 1992], [700] * 8 + [2592], [819
 continues = [False, True, True, False, True, False]  # documents split across ranks 0-2 and 3-4
 batch = BatchLayout.from_ranks(ranks, continues)
 out, n_tasks = [], []
-for placement in (Placement(6, 6), Placement(6, 3), Placement(6, 4, "dedicated")):
+for placement in (Placement(6, 6), Placement(6, 3), Placement(6, 4, "dedicated"), Placement(6, 6, devices_per_node=2)):
     for window in (-1, 256, 4096):
         for eps in (0.0, 0.05):
             plan, _ = make_plan(batch, placement, SchedulerConfig(eps=eps, granularity=64, window=window))

@@ -29,7 +29,7 @@ def make_plan(
     when ``batch`` holds only some of its queries (:meth:`BatchLayout.query_rows`); key rows come from it."""
     shape = shape or AttentionShape()
     t0 = time.perf_counter()
-    assignment = plan_assignment(batch, placement, cfg, shape)
+    assignment = plan_assignment(batch, placement, cfg, shape, keys)
     t1 = time.perf_counter()
     plan = compile_plan(assignment, batch, placement, cfg.mask_, shape, keys=keys, exact_keys=cfg.exact_keys)
     t2 = time.perf_counter()

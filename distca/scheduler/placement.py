@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import isfinite
 from typing import Literal
 
 import numpy as np
@@ -21,12 +22,20 @@ class Placement:
 
     ``devices`` lets a plan's trainers be any subset of the cluster — e.g. the data-parallel replicas
     of one pipeline stage, which sit on devices ``stage * dp + replica`` while the server pool spans
-    every device."""
+    every device.
+
+    ``devices_per_node``: devices ``[k·n, (k+1)·n)`` share node ``k`` (a fast intra-node link, NVLink), and a byte
+    between nodes costs ``inter_node_cost`` bytes inside one (the bandwidth ratio of the two links: 450 GB/s NVLink
+    over a 50 GB/s NIC per GPU on an H100 DGX is 9). Colocated placements only: the planner then sheds work inside
+    a donor's node first and weighs every byte by the link it crosses. ``None``: one flat network (every remote
+    byte costs the same)."""
 
     n_trainers: int
     n_servers: int
     kind: PlacementKind = "colocated"
     devices: tuple[int, ...] | None = None
+    devices_per_node: int | None = None
+    inter_node_cost: float = 9.0
 
     def __post_init__(self) -> None:
         if self.n_trainers < 1 or self.n_servers < 1:
@@ -38,6 +47,16 @@ class Placement:
         if self.devices is not None and (len(self.devices) != self.n_trainers or min(self.devices) < 0
                                          or len(set(self.devices)) != self.n_trainers):
             raise ValueError(f"devices must name {self.n_trainers} distinct devices >= 0, got {self.devices}")
+        if self.devices_per_node is not None and (not isinstance(self.devices_per_node, int)
+                                                  or self.devices_per_node < 1):
+            raise InputError(f"devices_per_node must be an int >= 1 or None, got {self.devices_per_node!r}")
+        if not (isfinite(self.inter_node_cost) and self.inter_node_cost >= 1):
+            raise InputError(f"inter_node_cost must be finite and >= 1, got {self.inter_node_cost}")
+
+    @property
+    def topology(self) -> bool:
+        """Whether the planner weighs bytes by the link they cross (a node size is given, colocated)."""
+        return self.devices_per_node is not None and self.kind == "colocated"
 
     def _device(self) -> np.ndarray:
         r = np.arange(self.n_trainers, dtype=np.int64)

@@ -134,7 +134,8 @@ class _Planner:
     O(servers) moves and per-element numpy access would dominate. ``finish`` writes them back.
     """
 
-    def __init__(self, batch: BatchLayout, placement: Placement, cfg: SchedulerConfig, shape: AttentionShape):
+    def __init__(self, batch: BatchLayout, placement: Placement, cfg: SchedulerConfig, shape: AttentionShape,
+                 keys: BatchLayout | None = None):
         self.b, self.p, self.cfg = batch, placement, cfg
         self.mask = cfg.mask_
         # Causal and sliding windows keep their closed-form integer paths (plans byte-identical to a planner
@@ -156,6 +157,27 @@ class _Planner:
         self.seg: dict[int, list[int]] = {}  # live segments: id -> [doc, q0, q1, rank, row, server, work]
         self.dirty: set[int] = set()  # base pieces changed by a move
         self.n_base = batch.n_pieces
+        # Topology (colocated, node size given): a byte costs its link's weight — 0 on the device itself, 1 inside
+        # a node, ``inter_node_cost`` across nodes — and the keys a move needs cost by the node of the rank holding
+        # them (``keys``: the whole batch when ``batch`` is one nano-batch of it).
+        self.topo = placement.topology
+        if self.topo:
+            dpn = placement.devices_per_node
+            self.t_dev = placement._device().tolist()
+            self.t_node = [d // dpn for d in self.t_dev]
+            self.node_servers = {}
+            for s in range(placement.n_servers):
+                self.node_servers.setdefault(s // dpn, []).append(s)
+            self.dpn, self.xw = dpn, float(placement.inter_node_cost)
+            kb = keys if keys is not None else batch
+            order = np.lexsort((kb.piece_off, kb.piece_doc))
+            self.k_doc, self.k_off = kb.piece_doc[order], kb.piece_off[order]
+            self.k_end, self.k_rank = (kb.piece_off + kb.piece_len)[order], kb.piece_rank[order]
+            self.k_bounds = np.searchsorted(self.k_doc, np.arange(kb.n_docs + 1))
+            self.holders: dict[int, dict[int, list[tuple[int, int]]]] = {}
+        # Receivers inside the node of the rank holding a move's queries are tried too (more than one node only:
+        # inside a single node the flat planner's choices stand, and its plans are unchanged).
+        self.near = self.topo and len(self.node_servers) > 1
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _work(self, doc, q0, q1) -> int:
@@ -227,6 +249,38 @@ class _Planner:
         if held is None:
             return n
         return n - sum(max(0, min(hi, b) - max(lo, a)) for lo, hi in ranges for a, b in held)
+
+    def _link(self, rank: int, server: int) -> float:
+        """Weight of a byte from trainer ``rank``'s device to ``server`` (topology only): 1 inside a node (as
+        the flat planner counts them, keys already on the device included), ``inter_node_cost`` across."""
+        return 1.0 if self.t_node[rank] == server // self.dpn else self.xw
+
+    def _holders(self, doc: int) -> dict[int, list[tuple[int, int]]]:
+        """Key positions of ``doc`` per node: sorted, disjoint runs held by that node's ranks."""
+        h = self.holders.get(doc)
+        if h is None:
+            a, b = self.k_bounds[doc], self.k_bounds[doc + 1]
+            h = self.holders[doc] = {}
+            for lo, hi, r in zip(self.k_off[a:b].tolist(), self.k_end[a:b].tolist(), self.k_rank[a:b].tolist(),
+                                 strict=True):
+                runs = h.setdefault(self.t_node[r], [])
+                if runs and runs[-1][1] == lo:
+                    runs[-1] = (runs[-1][0], hi)
+                else:
+                    runs.append((lo, hi))
+        return h
+
+    def _kv_cost(self, server, doc, ranges) -> float:
+        """Key tokens of ``ranges`` the server does not hold yet, each weighted by the link from its holder."""
+        held = self.have.get((server, doc))
+        runs = list(ranges) if held is None else _minus(ranges, [held] if self.fast else held)
+        if not runs:
+            return 0.0
+        # Every key costs xw, except those held in the receiver's node, which cost 1.
+        near = self._holders(doc).get(server // self.dpn, ())
+        total = sum(hi - lo for lo, hi in runs)
+        inside = sum(max(0, min(hi, b) - max(lo, a)) for lo, hi in runs for a, b in near)
+        return self.xw * total - (self.xw - 1.0) * inside
 
     # -- initial placement -------------------------------------------------------------------
     def place_home(self) -> None:
@@ -346,9 +400,13 @@ class _Planner:
         tuples ``(bytes per pair, -pairs, kind, a, b, pairs)``."""
         doc, q0, q1, rank, _, _, total = self._get(seg)
         keys = self._keys
-        remote_q = self.q_bytes if self.remote_all or rank != receiver else 0
         kvb = self.kv_bytes
-        new_kv = self._new_kv
+        if self.topo:  # bytes weighted by the link they cross
+            remote_q = self.q_bytes * self._link(rank, receiver) if self.t_dev[rank] != receiver else 0
+            new_kv = self._kv_cost
+        else:
+            remote_q = self.q_bytes if self.remote_all or rank != receiver else 0
+            new_kv = self._new_kv
         hi = hi_ok + slack
         lo = max(lo_ok, 1)
         out = []
@@ -381,7 +439,7 @@ class _Planner:
             # which needs keys only up to y (causal; prefix-LM: up to y or the prefix's end). A chunk of c
             # queries ending at y carries ~c·(y - c/2) pairs and costs c·q + y·kv bytes; for work m that is
             # least at c = sqrt(m·kv / (q + kv/2)).
-            c = max(1, isqrt(target * kvb // (remote_q + kvb // 2)))
+            c = max(1, isqrt(target * kvb // (int(remote_q) + kvb // 2)))
             y = -(-(target // c + c // 2) // g) * g
             if q0 + 1 < y < q1:
                 got = self._cut_ending(doc, q0, y, target, at_least, lo, hi)
@@ -480,6 +538,11 @@ class _Planner:
                 for t in self.by_doc.get(self._get(seg)[DOC], ()):
                     if t != donor and t != top and self.load[t] < capacity and len(receivers) < 3:
                         receivers.append(t)
+                if self.near:  # the servers with the most spare in the node of the rank holding the queries
+                    near = [t for t in self.node_servers.get(self.t_node[self._get(seg)[RANK]], ())
+                            if t != donor and t not in receivers and self.load[t] < capacity]
+                    near.sort(key=lambda t: (self.load[t], t))
+                    receivers.extend(near[:2])
                 # Relaxed pass: when no cut fits (tiny spares, eps ~ 0) allow one query token's
                 # work of overshoot — the last token of a segment sees at most q1 keys.
                 slack = self._token_work(seg) if relax else 0
@@ -500,6 +563,23 @@ class _Planner:
             if best is not None:
                 return best[1]
         return None
+
+
+def _minus(ranges, held) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` outside the sorted, disjoint runs ``held``."""
+    out = []
+    for lo, hi in ranges:
+        for a, b in held:
+            if b <= lo or a >= hi:
+                continue
+            if a > lo:
+                out.append((lo, a))
+            lo = max(lo, b)
+            if lo >= hi:
+                break
+        if lo < hi:
+            out.append((lo, hi))
+    return out
 
 
 def _union(held: list[tuple[int, int]], ranges) -> list[tuple[int, int]]:
@@ -539,11 +619,13 @@ class _Receivers:
 
 def plan_assignment(
     batch: BatchLayout, placement: Placement, cfg: SchedulerConfig, shape: AttentionShape | None = None,
+    keys: BatchLayout | None = None,
 ) -> Assignment:
-    """Assign every query token of the batch to exactly one server with max work <= (1+ε)·mean."""
+    """Assign every query token of the batch to exactly one server with max work <= (1+ε)·mean. ``keys``: the
+    whole batch when ``batch`` is one nano-batch of it (where the keys sit, for a topology-aware placement)."""
     if placement.n_trainers != batch.n_ranks:
         raise ValueError(f"placement has {placement.n_trainers} trainers but the batch has {batch.n_ranks} ranks")
-    planner = _Planner(batch, placement, cfg, shape or AttentionShape())
+    planner = _Planner(batch, placement, cfg, shape or AttentionShape(), keys)
     planner.place_home()
     total = sum(planner.load)
     n = placement.n_servers

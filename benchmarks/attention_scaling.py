@@ -27,15 +27,21 @@ dim 128, bf16 (MagiAttention's distributed benchmark). Every GPU is a trainer an
   ``distca.sim.step`` models a round); a pass ends when every return has. ``--no-pingpong``: one round.
 
 TFLOP/s per GPU counts the *useful* FLOPs of the mask, ``4 * head_dim * heads * pairs`` forward and 2.5x
-that backward (``distca.attention.cost``), pairs being the (query, key) pairs the causal (or windowed)
-mask keeps: how MagiAttention counts them. Numbers are SIMULATED; MagiAttention's and Megatron's are
-PUBLISHED, measured on H100s.
+that backward (``distca.attention.cost``), pairs being the (query, key) pairs the family's mask keeps
+(``Mask.pairs(L, 0, L)`` per document): how MagiAttention counts them. Mask families (``--families``, specs as
+``Mask.parse`` takes them: ``causal``, ``window:4096``, ``chunked:8192``, ``sink_window:4:4096``,
+``prefix_lm:2048``, ``bidirectional``; default ``causal`` and ``window:W`` of ``--window``) are planned by their
+mask (``SchedulerConfig(mask=...)``); a family other than causal or a window runs as kernel rectangles over
+exact key ranges, each costed by its kind (``Hardware.attention_rects_s``). Numbers are SIMULATED;
+MagiAttention's and Megatron's are PUBLISHED, measured on H100s.
 
 ``--cpu``: no simulated hardware; the real scheduler at sizes this machine plans quickly (2-16 servers,
 small token budgets): its balance (max/mean pairs per server), the bytes it moves per GPU and its
-planning time, per mask family.
+planning time, per mask family (default every family — causal, window, chunked, sink + window, prefix-LM —
+scaled to the token budget; ``--families`` as given).
 
     python benchmarks/attention_scaling.py [--gpus 8 16 32 64] [--seeds 3] [--window 4096] [--no-pingpong]
+    python benchmarks/attention_scaling.py --families causal window:4096 chunked:8192 sink_window:4:4096 prefix_lm:2048
     python benchmarks/attention_scaling.py --cpu [--servers 2 4 8 16] [--tokens-per-gpu 2048]
 
 Results go to out/attention_scaling/ (JSON, PNG) and the plot to docs/figures/attention_scaling.png
@@ -47,7 +53,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +62,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, header_lines, markdown_table, out_dir, run_info, write_json
 
-from distca.attention.cost import AttentionShape, attention_flops, pair_count
+from distca.attention.cost import AttentionShape, attention_flops
+from distca.attention.masks import Mask
 from distca.data.packing import pack_into_ranks
-from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.scheduler import LOCAL, BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.scheduler.calls import local_rects, server_rects
 from distca.sim.engine import TaskGraph, simulate
 from distca.sim.hardware import Hardware, h100_with_h200_kernels, published
 from distca.sim.workload import sample_documents
@@ -74,22 +82,46 @@ GOAL = 0.80  # at 64 GPUs, >= 80% of the 8-GPU per-GPU throughput (varlen-causal
 
 @dataclass(frozen=True)
 class Family:
-    """A mask family the benchmark plans. ``window``: what the planner takes today (-1 full causal)."""
+    """A mask family the benchmark plans (the planner takes its mask: ``SchedulerConfig(mask=...)``)."""
 
     name: str
-    window: int = -1
-    # TODO(masks): a ``distca.attention.masks.Mask`` here (Mask.chunked, Mask.sink_window, Mask.prefix_lm, ...)
-    # once the planner takes one: build it in ``families`` and pass it where ``_sched`` builds the
-    # SchedulerConfig; ``useful_flops`` then counts ``mask.pairs(L, 0, L)`` per document.
+    mask: Mask = field(default_factory=Mask.causal)
+
+    @property
+    def window(self) -> int:
+        """The runtime window of a causal (-1) or sliding-window family; -1 for the others (see ``mask``)."""
+        w = self.mask.as_window
+        return -1 if w is None else w
 
 
-def families(window: int) -> list[Family]:
-    return [Family("varlen-causal"), Family(f"varlen-window {window // K}K" if window % K == 0 else
-                                            f"varlen-window {window}", window)]
+def _tokens(n: int) -> str:
+    return f"{n // K}K" if n % K == 0 else str(n)
+
+
+def family(spec: str | Mask) -> Family:
+    """The family of a mask spec (``Mask.parse``): ``varlen-causal``, ``varlen-window 4K``, ``varlen-chunked 8K``..."""
+    m = spec if isinstance(spec, Mask) else Mask.parse(spec)
+    name = {"causal": "varlen-causal", "window": f"varlen-window {_tokens(m.window)}",
+            "chunked": f"varlen-chunked {_tokens(m.chunk)}",
+            "sink_window": f"varlen-sink {m.sink} + window {_tokens(m.window)}",
+            "prefix_lm": f"varlen-prefix-LM {_tokens(m.prefix)}", "bidirectional": "varlen-bidirectional"}
+    return Family(name.get(m.family, m.spec()), m)
+
+
+def families(window: int, specs: list[str] | None = None) -> list[Family]:
+    """``specs`` (``--families``) or the default pair: varlen-causal and a window of ``window`` keys."""
+    return [family(s) for s in (specs or ["causal", f"window:{window}"])]
+
+
+def all_families(window: int) -> list[Family]:
+    """Every family, scaled to a window of ``window`` keys: causal, window, chunked (2 windows), sink + window,
+    prefix-LM (half a window)."""
+    return families(window, ["causal", f"window:{window}", f"chunked:{2 * window}", f"sink_window:4:{window}",
+                             f"prefix_lm:{max(1, window // 2)}"])
 
 
 def _sched(family: Family, eps: float, granularity: int) -> SchedulerConfig:
-    return SchedulerConfig(eps=eps, granularity=granularity, window=family.window)
+    return SchedulerConfig(eps=eps, granularity=granularity, mask=family.mask)
 
 
 def sample_layout(gpus: int, tokens_per_gpu: int, doc_cap: float, seed: int, dist: str = "pretrain") -> BatchLayout:
@@ -101,7 +133,8 @@ def sample_layout(gpus: int, tokens_per_gpu: int, doc_cap: float, seed: int, dis
 
 
 def useful_flops(layout: BatchLayout, family: Family, shape: AttentionShape, which: str) -> float:
-    pairs = pair_count(layout.doc_len, layout.doc_len, family.window).sum()
+    """FLOPs of the pairs the family's mask keeps, ``mask.pairs(L, 0, L)`` per document."""
+    pairs = sum(family.mask.pairs(n, 0, n) for n in layout.doc_len.tolist())
     return float(attention_flops(pairs, shape.n_heads, shape.head_dim, which))
 
 
@@ -162,8 +195,14 @@ def phase_time(hw: Hardware, out: np.ndarray, inn: np.ndarray, peers) -> np.ndar
     return t
 
 
+def _rects_s(hw: Hardware, model, r, which: str) -> float:
+    """One call over a plan's kernel rectangles (``server_rects`` / ``local_rects``), each costed by its kind."""
+    return hw.attention_rects_s(model, r.q1 - r.q0, r.k1 - r.k0, r.kind == "full", r.window, which)
+
+
 def pass_time(plans, hw: Hardware, shape: AttentionShape, window: int, which: str) -> dict:
-    """Simulated time of one pass over ``plans`` (the nano-batches in order) on ``hw``."""
+    """Simulated time of one pass over ``plans`` (the nano-batches in order) on ``hw``. ``window``: the causal /
+    window plans' runtime window (a masked plan's tasks are costed as its rectangles instead)."""
     n = plans[0].n_servers
     model = hw.attention_model(shape)
     per_node = hw.devices_per_node
@@ -176,11 +215,17 @@ def pass_time(plans, hw: Hardware, shape: AttentionShape, window: int, which: st
         q, kv = plan.task_q1 - plan.task_q0, plan.task_k1 - plan.task_k0
         for j in range(n):
             sel = plan.task_server == j
-            compute[i, j] = hw.attention_call_s(model, q[sel], kv[sel], window, which)
-        local = plan.task_server < 0  # LOCAL tasks (none under colocated placement) run on their trainer
+            if plan.masked:
+                compute[i, j] = _rects_s(hw, model, server_rects(plan, j), which)
+            else:
+                compute[i, j] = hw.attention_call_s(model, q[sel], kv[sel], window, which)
+        local = plan.task_server == LOCAL  # LOCAL tasks (none under colocated placement) run on their trainer
         for r in np.unique(plan.task_rank[local]).tolist():
             sel = local & (plan.task_rank == r)
-            compute[i, r] += hw.attention_call_s(model, q[sel], kv[sel], window, which)
+            if plan.masked:
+                compute[i, r] += _rects_s(hw, model, local_rects(plan, r), which)
+            else:
+                compute[i, r] += hw.attention_call_s(model, q[sel], kv[sel], window, which)
         times = []
         for direction in ("to_server", "to_trainer"):
             out, inn, peers = phase_bytes(plan, which, direction, n, per_node)
@@ -239,7 +284,7 @@ def simulated(args) -> None:
     shape = AttentionShape(args.heads, args.kv_heads, args.head_dim, 2)
     hws = kernels()
     hw0 = next(iter(hws.values()))  # the links and node size the node-aware planner sees (the same H100 cluster)
-    fams = families(args.window)
+    fams = families(args.window, args.families)
     results = []  # one per (gpus, family, kernel)
     sbs = []  # node-blind vs node-aware, first kernel model, same seeds
     t_start = time.time()
@@ -266,7 +311,7 @@ def simulated(args) -> None:
                         row[which] = pass_time(plans, hw, shape, fam.window, which)
                     acc[name].append(row)
             for name, rows in acc.items():
-                r = {"gpus": gpus, "family": fam.name, "window": fam.window, "kernel": name,
+                r = {"gpus": gpus, "family": fam.name, "mask": fam.mask.spec(), "window": fam.window, "kernel": name,
                      "balance": float(np.mean(bal)), "balance_max": float(np.max(bal)),
                      "plan_ms": float(np.mean(plan_ms)), "n_docs": float(np.mean([x["n_docs"] for x in rows])),
                      "max_doc": int(max(x["max_doc"] for x in rows)),
@@ -290,6 +335,7 @@ def simulated(args) -> None:
                     doc_cap=f"{args.doc_cap} of total", dist="pretrain (elongated to the cap)", seeds=args.seeds,
                     heads=f"{args.heads}/{args.kv_heads}x{args.head_dim} bf16", eps=args.eps,
                     granularity=args.granularity, pingpong=not args.no_pingpong, window=args.window,
+                    families=" ".join(f.mask.spec() for f in fams),
                     placement="colocated (every GPU a trainer and a server)",
                     planner="node-blind" if args.node_blind else "node-aware (devices_per_node=8, inter_node_cost=9)",
                     links="NVLink 450 GB/s/dir in 8-GPU nodes, IB 50 GB/s/GPU across")
@@ -396,7 +442,8 @@ def _plot(results: list[dict], gpus: list[int], paths: list[Path]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), sharey=True)
     styles = {"MagiAttention": ("tab:red", "*"), "Megatron hybrid CP": ("tab:gray", "X")}
     kstyle = ["o", "s"]
-    fcolor = {"varlen-causal": "tab:blue"}
+    palette = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"]
+    fcolor = {f: palette[i % len(palette)] for i, f in enumerate(dict.fromkeys(r["family"] for r in results))}
     for ax, (k, which) in zip(axes, enumerate(("fwd", "bwd")), strict=True):
         for name, pub in PUBLISHED.items():
             c, m = styles[name]
@@ -432,7 +479,7 @@ def cpu(args) -> None:
     """The real scheduler at small sizes: balance, bytes and planning time per mask family."""
     shape = AttentionShape(args.heads, args.kv_heads, args.head_dim, 2)
     window = min(args.window, args.tokens_per_gpu // 2)
-    fams = families(window)
+    fams = families(window, args.families) if args.families else all_families(window)
     rows, results = [], []
     for n in args.servers:
         for fam in fams:
@@ -444,7 +491,8 @@ def cpu(args) -> None:
                 ms.append(t)
                 fwd_b.append(sum(p.link_bytes("fwd") for p in plans) / n)
                 bwd_b.append(sum(p.link_bytes("bwd") for p in plans) / n)
-            r = {"servers": n, "family": fam.name, "balance": float(np.mean(bal)), "balance_max": float(np.max(bal)),
+            r = {"servers": n, "family": fam.name, "mask": fam.mask.spec(),
+                 "balance": float(np.mean(bal)), "balance_max": float(np.max(bal)),
                  "fwd_bytes_per_gpu": float(np.mean(fwd_b)), "bwd_bytes_per_gpu": float(np.mean(bwd_b)),
                  "plan_ms": float(np.mean(ms))}
             results.append(r)
@@ -453,7 +501,7 @@ def cpu(args) -> None:
                          f"{r['plan_ms']:.1f}"])
     info = run_info(torch.device("cpu"), servers=" ".join(map(str, args.servers)), tokens_per_gpu=args.tokens_per_gpu,
                     doc_cap=f"{args.doc_cap} of total", seeds=args.seeds, eps=args.eps, granularity=args.granularity,
-                    pingpong=not args.no_pingpong, window=window,
+                    pingpong=not args.no_pingpong, window=window, families=" ".join(f.mask.spec() for f in fams),
                     heads=f"{args.heads}/{args.kv_heads}x{args.head_dim} bf16")
     lines = [*header_lines("Real CAD scheduler at CPU-sized clusters: balance and bytes per mask family", info),
              *markdown_table(["servers", "family", "max/mean pairs (mean)", "max/mean pairs (worst)", "fwd MB/GPU",
@@ -471,6 +519,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens-per-gpu", type=int, default=None, help="default 8192 (simulated), 2048 (--cpu)")
     p.add_argument("--doc-cap", type=float, default=0.25, help="longest document, as a fraction of the total tokens")
     p.add_argument("--window", type=int, default=4 * K, help="the windowed family's keys per query")
+    p.add_argument("--families", nargs="+", default=None, metavar="SPEC",
+                   help="mask families to run (Mask.parse specs: causal, window:4096, chunked:8192, "
+                        "sink_window:4:4096, prefix_lm:2048, bidirectional); default causal and window:--window "
+                        "(simulated), every family scaled to the token budget (--cpu)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--eps", type=float, default=0.02, help="scheduler.eps (the config default)")
     p.add_argument("--granularity", type=int, default=128, help="attention.shard_tokens (the config default)")
@@ -483,6 +535,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", action="store_true", help="also write docs/figures/attention_scaling.png")
     p.add_argument("--out-dir", default=None, help="default out/attention_scaling/")
     args = p.parse_args(argv)
+    if args.families:
+        try:
+            args.families = [Mask.parse(f).spec() for f in args.families]
+        except Exception as e:  # an unknown family or bad parameter: a usage error, not a traceback
+            p.error(str(e))
     if args.tokens_per_gpu is None:
         args.tokens_per_gpu = 2048 if args.cpu else 8 * K
     cpu(args) if args.cpu else simulated(args)

@@ -70,8 +70,11 @@ CAD_HEADS, CAD_KV_HEADS, CAD_DIM = 4, 2, 8
 
 def _make_cad_case(spec: dict):
     """A plan and per-rank q/k/v and output gradients for ``spec`` (ranks, continues, servers, placement,
-    eps, window, seed, dtype); ``window`` may be a mask spec such as ``"sink_window:4:32"``."""
+    eps, window, seed, dtype); ``window`` may be a mask spec such as ``"sink_window:4:32"``; ``doc_masks`` (optional):
+    one :class:`~distca.attention.masks.Mask` (or ``None``) per document (``BatchLayout.with_masks``)."""
     batch = BatchLayout.from_ranks(spec["ranks"], spec["continues"])
+    if spec.get("doc_masks") is not None:
+        batch = batch.with_masks(spec["doc_masks"])
     placement = Placement(batch.n_ranks, spec["servers"], spec["placement"])
     key = attention_key(spec["window"])
     cfg = SchedulerConfig(eps=spec["eps"], mask=key_mask(key), granularity=16, min_offload_pairs=300)

@@ -132,3 +132,11 @@ def test_attention_scaling_benchmark_runs(tmp_path, capsys, monkeypatch):
                             "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "4 | varlen-causal" in out and "4 | varlen-window 256" in out and "max/mean pairs" in out
+    # --cpu runs every family by default (scaled to the token budget): chunked, sink + window, prefix-LM too.
+    assert "4 | varlen-chunked 512" in out and "4 | varlen-sink 4 + window 256" in out and "varlen-prefix-LM 128" in out
+    # --families: the planner gets each family's mask; useful FLOPs count its pairs.
+    attention_scaling.main(["--gpus", "8", "--tokens-per-gpu", "1024", "--seeds", "1", "--no-pingpong",
+                            "--families", "chunked:512", "sink_window:4:256", "prefix_lm:256",
+                            "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| varlen-chunked 512 " in out and "| varlen-prefix-LM 256 " in out and "| varlen-causal " not in out

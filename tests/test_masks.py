@@ -29,9 +29,14 @@ def masks(draw, length: int) -> Mask:
         return Mask.prefix_lm(draw(st.integers(0, length + 3)))
     if family == "bidirectional":
         return Mask.bidirectional()
-    # A grid of cells, each a slice of a random type or empty: cells never overlap in both q and k.
-    qs = sorted({0, length, *draw(st.lists(st.integers(0, length), max_size=3))})
-    ks = sorted({0, length, *draw(st.lists(st.integers(0, length), max_size=3))})
+    return draw(slice_masks(length))
+
+
+@st.composite
+def slice_masks(draw, length: int, cuts: int = 3) -> Mask:
+    """A grid of cells, each a slice of a random type or empty: cells never overlap in both q and k."""
+    qs = sorted({0, length, *draw(st.lists(st.integers(0, length), max_size=cuts))})
+    ks = sorted({0, length, *draw(st.lists(st.integers(0, length), max_size=cuts))})
     cells = [(a, b, c, d) for a, b in itertools.pairwise(qs) for c, d in itertools.pairwise(ks)]
     kinds = draw(st.lists(st.sampled_from(["full", "causal", "inv_causal", "bi_causal", None]),
                           min_size=len(cells), max_size=len(cells)))

@@ -17,6 +17,8 @@ from distca.errors import InputError
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, compile_plan, make_plan, plan_assignment
 from distca.scheduler.calls import local_rects, server_call, server_rects
 from distca.scheduler.work import mask_cum, mask_key_ranges, mask_reach
+from tests.test_masks import masks as any_masks
+from tests.test_masks import slice_masks
 
 FAMILIES = ["causal", "window:64", "chunked:100", "sink_window:4:50", "sink_window:40:16", "prefix_lm:150",
             "bidirectional"]
@@ -236,3 +238,151 @@ def test_mask_task_cost_sums_its_rectangles(mask, n, data):
         r = mask.rects(n, x, y)[0]
         assert tiles == int(tile_count(r.nq, r.nk, r.window, 64, 64))
     assert tiles >= -(-pairs // (64 * 64))
+
+
+# -- per-document masks (BatchLayout.with_masks): slices, and documents of one batch with different families ---
+
+
+@st.composite
+def doc_masks(draw, batch: BatchLayout, slices_only: bool = False) -> list[Mask | None]:
+    """One mask per document: a random grid of slices, or (mixed) any family or ``None`` (the layer's mask)."""
+    out: list[Mask | None] = []
+    for n in batch.doc_len.tolist():
+        pick = "slices" if slices_only else draw(st.sampled_from(["slices", "slices", "any", "none"]))
+        out.append(None if pick == "none" else draw(slice_masks(n) if pick == "slices" else any_masks(n)))
+    return out
+
+
+def _resolved(masks: list[Mask | None], default: Mask) -> list[Mask]:
+    return [default if m is None else m for m in masks]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), batch=batches(max_tokens=300), n_servers=st.integers(1, 7),
+       eps=st.sampled_from([0.0, 0.05, 0.5]), g=st.sampled_from([1, 16, 128]),
+       kind=st.sampled_from(["colocated", "dedicated"]), exact=st.booleans(), default=masks)
+def test_per_document_masks_deliver_every_pair_exactly_once(data, batch, n_servers, eps, g, kind, exact, default):
+    dm = data.draw(doc_masks(batch))
+    if kind == "colocated":
+        n_servers = batch.n_ranks
+    cfg = SchedulerConfig(eps=eps, granularity=g, mask=default, exact_keys=exact)
+    plan, _ = make_plan(batch.with_masks(dm), Placement(batch.n_ranks, n_servers, kind), cfg)
+    lens = batch.doc_len.tolist()
+    per_doc = _resolved(dm, default)
+    # Coverage: every query once.
+    for d, n in enumerate(lens):
+        m = plan.task_doc == d
+        spans = sorted(zip(plan.task_q0[m].tolist(), plan.task_q1[m].tolist(), strict=True))
+        assert spans[0][0] == 0 and spans[-1][1] == n
+        assert all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    # Each task's key ranges: exactly its document's mask's (any number of them; none where no query sees a key).
+    for i in range(plan.n_tasks):
+        d, q0, q1 = int(plan.task_doc[i]), int(plan.task_q0[i]), int(plan.task_q1[i])
+        want = per_doc[d].key_ranges(lens[d], q0, q1)
+        if not exact and want:
+            want = [(want[0][0], want[-1][1])]
+        assert [(a, b) for a, b, _ in plan.task_key_ranges(i)] == want
+        assert int(plan.task_pairs[i]) == per_doc[d].pairs(lens[d], q0, q1)
+    total = sum(m.cum(n, n) for m, n in zip(per_doc, lens, strict=True))
+    assert int(plan.server_pairs.sum()) + int(plan.task_pairs[plan.task_server < 0].sum()) == total
+    # Balance: the busiest server within (1 + eps) of the mean, plus one query token's work.
+    loads = plan.server_pairs
+    assert loads.max() <= (1 + eps) * loads.mean() + max(lens) + 1e-6 * loads.mean()
+    # Rows: execute the transfers on token ids and compare every rectangle's pairs with the dense masks.
+    ids = _ids(batch)
+    big = int(batch.doc_len.max()) + 1
+    qbufs = _execute(plan.q_xfer, ids, plan.server_q_rows)
+    kbufs = _execute(plan.kv_xfer, ids, plan.server_kv_rows)
+    counts = [np.zeros((n, n), dtype=np.int64) for n in lens]
+    for s in range(n_servers):
+        _pairs_seen(server_rects(plan, s), qbufs[s], kbufs[s], big, counts)
+        for i in np.flatnonzero(plan.task_server == s).tolist():
+            d = int(plan.task_doc[i])
+            for a, b, row in plan.task_key_ranges(i):
+                assert (kbufs[s][row:row + b - a] == d * big + np.arange(a, b)).all()
+        assert np.unique(kbufs[s]).size == kbufs[s].size  # each key once per server
+    for r in range(batch.n_ranks):
+        _pairs_seen(local_rects(plan, r), ids[r], ids[r], big, counts)
+    for d, n in enumerate(lens):
+        assert np.array_equal(counts[d], per_doc[d].dense(n).astype(np.int64)), f"doc {d}: pairs missing or repeated"
+    # Determinism: the same input (masks rebuilt from their slices) gives the same plan, byte for byte.
+    rebuilt = [None if m is None else Mask(m.family, m.window, m.chunk, m.sink, m.prefix, tuple(m.slices))
+               for m in dm]
+    again, _ = make_plan(batch.with_masks(rebuilt), Placement(batch.n_ranks, n_servers, kind), cfg)
+    assert again.digest() == plan.digest()
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), batch=batches(max_ranks=10, max_tokens=20000, max_pieces=5),
+       eps=st.sampled_from([0.0, 0.02, 0.1]), exact=st.booleans())
+def test_busiest_server_is_within_one_plus_eps_with_slice_masks(data, batch, eps, exact):
+    dm = data.draw(doc_masks(batch, slices_only=True))
+    plan, _ = make_plan(batch.with_masks(dm), Placement(batch.n_ranks, batch.n_ranks),
+                        SchedulerConfig(eps=eps, granularity=128, window=-1, exact_keys=exact))
+    loads = plan.server_pairs
+    assert loads.max() <= (1 + eps) * loads.mean() + int(batch.doc_len.max()) + 1e-6 * loads.mean()
+    assert loads.sum() == sum(m.cum(int(n), int(n)) for m, n in zip(dm, batch.doc_len, strict=True))
+
+
+def test_slice_masks_balance_64_servers():
+    from distca.attention.masks import Slice
+    from distca.data import sample_batch
+
+    packed = sample_batch("prolong", 64, 65536, seed=5)
+    batch = BatchLayout.from_ranks(packed.ranks, packed.continues)
+    # Each document: a causal first half, its second half full over the first quarter and bi-causal (a band)
+    # over its own half (MagiAttention-style slices), every third document plain causal.
+    dm = []
+    for d, n in enumerate(batch.doc_len.tolist()):
+        h = n // 2
+        if d % 3 == 2 or n < 8:
+            dm.append(None)
+        else:
+            dm.append(Mask.from_slices([Slice(0, h, 0, h, "causal"), Slice(h, n, 0, n // 4, "full"),
+                                        Slice(h, n, h, n, "bi_causal")]))
+    t0 = time.perf_counter()
+    plan, _ = make_plan(batch.with_masks(dm), Placement(64, 64), SchedulerConfig(eps=0.02, granularity=128, window=-1))
+    assert plan.max_over_mean <= 1.02 + 1e-9, plan.max_over_mean
+    assert time.perf_counter() - t0 < 20
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=batches(max_tokens=3000), w=st.sampled_from([-1, 64]), kind=st.sampled_from(["colocated", "dedicated"]),
+       exact=st.booleans())
+def test_uniform_per_document_masks_plan_as_the_layer_mask(batch, w, kind, exact):
+    p = Placement(batch.n_ranks, batch.n_ranks if kind == "colocated" else 3, kind)
+    cfg = SchedulerConfig(eps=0.05, granularity=16, window=w, exact_keys=exact)
+    plain, _ = make_plan(batch, p, cfg)
+    for dm in ([None] * batch.n_docs, [Mask.sliding(w)] * batch.n_docs):
+        same, _ = make_plan(batch.with_masks(dm), p, cfg)
+        assert same.digest() == plain.digest() and not same.masked
+    # Every document one other family: as that family given for the layer.
+    fam, _ = make_plan(batch.with_masks([Mask.prefix_lm(100)] * batch.n_docs), p, cfg)
+    want, _ = make_plan(batch, p, SchedulerConfig(eps=0.05, granularity=16, mask=Mask.prefix_lm(100),
+                                                  exact_keys=exact))
+    assert fam.digest() == want.digest()
+
+
+def test_per_document_masks_change_the_digest_and_are_validated():
+    from distca.attention.masks import Slice
+
+    batch = BatchLayout.from_ranks([[64, 32], [96]])
+    p, cfg = Placement(2, 2), SchedulerConfig(eps=0.0, granularity=16, window=-1)
+    a = [Mask.from_slices([Slice(0, 64, 0, 64, "causal")]), None, Mask.from_slices([Slice(0, 96, 0, 96, "full")])]
+    b = [Mask.from_slices([Slice(0, 64, 0, 64, "inv_causal")]), None, a[2]]
+    pa, _ = make_plan(batch.with_masks(a), p, cfg)
+    pb, _ = make_plan(batch.with_masks(b), p, cfg)
+    assert pa.masked and pa.doc_mask(1) == Mask.causal() and pa.doc_mask(0) == a[0]
+    assert pa.digest() != pb.digest()
+    with pytest.raises(NotImplementedError, match="per-document"):
+        server_call(pa, 0)
+    with pytest.raises(InputError, match="3 documents but 2 masks"):
+        batch.with_masks(a[:2])
+    with pytest.raises(InputError, match="reaches"):
+        batch.with_masks([Mask.from_slices([Slice(0, 65, 0, 8, "full")]), None, None])
+    with pytest.raises(InputError, match="must be a distca"):
+        batch.with_masks(["causal", None, None])
+    assert batch.with_masks(a).with_masks(None).doc_masks is None
+    # Nano-batches keep the masks.
+    part = batch.with_masks(a).query_rows([0, 0], [50, 50])
+    assert part.doc_masks == tuple(a)

@@ -307,3 +307,53 @@ def test_h100_with_h200_kernels_keeps_published_links_and_the_measured_attention
     two = hw.attention_call_s(model, np.array([512, 512]), np.array([512, 512]), -1, "fwd")
     assert one < two < 2 * one
     assert hw.attention_call_s(model, np.array([], dtype=np.int64), np.array([], dtype=np.int64), -1, "fwd") == 0.0
+
+
+# -- mask families ---------------------------------------------------------------------------------
+def test_rect_costs_match_the_mask_task_cost():
+    from distca.attention.cost import AttentionShape, CostModel, attention_flops, mask_task_cost
+    from distca.attention.masks import Mask, Slice
+
+    shape = AttentionShape(8, 2, 64, 2)
+    n = 3000
+    for mask in (Mask.causal(), Mask.sliding(500), Mask.chunked(700), Mask.sink_window(4, 300), Mask.prefix_lm(900),
+                 Mask.bidirectional(), Mask.from_slices([Slice(0, 1000, 0, 1000, "causal"),
+                                                         Slice(1000, 3000, 0, 400, "full"),
+                                                         Slice(1000, 3000, 500, 2800, "bi_causal"),
+                                                         Slice(0, 1000, 1200, 3000, "inv_causal")])):
+        for x, y in ((0, n), (128, 1900), (2500, 2600)):
+            rects = mask.rects(n, x, y)
+            args = ([r.nq for r in rects], [r.nk for r in rects], [r.kind == "full" for r in rects],
+                    [r.window for r in rects])
+            pairs, tiles = mask_task_cost(mask, n, x, y, tile=128)
+            by_pairs = CostModel(shape, "pairs", peak_flops=1e12).rects_time_s(*args).sum()
+            assert by_pairs == pytest.approx(attention_flops(pairs, 8, 64)[()] / 1e12, rel=1e-12)
+            tiled = CostModel(shape, "tiles", peak_flops=1e12, per_task_s=0.0, tile=128).rects_time_s(*args, "bwd")
+            assert tiled.sum() == pytest.approx(attention_flops(tiles * 128**2, 8, 64, "bwd")[()] / 1e12, rel=1e-12)
+            if mask.as_window is not None:  # one task: exactly the task's cost
+                r = rects[0]
+                assert by_pairs == CostModel(shape, "pairs", peak_flops=1e12).time_s(r.nq, r.nk, r.window).sum()
+
+
+@pytest.mark.parametrize("spec", ["chunked:1024", "sink_window:4:512", "prefix_lm:2048", "bidirectional"])
+def test_cad_costs_mask_families_by_their_pairs(spec):
+    # Pairs-mode cost model: the servers' attention seconds are the family's pairs (not its key hulls'), and
+    # CAD still balances them.
+    from distca.attention.masks import Mask
+
+    hw = _hw(linear_flops=1e14)
+    par = Parallelism(dp=4)
+    mbs = _skewed(4, 8192)
+    rep = {}
+    for s in ("causal", spec):
+        cfg = replace(TINY, layer_masks=[s])
+        rep[s] = simulate_step(cfg, hw, par, SimOptions(system="cad", eps=0.05), mbs)
+        assert rep[s].attention_max_over_mean <= 1.06
+    lens = [n for r in mbs[0].ranks for n in r]
+    ratio = sum(Mask.parse(spec).cum(n, n) for n in lens) / sum(Mask.causal().cum(n, n) for n in lens)
+    busy = {s: sum(d.get("attention", 0.0) for d in r.per_device) for s, r in rep.items()}
+    overhead = hw.attention_task_s  # one call per server and round: the same for both
+    assert busy[spec] > 0 and busy["causal"] > 0
+    assert abs(busy[spec] / busy["causal"] - ratio) < 0.05 * ratio + 1e-9 + overhead
+    col = simulate_step(replace(TINY, layer_masks=[spec]), hw, par, SimOptions(system="colocated"), mbs)
+    assert col.attention_max_over_mean > 1.5

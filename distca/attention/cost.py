@@ -274,3 +274,33 @@ class CostModel:
         else:
             raise ValueError(f"unknown cost model mode {self.mode!r}; expected pairs, tiles or calibrated")
         return np.where(q > 0, t, 0.0)
+
+    def rects_time_s(
+        self, nq: ArrayLike, nk: ArrayLike, full: ArrayLike, window: ArrayLike = -1, which: Pass = "fwd"
+    ) -> np.ndarray:
+        """Predicted time of each kernel rectangle of a masked task (:class:`~distca.attention.masks.Rect`:
+        ``nq × nk``, ``full`` or causal/inverse-causal banded by ``window``), in seconds. A causal or inverse-causal
+        rectangle costs exactly as a task of its shape (inverse-causal is causal on reversed rows and columns);
+        a full one by its ``nq·nk`` pairs and its ``ceil(nq/T)·ceil(nk/T)`` tiles (:func:`rect_tiles`)."""
+        q, k, w = np.broadcast_arrays(_as_i64(nq), _as_i64(nk), _as_i64(window))
+        full = np.broadcast_to(np.asarray(full, dtype=bool), q.shape)
+        t = np.array(self.time_s(q, k, np.where(full, -1, w), which), dtype=np.float64)
+        if full.any():
+            fq, fk = q[full], k[full]
+            pairs = (fq * fk).astype(np.float64)
+            area = ((fq + self.tile - 1) // self.tile * ((fk + self.tile - 1) // self.tile)).astype(np.float64)
+            area *= self.tile**2
+            if self.mode == "pairs":
+                tf = attention_flops(pairs, self.shape.n_heads, self.shape.head_dim, which) / self.peak_flops
+            elif self.mode == "tiles":
+                tf = attention_flops(area, self.shape.n_heads, self.shape.head_dim, which) / self.peak_flops
+                tf = tf + self.per_task_s
+            else:  # calibrated: the task features of a full rectangle (no band)
+                coef = self.coef_fwd if which == "fwd" else self.coef_bwd
+                if coef is None:
+                    raise CalibrationError("calibrated cost model has no fitted coefficients")
+                feats = np.stack([np.ones(fq.shape), area, pairs, (fq + fk).astype(np.float64), np.zeros(fq.shape)],
+                                 axis=-1)
+                tf = feats @ coef
+            t[full] = np.where((fq > 0) & (fk > 0), tf, 0.0)
+        return t

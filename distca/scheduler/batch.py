@@ -8,10 +8,12 @@ of one document's tokens; within a rank, pieces are laid out in order in the ran
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from distca.attention.masks import Mask, check_slices_fit
 from distca.errors import InputError
 from distca.limits import MAX_BATCH_PAIRS, MAX_DOC_TOKENS, MAX_RANKS, is_int, pow2_text, short_repr
 
@@ -27,6 +29,10 @@ class BatchLayout:
     piece_len: np.ndarray  # int64 [P]
     piece_row: np.ndarray  # int64 [P] first token's row in its rank's local buffers
     doc_len: np.ndarray  # int64 [D] total length of each document (over all ranks)
+    # Per-document masks (:meth:`with_masks`): document d attends by doc_masks[d], ``None`` entries (or no tuple)
+    # by the layer's mask (``SchedulerConfig.mask``). How ``slices`` masks, which are per-document data, reach
+    # the planner; any family may appear, and documents of one batch may differ.
+    doc_masks: tuple[Mask | None, ...] | None = None
 
     @property
     def n_pieces(self) -> int:
@@ -99,6 +105,28 @@ class BatchLayout:
         as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
         return cls(n_ranks, as64(rank), as64(doc), as64(off), as64(length), as64(row), as64(doc_len))
 
+    def with_masks(self, masks: Sequence[Mask | None] | None) -> BatchLayout:
+        """This batch with one mask per document (``None``: the layer's mask; ``masks=None`` drops them all).
+        A ``slices`` mask must fit inside its document."""
+        if masks is None:
+            return BatchLayout(self.n_ranks, self.piece_rank, self.piece_doc, self.piece_off, self.piece_len,
+                               self.piece_row, self.doc_len)
+        if not isinstance(masks, list | tuple):
+            raise InputError(f"doc masks must be a list of one Mask (or None) per document, got "
+                             f"{type(masks).__name__}")
+        masks = tuple(masks)
+        if len(masks) != self.n_docs:
+            raise InputError(f"the batch has {self.n_docs} documents but {len(masks)} masks were given")
+        for d, m in enumerate(masks):
+            if m is None:
+                continue
+            if not isinstance(m, Mask):
+                raise InputError(f"document {d}'s mask must be a distca.attention.masks.Mask or None, got "
+                                 f"{type(m).__name__}")
+            check_slices_fit(m, int(self.doc_len[d]), d)
+        return BatchLayout(self.n_ranks, self.piece_rank, self.piece_doc, self.piece_off, self.piece_len,
+                           self.piece_row, self.doc_len, masks)
+
     def query_rows(self, lo: list[int] | np.ndarray, hi: list[int] | np.ndarray) -> BatchLayout:
         """The part of this batch whose *queries* sit in rows ``[lo[r], hi[r])`` of each rank r — one nano-batch
         of a ping-pong split. Pieces are cut at those rows and keep their rows in the rank's whole buffers and
@@ -112,4 +140,4 @@ class BatchLayout:
         keep = b > a
         cut = a[keep] - self.piece_row[keep]
         return BatchLayout(self.n_ranks, self.piece_rank[keep], self.piece_doc[keep], self.piece_off[keep] + cut,
-                           (b - a)[keep], a[keep], self.doc_len)
+                           (b - a)[keep], a[keep], self.doc_len, self.doc_masks)

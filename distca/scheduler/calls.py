@@ -63,7 +63,8 @@ def _block(x: Transfers, server: int, rank: int, what: str) -> tuple[int, int]:
 
 def _refuse_masked(plan: Plan, what: str) -> None:
     if plan.masked:
-        raise NotImplementedError(f"{what}: a {plan.mask.spec()!r} plan runs as rectangles over its key ranges, not "
+        spec = "per-document mask" if plan.doc_masks is not None else repr(plan.mask.spec())
+        raise NotImplementedError(f"{what}: a {spec} plan runs as rectangles over its key ranges, not "
                                   "one causal/window varlen call per task; use server_rects / local_rects")
 
 
@@ -161,12 +162,11 @@ class RowRects:
 
 def _row_rects(plan: Plan, tasks: np.ndarray, q_base: np.ndarray, key_rows) -> RowRects:
     rows: list[tuple[int, int, int, int, int, str, int]] = []
-    mask = plan.mask
     for i, qb in zip(tasks.tolist(), q_base.tolist(), strict=True):
         doc, q0, q1 = int(plan.task_doc[i]), int(plan.task_q0[i]), int(plan.task_q1[i])
         length = int(plan.doc_len[doc]) if plan.doc_len.size else q1
         ranges = key_rows(i)
-        for rc in mask.rects(length, q0, q1):
+        for rc in plan.doc_mask(doc).rects(length, q0, q1):
             hit = next((kr for kr in ranges if kr[0] <= rc.k0 and rc.k1 <= kr[1]), None)  # the range holding them
             if hit is None:
                 raise ValueError(f"task {i}: rectangle keys [{rc.k0}, {rc.k1}) lie outside its key ranges {ranges}")

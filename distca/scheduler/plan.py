@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distca.attention.cost import AttentionShape, cum_pairs
-from distca.attention.masks import Mask
+from distca.attention.masks import SLICE_TYPES, Mask
 from distca.errors import InputError
 from distca.scheduler.batch import BatchLayout
 from distca.scheduler.placement import Placement
 from distca.scheduler.planner import Assignment
-from distca.scheduler.work import mask_cum, mask_key_ranges
+from distca.scheduler.work import mask_cum, mask_key_ranges, resolve_masks
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,9 @@ class Plan:
     key_k0: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
     key_k1: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
     key_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+    # One mask per document when the batch's documents attend by different masks or by ``slices``
+    # (``BatchLayout.with_masks``); ``None``: every document by ``mask``.
+    doc_masks: tuple[Mask, ...] | None = field(default=None, repr=False)
 
     @property
     def n_tasks(self) -> int:
@@ -99,8 +102,13 @@ class Plan:
 
     @property
     def masked(self) -> bool:
-        """Whether the plan's family is neither causal nor a sliding window (its tasks run as rectangles)."""
-        return self.mask.as_window is None
+        """Whether the plan's tasks run as rectangles: a family other than causal or a sliding window, or
+        per-document masks."""
+        return self.doc_masks is not None or self.mask.as_window is None
+
+    def doc_mask(self, doc: int) -> Mask:
+        """Document ``doc``'s mask."""
+        return self.mask if self.doc_masks is None else self.doc_masks[doc]
 
     def task_key_ranges(self, i: int) -> list[tuple[int, int, int]]:
         """Task ``i``'s exact key ranges as ``(k0, k1, first row in its server's kv buffer)``."""
@@ -169,7 +177,18 @@ class Plan:
             params = np.array([m.window, m.chunk, m.sink, m.prefix], dtype=np.int64)
             out += (b"mask:" + m.family.encode() + params.tobytes() + self.doc_len.tobytes() + self.key_ptr.tobytes()
                     + self.key_k0.tobytes() + self.key_k1.tobytes() + self.key_row.tobytes())
+        if self.doc_masks is not None:
+            out += b"doc_masks:" + b"".join(_mask_bytes(dm) for dm in self.doc_masks)
         return out
+
+
+def _mask_bytes(m: Mask) -> bytes:
+    """A mask as bytes, exactly (its family, parameters and slices), length-prefixed."""
+    sl = np.array([(s.q0, s.q1, s.k0, s.k1, SLICE_TYPES.index(s.type)) for s in m.slices],
+                  dtype=np.int64).reshape(-1)
+    body = (m.family.encode() + b":" + np.array([m.window, m.chunk, m.sink, m.prefix, len(m.slices)],
+                                                  dtype=np.int64).tobytes() + sl.tobytes())
+    return np.int64(len(body)).tobytes() + body
 
 
 def _excl_cumsum(values: np.ndarray) -> np.ndarray:
@@ -184,20 +203,37 @@ def compile_plan(
     come from the pieces of ``keys`` (default: ``batch``; the whole batch when ``batch`` holds part of its
     queries).
 
-    ``window``: the tasks' attention, a window (-1 full causal) or a :class:`Mask` (any family but ``slices``).
+    ``window``: the tasks' attention, a window (-1 full causal) or a :class:`Mask` (any family but ``slices``);
+    ``batch.doc_masks`` (:meth:`BatchLayout.with_masks`) override it per document (any family, ``slices`` too).
     ``exact_keys``: ship each task exactly its mask's key ranges, a server holding per document the union of its
     tasks' ranges; ``False`` ships one convex hull per (server, document), as for a causal mask (the bytes
     comparison's control). Causal and window masks always keep one hull per (server, document), as before."""
     shape = shape or AttentionShape()
     mask = window if isinstance(window, Mask) else Mask.sliding(window)
     if mask.family == "slices":
-        raise InputError("slices masks are per-document data; compile_plan takes one mask family for the batch")
-    win = mask.as_window
+        raise InputError("slices masks are per-document data: give them per document (BatchLayout.with_masks)")
+    mask, doc_masks = resolve_masks(batch.doc_masks, mask)
+    win = mask.as_window if doc_masks is None else None
     a = assignment
     n_srv = placement.n_servers
     qlen = a.q1 - a.q0
     two = np.zeros(a.doc.size, dtype=bool)
-    if win is not None:
+    if doc_masks is not None:  # each task by its document's mask (scalar: any number of key ranges per task)
+        lens = batch.doc_len.tolist()
+        task_ranges, task_pairs = [], []
+        for d, x, y in zip(a.doc.tolist(), a.q0.tolist(), a.q1.tolist(), strict=True):
+            m, n = doc_masks[d], lens[d]
+            rr = m.key_ranges(n, x, y)
+            if not exact_keys and len(rr) > 1:
+                rr = [(rr[0][0], rr[-1][1])]
+            task_ranges.append(rr)
+            task_pairs.append(m.pairs(n, x, y))
+        pairs = np.array(task_pairs, dtype=np.int64).reshape(-1)
+        k0 = np.array([rr[0][0] if rr else x for rr, x in zip(task_ranges, a.q0.tolist(), strict=True)],
+                      dtype=np.int64).reshape(-1)
+        k1 = np.array([rr[-1][1] if rr else x for rr, x in zip(task_ranges, a.q0.tolist(), strict=True)],
+                      dtype=np.int64).reshape(-1)
+    elif win is not None:
         k0 = np.zeros_like(a.q0) if win < 0 else np.maximum(0, a.q0 - win + 1)
         k1 = a.q1
         pairs = cum_pairs(a.q1, win) - cum_pairs(a.q0, win)
@@ -210,6 +246,7 @@ def compile_plan(
         if exact_keys:
             two = s0 < s1
     exact = win is None and exact_keys
+    union = exact or doc_masks is not None  # runs per (server, doc) by the sorted union (else one reduceat hull)
     # Tasks are sorted by (server, doc, q0) with LOCAL (-1) first: the server tasks are a suffix.
     r = slice(int(np.searchsorted(a.server, 0)), None)
     srv, doc_r, qlen_r, rank_r = a.server[r], a.doc[r], qlen[r], a.rank[r]
@@ -219,14 +256,22 @@ def compile_plan(
     q_row = a.row.copy()  # LOCAL tasks keep their trainer rows
     q_row[r] = _excl_cumsum(qlen_r) - _excl_cumsum(server_q_rows)[srv]
 
-    # Each task's key ranges (CSR): one, or two (a sink and a window) with exact hulls.
-    n_kr = 1 + two.astype(np.int64)
-    key_ptr = np.r_[0, np.cumsum(n_kr)].astype(np.int64)
-    key_task = np.repeat(np.arange(a.doc.size), n_kr)
-    second = np.zeros(key_task.size, dtype=bool)
-    second[key_ptr[:-1][two] + 1] = True
-    key_k0 = np.where(second, s0[key_task], (r0 if exact else k0)[key_task])
-    key_k1 = np.where(second, s1[key_task], np.where(two, r1, k1)[key_task])
+    # Each task's key ranges (CSR): one, or two (a sink and a window) with exact hulls; any number (none
+    # included) with per-document masks.
+    if doc_masks is not None:
+        n_kr = np.array([len(rr) for rr in task_ranges], dtype=np.int64).reshape(-1)
+        key_ptr = np.r_[0, np.cumsum(n_kr)].astype(np.int64)
+        key_task = np.repeat(np.arange(a.doc.size), n_kr)
+        key_k0 = np.array([lo for rr in task_ranges for lo, _ in rr], dtype=np.int64).reshape(-1)
+        key_k1 = np.array([hi for rr in task_ranges for _, hi in rr], dtype=np.int64).reshape(-1)
+    else:
+        n_kr = 1 + two.astype(np.int64)
+        key_ptr = np.r_[0, np.cumsum(n_kr)].astype(np.int64)
+        key_task = np.repeat(np.arange(a.doc.size), n_kr)
+        second = np.zeros(key_task.size, dtype=bool)
+        second[key_ptr[:-1][two] + 1] = True
+        key_k0 = np.where(second, s0[key_task], (r0 if exact else k0)[key_task])
+        key_k1 = np.where(second, s1[key_task], np.where(two, r1, k1)[key_task])
 
     # kv buffer runs per (server, doc): the group's hull (causal, window, exact_keys off) or the exact union.
     kr = slice(int(key_ptr[r.start]), None)  # the server tasks' ranges: a suffix as well
@@ -238,7 +283,7 @@ def compile_plan(
         grp_start = np.zeros(0, dtype=np.int64)
     task_grp = np.repeat(np.arange(grp_start.size), np.diff(np.r_[grp_start, srv.size]))
     kr_grp = task_grp[kr_task]
-    if not exact:
+    if not union:
         kr_start = key_ptr[r.start:-1][grp_start] - key_ptr[r.start] if grp_start.size else grp_start
         g_lo = np.minimum.reduceat(kr_lo, kr_start) if kr_start.size else kr_start
         g_hi = np.maximum.reduceat(kr_hi, kr_start) if kr_start.size else kr_start
@@ -249,7 +294,9 @@ def compile_plan(
         order = np.lexsort((kr_lo, kr_grp))
         lo_s, hi_s, grp_s = kr_lo[order], kr_hi[order], kr_grp[order]
         reach = np.maximum.accumulate(grp_s * big + hi_s) - grp_s * big  # furthest key of the group so far
-        new = np.r_[True, (grp_s[1:] != grp_s[:-1]) | (lo_s[1:] > reach[:-1])] if order.size else order.astype(bool)
+        # A new run where the group changes, or (exact hulls) where a gap opens; hulls: one run per group.
+        gap = (lo_s[1:] > reach[:-1]) if exact else np.zeros(max(order.size - 1, 0), dtype=bool)
+        new = np.r_[True, (grp_s[1:] != grp_s[:-1]) | gap] if order.size else order.astype(bool)
         starts = np.flatnonzero(new)
         g_lo = lo_s[starts]
         g_hi = np.maximum.reduceat(hi_s, starts) if starts.size else g_lo
@@ -262,7 +309,9 @@ def compile_plan(
     key_row = np.full(key_task.size, -1, dtype=np.int64)
     key_row[kr] = g_off[kr_run] + (kr_lo - g_lo[kr_run])
     kv_row = np.full(a.doc.size, -1, dtype=np.int64)
-    kv_row[r] = key_row[key_ptr[:-1][r]]
+    if key_row.size:  # a task whose queries see no key (a slices mask) has no first range: -1
+        has = (key_ptr[1:] > key_ptr[:-1])[r]
+        kv_row[r] = np.where(has, key_row[np.minimum(key_ptr[:-1][r], key_row.size - 1)], -1)
 
     # kv sources: the pieces of each run's document that overlap [lo, hi).
     batch_k = batch if keys is None else keys
@@ -291,4 +340,4 @@ def compile_plan(
     server_pairs = np.bincount(srv, weights=pairs[r], minlength=n_srv)
     return Plan(placement.n_trainers, n_srv, -1 if win is None else win, a.capacity, shape, a.doc, a.q0, a.q1,
                 k0, k1, a.rank, a.row, a.server, q_row, kv_row, pairs, server_q_rows, server_kv_rows, q, kv,
-                server_pairs, mask, batch.doc_len, key_ptr, key_k0, key_k1, key_row)
+                server_pairs, mask, batch.doc_len, key_ptr, key_k0, key_k1, key_row, doc_masks)

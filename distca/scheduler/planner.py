@@ -34,7 +34,7 @@ from distca.errors import InputError
 from distca.limits import MAX_DOC_TOKENS, check_int
 from distca.scheduler.batch import BatchLayout
 from distca.scheduler.placement import Placement
-from distca.scheduler.work import first_reaching, key_start, mask_cum, mask_key_ranges, mask_reach
+from distca.scheduler.work import first_reaching, key_start, mask_cum, mask_key_ranges, mask_reach, resolve_masks
 
 LOCAL = -1  # task runs on its own trainer, outside the server pool
 
@@ -48,7 +48,8 @@ class SchedulerConfig:
     The attention is one mask family for the whole batch (families are per layer): ``window=w`` is
     ``mask=Mask.sliding(w)`` (-1 full causal); give either, or both when they agree. After construction both
     fields are resolved: ``mask`` always holds the family, ``window`` the runtime window (``None`` for a family
-    that is not causal or a sliding window). ``slices`` masks are per-document data and are refused here."""
+    that is not causal or a sliding window). ``slices`` masks are per-document data and are refused here: give
+    them (or any per-document masks) with ``BatchLayout.with_masks``, which override ``mask`` document by document."""
 
     eps: float  # every server's work <= (1 + eps) * mean
     granularity: int  # preferred cut multiple (tokens, document positions)
@@ -77,8 +78,9 @@ class SchedulerConfig:
             if not isinstance(self.mask, Mask):
                 raise InputError(f"mask must be a distca.attention.masks.Mask, got {type(self.mask).__name__}")
             if self.mask.family == "slices":
-                raise InputError("slices masks are per-document data; the scheduler plans one mask family per layer "
-                                 "for the whole batch (causal, window, chunked, sink_window, prefix_lm, bidirectional)")
+                raise InputError("slices masks are per-document data: give them per document with "
+                                 "BatchLayout.with_masks; mask= is one family for the whole batch (causal, window, "
+                                 "chunked, sink_window, prefix_lm, bidirectional)")
             if self.window is not None and self.mask.as_window != self.window:
                 raise InputError(f"window={self.window} disagrees with mask={self.mask.spec()!r}; give one of them")
             object.__setattr__(self, "window", self.mask.as_window)
@@ -137,10 +139,12 @@ class _Planner:
     def __init__(self, batch: BatchLayout, placement: Placement, cfg: SchedulerConfig, shape: AttentionShape,
                  keys: BatchLayout | None = None):
         self.b, self.p, self.cfg = batch, placement, cfg
-        self.mask = cfg.mask_
+        # Per-document masks (BatchLayout.with_masks) go through each document's mask; a batch whose documents
+        # all attend by one family other than slices plans exactly as that family.
+        self.mask, self.doc_masks = resolve_masks(batch.doc_masks, cfg.mask_)
         # Causal and sliding windows keep their closed-form integer paths (plans byte-identical to a planner
         # that knows only them); other families go through the mask (and the document's length).
-        self.fast = self.mask.as_window is not None
+        self.fast = self.doc_masks is None and self.mask.as_window is not None
         self.w = self.mask.as_window if self.fast else -1
         self.exact = cfg.exact_keys
         # Head–tail moves (ship a middle, keep both ends) pay where a middle needs keys only up to its end.
@@ -180,18 +184,26 @@ class _Planner:
         self.near = self.topo and len(self.node_servers) > 1
 
     # -- bookkeeping -------------------------------------------------------------------------
+    def _mask(self, doc) -> Mask:
+        """Document ``doc``'s mask."""
+        return self.mask if self.doc_masks is None else self.doc_masks[doc]
+
+    def _middle(self, doc) -> bool:
+        """Whether a head–tail move pays for ``doc`` (see ``self.middle``)."""
+        return self.middle if self.doc_masks is None else self.doc_masks[doc].family in ("causal", "prefix_lm")
+
     def _work(self, doc, q0, q1) -> int:
         """Pairs of queries ``[q0, q1)`` of ``doc``."""
         if self.fast:
             return cum_pairs(q1, self.w) - cum_pairs(q0, self.w)
-        n = self.doc_len[doc]
-        return self.mask.cum(n, q1) - self.mask.cum(n, q0)
+        n, m = self.doc_len[doc], self._mask(doc)
+        return m.cum(n, q1) - m.cum(n, q0)
 
     def _keys(self, doc, x, y) -> list[tuple[int, int]]:
         """The key ranges queries ``[x, y)`` of ``doc`` need (one convex hull when exact hulls are off)."""
         if self.fast:
             return [(key_start(x, self.w), y)]
-        ranges = self.mask.key_ranges(self.doc_len[doc], x, y)
+        ranges = self._mask(doc).key_ranges(self.doc_len[doc], x, y)
         if not self.exact and len(ranges) > 1:
             return [(ranges[0][0], ranges[-1][1])]
         return ranges
@@ -201,13 +213,13 @@ class _Planner:
         if self.fast:
             w = self.w
             return (lambda y: cum_pairs(y, w)), (lambda t: first_reaching(t, w))
-        m, n = self.mask, self.doc_len[doc]
+        m, n = self._mask(doc), self.doc_len[doc]
         return (lambda y: m.cum(n, y)), (lambda t: mask_reach(m, n, t))
 
     def _token_work(self, seg) -> int:
         """At most one query token's work in segment ``seg`` (the keys its last query may see)."""
         f = self._get(seg)
-        return self.doc_len[f[DOC]] if self.mask.length_dependent else f[Q1]
+        return self.doc_len[f[DOC]] if self._mask(f[DOC]).length_dependent else f[Q1]
 
     def _add(self, doc, q0, q1, rank, row, server) -> int:
         w = self._work(doc, q0, q1)
@@ -288,6 +300,9 @@ class _Planner:
         self.q1_arr = b.piece_off + b.piece_len
         if self.fast:
             work = cum_pairs(self.q1_arr, w) - cum_pairs(b.piece_off, w)
+        elif self.doc_masks is not None:  # per-document masks: each piece by its document's (scalar)
+            spans = list(zip(b.piece_doc.tolist(), b.piece_off.tolist(), self.q1_arr.tolist(), strict=True))
+            work = np.array([self._work(d, x, y) for d, x, y in spans], dtype=np.int64).reshape(-1)
         else:
             length = b.doc_len[b.piece_doc]
             work = mask_cum(self.mask, length, self.q1_arr) - mask_cum(self.mask, length, b.piece_off)
@@ -299,6 +314,10 @@ class _Planner:
             no_local = ~has_local[b.piece_rank]
             if self.fast:
                 own_keys = b.piece_off == 0 if w < 0 else b.piece_off - w + 1 >= b.piece_off
+            elif self.doc_masks is not None:
+                ranges = [self._keys(d, x, y) for d, x, y in spans]
+                own_keys = np.array([not r or (r[0][0] >= x and r[-1][1] <= y)
+                                     for r, (_, x, y) in zip(ranges, spans, strict=True)], dtype=bool).reshape(-1)
             else:  # a family whose queries see later keys (prefix-LM, bidirectional) needs them in the piece too
                 a0, a1, _, b1 = mask_key_ranges(self.mask, length, b.piece_off, self.q1_arr)
                 own_keys = (a0 >= b.piece_off) & (np.maximum(a1, b1) <= self.q1_arr)
@@ -434,7 +453,7 @@ class _Planner:
             cost = (y - q0) * remote_q + new_kv(receiver, doc, keys(doc, q0, y)) * kvb
             out.append((cost / m, -m, 2, q0, y, m))
         g = self.g
-        if self.middle and remote_q and q1 - q0 >= 2 * g:
+        if self._middle(doc) and remote_q and q1 - q0 >= 2 * g:
             # Middle [x, y): for a small move, the donor keeps a head–tail pair and ships the middle,
             # which needs keys only up to y (causal; prefix-LM: up to y or the prefix's end). A chunk of c
             # queries ending at y carries ~c·(y - c/2) pairs and costs c·q + y·kv bytes; for work m that is

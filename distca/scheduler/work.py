@@ -107,3 +107,16 @@ def mask_reach(mask: Mask, length: int, target: int) -> int:
     else:
         return mask.first_reaching(length, 0, target)
     return min(y, length)
+
+
+def resolve_masks(doc_masks, default: Mask) -> tuple[Mask, tuple[Mask, ...] | None]:
+    """The batch's attention: ``(mask, None)`` when every document attends by one family other than ``slices``
+    (the uniform paths, vectorised), else ``(default, per-document masks)``. ``doc_masks``: a batch's
+    ``BatchLayout.doc_masks`` (``None`` entries, or no tuple, mean ``default``)."""
+    if doc_masks is None:
+        return default, None
+    masks = tuple(default if m is None else m for m in doc_masks)
+    first = masks[0] if masks else default
+    if first.family != "slices" and all(m == first for m in masks):
+        return first, None
+    return default, masks

@@ -95,6 +95,22 @@ class Hardware:
             t -= (q.size - 1) * float(coef[0])
         return t
 
+    def attention_rects_s(self, model: CostModel, nq: np.ndarray, nk: np.ndarray, full: np.ndarray,
+                          window: np.ndarray, which: str) -> float:
+        """One server's kernel rectangles (a masked plan's tasks, :func:`distca.scheduler.calls.server_rects`) as
+        one call on this device, in seconds: as :meth:`attention_call_s`, each rectangle costed by its kind
+        (:meth:`CostModel.rects_time_s`)."""
+        nq = np.asarray(nq)
+        if nq.size == 0:
+            return 0.0
+        t = float(model.rects_time_s(nq, nk, full, window, which).sum())
+        if model.mode == "pairs":
+            t += self.attention_task_s
+        elif self.attention_fused and nq.size > 1:
+            coef = model.coef_fwd if which == "fwd" else model.coef_bwd
+            t -= (nq.size - 1) * float(coef[0])
+        return t
+
     def linear_s(self, flops: float, which: str = "fwd", calls: float = 1.0) -> float:
         if flops <= 0:
             return 0.0

@@ -61,8 +61,10 @@ from typing import Literal
 import numpy as np
 
 from distca.attention.cost import AttentionShape, CostModel
+from distca.attention.masks import key_mask, key_order
 from distca.config import ModelConfig
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.scheduler.calls import server_rects
 from distca.sim.engine import SimResult, TaskGraph, simulate
 from distca.sim.hardware import Hardware
 from distca.train.flops import block_linear_params, model_params
@@ -245,6 +247,19 @@ class _Costs:
     def attention(self, q: np.ndarray, kv: np.ndarray, window: int, which: str) -> float:
         return self.hw.attention_call_s(self.model, q, kv, window, which)
 
+    def attention_rects(self, rects: tuple[np.ndarray, ...], which: str) -> float:
+        """One call over kernel rectangles ``(nq, nk, full, window)`` (a mask family's tasks), in seconds."""
+        return self.hw.attention_rects_s(self.model, *rects, which)
+
+    def pieces_rects(self, lay: BatchLayout, sel: np.ndarray, key) -> tuple[np.ndarray, ...]:
+        """The rectangles of the pieces ``sel`` of ``lay`` under mask key ``key``, as ``(nq, nk, full, window)``."""
+        mask = key_mask(key)
+        rects = [rc for d, o, n in zip(lay.piece_doc[sel].tolist(), lay.piece_off[sel].tolist(),
+                                       lay.piece_len[sel].tolist(), strict=True)
+                 for rc in mask.rects(int(lay.doc_len[d]), o, o + n)]
+        return _rect_arrays([rc.nq for rc in rects], [rc.nk for rc in rects], [rc.kind for rc in rects],
+                            [rc.window for rc in rects])
+
     def act_bytes(self, tokens: int) -> float:
         return tokens * self.cfg.hidden * self.opt.dtype_bytes / self.par.tp
 
@@ -308,13 +323,16 @@ class _Builder:
     def _replica_attention(self, m: int) -> dict[tuple[int, str], float]:
         """Attention seconds per block, per (replica, pass), summed over the block's windows."""
         lay, out = self.layouts[m], {}
-        wins = sorted({w for ws in self.c.windows for w in ws})
+        wins = sorted({w for ws in self.c.windows for w in ws}, key=key_order)
         cp = self.par.cp if self.opt.system == "wlb" else 1
         for r in range(self.n_rep):
             sel = lay.piece_rank == r
             q, kv = lay.piece_len[sel], lay.piece_off[sel] + lay.piece_len[sel]
+            # causal and windows: one task per piece; other families: the piece's rectangles
+            rects = {w: self.c.pieces_rects(lay, sel, w) for w in wins if key_mask(w).as_window is None}
             for which in ("fwd", "bwd"):
-                out[(r, which)] = {w: self.c.attention(q, kv, w, which) / cp for w in wins}
+                out[(r, which)] = {w: (self.c.attention(q, kv, w, which) if w not in rects
+                                       else self.c.attention_rects(rects[w], which)) / cp for w in wins}
         return out
 
     def _block_attn(self, per_w: dict[int, float], blocks: list[int]) -> float:
@@ -330,12 +348,12 @@ class _Builder:
     def _plan_nanos(self, layouts: list[BatchLayout], placement: Placement, n_srv: int, whiches) -> list[dict]:
         """One entry per nano-batch layout: per window and pass, per-server attention seconds, and the
         bytes and peers per rank (to servers) and per server (back to ranks)."""
-        wins = sorted({w for ws in self.c.windows for w in ws})
+        wins = sorted({w for ws in self.c.windows for w in ws}, key=key_order)
         out = []
         for lay in layouts:
             entry = {"tokens": [int(t) for t in lay.rank_tokens], "srv": {}, "bytes": {}, "rows": {}}
             for w in wins:
-                sched = SchedulerConfig(eps=self.opt.eps, granularity=self.opt.granularity, window=w)
+                sched = SchedulerConfig(eps=self.opt.eps, granularity=self.opt.granularity, mask=key_mask(w))
                 plan, _ = make_plan(lay, placement, sched, self.c.shape)
                 # rows each trainer sends and each server receives in one round (pool per-round costs)
                 sent = np.zeros(len(entry["tokens"]))
@@ -344,9 +362,20 @@ class _Builder:
                 entry["rows"][w] = (sent, (plan.server_q_rows + plan.server_kv_rows).astype(float))
                 q = plan.task_q1 - plan.task_q0
                 kv = plan.task_k1 - plan.task_k0
+                # A masked plan's tasks run as rectangles over their exact key ranges: cost those (a full
+                # rectangle by its pairs and tiles), not the hull; causal and window tasks are one each.
+                rects = None
+                if plan.masked:
+                    rects = []
+                    for j in range(n_srv):
+                        rr = server_rects(plan, j)
+                        rects.append(_rect_arrays(rr.q1 - rr.q0, rr.k1 - rr.k0, rr.kind, rr.window))
                 for which in whiches:
                     t = np.zeros(n_srv)
                     for j in range(n_srv):
+                        if rects is not None:
+                            t[j] = self.c.attention_rects(rects[j], which)
+                            continue
                         sel = plan.task_server == j
                         t[j] = self.c.attention(q[sel], kv[sel], w, which)
                     entry["srv"][(w, which)] = t
@@ -552,10 +581,10 @@ class _Builder:
         opt, c = self.opt, self.c
         n_srv = len(next(iter(nanos[0]["srv"].values())))
         chunk = next(iter(blocks.values()))
-        wins = sorted({w for b in chunk for w in c.windows[b]})
+        wins = sorted({w for b in chunk for w in c.windows[b]}, key=key_order)
         count = {w: sum(c.windows[b].count(w) for b in chunk) for w in wins}
-        if any(sorted(w for b in bl for w in c.windows[b]) != sorted(w for b in chunk for w in c.windows[b])
-               for bl in blocks.values()):
+        if any(sorted((w for b in bl for w in c.windows[b]), key=key_order)
+               != sorted((w for b in chunk for w in c.windows[b]), key=key_order) for bl in blocks.values()):
                 raise ValueError("the pooled schedule needs the same attention windows at every stage's layer j")
         lin = {}  # (nano, key) -> (pre, post)
         for key, t, m in members:
@@ -672,6 +701,12 @@ class _Builder:
         return StepReport(res.makespan_s, int(tokens), per_dev, servers, float(np.mean(ratios)) if ratios else 1.0,
                           mm, res, busy, peak_in_flight(self.opt.schedule, self.par.pp, self.par.micro_batches),
                           split)
+
+
+def _rect_arrays(nq, nk, kind, window) -> tuple[np.ndarray, ...]:
+    """Rectangles as the cost model's ``(nq, nk, full, window)`` arrays."""
+    as64 = lambda x: np.asarray(x, dtype=np.int64).reshape(-1)  # noqa: E731
+    return as64(nq), as64(nk), np.asarray(kind, dtype=str).reshape(-1) == "full", as64(window)
 
 
 def _union_length(spans: list[tuple[float, float]]) -> float:

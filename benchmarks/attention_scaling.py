@@ -40,7 +40,7 @@ small token budgets): its balance (max/mean pairs per server), the bytes it move
 planning time, per mask family (default every family — causal, window, chunked, sink + window, prefix-LM —
 scaled to the token budget; ``--families`` as given).
 
-    python benchmarks/attention_scaling.py [--gpus 8 16 32 64] [--seeds 3] [--window 4096] [--no-pingpong]
+    python benchmarks/attention_scaling.py [--gpus 8 16 32 64] [--seeds 8] [--window 4096] [--no-pingpong]
     python benchmarks/attention_scaling.py --families causal window:4096 chunked:8192 sink_window:4:4096 prefix_lm:2048
     python benchmarks/attention_scaling.py --cpu [--servers 2 4 8 16] [--tokens-per-gpu 2048]
 
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="mask families to run (Mask.parse specs: causal, window:4096, chunked:8192, "
                         "sink_window:4:4096, prefix_lm:2048, bidirectional); default causal and window:--window "
                         "(simulated), every family scaled to the token budget (--cpu)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--eps", type=float, default=0.02, help="scheduler.eps (the config default)")
     p.add_argument("--granularity", type=int, default=128, help="attention.shard_tokens (the config default)")
     p.add_argument("--heads", type=int, default=64)

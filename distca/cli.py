@@ -12,7 +12,7 @@ import typing
 import torch
 
 from distca.config import AttentionConfig, SchedulerSection, load_config
-from distca.errors import DistCAError
+from distca.errors import DistCAError, InputError
 from distca.limits import MAX_DOC_TOKENS, MAX_RANKS, check_float, check_int, check_shape
 
 # Tolerances for the demo's own exactness check, per dtype (see tests for the property versions).
@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"balance tolerance: max <= (1+eps) * mean ({sched.eps})")
     s.add_argument("--window", type=int, default=attn.window,
                    help=f"sliding window in keys incl. self (-1: full causal; default {attn.window})")
+    s.add_argument("--mask", default="",
+                   help="a mask family instead of --window: causal | window:W | chunked:C | sink_window:S:W | "
+                        "prefix_lm:P | bidirectional")
     s.add_argument("--granularity", type=int, default=attn.shard_tokens,
                    help=f"preferred shard multiple in tokens ({attn.shard_tokens})")
     s.add_argument("--placement", choices=["colocated", "dedicated"], default="colocated",
@@ -102,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args) -> int:
     from distca.attention.cost import AttentionShape
+    from distca.attention.masks import Mask
     from distca.scheduler import SchedulerConfig
     from distca.scheduler.summary import load_batch, plan_summary
 
@@ -115,7 +119,16 @@ def _plan(args) -> int:
                     ("--heads", "--kv-heads", "--head-dim", "--dtype-bytes"))
         batch = load_batch(args.lengths, name="--lengths")
         shape = AttentionShape(args.heads, args.kv_heads, args.head_dim, args.dtype_bytes)
-        cfg = SchedulerConfig(eps=args.eps, granularity=args.granularity, window=args.window)
+        if args.mask:
+            if args.window != AttentionConfig().window:
+                raise InputError("give --mask or --window, not both")
+            try:
+                mask = Mask.parse(args.mask)
+            except InputError as exc:
+                raise InputError(f"--mask: {exc}") from None
+            cfg = SchedulerConfig(eps=args.eps, granularity=args.granularity, mask=mask)
+        else:
+            cfg = SchedulerConfig(eps=args.eps, granularity=args.granularity, window=args.window)
         summary = plan_summary(batch, servers, cfg, args.placement, shape)
     except ValueError as exc:  # InputError, and a planner's own refusal
         return _fail("distca plan", exc)

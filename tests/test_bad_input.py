@@ -128,6 +128,20 @@ def test_plan_rejects_bad_flags_naming_the_flag(capsys, good_lengths, flags, mat
     assert out == ""
 
 
+def test_plan_takes_a_mask_family_and_refuses_a_bad_one_naming_the_flag(capsys, good_lengths):
+    rc, out, err = _cli(capsys, "plan", "--lengths", str(good_lengths), "--servers", "2", "--mask", "prefix_lm:50",
+                        "--json")
+    assert rc == 0, err
+    # each document: the 50-token prefix sees all 50 prefix keys, the rest is causal
+    total = sum(50 * 50 + n * (n + 1) // 2 - 50 * 51 // 2 for n in (100, 200, 300))
+    summary = json.loads(out)
+    assert summary["max_server_pairs"] * 2 >= total and summary["max_server_pairs"] <= summary["capacity_pairs"]
+    for flags, match in ((["--mask", "dilated:3"], "--mask"), (["--mask", "window:0"], "--mask"),
+                         (["--mask", "causal", "--window", "8"], "--mask or --window")):
+        rc, out, err = _cli(capsys, "plan", "--lengths", str(good_lengths), "--servers", "2", *flags)
+        _one_line_error(rc, err, "distca plan", match)
+
+
 def test_plan_takes_eps_zero_and_a_huge_finite_eps(capsys, good_lengths):
     for eps in ("0", "1e300", "1e308"):  # (1 + 1e308) * total overflows to inf
         rc, out, err = _cli(capsys, "plan", "--lengths", str(good_lengths), "--servers", "2", "--eps", eps, "--json")

@@ -63,8 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, header_lines, markdown_table, out_dir, run_info, write_json
 
 from distca.attention.cost import AttentionShape, attention_flops
-from distca.attention.masks import Mask
 from distca.data.packing import pack_into_ranks
+from distca.masks import Mask
 from distca.scheduler import LOCAL, BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.scheduler.calls import local_rects, server_rects
 from distca.sim.engine import TaskGraph, simulate

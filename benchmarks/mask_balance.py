@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, header_lines, markdown_table, out_dir, run_info, write_json
 
 from distca.attention.cost import AttentionShape
-from distca.attention.masks import Mask
 from distca.config import DistCAConfig
 from distca.data.distributions import LengthDistribution
 from distca.data.packing import pack_into_ranks
+from distca.masks import Mask
 from distca.parts import scheduler_settings
 from distca.scheduler import BatchLayout, Placement, make_plan
 

@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args) -> int:
     from distca.attention.cost import AttentionShape
-    from distca.attention.masks import Mask
+    from distca.masks import Mask
     from distca.scheduler import SchedulerConfig
     from distca.scheduler.summary import load_batch, plan_summary
 

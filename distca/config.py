@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import yaml
 
-from distca.attention.masks import AttentionKey, Mask, attention_key, layer_masks
 from distca.errors import ConfigError, InputError
 from distca.limits import (
     INT64_MAX,
@@ -31,6 +30,7 @@ from distca.limits import (
     pow2_text,
     short_repr,
 )
+from distca.masks import AttentionKey, Mask, attention_key, layer_masks
 
 
 @dataclass
@@ -97,7 +97,7 @@ class ModelConfig:
     # Per-layer mask pattern, repeated over the layers: ["window:128", "causal"] alternates windowed and full
     # layers (gpt-oss), ["window:1024"] * 5 + ["causal"] is Gemma 3's 5 local : 1 global, ["chunked:8192"] * 3 +
     # ["causal"] Llama 4's chunked 3 : 1. Entries: causal | window:W | chunked:C | sink_window:S:W |
-    # prefix_lm:P | bidirectional (see distca.attention.masks). Empty: layer_windows (or every layer causal).
+    # prefix_lm:P | bidirectional (see distca.masks). Empty: layer_windows (or every layer causal).
     layer_masks: list[str] = field(default_factory=list)
     # Residual variant: "standard" pre-norm; "shortswa" adds a sliding-window attention sublayer before
     # full attention in every block (or, with shortswa_every = k > 1, makes every k-th layer's attention
@@ -183,7 +183,7 @@ class ModelConfig:
 
     def block_windows(self) -> list[tuple[AttentionKey, ...]]:
         """The mask key of each block's core-attention calls, in call order: an int window (-1 = full causal)
-        or a :class:`~distca.attention.masks.Mask` for the other families (chunked, sink + window, prefix-LM,
+        or a :class:`~distca.masks.Mask` for the other families (chunked, sink + window, prefix-LM,
         bidirectional).
 
         The one source of the layer masks: the model builds its attention sublayers from it, the FLOPs

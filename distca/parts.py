@@ -15,9 +15,9 @@ import stat
 from dataclasses import dataclass
 
 from distca.attention import AttentionShape
-from distca.attention.masks import AttentionKey, key_mask
 from distca.config import DistCAConfig, TransportSection
 from distca.errors import ConfigError
+from distca.masks import AttentionKey, key_mask
 from distca.scheduler import SchedulerConfig
 from distca.server.loop import ServerConfig
 from distca.server.pool import PoolConfig
@@ -159,7 +159,7 @@ def client_settings(cfg: DistCAConfig, device: str | None = None) -> ClientSetti
 
 def scheduler_settings(cfg: DistCAConfig, window: AttentionKey) -> SchedulerConfig:
     """The CAD planner's settings for layers of attention ``window``: an int window (-1: full causal) or a
-    :class:`~distca.attention.masks.Mask` of another family (``ModelConfig.block_windows``' keys)."""
+    :class:`~distca.masks.Mask` of another family (``ModelConfig.block_windows``' keys)."""
     return SchedulerConfig(eps=cfg.scheduler.eps, granularity=cfg.attention.shard_tokens, mask=key_mask(window))
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from distca.attention.masks import attention_key, key_mask
+from distca.masks import attention_key, key_mask
 from distca.runtime.client import CADClient
 from distca.runtime.plan_exec import RankTensors
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
@@ -71,7 +71,7 @@ CAD_HEADS, CAD_KV_HEADS, CAD_DIM = 4, 2, 8
 def _make_cad_case(spec: dict):
     """A plan and per-rank q/k/v and output gradients for ``spec`` (ranks, continues, servers, placement,
     eps, window, seed, dtype); ``window`` may be a mask spec such as ``"sink_window:4:32"``; ``doc_masks`` (optional):
-    one :class:`~distca.attention.masks.Mask` (or ``None``) per document (``BatchLayout.with_masks``)."""
+    one :class:`~distca.masks.Mask` (or ``None``) per document (``BatchLayout.with_masks``)."""
     batch = BatchLayout.from_ranks(spec["ranks"], spec["continues"])
     if spec.get("doc_masks") is not None:
         batch = batch.with_masks(spec["doc_masks"])

@@ -246,7 +246,7 @@ def _trainer_families(rank: int, addresses: list[str], specs: list[dict], tcfg: 
 def test_per_document_slice_masks_over_zeromq_and_shared_memory(cad_case, run_trainers, f64_servers):
     """Per-document masks (MagiAttention-style slices of every type, one document spanning all three trainers, next
     to a prefix-LM document) run on the servers as rectangles and equal the in-process execution on both planes."""
-    from distca.attention.masks import Mask, Slice
+    from distca.masks import Mask, Slice
 
     doc0 = Mask.from_slices([Slice(0, 150, 0, 150, "causal"), Slice(150, 300, 0, 60, "full"),
                              Slice(150, 300, 100, 300, "bi_causal")])

@@ -11,7 +11,7 @@ import torch
 
 from distca.attention import CATask, varlen_attention, varlen_metadata
 from distca.attention.masked import document_call, masked_attention
-from distca.attention.masks import Mask, attention_key
+from distca.masks import Mask, attention_key
 from distca.train.colocated_attention import GroupLocalCoreAttention, PrefixRows
 
 pytestmark = pytest.mark.cluster  # spawns trainer/server processes (left out of `make test-fast`)

@@ -12,8 +12,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "distca"
 
 # Lowest first: a module may import its own package and anything listed before it, never after it.
-LAYERS = ["errors", "limits", "config", "data", "attention", "scheduler", "transport", "server", "runtime", "model",
-          "parts", "train", "sim", "demo", "cli"]
+# ``masks`` (the mask families' definitions) sits below the config, which names a model's per-layer masks.
+LAYERS = ["errors", "limits", "masks", "config", "data", "attention", "scheduler", "transport", "server", "runtime",
+          "model", "parts", "train", "sim", "demo", "cli"]
 
 
 def _module_name(path: Path) -> str:

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from distca.attention import BACKEND_NAMES, available_backends, get_backend_reason
 from distca.attention.backends import get_backend
 from distca.attention.masked import RectCall, backward, document_call, forward, masked_attention
-from distca.attention.masks import Mask, Rect
 from distca.errors import AttentionInputError, InputError
+from distca.masks import Mask, Rect
 from tests.test_masks import masks
 
 CPU64 = available_backends("cpu", torch.float64)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from distca.attention.masks import FAMILIES, Mask, Slice, layer_masks
 from distca.errors import InputError
+from distca.masks import FAMILIES, Mask, Slice, layer_masks
 
 
 @st.composite

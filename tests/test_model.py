@@ -65,7 +65,7 @@ def test_a_per_layer_mask_pattern_reaches_attention_and_masks_what_it_says(varia
     """``layer_masks`` composes with every residual variant (ShortSWA's window sublayer stays first), and each
     family changes exactly what a query sees: with bidirectional layers the first token's output depends on later
     tokens; with chunked layers a token's output is blind to earlier chunks."""
-    from distca.attention.masks import Mask
+    from distca.masks import Mask
 
     seen = []
 

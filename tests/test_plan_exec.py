@@ -123,7 +123,7 @@ def _dense_masked(q, k, v, allowed):
 def test_executed_masked_plan_equals_dense_masked_attention(batch, spec, kind, n_servers, seed, backend):
     """Every mask family planned over servers (exact key hulls, rectangles on the servers and on the trainers)
     equals dense masked attention of each whole document, forward and backward."""
-    from distca.attention.masks import Mask
+    from distca.masks import Mask
 
     mask = Mask.parse(spec)
     if kind == "colocated":
@@ -155,7 +155,7 @@ def test_executed_plan_with_per_document_masks_equals_dense_masked_attention(bat
                                                                              backend, exact):
     """Per-document masks (random slice grids — full, causal, inverse-causal, bi-causal — and other families mixed
     in one batch) planned over servers equal dense masked attention of each document, forward and backward."""
-    from distca.attention.masks import Mask
+    from distca.masks import Mask
 
     dm = [data.draw(slice_masks(int(n)) if data.draw(st.booleans()) else masks(int(n))) for n in batch.doc_len]
     if kind == "colocated":

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distca.attention.cost import mask_task_cost, tile_count
-from distca.attention.masks import Mask, Rect
 from distca.errors import InputError
+from distca.masks import Mask, Rect
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, compile_plan, make_plan, plan_assignment
 from distca.scheduler.calls import local_rects, server_call, server_rects
 from distca.scheduler.work import mask_cum, mask_key_ranges, mask_reach
@@ -325,8 +325,8 @@ def test_busiest_server_is_within_one_plus_eps_with_slice_masks(data, batch, eps
 
 
 def test_slice_masks_balance_64_servers():
-    from distca.attention.masks import Slice
     from distca.data import sample_batch
+    from distca.masks import Slice
 
     packed = sample_batch("prolong", 64, 65536, seed=5)
     batch = BatchLayout.from_ranks(packed.ranks, packed.continues)
@@ -364,7 +364,7 @@ def test_uniform_per_document_masks_plan_as_the_layer_mask(batch, w, kind, exact
 
 
 def test_per_document_masks_change_the_digest_and_are_validated():
-    from distca.attention.masks import Slice
+    from distca.masks import Slice
 
     batch = BatchLayout.from_ranks([[64, 32], [96]])
     p, cfg = Placement(2, 2), SchedulerConfig(eps=0.0, granularity=16, window=-1)

@@ -403,7 +403,7 @@ def test_the_pool_sees_an_actor_whose_loop_ended_and_replaces_it():
 # -- a masked plan's rectangles are checked like the rest of a PLAN ---------------------------------------------
 
 def test_a_masked_plan_registers_and_bad_rectangles_are_refused_with_the_server_serving_on(ep):
-    from distca.attention.masks import Mask
+    from distca.masks import Mask
 
     batch = BatchLayout.from_ranks([[64], [64]], [False, True])
     plan, _ = make_plan(batch, Placement(2, 1, "dedicated"), dataclasses.replace(SCHED, window=None,

@@ -312,7 +312,7 @@ def test_h100_with_h200_kernels_keeps_published_links_and_the_measured_attention
 # -- mask families ---------------------------------------------------------------------------------
 def test_rect_costs_match_the_mask_task_cost():
     from distca.attention.cost import AttentionShape, CostModel, attention_flops, mask_task_cost
-    from distca.attention.masks import Mask, Slice
+    from distca.masks import Mask, Slice
 
     shape = AttentionShape(8, 2, 64, 2)
     n = 3000
@@ -339,7 +339,7 @@ def test_rect_costs_match_the_mask_task_cost():
 def test_cad_costs_mask_families_by_their_pairs(spec):
     # Pairs-mode cost model: the servers' attention seconds are the family's pairs (not its key hulls'), and
     # CAD still balances them.
-    from distca.attention.masks import Mask
+    from distca.masks import Mask
 
     hw = _hw(linear_flops=1e14)
     par = Parallelism(dp=4)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from distca.attention.masks import Mask
+from distca.masks import Mask
 from distca.train.launch import train
 from tests.test_train import STEPS, assert_same_curve, tiny
 

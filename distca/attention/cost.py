@@ -15,9 +15,9 @@ from typing import Literal
 
 import numpy as np
 
-from distca.attention.masks import Mask, Rect
 from distca.errors import CalibrationError
 from distca.limits import check_shape
+from distca.masks import Mask, Rect
 
 ArrayLike = int | np.ndarray
 Pass = Literal["fwd", "bwd"]
@@ -278,7 +278,7 @@ class CostModel:
     def rects_time_s(
         self, nq: ArrayLike, nk: ArrayLike, full: ArrayLike, window: ArrayLike = -1, which: Pass = "fwd"
     ) -> np.ndarray:
-        """Predicted time of each kernel rectangle of a masked task (:class:`~distca.attention.masks.Rect`:
+        """Predicted time of each kernel rectangle of a masked task (:class:`~distca.masks.Rect`:
         ``nq × nk``, ``full`` or causal/inverse-causal banded by ``window``), in seconds. A causal or inverse-causal
         rectangle costs exactly as a task of its shape (inverse-causal is causal on reversed rows and columns);
         a full one by its ``nq·nk`` pairs and its ``ceil(nq/T)·ceil(nk/T)`` tiles (:func:`rect_tiles`)."""

@@ -1,6 +1,6 @@
 """Any mask family on off-the-shelf varlen kernels: rectangles fused by kind, merged by log-sum-exp.
 
-A mask family reduces to :class:`~distca.attention.masks.Rect` s (``full``, ``causal`` banded by a window,
+A mask family reduces to :class:`~distca.masks.Rect` s (``full``, ``causal`` banded by a window,
 ``inv_causal``). A :class:`RectCall` takes such rectangles in **row** coordinates of a q buffer and a k/v
 buffer — packed documents on a trainer, receive buffers on an attention server — and plans the kernel
 calls once, with numpy:
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from distca.attention.backends.base import lse_dtype
-from distca.attention.masks import Mask, Rect, check_slices_fit
 from distca.attention.tasks import row_ranges
 from distca.attention.varlen import backward as varlen_backward
 from distca.attention.varlen import forward as varlen_forward
 from distca.errors import AttentionInputError, InputError
 from distca.limits import MAX_DOC_TOKENS, check_int
+from distca.masks import Mask, Rect, check_slices_fit
 
 KINDS: tuple[str, ...] = ("full", "causal", "inv_causal")  # RectCall.kind holds indices into this
 

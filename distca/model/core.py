@@ -1,7 +1,7 @@
 """The one interface through which the model calls core attention.
 
 ``core(q, k, v, window) -> out`` for the rank's packed tokens ``[T, H, D]``. ``window`` is the call's mask key:
-an int window (-1 full causal) or a :class:`~distca.attention.masks.Mask` of another family (chunked, sink +
+an int window (-1 full causal) or a :class:`~distca.masks.Mask` of another family (chunked, sink +
 window, prefix-LM, bidirectional). The local implementation runs ``varlen_attention`` (other families: the
 masked rectangle executor) over the documents of a :class:`DocLayout`; the CAD implementation (runtime) ships the
 same tensors to attention servers by a plan. The model never sees which one it has.
@@ -17,7 +17,7 @@ import torch
 
 from distca.attention import varlen_attention
 from distca.attention.masked import RectCall, document_call, masked_attention
-from distca.attention.masks import AttentionKey, Mask
+from distca.masks import AttentionKey, Mask
 
 
 class CoreAttention(Protocol):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distca.attention.masks import Mask, check_slices_fit
 from distca.errors import InputError
 from distca.limits import MAX_BATCH_PAIRS, MAX_DOC_TOKENS, MAX_RANKS, is_int, pow2_text, short_repr
+from distca.masks import Mask, check_slices_fit
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class BatchLayout:
             if m is None:
                 continue
             if not isinstance(m, Mask):
-                raise InputError(f"document {d}'s mask must be a distca.attention.masks.Mask or None, got "
+                raise InputError(f"document {d}'s mask must be a distca.masks.Mask or None, got "
                                  f"{type(m).__name__}")
             check_slices_fit(m, int(self.doc_len[d]), d)
         return BatchLayout(self.n_ranks, self.piece_rank, self.piece_doc, self.piece_off, self.piece_len,

@@ -7,7 +7,7 @@ rows and dk, dv on the kv rows, reversed. Each server holds one copy of every ke
 needs per document (the hull of its tasks' key ranges), so a key/value slice used by several tasks
 there is sent once, and its gradients are summed on the server before they return.
 
-Mask families (:class:`~distca.attention.masks.Mask`): a task's keys are exactly the key ranges its mask lets
+Mask families (:class:`~distca.masks.Mask`): a task's keys are exactly the key ranges its mask lets
 its queries see (a sink and a window are two runs; a prefix-LM shard before the prefix's end sees keys after
 its queries). A server's kv buffer holds, per document, the union of its tasks' ranges as sorted disjoint
 runs; ``key_*`` give each task's ranges and where they sit in that buffer, and ``mask.rects`` the rectangles
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distca.attention.cost import AttentionShape, cum_pairs
-from distca.attention.masks import SLICE_TYPES, Mask
 from distca.errors import InputError
+from distca.masks import SLICE_TYPES, Mask
 from distca.scheduler.batch import BatchLayout
 from distca.scheduler.placement import Placement
 from distca.scheduler.planner import Assignment

@@ -29,9 +29,9 @@ from math import isfinite, isqrt
 import numpy as np
 
 from distca.attention.cost import AttentionShape, cum_pairs
-from distca.attention.masks import Mask
 from distca.errors import InputError
 from distca.limits import MAX_DOC_TOKENS, check_int
+from distca.masks import Mask
 from distca.scheduler.batch import BatchLayout
 from distca.scheduler.placement import Placement
 from distca.scheduler.work import first_reaching, key_start, mask_cum, mask_key_ranges, mask_reach, resolve_masks
@@ -76,7 +76,7 @@ class SchedulerConfig:
             check_int(self.window, "window", 1, MAX_DOC_TOKENS, allow=(-1,))
         if self.mask is not None:
             if not isinstance(self.mask, Mask):
-                raise InputError(f"mask must be a distca.attention.masks.Mask, got {type(self.mask).__name__}")
+                raise InputError(f"mask must be a distca.masks.Mask, got {type(self.mask).__name__}")
             if self.mask.family == "slices":
                 raise InputError("slices masks are per-document data: give them per document with "
                                  "BatchLayout.with_masks; mask= is one family for the whole batch (causal, window, "

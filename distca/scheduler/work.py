@@ -12,8 +12,8 @@ from math import isqrt
 import numpy as np
 
 from distca.attention.cost import cum_pairs
-from distca.attention.masks import Mask
 from distca.errors import InputError
+from distca.masks import Mask
 
 
 def first_reaching(target: int, window: int = -1) -> int:
@@ -32,7 +32,7 @@ def key_start(x: int, window: int = -1) -> int:
     return 0 if window < 0 else max(0, x - window + 1)
 
 
-# -- mask families (distca.attention.masks.Mask), vectorised over pieces or tasks -------------------------
+# -- mask families (distca.masks.Mask), vectorised over pieces or tasks -------------------------
 
 
 def mask_cum(mask: Mask, length: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -61,8 +61,8 @@ from typing import Literal
 import numpy as np
 
 from distca.attention.cost import AttentionShape, CostModel
-from distca.attention.masks import key_mask, key_order
 from distca.config import ModelConfig
+from distca.masks import key_mask, key_order
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.scheduler.calls import server_rects
 from distca.sim.engine import SimResult, TaskGraph, simulate

@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from distca.attention import masked, resolve_backend
 from distca.attention.masked import RectCall
-from distca.attention.masks import AttentionKey, Mask, Rect
 from distca.attention.varlen import make_meta
+from distca.masks import AttentionKey, Mask, Rect
 from distca.model.core import DocLayout
 from distca.scheduler import BatchLayout
 

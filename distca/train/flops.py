@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from distca.attention.masks import key_mask
 from distca.config import ModelConfig
+from distca.masks import key_mask
 
 
 def block_linear_params(cfg: ModelConfig) -> tuple[int, int]:

@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from distca.attention.masks import key_mask, key_order
 from distca.config import DistCAConfig, save_config
 from distca.errors import ConfigError
+from distca.masks import key_mask, key_order
 from distca.parts import data_plane, pipeline_schedule, train_device
 from distca.scheduler import BatchLayout
 from distca.train.flops import step_flops

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from distca.attention import lse_dtype
-from distca.attention.masks import key_order
 from distca.config import DistCAConfig
+from distca.masks import key_order
 from distca.model.core import DocLayout
 from distca.parts import attention_shape, client_settings, scheduler_settings, server_dtype
 from distca.runtime.nano import PingPongBlocks, nano_batches, nano_rows

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from distca.attention import resolve_backend
-from distca.attention.masks import key_order
 from distca.config import DistCAConfig
+from distca.masks import key_order
 from distca.model.core import DocLayout
 from distca.parts import (
     attention_shape,

@@ -246,7 +246,10 @@ def rank_context():
     server is a fresh interpreter (never a fork of this possibly multi-threaded driver) and lives as long as this
     process; DeepSpeed itself is imported in each rank, after the rank has set its accelerator."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo"])
+    # the compiler stack: DeepSpeed's optimizer check imports a module that calls ``torch.compile`` at import time,
+    # which imports inductor and AOT autograd (seconds per rank when each rank imports them itself)
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch._inductor.compile_fx",
+                                "torch._dynamo.repro.after_dynamo", "functorch.compile"])
     return ctx
 
 

@@ -373,33 +373,6 @@ def test_the_server_actor_reports_a_shut_down_loop():
         actor.health()
 
 
-
-def test_the_pool_sees_an_actor_whose_loop_ended_and_replaces_it():
-    """Through Ray: the actor of a server whose loop ended (SHUTDOWN here; a dead loop alike) stays alive as an
-    actor, yet its health() names the reason, AttentionServerPool.health reports it, and restart_dead replaces it."""
-    from distca.server.control import request_shutdown
-    from distca.server.pool import AttentionServerPool, PoolConfig
-
-    cfg = PoolConfig(n_servers=1, placement="dedicated", cpus_per_server=0.0, gpus_per_server=0.0, address=None,
-                     server=dataclasses.replace(SCFG, name="poolsrv"))
-    with AttentionServerPool(cfg) as pool:
-        assert pool.health(timeout_s=30.0) == [True]
-        ctx = zmq.Context()
-        try:
-            request_shutdown(ctx, TCFG, pool.addresses, timeout_s=30.0)
-        finally:
-            ctx.term()
-        with pytest.raises(Exception, match=r"loop ended \(SHUTDOWN\)"):
-            deadline = time.monotonic() + 30
-            while pool.ray.get(pool.actors[0].health.remote(), timeout=30):
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        assert pool.ray.get(pool.actors[0].pid.remote(), timeout=30) > 0  # the actor itself still answers
-        assert pool.health(timeout_s=5.0) == [False]
-        assert pool.restart_dead(timeout_s=5.0) == [0]
-        assert pool.health(timeout_s=30.0) == [True]
-
-
 # -- a masked plan's rectangles are checked like the rest of a PLAN ---------------------------------------------
 
 def test_a_masked_plan_registers_and_bad_rectangles_are_refused_with_the_server_serving_on(ep):

@@ -60,6 +60,31 @@ def test_trainer_processes_run_a_step_through_the_pool(pool, cad_case, run_train
     assert max(errors.values()) < 1e-10, errors
 
 
+def test_the_pool_sees_an_actor_whose_loop_ended_and_replaces_it(pool, cad_case, run_trainers):
+    """The actor of a server whose loop ended (SHUTDOWN here; a dead loop alike) stays alive as an actor, yet its
+    health() names the reason, AttentionServerPool.health reports it, and restart_dead replaces it."""
+    import zmq
+
+    from distca.server.control import request_shutdown
+
+    ctx = zmq.Context()
+    try:
+        request_shutdown(ctx, TCFG, pool.addresses[1:], timeout_s=30.0)
+    finally:
+        ctx.term()
+    with pytest.raises(Exception, match=r"loop ended \(SHUTDOWN\)"):
+        deadline = time.monotonic() + 30
+        while pool.ray.get(pool.actors[1].health.remote(), timeout=30):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert pool.ray.get(pool.actors[1].pid.remote(), timeout=30) > 0  # the actor itself still answers
+    assert pool.health(timeout_s=5.0) == [True, False]
+    assert pool.restart_dead(timeout_s=5.0) == [1]
+    assert pool.health(timeout_s=30.0) == [True, True]
+    errors = _step_errors(cad_case, run_trainers, pool.addresses)
+    assert max(errors.values()) < 1e-10, errors
+
+
 def test_a_killed_server_is_detected_and_restarted(pool, cad_case, run_trainers):
     old = list(pool.addresses)
     os.kill(pool.pids()[0], signal.SIGKILL)

@@ -20,6 +20,15 @@ Measured (medians after a warm-up):
   (:func:`measure_pool_rounds`, :func:`fit_round_costs`). The server's own ``busy_s`` (last arrival to last
   reply, wall) is recorded beside it.
 
+- **ping-pong**: one decoder block forward and backward through the trainer's ping-pong runner
+  (:class:`~distca.runtime.nano.PingPongBlocks`: two nano-batches, one custom autograd function whose
+  backward runs each nano-batch's gradients with an explicit ``torch.autograd.grad``) against the same block
+  run plainly, both with an attention client that answers at once (no kernel, no transfer): the difference
+  per pass, per row, is the trainer's processor time ping-pong adds to a block beyond its linear work
+  (:func:`measure_pingpong`; the linear layers run as two half-size calls, the nano-batches' rows are split
+  and concatenated, attention outputs are gathered, and backward takes two graph traversals, each with
+  full-size input-gradient buffers).
+
 ``cores`` is what the machine's processors deliver to ``ranks`` single-threaded processes running at
 once (measured; every rank and server of the simulated cluster shares it). On this project's 2-vCPU
 VM four such processes get about 1.7–1.95 cores' worth, not 2.
@@ -53,6 +62,18 @@ def _median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def _median_cpu(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median processor seconds of this process per call (less sensitive to other tenants than wall time)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        out.append(time.process_time() - t0)
     return statistics.median(out)
 
 
@@ -93,6 +114,99 @@ def measure_linear(cfg: ModelConfig, tokens: tuple[int, ...], dtype: torch.dtype
     over_b = max(float(np.mean(np.array(bwd) - 2 * flops / rate)), 0.0)
     return {"linear_flops": rate, "linear_overhead_s": over_f, "linear_bwd_overhead_s": over_b,
             "fwd_s": fwd, "bwd_s": bwd, "bwd_over_fwd": [b / f for b, f in zip(bwd, fwd, strict=True)]}
+
+
+class _InstantRound:
+    """An attention round that is already answered (``wait`` returns at once)."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def wait(self):
+        return self.result
+
+
+class _InstantClient:
+    """A CAD client whose rounds cost nothing: zeros of the right shapes (cached), so that timing
+    :class:`~distca.runtime.nano.PingPongBlocks` against it leaves the runner's own work alone."""
+
+    def __init__(self):
+        self.cache: dict = {}
+
+    def _zeros(self, like: torch.Tensor, shape=None) -> torch.Tensor:
+        shape = tuple(like.shape if shape is None else shape)
+        key = (shape, like.dtype)
+        if key not in self.cache:
+            self.cache[key] = torch.zeros(shape, dtype=like.dtype)
+        return self.cache[key]
+
+    def start_forward(self, plan, t):
+        return _InstantRound((self._zeros(t.q), self._zeros(t.q, t.q.shape[:2]).float()))
+
+    def start_backward(self, plan, t, out, lse, dout):
+        return _InstantRound((self._zeros(t.q), self._zeros(t.k), self._zeros(t.v)))
+
+
+class _NanoRows:
+    """Two nano-batches of a rank's ``n`` rows, as the trainer cuts them; no plans (the client needs none)."""
+
+    def __init__(self, n: int):
+        from distca.runtime.nano import nano_rows
+
+        self.rows = nano_rows(n)
+
+    def plan(self, window, nano, backward=False):
+        return None
+
+
+def measure_pingpong(cfg: ModelConfig, tokens: int, dtype: torch.dtype, reps: int = 15) -> dict[str, float]:
+    """Trainer processor seconds ping-pong adds per block and row, forward and backward: one block over ``tokens``
+    rows through :class:`~distca.runtime.nano.PingPongBlocks` (two nano-batches) minus the same block run plainly,
+    both with attention answered at once, each pass timed with autograd recording (as a trainer's forward
+    does), in processor time of this process, interleaved; the median of the paired differences over ``tokens``
+    (``pingpong_{fwd,bwd}_row_s``; clamped at 0). Per row: the work it adds is row-wise (split and concatenated
+    rows, full-size gradient buffers per nano-batch), about 7-8 us per row and block backward at both 1024 and
+    2048 rows of the tiny model on this project's VM."""
+    from distca.model.layers import rope_cos_sin
+    from distca.model.llama import Block
+    from distca.runtime.nano import PingPongBlocks
+
+    torch.manual_seed(0)
+    block = Block(cfg, 0).to(dtype)
+    x = torch.randn(tokens, cfg.hidden, dtype=dtype, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(tokens), cfg.head_dim, cfg.rope_theta, dtype)
+    runner = PingPongBlocks(_InstantClient(), _NanoRows(tokens))
+    client = _InstantClient()
+
+    def attend(q, k, v, window=-1):  # the plain block's attention, answered at once like the rounds
+        return q + client._zeros(q)
+
+    plain = lambda: block(x, attend, cos, sin)  # noqa: E731
+    pingpong = lambda: runner(block, x, cos, sin)  # noqa: E731
+    both = {"plain": (plain, lambda: plain().sum().backward()),
+            "pingpong": (pingpong, lambda: pingpong().sum().backward())}
+    for f, fb in both.values():  # warm-up
+        f()
+        fb()
+    t: dict[str, list[float]] = {f"{n}_{w}": [] for n in both for w in ("f", "fb")}
+    for _ in range(reps):  # interleaved, so that drift in what the host gives us hits both alike
+        for name, (f, fb) in both.items():
+            for w, fn in (("f", f), ("fb", fb)):
+                c0 = time.process_time()
+                fn()
+                t[f"{name}_{w}"].append(time.process_time() - c0)
+    out: dict[str, float] = {}
+    for name in both:
+        out[f"{name}_block_fwd_s"] = statistics.median(t[f"{name}_f"])
+        out[f"{name}_block_bwd_s"] = max(statistics.median(t[f"{name}_fb"]) - out[f"{name}_block_fwd_s"], 0.0)
+    # paired differences (same repetition), halved: two nano-batches per block
+    d_f = [a - b for a, b in zip(t["pingpong_f"], t["plain_f"], strict=True)]
+    d_b = [(a - a0) - (b - b0) for a, a0, b, b0 in zip(t["pingpong_fb"], t["pingpong_f"], t["plain_fb"], t["plain_f"],
+                                                       strict=True)]
+    out["pingpong_fwd_row_s"] = max(statistics.median(d_f) / tokens, 0.0)
+    out["pingpong_bwd_row_s"] = max(statistics.median(d_b) / tokens, 0.0)
+    out["tokens"] = tokens
+    return out
 
 
 def measure_attention(cfg: ModelConfig, dtype: torch.dtype, reps: int, backend: str = "auto",
@@ -313,6 +427,7 @@ def measure_pool_rounds(cfg: ModelConfig, table: CalibrationTable, dtype: torch.
 
 POOL_FIELDS = tuple(f"pool_{side}_{which}{row}_s" for side in ("server", "trainer") for which in ("fwd", "bwd")
                     for row in ("", "_row"))
+PINGPONG_FIELDS = ("pingpong_fwd_row_s", "pingpong_bwd_row_s")
 
 
 def round_fields(fit: dict) -> dict[str, float]:
@@ -355,7 +470,7 @@ def average_hardware(parts: list[Hardware], name: str | None = None, weights: li
         linear_overhead_s=mean([p.linear_overhead_s for p in parts]),
         linear_bwd_overhead_s=mean([p.linear_bwd_overhead_s for p in parts]),
         optimizer_s_per_param=mean([p.optimizer_s_per_param for p in parts]), attention_table=table or None,
-        **{f: mean([getattr(p, f) for p in parts]) for f in POOL_FIELDS},
+        **{f: mean([getattr(p, f) for p in parts]) for f in (*POOL_FIELDS, *PINGPONG_FIELDS)},
         intra=link, inter=link, p2p=link, cores=mean([p.cores for p in parts]),
         sources={**first.sources, "averaged": how})
 
@@ -373,6 +488,7 @@ def calibrate_host(cfg: ModelConfig, tokens: tuple[int, ...] = (1024, 2048, 4096
         opt = measure_optimizer()
         link = measure_ipc_link()
         rounds = measure_pool_rounds(cfg, table, dtype, backend=backend) if pool_rounds else None
+        pp = measure_pingpong(cfg, max(tokens), dtype) if pool_rounds else None
     finally:
         torch.set_num_threads(old)
     measured_cores = cores is None
@@ -383,11 +499,14 @@ def calibrate_host(cfg: ModelConfig, tokens: tuple[int, ...] = (1024, 2048, 4096
         linear_bwd_overhead_s=lin["linear_bwd_overhead_s"], optimizer_s_per_param=opt,
         attention_table=table.__dict__, attention_fused=False, intra=link, inter=link, p2p=link,
         devices_per_node=1 << 20, cores=cores, **(round_fields(rounds["fit"]) if rounds else {}),
+        **({k: pp[k] for k in PINGPONG_FIELDS} if pp else {}),
         sources={"linear": f"measured: one block fwd/bwd at {tokens} tokens, {threads} thread(s), {dtype}",
                  "attention": f"measured: {len(table.entries)} single-task shapes, {table.backend}",
                  "optimizer": "measured: AdamW step, 1M parameters", "links": "measured: ZeroMQ ipc in-process",
                  "cores": f"measured: {ranks} concurrent single-thread processes" if measured_cores else "given",
                  "pool": ("measured: fwd/bwd rounds with one server process over ZeroMQ frames, server and trainer "
-                          "processor time beyond the table's kernels, fixed + per row" if rounds else "not measured")})
+                          "processor time beyond the table's kernels, fixed + per row" if rounds else "not measured"),
+                 "pingpong": (f"measured: one block through PingPongBlocks vs plainly at {max(tokens)} rows, attention "
+                              "answered at once, processor time per row" if pp else "not measured")})
     return hw, {"linear": lin, "optimizer_s_per_param": opt, "link": link.__dict__, "cores": cores,
-                "pool_rounds": rounds}
+                "pool_rounds": rounds, "pingpong": pp}

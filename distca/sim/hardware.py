@@ -15,7 +15,10 @@ A :class:`Hardware` holds everything the simulator charges time for:
   rebatching rows into the fused call, packing and sending outputs; on the trainer, gathering and sending
   its rows and unpacking the replies. Each is ``fixed + per_row * rows`` per round and pass (server rows:
   q plus k/v rows it receives; trainer rows: those it sends), measured by ``distca.sim.calibrate`` on a
-  CPU host; 0 (not charged) in the published-GPU figures.
+  CPU host; 0 (not charged) in the published-GPU figures;
+- **ping-pong**: what the trainer's ping-pong runner (``distca.runtime.nano.PingPongBlocks``) adds to a block's
+  linear work, per row of the rank's micro-batch and pass (``pingpong_{fwd,bwd}_row_s``), measured by
+  ``distca.sim.calibrate`` on a CPU host; 0 (not charged) in the GPU figures.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ class Hardware:
     pool_trainer_fwd_row_s: float = 0.0
     pool_trainer_bwd_s: float = 0.0
     pool_trainer_bwd_row_s: float = 0.0
+    # per block and row of a rank's micro-batch: the ping-pong runner's work beyond the block's (processor seconds)
+    pingpong_fwd_row_s: float = 0.0
+    pingpong_bwd_row_s: float = 0.0
     sources: dict[str, str] = field(default_factory=dict)  # what each number came from
 
     # -- costs ---------------------------------------------------------------------------------

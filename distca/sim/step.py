@@ -18,6 +18,11 @@ Three ways to run core attention (``SimOptions.system``):
     sends (``pool_rounds``; 0 unless a calibration measured them). With ``pingpong`` every micro-batch
     is two nano-batches, each planned
     on its own, and communication runs on a separate stream (DESIGN §2's overlap; the paper's Fig. 7).
+    How the two are cut is ``nano_split``: the paper's driver re-packs two halves of the documents
+    (``repack``), this repository's trainer splits every rank's rows and plans each half's queries with
+    the whole micro-batch's keys (``rows``, what the validation replays). The trainer's ping-pong runner
+    also costs processor time of its own per block (``Hardware.pingpong_*_row_s``, calibrated on a CPU
+    host; 0 in GPU figures).
 ``wlb``
     WLB-LLM-style: workload-balanced variable-length packing over data-parallel groups of ``cp``
     devices, each document split head–tail over its group (per-document context parallelism): equal
@@ -112,6 +117,12 @@ class SimOptions:
     plan_s: float = 0.0  # scheduler CPU seconds per trainer and step (0: not charged)
     # with server_streams: charge the hardware's pool per-round costs (ZeroMQ frames; Hardware.pool_*)
     pool_rounds: bool = True
+    # ping-pong's two nano-batches: "repack" cuts the micro-batch's documents at half of its tokens and packs
+    # each half on its own (the paper's driver; a document cut there loses its cross-half attention);
+    # "rows" is this repository's trainer (distca.runtime.nano.nano_batches): the queries of the first and
+    # of the second half of every rank's rows, each planned with the whole micro-batch's keys, so a
+    # document keeps all its attention and each round sends every key row its tasks need
+    nano_split: Literal["repack", "rows"] = "repack"
 
     def __post_init__(self) -> None:
         if self.schedule not in ("1f1b", "pooled"):
@@ -122,6 +133,8 @@ class SimOptions:
             raise ValueError("idle_aware balancing is modelled for the pooled schedule only")
         if not self.plan_s >= 0:
             raise ValueError(f"plan_s must be >= 0, got {self.plan_s!r}")
+        if self.nano_split not in ("repack", "rows"):
+            raise ValueError(f"nano_split must be 'repack' or 'rows', got {self.nano_split!r}")
 
 
 @dataclass
@@ -345,16 +358,18 @@ class _Builder:
             self._halves_cache[m] = [mb] if not self.opt.pingpong else _split_halves(mb)
         return self._halves_cache[m]
 
-    def _plan_nanos(self, layouts: list[BatchLayout], placement: Placement, n_srv: int, whiches) -> list[dict]:
+    def _plan_nanos(self, layouts: list[BatchLayout], placement: Placement, n_srv: int, whiches,
+                    keys: BatchLayout | None = None) -> list[dict]:
         """One entry per nano-batch layout: per window and pass, per-server attention seconds, and the
-        bytes and peers per rank (to servers) and per server (back to ranks)."""
+        bytes and peers per rank (to servers) and per server (back to ranks). ``keys``: the whole batch
+        when the layouts hold only some of its queries (``nano_split="rows"``)."""
         wins = sorted({w for ws in self.c.windows for w in ws}, key=key_order)
         out = []
         for lay in layouts:
             entry = {"tokens": [int(t) for t in lay.rank_tokens], "srv": {}, "bytes": {}, "rows": {}}
             for w in wins:
                 sched = SchedulerConfig(eps=self.opt.eps, granularity=self.opt.granularity, mask=key_mask(w))
-                plan, _ = make_plan(lay, placement, sched, self.c.shape)
+                plan, _ = make_plan(lay, placement, sched, self.c.shape, keys=keys)
                 # rows each trainer sends and each server receives in one round (pool per-round costs)
                 sent = np.zeros(len(entry["tokens"]))
                 for x in (plan.q_xfer, plan.kv_xfer):
@@ -395,8 +410,12 @@ class _Builder:
         n_srv = self.par.dp if self.opt.servers == "stage" else self.par.devices
         devices = None if self.opt.servers == "stage" else tuple(s * self.par.dp + r for r in range(self.par.dp))
         placement = Placement(self.par.dp, n_srv, "colocated", devices)
-        layouts = [BatchLayout.from_ranks(nb.ranks, nb.continues) for nb in self._halves(m)]
-        out = self._plan_nanos(layouts, placement, n_srv, ("fwd", "bwd"))
+        if self.opt.pingpong and self.opt.nano_split == "rows":
+            whole = self.layouts[m]
+            out = self._plan_nanos(_query_halves(whole), placement, n_srv, ("fwd", "bwd"), keys=whole)
+        else:
+            layouts = [BatchLayout.from_ranks(nb.ranks, nb.continues) for nb in self._halves(m)]
+            out = self._plan_nanos(layouts, placement, n_srv, ("fwd", "bwd"))
         self._plan_cache[key] = out
         return out
 
@@ -408,6 +427,20 @@ class _Builder:
             return self._plan_cache[key]
         par = self.par
         n = par.devices
+        which = "fwd" if phase == "F" else "bwd"
+        if self.opt.pingpong and self.opt.nano_split == "rows":
+            # the tick's batch as distca.train.pooled.tick_batch builds it (trainer s * DP + r holds stage s's
+            # rows; a document never continues across stages), its nano-batches by query rows
+            ranks, cont = [], []
+            for s in range(par.pp):
+                mb = self.micro[active[s]] if s in active else None
+                for r in range(par.dp):
+                    ranks.append(list(mb.ranks[r]) if mb is not None else [])
+                    cont.append(bool(mb.continues[r]) and r > 0 if mb is not None else False)
+            whole = BatchLayout.from_ranks(ranks, cont)
+            out = self._plan_nanos(_query_halves(whole), Placement(n, n, "colocated"), n, (which,), keys=whole)
+            self._plan_cache[key] = out
+            return out
         halves = {s: self._halves(m) for s, m in active.items()}
         n_nano = max(len(h) for h in halves.values())
         layouts = []
@@ -420,7 +453,6 @@ class _Builder:
                     ranks.append(list(nb.ranks[r]) if nb is not None else [])
                     cont.append(bool(nb.continues[r]) and r > 0 if nb is not None else False)
             layouts.append(BatchLayout.from_ranks(ranks, cont))
-        which = "fwd" if phase == "F" else "bwd"
         out = self._plan_nanos(layouts, Placement(n, n, "colocated"), n, (which,))
         self._plan_cache[key] = out
         return out
@@ -587,11 +619,16 @@ class _Builder:
                != sorted((w for b in chunk for w in c.windows[b]), key=key_order) for bl in blocks.values()):
                 raise ValueError("the pooled schedule needs the same attention windows at every stage's layer j")
         lin = {}  # (nano, key) -> (pre, post)
+        # ping-pong's own work on the trainer (Hardware.pingpong_*_row_s, calibrated; 0 on GPU figures): per block
+        # and row of the micro-batch, shared equally by the nano-batches, half before and half after the round
+        pp_row = getattr(self.hw, f"pingpong_{which}_row_s") if len(nanos) > 1 else 0.0
         for key, t, m in members:
             full = self._pre_post(m, key[1], chunk, which)
+            whole = self._tokens(m, key[1])
+            extra = pp_row * whole * len(chunk) / len(nanos) / 2
             for i, nb in enumerate(nanos):
-                whole = self._tokens(m, key[1])
-                lin[(i, key)] = (_scaled(full[0], nb["tokens"][t], whole), _scaled(full[1], nb["tokens"][t], whole))
+                lin[(i, key)] = (_scaled(full[0], nb["tokens"][t], whole) + extra,
+                                 _scaled(full[1], nb["tokens"][t], whole) + extra)
         srv_t, ret_scale = [], []
         for i, nb in enumerate(nanos):
             t = sum(count[w] * nb["srv"][(w, which)] for w in wins)
@@ -769,6 +806,13 @@ def _split_halves(mb: MicroBatch) -> list[MicroBatch]:
         p = pack_into_ranks(np.asarray(lengths, dtype=np.int64), n, tpr)
         out.append(MicroBatch(p.ranks, p.continues))
     return out
+
+
+def _query_halves(batch: BatchLayout) -> list[BatchLayout]:
+    """A batch's two nano-batches as the trainer cuts them (``distca.runtime.nano.nano_batches``): the queries
+    of the first and of the second half of every rank's rows (plan each with ``keys=batch``)."""
+    tokens = batch.rank_tokens
+    return [batch.query_rows(0 * tokens, tokens // 2), batch.query_rows(tokens // 2, tokens)]
 
 
 def _plan_bytes(plan, which: str):

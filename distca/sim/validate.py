@@ -45,7 +45,8 @@ def run_options(config: dict, schedule_ran: str | None = None) -> tuple[ModelCon
                      dtype_bytes=2 if t["precision"] == "bf16" else 4, layer_chunks=0,
                      pingpong=bool(t.get("pingpong", False)) and cad, schedule=schedule,
                      prefetch_plans=bool(t.get("prefetch", False)),
-                     pool_rounds=cl.get("data_plane") == "zmq")  # the per-round costs calibrated: ZeroMQ frames
+                     pool_rounds=cl.get("data_plane") == "zmq",  # the per-round costs calibrated: ZeroMQ frames
+                     nano_split="rows")  # the trainer cuts nano-batches by query rows (distca.runtime.nano)
     return model, par, opt
 
 

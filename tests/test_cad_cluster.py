@@ -243,40 +243,28 @@ def _trainer_families(rank: int, addresses: list[str], specs: list[dict], tcfg: 
         q.put((rank, repr(exc)))
 
 
-def test_per_document_slice_masks_over_zeromq_and_shared_memory(cad_case, run_trainers, f64_servers):
-    """Per-document masks (MagiAttention-style slices of every type, one document spanning all three trainers, next
-    to a prefix-LM document) run on the servers as rectangles and equal the in-process execution on both planes."""
+def test_every_mask_family_and_per_document_slices_over_zeromq_and_shared_memory(cad_case, run_trainers,
+                                                                                 f64_servers):
+    """One set of trainer processes runs: chunked, sink + window, prefix-LM and bidirectional plans, and per-document
+    masks (MagiAttention-style slices of every type next to a prefix-LM document), colocated and dedicated. Servers
+    run kernel rectangles over exact key hulls, merged by lse; every plan equals the in-process execution — itself
+    checked against dense masked attention — on both data planes, with a document spanning all three trainers."""
     from distca.masks import Mask, Slice
 
+    base = dict(ranks=[[300, 140], [440], [200, 240]], continues=[False, True, True], servers=3,
+                placement="dedicated", eps=0.02, seed=21, dtype="float64", backend="reference")
     doc0 = Mask.from_slices([Slice(0, 150, 0, 150, "causal"), Slice(150, 300, 0, 60, "full"),
                              Slice(150, 300, 100, 300, "bi_causal")])
     doc1 = Mask.from_slices([Slice(0, 400, 0, 400, "causal"), Slice(400, 780, 0, 200, "inv_causal"),
                              Slice(400, 780, 300, 780, "causal"), Slice(100, 400, 500, 700, "full")])
-    base = dict(ranks=[[300, 140], [440], [200, 240]], continues=[False, True, True], servers=3,
-                placement="dedicated", eps=0.02, seed=31, dtype="float64", backend="reference", window="causal",
-                doc_masks=[doc0, doc1, Mask.prefix_lm(50)])
-    specs = [base, dict(base, placement="colocated", seed=32)]
+    sliced = dict(base, seed=31, window="causal", doc_masks=[doc0, doc1, Mask.prefix_lm(50)])
+    specs = [*(dict(base, window=f, seed=21 + i) for i, f in enumerate(FAMILIES)), sliced,
+             dict(sliced, placement="colocated", seed=32)]
     got = run_trainers(_trainer_families, [(r, f64_servers, specs, IPC, cad_case.make) for r in range(3)])
     for i, spec in enumerate(specs):
         plan, ranks, douts = cad_case.make(spec)
-        assert plan.masked and plan.doc_masks is not None
-        want = execute_plan(plan, ranks, douts, backend="reference")
-        per = {r: {"zmq": dict(got[r]["zmq"][i], data_plane="zmq"), "shm": dict(got[r]["shm"][i], data_plane="shm")}
-               if isinstance(got[r], dict) else got[r] for r in range(3)}
-        _check_both_planes(per, want, 3, 1e-10)
-
-
-def test_every_mask_family_over_zeromq_and_shared_memory(cad_case, run_trainers, f64_servers):
-    """Chunked, sink + window, prefix-LM and bidirectional plans (servers run kernel rectangles over exact key
-    hulls, merged by lse) equal the in-process execution — itself checked against dense masked attention — on
-    both data planes, with a document spanning all three trainers."""
-    base = dict(ranks=[[300, 140], [440], [200, 240]], continues=[False, True, True], servers=3,
-                placement="dedicated", eps=0.02, seed=21, dtype="float64", backend="reference")
-    specs = [dict(base, window=f, seed=21 + i) for i, f in enumerate(FAMILIES)]
-    got = run_trainers(_trainer_families, [(r, f64_servers, specs, IPC, cad_case.make) for r in range(3)])
-    for i, spec in enumerate(specs):
-        plan, ranks, douts = cad_case.make(spec)
-        assert plan.masked and plan.mask.spec() == spec["window"]
+        assert plan.masked and (plan.doc_masks is not None if "doc_masks" in spec else
+                                plan.mask.spec() == spec["window"])
         want = execute_plan(plan, ranks, douts, backend="reference")
         per = {r: {"zmq": dict(got[r]["zmq"][i], data_plane="zmq"), "shm": dict(got[r]["shm"][i], data_plane="shm")}
                if isinstance(got[r], dict) else got[r] for r in range(3)}

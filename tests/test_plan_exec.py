@@ -116,6 +116,25 @@ def _dense_masked(q, k, v, allowed):
     return torch.einsum("hqk,khd->qhd", p, vv), lse.T
 
 
+def _check_against_dense(batch, plan, doc_masks, seed: int, backend: str) -> None:
+    """Execute ``plan`` on random fp64 rows and compare every document with dense masked attention under its mask
+    (``doc_masks[d]``), forward (out, lse) and backward (dq, dk, dv), to 1e-10."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = [RankTensors(*(torch.randn(int(n), h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2)))
+             for n in batch.rank_tokens]
+    douts = [torch.randn(t.q.shape, generator=gen, dtype=torch.float64) for t in ranks]
+    got = execute_plan(plan, ranks, douts, backend=backend)
+    for d in range(batch.n_docs):
+        q, k, v = (_scatter_to_docs(batch, [getattr(t, n) for t in ranks], d).requires_grad_() for n in "qkv")
+        do = _scatter_to_docs(batch, douts, d)
+        out, lse = _dense_masked(q, k, v, torch.from_numpy(doc_masks[d].dense(int(batch.doc_len[d]))))
+        want = dict(zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *torch.autograd.grad(out, (q, k, v), do)),
+                        strict=True))
+        for key, val in want.items():
+            torch.testing.assert_close(_scatter_to_docs(batch, got[key], d), val.detach(), rtol=0, atol=1e-10,
+                                       msg=lambda m, key=key, d=d: f"{doc_masks[d].spec()}: {key} of doc {d}: {m}")
+
+
 @given(batch=packed_batches(max_ranks=4, max_rank_tokens=200),
        spec=st.sampled_from(["chunked:24", "sink_window:5:17", "prefix_lm:30", "bidirectional", "window:40", "causal"]),
        kind=st.sampled_from(["colocated", "dedicated"]), n_servers=st.integers(1, 4), seed=st.integers(0, 1000),
@@ -130,21 +149,7 @@ def test_executed_masked_plan_equals_dense_masked_attention(batch, spec, kind, n
         n_servers = batch.n_ranks
     cfg = SchedulerConfig(eps=0.05, mask=mask, granularity=16, min_offload_pairs=200)
     plan, _ = make_plan(batch, Placement(batch.n_ranks, n_servers, kind), cfg)
-    gen = torch.Generator().manual_seed(seed)
-    ranks = [RankTensors(*(torch.randn(int(n), h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2)))
-             for n in batch.rank_tokens]
-    douts = [torch.randn(t.q.shape, generator=gen, dtype=torch.float64) for t in ranks]
-    got = execute_plan(plan, ranks, douts, backend=backend)
-    for d in range(batch.n_docs):
-        q, k, v = (_scatter_to_docs(batch, [getattr(t, n) for t in ranks], d).requires_grad_() for n in "qkv")
-        do = _scatter_to_docs(batch, douts, d)
-        allowed = torch.from_numpy(mask.dense(int(batch.doc_len[d])))
-        out, lse = _dense_masked(q, k, v, allowed)
-        want = dict(zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *torch.autograd.grad(out, (q, k, v), do)),
-                        strict=True))
-        for key, val in want.items():
-            torch.testing.assert_close(_scatter_to_docs(batch, got[key], d), val.detach(), rtol=0, atol=1e-10,
-                                       msg=lambda m, key=key, d=d: f"{spec}: {key} of document {d}: {m}")
+    _check_against_dense(batch, plan, [mask] * batch.n_docs, seed, backend)
 
 
 @settings(max_examples=30, deadline=None)
@@ -162,18 +167,4 @@ def test_executed_plan_with_per_document_masks_equals_dense_masked_attention(bat
         n_servers = batch.n_ranks
     cfg = SchedulerConfig(eps=0.05, mask=Mask.causal(), granularity=16, min_offload_pairs=200, exact_keys=exact)
     plan, _ = make_plan(batch.with_masks(dm), Placement(batch.n_ranks, n_servers, kind), cfg)
-    gen = torch.Generator().manual_seed(seed)
-    ranks = [RankTensors(*(torch.randn(int(n), h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2)))
-             for n in batch.rank_tokens]
-    douts = [torch.randn(t.q.shape, generator=gen, dtype=torch.float64) for t in ranks]
-    got = execute_plan(plan, ranks, douts, backend=backend)
-    for d in range(batch.n_docs):
-        q, k, v = (_scatter_to_docs(batch, [getattr(t, n) for t in ranks], d).requires_grad_() for n in "qkv")
-        do = _scatter_to_docs(batch, douts, d)
-        allowed = torch.from_numpy(dm[d].dense(int(batch.doc_len[d])))
-        out, lse = _dense_masked(q, k, v, allowed)
-        want = dict(zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *torch.autograd.grad(out, (q, k, v), do)),
-                        strict=True))
-        for key, val in want.items():
-            torch.testing.assert_close(_scatter_to_docs(batch, got[key], d), val.detach(), rtol=0, atol=1e-10,
-                                       msg=lambda m, key=key, d=d: f"{dm[d].spec()}: {key} of document {d}: {m}")
+    _check_against_dense(batch, plan, dm, seed, backend)

@@ -19,6 +19,7 @@ from distca.scheduler.calls import local_rects, server_call, server_rects
 from distca.scheduler.work import mask_cum, mask_key_ranges, mask_reach
 from tests.test_masks import masks as any_masks
 from tests.test_masks import slice_masks
+from tests.test_scheduler import _execute, _layout_ids
 
 FAMILIES = ["causal", "window:64", "chunked:100", "sink_window:4:50", "sink_window:40:16", "prefix_lm:150",
             "bidirectional"]
@@ -37,24 +38,13 @@ def batches(draw, max_ranks=6, max_tokens=500, max_pieces=4):
 masks = st.sampled_from(FAMILIES).map(Mask.parse)
 
 
-def _ids(batch: BatchLayout) -> list[np.ndarray]:
-    big = int(batch.doc_len.max()) + 1
-    out = [np.full(int(n), -1, dtype=np.int64) for n in batch.rank_tokens]
-    for r, d, o, n, row in zip(batch.piece_rank, batch.piece_doc, batch.piece_off, batch.piece_len, batch.piece_row,
-                               strict=True):
-        out[r][row:row + n] = d * big + np.arange(o, o + n)
-    return out
-
-
-def _execute(xfer, rank_bufs, sizes):
-    bufs = [np.full(int(s), -1, dtype=np.int64) for s in sizes]
-    hits = [np.zeros(int(s), dtype=np.int64) for s in sizes]
-    for r, s, src, dst, n in zip(xfer.rank, xfer.server, xfer.src_row, xfer.dst_row, xfer.n, strict=True):
-        bufs[s][dst:dst + n] = rank_bufs[r][src:src + n]
-        hits[s][dst:dst + n] += 1
-    for h in hits:
-        assert (h == 1).all(), "a receive-buffer row is written twice or never"
-    return bufs
+def _assert_every_query_once(plan, lens: list[int]) -> None:
+    """Coverage: each document's tasks tile its queries ``[0, n)`` exactly, without gap or overlap."""
+    for d, n in enumerate(lens):
+        m = plan.task_doc == d
+        spans = sorted(zip(plan.task_q0[m].tolist(), plan.task_q1[m].tolist(), strict=True))
+        assert spans[0][0] == 0 and spans[-1][1] == n
+        assert all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
 
 
 def _pairs_seen(rects, qbuf, kbuf, big, counts):
@@ -79,12 +69,7 @@ def test_masked_plan_delivers_every_pair_of_the_mask_exactly_once(batch, mask, n
     cfg = SchedulerConfig(eps=eps, granularity=g, mask=mask, exact_keys=exact)
     plan, _ = make_plan(batch, Placement(batch.n_ranks, n_servers, kind), cfg)
     lens = batch.doc_len.tolist()
-    # Coverage: every query once.
-    for d, n in enumerate(lens):
-        m = plan.task_doc == d
-        spans = sorted(zip(plan.task_q0[m].tolist(), plan.task_q1[m].tolist(), strict=True))
-        assert spans[0][0] == 0 and spans[-1][1] == n
-        assert all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    _assert_every_query_once(plan, lens)
     # Each task's key ranges: exactly the mask's (its convex hull without exact hulls), and its pair count.
     for i in range(plan.n_tasks):
         d, q0, q1 = int(plan.task_doc[i]), int(plan.task_q0[i]), int(plan.task_q1[i])
@@ -97,7 +82,7 @@ def test_masked_plan_delivers_every_pair_of_the_mask_exactly_once(batch, mask, n
     assert int(plan.server_pairs.sum()) + int(plan.task_pairs[plan.task_server < 0].sum()) == sum(
         mask.cum(n, n) for n in lens)
     # Rows: execute the transfers on token ids, read every rectangle's rows, and compare with the dense mask.
-    ids = _ids(batch)
+    ids = _layout_ids(batch)
     big = int(batch.doc_len.max()) + 1
     qbufs = _execute(plan.q_xfer, ids, plan.server_q_rows)
     kbufs = _execute(plan.kv_xfer, ids, plan.server_kv_rows)
@@ -269,12 +254,7 @@ def test_per_document_masks_deliver_every_pair_exactly_once(data, batch, n_serve
     plan, _ = make_plan(batch.with_masks(dm), Placement(batch.n_ranks, n_servers, kind), cfg)
     lens = batch.doc_len.tolist()
     per_doc = _resolved(dm, default)
-    # Coverage: every query once.
-    for d, n in enumerate(lens):
-        m = plan.task_doc == d
-        spans = sorted(zip(plan.task_q0[m].tolist(), plan.task_q1[m].tolist(), strict=True))
-        assert spans[0][0] == 0 and spans[-1][1] == n
-        assert all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    _assert_every_query_once(plan, lens)
     # Each task's key ranges: exactly its document's mask's (any number of them; none where no query sees a key).
     for i in range(plan.n_tasks):
         d, q0, q1 = int(plan.task_doc[i]), int(plan.task_q0[i]), int(plan.task_q1[i])
@@ -289,7 +269,7 @@ def test_per_document_masks_deliver_every_pair_exactly_once(data, batch, n_serve
     loads = plan.server_pairs
     assert loads.max() <= (1 + eps) * loads.mean() + max(lens) + 1e-6 * loads.mean()
     # Rows: execute the transfers on token ids and compare every rectangle's pairs with the dense masks.
-    ids = _ids(batch)
+    ids = _layout_ids(batch)
     big = int(batch.doc_len.max()) + 1
     qbufs = _execute(plan.q_xfer, ids, plan.server_q_rows)
     kbufs = _execute(plan.kv_xfer, ids, plan.server_kv_rows)

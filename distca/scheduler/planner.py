@@ -518,9 +518,18 @@ class _Planner:
                 target = fit if fit is not None else receivers.largest()
                 if target is None:
                     break
-                move = self._best_move(donor, mine, target, capacity)
-                if move is None and fit is not None and receivers.largest() != fit:
-                    move = self._best_move(donor, mine, receivers.largest(), capacity)
+                # A move that fits a spare (best fit, then the largest) before one that overshoots by a token:
+                # the capacity holds a token's work above the mean, so some receiver always has room for one
+                # and the relaxed pass is a last resort, never a shortcut.
+                tops = [target] if fit is None or receivers.largest() == fit else [target, receivers.largest()]
+                move = None
+                for relax in (False, True):
+                    for top in tops:
+                        move = self._best_move(donor, mine, top, capacity, relax)
+                        if move is not None:
+                            break
+                    if move is not None:
+                        break
                 if move is None:  # nothing of this donor fits even the largest spare
                     break
                 seg, t, kind, a, b = move
@@ -545,43 +554,41 @@ class _Planner:
                 picks.append(mine[i])
         return picks
 
-    def _best_move(self, donor, mine, top, capacity):
-        """Cheapest (bytes per unit of work) feasible move of the donor's work to a receiver."""
+    def _best_move(self, donor, mine, top, capacity, relax: bool):
+        """Cheapest (bytes per unit of work) feasible move of the donor's work to ``top`` or a server that holds
+        the document's keys; ``relax``: a cut may overshoot the receiver's spare by one query token's work."""
         need = self.load[donor] - capacity
         final = need <= capacity - self.load[top]
         best = None
-        for relax in (0, 1):
-            for seg in self._candidates(mine, need, final):
-                receivers = [top]
-                # Servers already holding this document's keys take more of it for q bytes only.
-                for t in self.by_doc.get(self._get(seg)[DOC], ()):
-                    if t != donor and t != top and self.load[t] < capacity and len(receivers) < 3:
-                        receivers.append(t)
-                if self.near:  # the servers with the most spare in the node of the rank holding the queries
-                    near = [t for t in self.node_servers.get(self.t_node[self._get(seg)[RANK]], ())
-                            if t != donor and t not in receivers and self.load[t] < capacity]
-                    near.sort(key=lambda t: (self.load[t], t))
-                    receivers.extend(near[:2])
-                # Relaxed pass: when no cut fits (tiny spares, eps ~ 0) allow one query token's
-                # work of overshoot — the last token of a segment sees at most q1 keys.
-                slack = self._token_work(seg) if relax else 0
-                for t in receivers:
-                    spare = capacity - self.load[t]
-                    opts = None
-                    if need <= spare + slack:
-                        # A final cut may overshoot the need by the donor's share of the free room,
-                        # or by one query token's work (a token-granular cut cannot do better).
-                        top_up = min(spare, need + max(self.overshoot, self._token_work(seg)))
-                        opts = self._options(seg, t, need, top_up, slack)
-                    if not opts:  # fill the receiver instead (the donor continues with the next one)
-                        opts = self._options(seg, t, 0, spare, slack)
-                    for opt in opts:
-                        key = (opt[0], opt[1], seg, t, opt[2])
-                        if best is None or key < best[0]:
-                            best = (key, (seg, t, opt[2], opt[3], opt[4]))
-            if best is not None:
-                return best[1]
-        return None
+        for seg in self._candidates(mine, need, final):
+            receivers = [top]
+            # Servers already holding this document's keys take more of it for q bytes only.
+            for t in self.by_doc.get(self._get(seg)[DOC], ()):
+                if t != donor and t != top and self.load[t] < capacity and len(receivers) < 3:
+                    receivers.append(t)
+            if self.near:  # the servers with the most spare in the node of the rank holding the queries
+                near = [t for t in self.node_servers.get(self.t_node[self._get(seg)[RANK]], ())
+                        if t != donor and t not in receivers and self.load[t] < capacity]
+                near.sort(key=lambda t: (self.load[t], t))
+                receivers.extend(near[:2])
+            # Relaxed pass: when no cut fits (tiny spares, eps ~ 0) allow one query token's
+            # work of overshoot — the last token of a segment sees at most q1 keys.
+            slack = self._token_work(seg) if relax else 0
+            for t in receivers:
+                spare = capacity - self.load[t]
+                opts = None
+                if need <= spare + slack:
+                    # A final cut may overshoot the need by the donor's share of the free room,
+                    # or by one query token's work (a token-granular cut cannot do better).
+                    top_up = min(spare, need + max(self.overshoot, self._token_work(seg)))
+                    opts = self._options(seg, t, need, top_up, slack)
+                if not opts:  # fill the receiver instead (the donor continues with the next one)
+                    opts = self._options(seg, t, 0, spare, slack)
+                for opt in opts:
+                    key = (opt[0], opt[1], seg, t, opt[2])
+                    if best is None or key < best[0]:
+                        best = (key, (seg, t, opt[2], opt[3], opt[4]))
+        return None if best is None else best[1]
 
 
 def _minus(ranges, held) -> list[tuple[int, int]]:

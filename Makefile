@@ -21,8 +21,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # Everything: pure tests and the multi-process simulated-cluster tests (trainers, servers, a local Ray).
+# Whole modules run on TEST_WORKERS pytest-xdist workers (module fixtures such as a shared training run stay
+# one per module), the slowest modules first (tests/conftest.py). Much of a cluster test is waiting (Ray and
+# process start-up, timeouts under test), so two workers suit a 2-core machine; TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 test: lint
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # The inner loop: pure, single-process tests only (no spawned trainers, servers or Ray), under 2 minutes.
 test-fast: lint

@@ -97,22 +97,23 @@ def test_gpu_train_runs_the_torchrun_path_for_both_attentions_on_the_cpu(tmp_pat
 def test_train_benchmark_runs(tmp_path):
     out = _run("benchmarks/train.py", "--steps", "2", "--out-dir", str(tmp_path), "--model.n_layers=2",
                "--model.hidden=64", "--model.n_heads=4", "--model.ffn_hidden=128", "--train.tokens_per_rank=128",
-               "--train.peak_tflops=1", "--train.tensorboard=false")
+               "--train.peak_tflops=1", "--train.tensorboard=false",
+               "--cluster.data_plane=inplace")  # CAD without a server pool: no Ray to start (the soak runs one)
     assert "| local " in out and "| cad " in out and "CAD / local tokens/s" in out
     assert (tmp_path / "train.png").exists()
 
 
 def test_short_soak_finds_no_leak(tmp_path):
-    """The soak benchmark at 20 steps of the tiny CAD config: no memory or descriptor growth per rank
-    beyond the soak's bounds after warm-up, and no error."""
+    """The soak benchmark at 12 steps of the tiny CAD config (its server pool included): no memory or descriptor
+    growth per rank beyond the soak's bounds after warm-up, and no error."""
     import json
 
-    out = _run("benchmarks/soak.py", "--steps", "20", "--out-dir", str(tmp_path), "--model.n_layers=2",
+    out = _run("benchmarks/soak.py", "--steps", "12", "--out-dir", str(tmp_path), "--model.n_layers=2",
                "--model.hidden=64", "--model.n_heads=4", "--model.ffn_hidden=172", "--train.tokens_per_rank=256",
                "--train.peak_tflops=1", "--train.tensorboard=false", "--attention.shard_tokens=64")
     assert "verdict: OK" in out, out[-2000:]
     analysis = json.loads((tmp_path / "soak.json").read_text())["analysis"]
-    assert analysis["steps"] == 20 and len(analysis["per_rank"]) == 4
+    assert analysis["steps"] == 12 and len(analysis["per_rank"]) == 4
     assert len(analysis["server_peak_growth_mb"]) == 4
 
 

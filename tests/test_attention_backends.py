@@ -26,6 +26,7 @@ from distca.attention import (
     varlen_attention,
     varlen_metadata,
 )
+from distca.attention.backends.base import logsumexp
 from distca.attention.tasks import task_row_indices
 from distca.errors import AttentionInputError
 
@@ -98,7 +99,7 @@ def dense_document_attention(q, k, v, window: int, scale: float):
         allowed &= (i - j) < window
     s = torch.einsum("qhd,khd->hqk", q, kk) * scale
     s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
+    lse = logsumexp(s, dim=-1)
     out = torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), vv)
     return out, lse.transpose(0, 1)
 
@@ -243,7 +244,7 @@ def _full_truth(q_lens, k_lens, q, k, v, dout):
         vv = v[ka:ka + nk].repeat_interleave(groups, dim=1)
         s = torch.einsum("qhd,khd->hqk", q[qa:qa + nq], kk) * q.shape[-1] ** -0.5
         outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), vv))
-        lses.append(torch.logsumexp(s, dim=-1).transpose(0, 1))
+        lses.append(logsumexp(s, dim=-1).transpose(0, 1))
         qa, ka = qa + nq, ka + nk
     out = torch.cat(outs)
     grads = torch.autograd.grad(out, (q, k, v), dout.double())
@@ -288,3 +289,22 @@ def test_gpu_kernels_keyless_rows_get_minus_inf_lse():
 
     got = lse_to_token_major(torch.tensor([[0.5, float("inf"), float("-inf")]]), 3, 1)
     assert got.tolist() == [[0.5], [float("-inf")], [float("-inf")]]
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_logsumexp_is_exact_to_rounding_and_minus_inf_where_every_entry_is(dim):
+    """The backends' and the merges' log-sum-exp (not torch.logsumexp: see its docstring) against numpy in long
+    double, on causal scores with fully masked rows and columns."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 300, 300, generator=g, dtype=torch.float64) * 3
+    s = s.masked_fill(~torch.ones(300, 300, dtype=torch.bool).tril(-1), float("-inf"))  # row 0, last column: none
+    got = logsumexp(s, dim).numpy()
+    x = s.numpy().astype(np.longdouble)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = np.max(x, axis=dim, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0)
+        want = np.log(np.exp(x - m).sum(axis=dim)) + np.squeeze(m, axis=dim)
+    empty = np.isneginf(want)
+    assert empty.any() and np.array_equal(np.isneginf(got), empty)
+    assert np.abs(got[~empty] - want[~empty]).max() < 1e-14
+    assert logsumexp(s.float(), dim).dtype == torch.float32

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from distca.attention import BACKEND_NAMES, available_backends, get_backend_reason
 from distca.attention.backends import get_backend
+from distca.attention.backends.base import logsumexp
 from distca.attention.masked import RectCall, backward, document_call, forward, masked_attention
 from distca.errors import AttentionInputError, InputError
 from distca.masks import Mask, Rect
@@ -65,7 +66,7 @@ def dense_attention(q, k, v, allowed):
     has = allowed.any(dim=1)  # [q]
     s = torch.where(has[:, None], s.masked_fill(~allowed, float("-inf")), torch.zeros_like(s))
     p = torch.softmax(s, dim=-1) * has[:, None]
-    lse = torch.where(has, torch.logsumexp(s, dim=-1), torch.full_like(s[..., 0], float("-inf")))
+    lse = torch.where(has, logsumexp(s, dim=-1), torch.full_like(s[..., 0], float("-inf")))
     return torch.einsum("hqk,khd->qhd", p, vv), lse.transpose(0, 1)
 
 

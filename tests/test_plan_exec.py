@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distca.attention.backends.base import logsumexp
 from distca.data import pack_into_ranks
 from distca.runtime.plan_exec import RankTensors, execute_plan
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
@@ -111,7 +112,7 @@ def _dense_masked(q, k, v, allowed):
     kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     s = torch.einsum("qhd,khd->hqk", q, kk) / q.shape[-1] ** 0.5
     s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
+    lse = logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     return torch.einsum("hqk,khd->qhd", p, vv), lse.T
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distca.attention.backends.base import lse_dtype
+from distca.attention.backends.base import logsumexp, lse_dtype
 from distca.attention.tasks import row_ranges
 from distca.attention.varlen import backward as varlen_backward
 from distca.attention.varlen import forward as varlen_forward
@@ -281,7 +281,7 @@ def _merge(parts, slots: np.ndarray, q: torch.Tensor, ld: torch.dtype) -> tuple[
     all_o = torch.cat([o for o, _ in parts] + [q.new_zeros(1, hq, d)])
     idx = _index(slots, q.device)
     ls = all_l[idx]  # [depth, n_q, Hq]
-    lse = torch.logsumexp(ls, dim=0)
+    lse = logsumexp(ls, dim=0)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     w = torch.exp(ls - safe)  # 0 for pads and for rows no key reaches
     out = torch.zeros(q.shape, dtype=ld, device=q.device)

@@ -51,6 +51,19 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log Σ exp(x)`` over ``dim``, as ``max + log Σ exp(x - max)``; ``-inf`` where every entry is ``-inf``.
+
+    Written out rather than ``torch.logsumexp``: on the CPU (torch 2.13, float64, this project's VM) that
+    kernel gave some processes errors of ~1e-9 on a causal score matrix — about one process in four, the same
+    input exact in the others — which made fp64 comparisons between a trainer and a server process fail at random.
+    These four elementwise/reduction ops are exact to rounding in every process.
+    """
+    m = x.amax(dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (x - m).exp().sum(dim).log() + m.squeeze(dim)
+
+
 class Backend(ABC):
     """A core-attention kernel family: varlen forward and explicit (graph-free) backward."""
 

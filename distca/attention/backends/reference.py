@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from distca.attention.backends.base import Backend, VarlenMeta, lse_dtype
+from distca.attention.backends.base import Backend, VarlenMeta, logsumexp, lse_dtype
 
 
 def visible_mask(q_len: int, kv_len: int, window: int, device: torch.device | None = None,
@@ -43,7 +43,7 @@ class ReferenceBackend(Backend):
     def _probs(self, qh, kh, mask, scale):
         s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
         s = s.masked_fill(~mask, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)  # [H, q]
+        lse = logsumexp(s, dim=-1)  # [H, q]
         safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         p = torch.exp(s - safe[..., None]).masked_fill(~mask, 0.0)
         return p, lse

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from distca.attention.backends.base import Backend, VarlenMeta, lse_dtype
+from distca.attention.backends.base import Backend, VarlenMeta, logsumexp, lse_dtype
 
 _OPS = torch.ops.aten
 _BAND_BLOCK = 512  # query rows per sliding-window block
@@ -139,7 +139,7 @@ class SdpaBackend(Backend):
                 else:
                     # Merge in at least fp32 (fp64 stays fp64) before rounding to the input dtype.
                     ls = torch.stack([pl.to(merge) for _, pl in parts])
-                    l = torch.logsumexp(ls, dim=0)
+                    l = logsumexp(ls, dim=0)
                     w = torch.exp(ls - l)
                     o = sum(w[i][..., None] * parts[i][0].to(merge) for i in range(len(parts)))
                 out[q0 + j0:q0 + j1] = lay.q_out(o).to(q.dtype)

@@ -55,9 +55,10 @@ def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``log Σ exp(x)`` over ``dim``, as ``max + log Σ exp(x - max)``; ``-inf`` where every entry is ``-inf``.
 
     Written out rather than ``torch.logsumexp``: on the CPU (torch 2.13, float64, this project's VM) that
-    kernel gave some processes errors of ~1e-9 on a causal score matrix — about one process in four, the same
-    input exact in the others — which made fp64 comparisons between a trainer and a server process fail at random.
-    These four elementwise/reduction ops are exact to rounding in every process.
+    kernel's first call in a process returned errors of ~1e-9 on a causal score matrix in about one process in
+    four (the same input exact in the others, and on a second call), which made fp64 comparisons between a
+    trainer and a server process fail at random. Written this way, the result was the same, and exact to
+    rounding, in every process tried.
     """
     m = x.amax(dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

@@ -67,6 +67,7 @@ from distca.data.packing import pack_into_ranks
 from distca.masks import Mask
 from distca.scheduler import LOCAL, BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.scheduler.calls import local_rects, server_rects
+from distca.scheduler.relay import KvRelay, kv_relay, nodes_of
 from distca.sim.engine import TaskGraph, simulate
 from distca.sim.hardware import Hardware, h100_with_h200_kernels, published
 from distca.sim.workload import sample_documents
@@ -163,23 +164,56 @@ def plan_nanos(layout: BatchLayout, family: Family, shape: AttentionShape, eps: 
     return plans, ms
 
 
-def phase_bytes(plan, which: str, direction: str, n: int, per_node: int):
-    """Per device and link (0 intra-node, 1 inter-node): bytes out, bytes in, peers sent to."""
-    out = np.zeros((n, 2))
-    inn = np.zeros((n, 2))
-    peers = [[set(), set()] for _ in range(n)]
+def _pair_bytes(plan, which: str, direction: str, relay: KvRelay | None) -> dict[tuple[int, int], float]:
+    """Bytes per (sending device, receiving device) of one all-to-all phase, remote rows only; with ``relay``, each
+    relayed (trainer, server) pair's key rows replaced by the route's union to its gateway (none to the others)."""
+    out: dict[tuple[int, int], float] = {}
     for d, tensors, x in plan.messages(which):
         if d != direction:
             continue
         rb = sum(plan.row_bytes(t) for t in tensors)
+        kv = tensors[0] in ("k", "dk")
         rem = x.remote
-        rank, srv, rows = x.rank[rem], x.server[rem], x.n[rem]
-        src, dst = (rank, srv) if direction == "to_server" else (srv, rank)
-        inter = (src // per_node != dst // per_node).astype(int)
-        np.add.at(out, (src, inter), rows * rb)
-        np.add.at(inn, (dst, inter), rows * rb)
-        for s, t, i in zip(src.tolist(), dst.tolist(), inter.tolist(), strict=True):
-            peers[s][i].add(t)
+        for r, s, n in zip(x.rank[rem].tolist(), x.server[rem].tolist(), x.n[rem].tolist(), strict=True):
+            if kv and relay is not None and relay.route(r, s) is not None:
+                continue  # counted per route below
+            key = (r, s) if direction == "to_server" else (s, r)
+            out[key] = out.get(key, 0.0) + n * rb
+        if kv and relay is not None:
+            for rt in relay.routes:
+                key = (rt.src, rt.gateway) if direction == "to_server" else (rt.gateway, rt.src)
+                out[key] = out.get(key, 0.0) + rt.rows.size * rb
+    return out
+
+
+def _relay_hop_bytes(plan, which: str, direction: str, relay: KvRelay | None) -> dict[tuple[int, int], float]:
+    """The relay's intra-node hop of a phase with key rows: gateway -> members (``to_server``: forwarding k, v) or
+    members -> gateway (``to_trainer``: dk, dv to be summed); empty when the phase has no key rows or no route."""
+    out: dict[tuple[int, int], float] = {}
+    if relay is None:
+        return out
+    for d, tensors, _x in plan.messages(which):
+        if d != direction or tensors[0] not in ("k", "dk"):
+            continue
+        rb = sum(plan.row_bytes(t) for t in tensors)
+        for rt in relay.routes:
+            for s, pos in rt.members:
+                if s != rt.gateway:
+                    key = (rt.gateway, s) if direction == "to_server" else (s, rt.gateway)
+                    out[key] = out.get(key, 0.0) + pos.size * rb
+    return out
+
+
+def phase_bytes(pairs: dict[tuple[int, int], float], n: int, per_node: int):
+    """Per device and link (0 intra-node, 1 inter-node): bytes out, bytes in, peers sent to."""
+    out = np.zeros((n, 2))
+    inn = np.zeros((n, 2))
+    peers = [[set(), set()] for _ in range(n)]
+    for (src, dst), b in pairs.items():
+        inter = int(src // per_node != dst // per_node)
+        out[src, inter] += b
+        inn[dst, inter] += b
+        peers[src][inter].add(dst)
     return out, inn, [[len(p[0]), len(p[1])] for p in peers]
 
 
@@ -200,17 +234,22 @@ def _rects_s(hw: Hardware, model, r, which: str) -> float:
     return hw.attention_rects_s(model, r.q1 - r.q0, r.k1 - r.k0, r.kind == "full", r.window, which)
 
 
-def pass_time(plans, hw: Hardware, shape: AttentionShape, window: int, which: str) -> dict:
+def pass_time(plans, hw: Hardware, shape: AttentionShape, window: int, which: str, relay: bool = True) -> dict:
     """Simulated time of one pass over ``plans`` (the nano-batches in order) on ``hw``. ``window``: the causal /
-    window plans' runtime window (a masked plan's tasks are costed as its rectangles instead)."""
+    window plans' runtime window (a masked plan's tasks are costed as its rectangles instead). ``relay``: key/value
+    rows between nodes go through the node relay the in-place data plane runs (``distca.scheduler.relay``;
+    ``RowExchange(nodes=...)``): once per node to a gateway, then a second all-to-all inside the node; gradients
+    back the same way, summed at the gateway."""
     n = plans[0].n_servers
     model = hw.attention_model(shape)
     per_node = hw.devices_per_node
+    nodes = nodes_of(n, per_node)
     g = TaskGraph()
     gpu = [g.stream(f"gpu{d}") for d in range(n)]
     comm = [g.stream(f"comm{d}") for d in range(n)]
     compute = np.zeros((len(plans), n))
-    send_t, ret_t, link_bytes = [], [], np.zeros(n)
+    link_bytes = np.zeros(n)
+    phases = []  # per nano-batch: {(direction, hop): per-device seconds}
     for i, plan in enumerate(plans):
         q, kv = plan.task_q1 - plan.task_q0, plan.task_k1 - plan.task_k0
         for j in range(n):
@@ -226,20 +265,35 @@ def pass_time(plans, hw: Hardware, shape: AttentionShape, window: int, which: st
                 compute[i, r] += _rects_s(hw, model, local_rects(plan, r), which)
             else:
                 compute[i, r] += hw.attention_call_s(model, q[sel], kv[sel], window, which)
-        times = []
+        rel = kv_relay(plan, nodes, nodes) if relay else None
+        times = {}
         for direction in ("to_server", "to_trainer"):
-            out, inn, peers = phase_bytes(plan, which, direction, n, per_node)
-            link_bytes += out.sum(axis=1)
-            times.append(phase_time(hw, out, inn, peers))
-        send_t.append(times[0])
-        ret_t.append(times[1])
-    sends = [[g.add(comm[d], float(send_t[i][d]), "dispatch", uses_core=False) for d in range(n)]
-             for i in range(len(plans))]
-    attn = [[g.add(gpu[j], float(compute[i, j]), "attention", tuple(sends[i])) for j in range(n)]
-            for i in range(len(plans))]
-    for i in range(len(plans)):
+            for hop, pairs in (("main", _pair_bytes(plan, which, direction, rel)),
+                               ("relay", _relay_hop_bytes(plan, which, direction, rel))):
+                if hop == "relay" and not pairs:
+                    continue
+                out, inn, peers = phase_bytes(pairs, n, per_node)
+                link_bytes += out.sum(axis=1)
+                times[(direction, hop)] = phase_time(hw, out, inn, peers)
+        phases.append(times)
+    # An all-to-all ends for everyone when every member's part has (the runtime's collectives): a relay hop starts
+    # after the whole first round, a server after the whole dispatch, the gradients' relay hop after every server.
+    attn, send_t, ret_t = [], [], []
+    for i, times in enumerate(phases):
+        sends = [g.add(comm[d], float(times[("to_server", "main")][d]), "dispatch", uses_core=False) for d in range(n)]
+        if ("to_server", "relay") in times:
+            sends = [g.add(comm[d], float(times[("to_server", "relay")][d]), "relay", tuple(sends), uses_core=False)
+                     for d in range(n)]
+        attn.append([g.add(gpu[j], float(compute[i, j]), "attention", tuple(sends)) for j in range(n)])
+        send_t.append(sum(t for (dr, _), t in times.items() if dr == "to_server"))
+        ret_t.append(sum(t for (dr, _), t in times.items() if dr == "to_trainer"))
+    for i, times in enumerate(phases):
         for d in range(n):
-            g.add(comm[d], float(ret_t[i][d]), "return", (attn[i][d],), uses_core=False)
+            deps = (attn[i][d],)
+            if ("to_trainer", "relay") in times:
+                deps = (g.add(comm[d], float(times[("to_trainer", "relay")][d]), "relay", tuple(attn[i]),
+                              uses_core=False),)
+            g.add(comm[d], float(times[("to_trainer", "main")][d]), "return", deps, uses_core=False)
     res = simulate(g)
     slowest = float(compute.sum(axis=0).max())
     return {"time_s": res.makespan_s, "compute_max_s": slowest, "compute_mean_s": float(compute.sum(axis=0).mean()),
@@ -297,7 +351,8 @@ def simulated(args) -> None:
                 if not args.node_blind:  # the same seeds through the node-blind planner, for the side-by-side
                     flat, ms_flat = plan_nanos(layout, fam, shape, args.eps, args.granularity, not args.no_pingpong)
                     blind.append([ms_flat] + [useful_flops(layout, fam, shape, w) / gpus / pass_time(
-                        flat, hw0, shape, fam.window, w)["time_s"] / 1e12 for w in ("fwd", "bwd")])
+                        flat, hw0, shape, fam.window, w, relay=not args.no_relay)["time_s"] / 1e12
+                                              for w in ("fwd", "bwd")])
                 plans, ms = plan_nanos(layout, fam, shape, args.eps, args.granularity, not args.no_pingpong,
                                        None if args.node_blind else hw0)
                 bal.append(balance(plans))
@@ -308,7 +363,9 @@ def simulated(args) -> None:
                            "flops_bwd": useful_flops(layout, fam, shape, "bwd"),
                            "n_docs": layout.n_docs, "max_doc": int(layout.doc_len.max())}
                     for which in ("fwd", "bwd"):
-                        row[which] = pass_time(plans, hw, shape, fam.window, which)
+                        row[which] = pass_time(plans, hw, shape, fam.window, which, relay=not args.no_relay)
+                        if not args.no_relay:  # the same plans with every key row sent directly, side by side
+                            row[f"direct_{which}"] = pass_time(plans, hw, shape, fam.window, which, relay=False)
                     acc[name].append(row)
             for name, rows in acc.items():
                 r = {"gpus": gpus, "family": fam.name, "mask": fam.mask.spec(), "window": fam.window, "kernel": name,
@@ -319,6 +376,11 @@ def simulated(args) -> None:
                 for which in ("fwd", "bwd"):
                     r[f"tflops_{which}"] = float(np.mean([x[f"flops_{which}"] / gpus / x[which]["time_s"] / 1e12
                                                           for x in rows]))
+                    if not args.no_relay:
+                        r[f"direct_tflops_{which}"] = float(np.mean([
+                            x[f"flops_{which}"] / gpus / x[f"direct_{which}"]["time_s"] / 1e12 for x in rows]))
+                        r[f"direct_{which}_bytes_max_gpu"] = float(np.mean([x[f"direct_{which}"]["bytes_max_gpu"]
+                                                                            for x in rows]))
                     for key in ("time_s", "compute_max_s", "compute_mean_s", "exposed_comm_s", "comm_s",
                                 "bytes_per_gpu", "bytes_max_gpu"):
                         r[f"{which}_{key}"] = float(np.mean([x[which][key] for x in rows]))
@@ -338,6 +400,8 @@ def simulated(args) -> None:
                     families=" ".join(f.mask.spec() for f in fams),
                     placement="colocated (every GPU a trainer and a server)",
                     planner="node-blind" if args.node_blind else "node-aware (devices_per_node=8, inter_node_cost=9)",
+                    kv_relay="off (every key row sent directly)" if args.no_relay else
+                    "on (key rows once per node to a gateway, forwarded over NVLink; distca.scheduler.relay)",
                     links="NVLink 450 GB/s/dir in 8-GPU nodes, IB 50 GB/s/GPU across")
     lines = [*header_lines("Attention-only weak scaling, SIMULATED H100 cluster (real CAD scheduler)", info)]
     lines += [f"Goal: at 64 GPUs >= {GOAL:.0%} of the 8-GPU per-GPU throughput for varlen-causal "
@@ -372,6 +436,25 @@ def simulated(args) -> None:
               f"{100 * x['aware_tflops_fwd'] / first[x['family']]['aware_tflops_fwd']:.0f}% / "
               f"{100 * x['aware_tflops_bwd'] / first[x['family']]['aware_tflops_bwd']:.0f}%",
               f"{x['blind_plan_ms']:.0f} / {x['aware_plan_ms']:.0f}"] for x in sbs])
+    if not args.no_relay:
+        lo = min(args.gpus)
+        kname = next(iter(hws))
+        mine = [r for r in results if r["kernel"] == kname]
+        first = {r["family"]: r for r in mine if r["gpus"] == lo}
+        lines += ["", f"Key/value relay side by side, same plans, {kname}: direct (every key row to every server that "
+                  "needs it) vs relayed (once per node to a gateway, forwarded inside the node; gradients summed "
+                  "there):", ""]
+        lines += markdown_table(
+            ["GPUs", "family", "direct fwd / bwd TFLOP/s", f"vs {lo}", "busiest GPU MB fwd / bwd, direct",
+             "relayed fwd / bwd TFLOP/s", f"vs {lo}", "busiest GPU MB fwd / bwd, relayed"],
+            [[r["gpus"], r["family"], f"{r['direct_tflops_fwd']:.1f} / {r['direct_tflops_bwd']:.1f}",
+              f"{100 * r['direct_tflops_fwd'] / first[r['family']]['direct_tflops_fwd']:.0f}% / "
+              f"{100 * r['direct_tflops_bwd'] / first[r['family']]['direct_tflops_bwd']:.0f}%",
+              f"{r['direct_fwd_bytes_max_gpu'] / 1e6:.0f} / {r['direct_bwd_bytes_max_gpu'] / 1e6:.0f}",
+              f"{r['tflops_fwd']:.1f} / {r['tflops_bwd']:.1f}",
+              f"{100 * r['tflops_fwd'] / first[r['family']]['tflops_fwd']:.0f}% / "
+              f"{100 * r['tflops_bwd'] / first[r['family']]['tflops_bwd']:.0f}%",
+              f"{r['fwd_bytes_max_gpu'] / 1e6:.0f} / {r['bwd_bytes_max_gpu'] / 1e6:.0f}"] for r in mine])
     lines += ["", "Published (H100, measured by MagiAttention; varlen-causal, 8K tokens per GPU):", ""]
     lines += markdown_table(["system", "8 GPUs fwd / bwd", "64 GPUs fwd / bwd", "64 vs 8 fwd / bwd"],
                             [[k, f"{v[8][0]:.0f} / {v[8][1]:.0f}", f"{v[64][0]:.0f} / {v[64][1]:.0f}",
@@ -411,9 +494,8 @@ def simulated(args) -> None:
                 layout = sample_layout(g, args.tokens_per_gpu, args.doc_cap, seed)
                 plans, _ = plan_nanos(layout, fam, shape, args.eps, args.granularity, False,
                                       None if args.node_blind else hw0)
-                vals.append([useful_flops(layout, fam, shape, w) / g / pass_time(plans, hw, shape, fam.window,
-                                                                                  w)["time_s"] / 1e12
-                             for w in ("fwd", "bwd")])
+                vals.append([useful_flops(layout, fam, shape, w) / g / pass_time(
+                    plans, hw, shape, fam.window, w, relay=not args.no_relay)["time_s"] / 1e12 for w in ("fwd", "bwd")])
             tf[g] = np.mean(vals, axis=0)
         lines.append(f"without ping-pong (one round per pass, {kname}): varlen-causal {tf[lo][0]:.0f} / "
                      f"{tf[lo][1]:.0f} TFLOP/s fwd / bwd at {lo} GPUs, {tf[hi][0]:.0f} / {tf[hi][1]:.0f} at {hi}: "
@@ -530,6 +612,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--no-pingpong", action="store_true", help="one round per pass, no communication overlap")
+    p.add_argument("--no-relay", action="store_true",
+                   help="send every key row directly (no node relay), and skip the relay side-by-side")
     p.add_argument("--node-blind", action="store_true",
                    help="plan without the node map (every remote byte the same), and skip the side-by-side")
     p.add_argument("--plot", action="store_true", help="also write docs/figures/attention_scaling.png")

@@ -307,6 +307,11 @@ class ClusterConfig:
     # Other data planes (inplace, collective) always restart.
     server_loss: Literal["in_step", "restart"] = "in_step"
     lost_after_s: float = 10.0  # a round's reply later than this: the server is lost (in_step); < transport.timeout_s
+    # Devices per node (the local world size of a torchrun launch): global ranks [k*n, (k+1)*n) share node k. On the
+    # inplace data plane, key/value rows that several trainers of one node need from a trainer of another node cross
+    # the inter-node link once, to a gateway trainer there, which forwards them inside the node and sums their
+    # gradients on the way back (distca.scheduler.relay). 0: one flat network, every row sent directly.
+    devices_per_node: int = 0
 
     def __post_init__(self) -> None:
         if self.server_loss not in ("in_step", "restart"):
@@ -321,6 +326,14 @@ class ClusterConfig:
                               f"{short_repr(self.n_servers)}")
         if self.cpus_per_server < 0 or self.gpus_per_server < 0:
             raise ConfigError("cluster.cpus_per_server and cluster.gpus_per_server must be >= 0")
+        if isinstance(self.devices_per_node, bool) or not isinstance(self.devices_per_node, int) or not (
+                0 <= self.devices_per_node <= MAX_RANKS):
+            raise ConfigError(f"cluster.devices_per_node must be an integer in [0, {pow2_text(MAX_RANKS)}] (0: one "
+                              f"flat network), got {short_repr(self.devices_per_node)}")
+
+    def node_of(self, rank: int) -> int | None:
+        """The node of global rank ``rank`` (None: one flat network, ``devices_per_node`` 0)."""
+        return rank // self.devices_per_node if self.devices_per_node else None
 
 
 @dataclass

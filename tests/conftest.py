@@ -117,12 +117,14 @@ def _cad_trainer(rank: int, addresses: list[str], spec: dict, tcfg: TransportCon
 
 def _inplace_trainer(rank: int, world: int, port: int, spec: dict, q) -> None:
     """Spawned in-place trainer: joins a gloo group of ``world`` trainers and runs ``spec``'s plan forward and
-    backward with every trainer also its plan server; puts its tensors or its error."""
+    backward with every trainer also its plan server (``devices_per_node``: ranks grouped into nodes, key/value rows
+    relayed between them); puts its tensors or its error."""
     import datetime
 
     import torch.distributed as dist
 
     from distca.runtime.inplace import InPlaceClient
+    from distca.scheduler.relay import nodes_of
     from distca.server.exchange import GroupRoles, RowExchange, RowFormat
 
     torch.set_num_threads(1)
@@ -137,7 +139,8 @@ def _inplace_trainer(rank: int, world: int, port: int, spec: dict, q) -> None:
             return
         plan, ranks, douts = _make_cad_case(spec)
         fmt = RowFormat(CAD_HEADS, CAD_KV_HEADS, CAD_DIM, getattr(torch, spec["dtype"]))
-        client = InPlaceClient(RowExchange(dist.group.WORLD, GroupRoles.inplace(world, rank), fmt, "cpu"),
+        nodes = nodes_of(world, spec.get("devices_per_node"))
+        client = InPlaceClient(RowExchange(dist.group.WORLD, GroupRoles.inplace(world, rank), fmt, "cpu", nodes=nodes),
                                backend=spec["backend"])
         got = {}
         for rep in range(spec.get("repeat", 1)):  # buffers are reused across rounds

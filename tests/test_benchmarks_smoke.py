@@ -128,6 +128,7 @@ def test_attention_scaling_benchmark_runs(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "SIMULATED" in out and "| MagiAttention " in out and "| varlen-window 256 " in out
     assert "16 vs 8 GPUs keeps" in out and "without ping-pong" in out
+    assert "Key/value relay side by side" in out  # 16 GPUs are two 8-GPU nodes: direct vs relayed key rows
     assert (tmp_path / "attention_scaling.png").exists() and (tmp_path / "attention_scaling.json").exists()
     attention_scaling.main(["--cpu", "--servers", "2", "4", "--tokens-per-gpu", "512", "--seeds", "1",
                             "--out-dir", str(tmp_path)])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from distca.runtime.plan_exec import execute_plan
+from distca.scheduler.relay import kv_relay, nodes_of
 from distca.train.launch import free_port
 
 pytestmark = pytest.mark.cluster  # spawns trainer processes (left out of `make test-fast`)
@@ -23,6 +24,10 @@ CASES = {
                                  False], servers=4, placement="colocated", eps=0.02, window=-1, seed=3,
                                  dtype="float32", backend="sdpa"),
 }
+# One document over four ranks in two nodes of two: the servers of each node need the same keys of the other node's
+# ranks, so those rows cross once to a gateway and are forwarded (distca.scheduler.relay).
+RELAY_CASE = dict(ranks=[[1024]] * 4, continues=[False, True, True, True], servers=4, placement="colocated", eps=0.02,
+                  window=-1, seed=5, dtype="float64", backend="reference", repeat=2)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -33,8 +38,12 @@ def test_inplace_all_to_all_equals_in_process_plan_execution(name, cad_case, run
     assert (plan.task_server >= 0).any() and plan.q_xfer.remote.any(), "the case must move rows between ranks"
     port = free_port()
     got = run_trainers(cad_case.inplace_trainer, [(r, world, port, spec) for r in range(world)])
+    _check_against_plan_execution(spec, plan, ranks, douts, got, tol=0.0 if spec["dtype"] == "float64" else 1e-5)
+
+
+def _check_against_plan_execution(spec, plan, ranks, douts, got, tol):
+    world = len(ranks)
     want = execute_plan(plan, ranks, douts, backend=spec["backend"])
-    tol = 0.0 if spec["dtype"] == "float64" else 1e-5
     for r in range(world):
         assert isinstance(got[r], dict), f"trainer {r} failed: {got[r]}"
         assert got[r]["same_each_repeat"], f"trainer {r}: a repeated round gave different results"
@@ -47,6 +56,34 @@ def test_inplace_all_to_all_equals_in_process_plan_execution(name, cad_case, run
     served = [got[r]["stats"]["served"] for r in range(world)]
     assert served == [2 * spec.get("repeat", 1)] * world  # every rank served its forward and backward rounds
 
+
+def test_relayed_key_rows_cross_once_per_node_and_give_the_same_results(cad_case, run_trainers):
+    """Two nodes of two ranks: the same step with and without the relay. Both equal the in-process execution (the
+    relay to rounding: a gateway sums a key row's gradients over its node before the trainer adds them); the relay
+    sends exactly the route's saved key rows fewer across nodes, in each of the three rounds with k/v rows (forward
+    in, backward in, backward gradients out), and forwards them inside the node instead."""
+    spec = RELAY_CASE
+    plan, ranks, douts = cad_case.make(spec)
+    world = len(ranks)
+    nodes = nodes_of(world, 2)
+    relay = kv_relay(plan, nodes, nodes)
+    # the case must relay rows, with a member taking only part of its gateway's union
+    assert relay and any(p.size < r.rows.size for r in relay.routes for _, p in r.members)
+    runs = {}
+    for name, extra in (("direct", {}), ("relayed", {"devices_per_node": 2})):
+        port = free_port()
+        runs[name] = run_trainers(cad_case.inplace_trainer, [(r, world, port, {**spec, **extra}) for r in range(world)])
+    _check_against_plan_execution(spec, plan, ranks, douts, runs["direct"], tol=0.0)
+    _check_against_plan_execution(spec, plan, ranks, douts, runs["relayed"], tol=1e-12)
+
+    def link_bytes(got, inter: bool) -> int:
+        return sum(n for r in range(world) for p, n in enumerate(got[r]["stats"]["sent_bytes"])
+                   if (nodes[p] != nodes[r]) == inter)
+
+    kv_row = cad_case.kv_heads * cad_case.dim * 8  # fp64 rows of k, v, dk, dv: multiples of 16, no padding
+    saved = 3 * 2 * relay.bytes_saved(kv_row) * spec["repeat"]  # 3 rounds with key rows, 2 tensors each
+    assert link_bytes(runs["direct"], inter=True) - link_bytes(runs["relayed"], inter=True) == saved > 0
+    assert link_bytes(runs["relayed"], inter=False) > link_bytes(runs["direct"], inter=False)
 
 
 def test_a_rank_that_never_joins_fails_the_round_within_the_group_timeout(cad_case, run_trainers):

@@ -289,13 +289,15 @@ def test_shortswa_parity_over_windowed_plans(shortswa_local, tmp_path, pools):
 
 def test_two_node_torchrun_trains_like_a_single_launch(tmp_path, inplace_run):
     """Two torchrun invocations (``--nnodes 2``, node ranks 0 and 1, rendezvous on 127.0.0.1) training with in-place
-    attention servers — the GPU cluster's default data plane: no server processes, rows by all-to-all."""
+    attention servers — the GPU cluster's default data plane: no server processes, rows by all-to-all — told the node
+    size (``cluster.devices_per_node``), so key rows that both trainers of a node need from the other node cross
+    once and are relayed inside the node (the single launch sent every row directly: the same curve)."""
     cad_cfg, single = inplace_run
     result = tmp_path / "rank0.json"
     env = {"NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
     cmd = ["bash", "launch/torchrun.sh", same_config(cad_cfg, tmp_path), f"--output_dir={tmp_path / 'tr'}",
-           "--run-steps", "4"]
+           "--cluster.devices_per_node=2", "--run-steps", "4"]
     nodes = [subprocess.Popen([*cmd, *(["--result-json", str(result)] if i == 0 else [])], cwd=ROOT,
                               env={**env, "NODE_RANK": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]
@@ -304,6 +306,9 @@ def test_two_node_torchrun_trains_like_a_single_launch(tmp_path, inplace_run):
     assert "| core attention" in outs[0] and "cad in-place" in outs[0]
     assert any(x.startswith("| data plane (as run)") and x.endswith("| inplace |") for x in outs[0].splitlines())
     assert_same_curve(single.losses[:4], json.loads(result.read_text())["losses"])
+    records = [json.loads(x) for x in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kv_rows_relayed"] for r in records) > 0, "the run must have relayed key rows"
+    assert all(r["kv_rows_relayed"] == 0 for r in single.records)
 
 
 def test_ray_launch_trains_like_a_single_launch(tmp_path, cad_run):

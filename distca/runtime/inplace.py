@@ -96,8 +96,10 @@ class InPlaceClient:
         """Nothing to close: the process group belongs to the caller."""
 
     def server_stats(self) -> list[dict]:
-        """This rank's own server: seconds computing, rounds served, bytes held in buffers."""
-        return [{"busy_s": self.busy_s, "served": self.served, "buffer_bytes": self.x.nbytes()}]
+        """This rank's own server: seconds computing, rounds served, bytes held in buffers, bytes sent to each
+        group rank (as trainer, server and relay gateway together), key rows it relayed as a gateway."""
+        return [{"busy_s": self.busy_s, "served": self.served, "buffer_bytes": self.x.nbytes(),
+                 "sent_bytes": list(self.x.sent_bytes), "relayed_rows": self.x.relayed_rows}]
 
     def _call(self, plan: Plan, layout: ServerLayout) -> FusedCall:
         return self._calls.get(plan, lambda: FusedCall.of(layout, self.x.device))

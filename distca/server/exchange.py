@@ -44,6 +44,7 @@ import torch.distributed as dist
 from distca.attention import lse_dtype
 from distca.attention.tasks import row_ranges
 from distca.scheduler import Plan
+from distca.scheduler.relay import KvRelay, kv_relay
 from distca.server.layout import ServerLayout, server_layout
 
 FWD_IN = ("q", "k", "v")
@@ -189,12 +190,26 @@ class RowExchange:
 
     ``pg`` is the group, ``roles`` who is who in it, ``fmt`` the rows' shape and dtype, ``device`` where this
     process's tensors live (the group's device: CUDA for NCCL, CPU for gloo); ``status``: results carry each
-    server's status block (every member of the group must agree)."""
+    server's status block (every member of the group must agree). ``nodes``: the node of each group rank's
+    device; with more than one node, key/value rows that several servers of a node need from one trainer in another
+    node are relayed (:mod:`distca.scheduler.relay`): sent once to a gateway server there, which forwards them in a
+    second, intra-node all-to-all and sums their gradients on the way back. In-place groups only (every member a
+    trainer and its own server), since every member joins the relay's collectives."""
 
     def __init__(self, pg: dist.ProcessGroup | None, roles: GroupRoles, fmt: RowFormat, device: torch.device | str,
-                 max_plans: int = 64, status: bool = False):
+                 max_plans: int = 64, status: bool = False, nodes: tuple[int, ...] | None = None):
         if pg is None and roles.size != 1:
             raise ValueError(f"a group of {roles.size} members needs a process group")
+        if nodes is not None and len(nodes) != roles.size:
+            raise ValueError(f"nodes must name the node of each of the group's {roles.size} ranks, got {len(nodes)}")
+        self.nodes = tuple(int(n) for n in nodes) if nodes is not None else None
+        self.relaying = self.nodes is not None and len(set(self.nodes)) > 1
+        if self.relaying and (roles.trainers != roles.servers or status):
+            raise ValueError("relayed key/value rows need an in-place group: every member a trainer and its own "
+                             "server, without status blocks")
+        self._relays = PlanCache(max_plans)
+        self.sent_bytes = [0] * roles.size  # bytes this member has put in collectives, per destination group rank
+        self.relayed_rows = 0  # key rows this member forwarded to, or summed for, its node as a relay gateway
         self.pg, self.roles, self.fmt, self.device = pg, roles, fmt, torch.device(device)
         self.head = ALIGN if status else 0  # bytes of the status block at the start of each result chunk
         self._bytes: dict[tuple[str, int], torch.Tensor] = {}
@@ -245,17 +260,44 @@ class RowExchange:
         def make() -> _TrainerRows:
             pairs = []
             q, kv = plan.q_xfer, plan.kv_xfer
+            rel = self.relay(plan)
             servers = sorted(set(q.server[q.rank == r].tolist()) | set(kv.server[kv.rank == r].tolist()))
             for s in servers:
                 idx = []
                 for x in (q, kv):
                     m = (x.rank == r) & (x.server == s)
-                    rows = torch.from_numpy(row_ranges(x.src_row[m], x.n[m]))
-                    idx.append(rows if self.device.type == "cpu" else rows.to(self.device))
+                    rows = row_ranges(x.src_row[m], x.n[m])
+                    if x is kv and rel is not None:
+                        rows = rel.wire_rows(r, s, rows)  # a relay's gateway gets the route's union, members none
+                    t = torch.from_numpy(rows)
+                    idx.append(t if self.device.type == "cpu" else t.to(self.device))
                 pairs.append((s, *idx))
             return _TrainerRows(pairs)
 
         return self._rows.get(plan, make)
+
+    def relay(self, plan: Plan) -> KvRelay | None:
+        """``plan``'s relayed key/value routes (cached per plan); None without a node map or without any route."""
+        if not self.relaying:
+            return None
+
+        def make() -> KvRelay:
+            return kv_relay(plan, [self.nodes[p] for p in self.roles.trainers],
+                            [self.nodes[p] for p in self.roles.servers])
+
+        rel = self._relays.get(plan, make)
+        return rel if rel else None
+
+    def _wire_nk(self, rel: KvRelay | None, trainer: int, nk: int) -> int:
+        """Key rows this server receives from ``trainer`` in the first all-to-all (its block holds ``nk``)."""
+        route = None if rel is None else rel.route(trainer, self.roles.server)
+        if route is None:
+            return nk
+        return route.rows.size if route.gateway == self.roles.server else 0
+
+    def _index(self, a) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t if self.device.type == "cpu" else t.to(self.device)
 
     def own_layout(self, plan: Plan) -> ServerLayout:
         """The layout of the server this process hosts, for ``plan`` (cached per plan; in-place servers)."""
@@ -278,6 +320,8 @@ class RowExchange:
         size = self.roles.size
         send_splits = [send_sizes.get(p, 0) for p in range(size)]
         recv_splits = [recv_sizes.get(p, 0) for p in range(size)]
+        for p, n in enumerate(send_splits):
+            self.sent_bytes[p] += n
         send = self._byte_buf(f"{name}-send", slot, sum(send_splits))
         recv = self._byte_buf(f"{name}-recv", slot, sum(recv_splits))
         base, at = 0, {}
@@ -320,10 +364,11 @@ class RowExchange:
                 sends[peer] = [(role, off, tensors[role], ki if role in KV_ROLES else qi) for role, off, _ in where]
                 send_sizes[peer] = total
         if layout is not None:
+            rel = self.relay(plan) if plan is not None else None
             for r, (_qd, nq, _kd, nk) in layout.senders.items():
                 peer = self.roles.trainers[r]
                 if peer != self.roles.me:
-                    recv_sizes[peer] = self.fmt.chunk(roles, nq, nk)[1]
+                    recv_sizes[peer] = self.fmt.chunk(roles, nq, self._wire_nk(rel, r, nk))[1]
         return self._start(slot, "in", sends, recv_sizes, send_sizes)
 
     def server_inputs(self, rnd: Round, roles: tuple[str, ...], layout: ServerLayout, plan: Plan | None = None,
@@ -343,15 +388,64 @@ class RowExchange:
                     src = tensors[role] if tensors[role].dtype == dst.dtype else tensors[role].to(dst.dtype)
                     torch.index_select(src, 0, ki if role in KV_ROLES else qi, out=dst)
         rnd.wait()
+        rel = self.relay(plan) if plan is not None else None
+        me_s = self.roles.server
         for r, (qd, nq, kd, nk) in layout.senders.items():
             peer = self.roles.trainers[r]
             if peer == self.roles.me:
                 continue
-            where, _ = self.fmt.chunk(roles, nq, nk)
+            route = None if rel is None else rel.route(r, me_s)
+            where, _ = self.fmt.chunk(roles, nq, self._wire_nk(rel, r, nk))
             for role, off, rows in where:
+                if role in KV_ROLES and route is not None:
+                    if route.gateway == me_s:  # the route's union: this server's own rows out of it
+                        got = self._view(rnd, peer, role, off, rows)
+                        torch.index_select(got, 0, self._index(route.pos(me_s)), out=bufs[role][kd:kd + nk])
+                    continue  # a member's rows come from its gateway (below)
                 d0 = kd if role in KV_ROLES else qd
                 bufs[role][d0:d0 + rows].copy_(self._view(rnd, peer, role, off, rows))
+        if rel is not None and any(role in KV_ROLES for role in roles):
+            self._relay_forward(rnd, roles, layout, rel, bufs)
         return bufs
+
+    def _relay_forward(self, rnd: Round, roles: tuple[str, ...], layout: ServerLayout, rel: KvRelay,
+                       bufs: dict[str, torch.Tensor]) -> None:
+        """The relay's second all-to-all (every member joins it): gateways forward their routes' rows, out of the
+        first round's receive buffer, to the other members of their node, which put them in their kv buffers."""
+        kv = tuple(role for role in roles if role in KV_ROLES)
+        me_s = self.roles.server
+        sends: dict[int, list] = {}
+        send_sizes: dict[int, int] = {}
+        recv_sizes: dict[int, int] = {}
+        for member, routes in rel.forwards(me_s).items():
+            where, total = self.fmt.chunk(kv, 0, sum(rt.pos(member).size for rt in routes))
+            entries = []
+            for role, off, _ in where:
+                at = off
+                for rt in routes:
+                    nq = layout.senders[rt.src][1]
+                    first = dict((ro, o) for ro, o, _ in self.fmt.chunk(roles, nq, rt.rows.size)[0])
+                    union = self._view(rnd, self.roles.trainers[rt.src], role, first[role], rt.rows.size)
+                    pos = rt.pos(member)
+                    entries.append((role, at, union, self._index(pos)))
+                    at += pos.size * self.fmt.row_bytes(role)
+            sends[self.roles.servers[member]] = entries
+            send_sizes[self.roles.servers[member]] = total
+            self.relayed_rows += sum(rt.pos(member).size for rt in routes)
+        incoming = rel.incoming(me_s)
+        for gw, routes in incoming.items():
+            recv_sizes[self.roles.servers[gw]] = self.fmt.chunk(kv, 0, sum(rt.pos(me_s).size for rt in routes))[1]
+        hop = self._start(rnd.slot, "relay", sends, recv_sizes, send_sizes)
+        hop.wait()
+        rnd.blocked_s += hop.blocked_s
+        for gw, routes in incoming.items():
+            where, _ = self.fmt.chunk(kv, 0, sum(rt.pos(me_s).size for rt in routes))
+            for role, off, _ in where:
+                at = off
+                for rt in routes:
+                    _, _, kd, nk = layout.senders[rt.src]
+                    bufs[role][kd:kd + nk].copy_(self._view(hop, self.roles.servers[gw], role, at, nk))
+                    at += nk * self.fmt.row_bytes(role)
 
     # -- back to the trainers --------------------------------------------------------------------------
     def to_trainers(self, slot: int, roles: tuple[str, ...], layout: ServerLayout | None = None,
@@ -365,6 +459,8 @@ class RowExchange:
         recv_sizes: dict[int, int] = {}
         head = self.head
         if layout is not None:
+            rel = self.relay(plan) if plan is not None else None
+            sums = self._relay_gradients(slot, roles, layout, rel, results) if rel is not None else {}
             block = torch.tensor([status], dtype=torch.int64, device=self.device)
             for r, peer in enumerate(self.roles.trainers):
                 if peer == self.roles.me or not (head or r in layout.senders):
@@ -373,9 +469,15 @@ class RowExchange:
                 send_sizes[peer] = head
                 if r in layout.senders:
                     qd, nq, kd, nk = layout.senders[r]
-                    where, total = self.fmt.chunk(roles, nq, nk)
-                    sends[peer] += [(role, head + off, results[role], slice(kd, kd + nk) if role in KV_ROLES
-                                     else slice(qd, qd + nq)) for role, off, _ in where]
+                    relayed = rel is not None and rel.route(r, self.roles.server) is not None
+                    where, total = self.fmt.chunk(roles, nq, self._wire_nk(rel, r, nk))
+                    for role, off, rows in where:
+                        if role in KV_ROLES and relayed:  # the gateway returns the route's summed rows, members none
+                            if rows:
+                                sends[peer].append((role, head + off, sums[r][role], slice(0, rows)))
+                            continue
+                        sends[peer].append((role, head + off, results[role], slice(kd, kd + nk) if role in KV_ROLES
+                                            else slice(qd, qd + nq)))
                     send_sizes[peer] += total
         if plan is not None:
             sizes = {s: self.fmt.chunk(roles, qi.numel(), ki.numel())[1] for s, qi, ki in self.trainer_rows(plan).pairs}
@@ -383,6 +485,61 @@ class RowExchange:
                 if peer != self.roles.me and (head or s in sizes):
                     recv_sizes[peer] = head + sizes.get(s, 0)
         return self._start(slot, "out", sends, recv_sizes, send_sizes)
+
+    def _relay_gradients(self, slot: int, roles: tuple[str, ...], layout: ServerLayout, rel: KvRelay,
+                         results: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+        """The relay's way back (every member joins its all-to-all): members send their key-row gradients of each
+        route to its gateway, which sums them per key row; returns, for the routes this server is the gateway of,
+        ``{trainer: {role: summed rows of the route's union}}`` (empty when the round has no key-row roles)."""
+        kv = tuple(role for role in roles if role in KV_ROLES)
+        if not kv:
+            return {}
+        me_s = self.roles.server
+        sends: dict[int, list] = {}
+        send_sizes: dict[int, int] = {}
+        recv_sizes: dict[int, int] = {}
+        for gw, routes in rel.incoming(me_s).items():
+            where, total = self.fmt.chunk(kv, 0, sum(rt.pos(me_s).size for rt in routes))
+            entries = []
+            for role, off, _ in where:
+                at = off
+                for rt in routes:
+                    _, _, kd, nk = layout.senders[rt.src]
+                    entries.append((role, at, results[role], slice(kd, kd + nk)))
+                    at += nk * self.fmt.row_bytes(role)
+            sends[self.roles.servers[gw]] = entries
+            send_sizes[self.roles.servers[gw]] = total
+        forwards = rel.forwards(me_s)
+        for member, routes in forwards.items():
+            n = sum(rt.pos(member).size for rt in routes)
+            recv_sizes[self.roles.servers[member]] = self.fmt.chunk(kv, 0, n)[1]
+            self.relayed_rows += n
+        hop = self._start(slot, "relay", sends, recv_sizes, send_sizes)
+        hop.wait()
+        received: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (route src, member) -> role -> rows
+        for member, routes in forwards.items():
+            where, _ = self.fmt.chunk(kv, 0, sum(rt.pos(member).size for rt in routes))
+            for role, off, _ in where:
+                at = off
+                for rt in routes:
+                    n = rt.pos(member).size
+                    received.setdefault((rt.src, member), {})[role] = self._view(hop, self.roles.servers[member],
+                                                                                  role, at, n)
+                    at += n * self.fmt.row_bytes(role)
+        sums: dict[int, dict[str, torch.Tensor]] = {}
+        for rt in rel.routes:
+            if rt.gateway != me_s:
+                continue
+            _, _, kd, nk = layout.senders[rt.src]
+            acc = {}
+            for role in kv:
+                tail, dt = self.fmt.spec(role)
+                acc[role] = torch.zeros((rt.rows.size, *tail), dtype=dt, device=self.device)
+                for member, pos in rt.members:  # in server order: a fixed summation order on every run
+                    got = results[role][kd:kd + nk] if member == me_s else received[(rt.src, member)][role]
+                    acc[role].index_add_(0, self._index(pos), got)
+            sums[rt.src] = acc
+        return sums
 
     def trainer_status(self, rnd: Round) -> dict[int, tuple[int, int]]:
         """Wait for a ``to_trainers`` round and read every server's status block: ``{server: (code, round)}``

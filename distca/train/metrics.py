@@ -118,6 +118,9 @@ class StepMeter:
             # a lost server (in-step recovery) answers no PING: {} counts no busy time
             "busy": [float(b["busy_s"]) - float(a["busy_s"]) if "busy_s" in a and "busy_s" in b else 0.0
                      for a, b in zip(before, after, strict=True)],
+            # in-place with a node map: key rows this rank's server relayed for its node (distca.scheduler.relay)
+            "relayed": sum(int(b.get("relayed_rows", 0)) - int(a.get("relayed_rows", 0))
+                           for a, b in zip(before, after, strict=True)),
             "blocked": (self.client.blocked_s - blocked0) if self.client is not None else 0.0,
             "attn": getattr(self.client, "attn_s", 0.0) - attn0,
         }
@@ -150,7 +153,7 @@ class StepMeter:
             "step": step, "loss": loss, "step_s": w["step_s"], "plan_ms": plan_ms, "blocked_s": w["blocked"],
             "tokens": sum(docs), "flops": step_flops(self.cfg.model, docs),
             "planned_load_max_over_mean": float(load.max() / load.mean()) if load.mean() > 0 else 1.0,
-            "server_busy_s": w["busy"], "lr": lr,
+            "server_busy_s": w["busy"], "kv_rows_relayed": w["relayed"], "lr": lr,
             # which data plane(s) the CAD rows took: "inplace", "collective", "shm", "zmq", "shm+zmq"; or "local"
             "data_plane": "local" if self.client is None else self.client.data_plane,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -205,6 +208,8 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         "open_fds_per_rank": [r["open_fds"] for r in every],
         "server_peak_rss_mb": first["server_peak_rss_mb"],
         "server_busy_s": list(busy),
+        # key rows relayed inside nodes by gateways this step (cluster.devices_per_node on the inplace data plane)
+        "kv_rows_relayed": sum(r.get("kv_rows_relayed", 0) for r in every),
         **_data_plane(every),
         **_per_rank(every),
         "micro_batches": first.get("micro_batches"),

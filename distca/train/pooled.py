@@ -107,7 +107,10 @@ def pooled_client(cfg: DistCAConfig, plane: str, rank: int, device: torch.device
         group = dist.new_group(list(range(world)))
         m = cfg.model
         fmt = RowFormat(m.n_heads, m.n_kv_heads, m.head_dim, getattr(torch, server_dtype(cfg)))
-        return InPlaceClient(RowExchange(group, GroupRoles.inplace(world, rank), fmt, device), backend=settings.backend)
+        # plan rank r is global rank r (pipe-major: stage * dp + replica), so its node is the global rank's
+        nodes = None if not cfg.cluster.devices_per_node else tuple(cfg.cluster.node_of(r) for r in range(world))
+        return InPlaceClient(RowExchange(group, GroupRoles.inplace(world, rank), fmt, device, nodes=nodes),
+                             backend=settings.backend)
     if plane == "collective":
         raise ValueError("the collective data plane cannot run the pooled schedule (DistCAConfig.pooled_obstacle)")
     from distca.runtime.client import CADClient

@@ -269,7 +269,10 @@ class Trainer:
             m = cfg.model
             fmt = RowFormat(m.n_heads, m.n_kv_heads, m.head_dim, getattr(torch, server_dtype(cfg)))
             roles = GroupRoles.inplace(cfg.data_parallel, self.dp_rank)
-            return InPlaceClient(RowExchange(self.dp_group, roles, fmt, self.device), backend=settings.backend)
+            nodes = None if not cfg.cluster.devices_per_node else tuple(
+                cfg.cluster.node_of(self.topo.get_rank(pipe=self.stage, data=d)) for d in range(cfg.data_parallel))
+            return InPlaceClient(RowExchange(self.dp_group, roles, fmt, self.device, nodes=nodes),
+                                 backend=settings.backend)
         if self.plane == "collective":  # the stage's trainers and the pool's servers in one gloo group
             from distca.train.collective import collective_client
 

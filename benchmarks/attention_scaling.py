@@ -19,6 +19,12 @@ dim 128, bf16 (MagiAttention's distributed benchmark). Every GPU is a trainer an
   ``Link`` model: NVLink (450 GB/s per direction) to GPUs of the same 8-GPU node, InfiniBand (50 GB/s
   per GPU) to others. A device's phase time is, per link, one latency per peer plus
   ``max(bytes out, bytes in) / bandwidth`` (full-duplex links; NVLink and the NIC work concurrently);
+- **key/value relay** (default; ``--no-relay``: every key row sent directly, and a side-by-side table of both on
+  the same plans): key rows that several servers of one node need from a GPU of another node cross InfiniBand
+  once, to a gateway server of that node, and are forwarded over NVLink in a second all-to-all; their gradients
+  come back the same way, summed at the gateway (``distca.scheduler.relay``: the same routes the in-place data
+  plane runs, ``RowExchange(nodes=...)``, ``cluster.devices_per_node``). Each hop is a collective: the forward hop
+  starts after the whole first round; the gradients' hop after every server's kernels, holding its device;
 - **timeline** (the simulator's event engine, ``distca.sim.engine``): per GPU a compute stream and a
   communication stream. With ping-pong (default, as DistCA trains) each GPU's queries are two
   nano-batches (rows ``[0, T/2)`` and ``[T/2, T)``, planned separately, keys from the whole batch): the
@@ -277,23 +283,25 @@ def pass_time(plans, hw: Hardware, shape: AttentionShape, window: int, which: st
                 times[(direction, hop)] = phase_time(hw, out, inn, peers)
         phases.append(times)
     # An all-to-all ends for everyone when every member's part has (the runtime's collectives): a relay hop starts
-    # after the whole first round, a server after the whole dispatch, the gradients' relay hop after every server.
-    attn, send_t, ret_t = [], [], []
+    # after the whole first round, a server after the whole dispatch. The gradients' relay hop starts after every
+    # server's kernels and holds its device until it ends (RowExchange runs it inside the return's start, before the
+    # device's next nano-batch), then the return goes out on the communication stream.
+    attn, ready, send_t, ret_t = [], [], [], []
     for i, times in enumerate(phases):
         sends = [g.add(comm[d], float(times[("to_server", "main")][d]), "dispatch", uses_core=False) for d in range(n)]
         if ("to_server", "relay") in times:
             sends = [g.add(comm[d], float(times[("to_server", "relay")][d]), "relay", tuple(sends), uses_core=False)
                      for d in range(n)]
         attn.append([g.add(gpu[j], float(compute[i, j]), "attention", tuple(sends)) for j in range(n)])
+        ready.append(attn[i])
+        if ("to_trainer", "relay") in times:
+            ready[i] = [g.add(gpu[d], float(times[("to_trainer", "relay")][d]), "relay", tuple(attn[i]),
+                              uses_core=False) for d in range(n)]
         send_t.append(sum(t for (dr, _), t in times.items() if dr == "to_server"))
         ret_t.append(sum(t for (dr, _), t in times.items() if dr == "to_trainer"))
     for i, times in enumerate(phases):
         for d in range(n):
-            deps = (attn[i][d],)
-            if ("to_trainer", "relay") in times:
-                deps = (g.add(comm[d], float(times[("to_trainer", "relay")][d]), "relay", tuple(attn[i]),
-                              uses_core=False),)
-            g.add(comm[d], float(times[("to_trainer", "main")][d]), "return", deps, uses_core=False)
+            g.add(comm[d], float(times[("to_trainer", "main")][d]), "return", (ready[i][d],), uses_core=False)
     res = simulate(g)
     slowest = float(compute.sum(axis=0).max())
     return {"time_s": res.makespan_s, "compute_max_s": slowest, "compute_mean_s": float(compute.sum(axis=0).mean()),
@@ -445,8 +453,8 @@ def simulated(args) -> None:
                   "needs it) vs relayed (once per node to a gateway, forwarded inside the node; gradients summed "
                   "there):", ""]
         lines += markdown_table(
-            ["GPUs", "family", "direct fwd / bwd TFLOP/s", f"vs {lo}", "busiest GPU MB fwd / bwd, direct",
-             "relayed fwd / bwd TFLOP/s", f"vs {lo}", "busiest GPU MB fwd / bwd, relayed"],
+            ["GPUs", "family", "direct fwd / bwd TFLOP/s", f"vs {lo}", "busiest GPU MB sent fwd / bwd, direct",
+             "relayed fwd / bwd TFLOP/s", f"vs {lo}", "busiest GPU MB sent fwd / bwd, relayed (both hops)"],
             [[r["gpus"], r["family"], f"{r['direct_tflops_fwd']:.1f} / {r['direct_tflops_bwd']:.1f}",
               f"{100 * r['direct_tflops_fwd'] / first[r['family']]['direct_tflops_fwd']:.0f}% / "
               f"{100 * r['direct_tflops_bwd'] / first[r['family']]['direct_tflops_bwd']:.0f}%",

@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-heads", type=int, default=8, help="key/value heads (Llama-3-8B: 8)")
     s.add_argument("--head-dim", type=int, default=128, help="head dimension (128)")
     s.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (bf16: 2)")
+    s.add_argument("--devices-per-node", type=int, default=0,
+                   help="devices per node (colocated, one server per trainer: the in-place data plane): also report "
+                        "the key/value bytes that cross nodes, sent directly and relayed once per node (0: off)")
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     s = sub.add_parser("export", help="write a training checkpoint as a Hugging Face folder",
                        description="Turn a training checkpoint (DeepSpeed pipeline stages, any PP x DP) into a "
@@ -129,14 +132,15 @@ def _plan(args) -> int:
             cfg = SchedulerConfig(eps=args.eps, granularity=args.granularity, mask=mask)
         else:
             cfg = SchedulerConfig(eps=args.eps, granularity=args.granularity, window=args.window)
-        summary = plan_summary(batch, servers, cfg, args.placement, shape)
+        dpn = check_int(args.devices_per_node, "--devices-per-node", 0, MAX_RANKS)
+        summary = plan_summary(batch, servers, cfg, args.placement, shape, devices_per_node=dpn)
     except ValueError as exc:  # InputError, and a planner's own refusal
         return _fail("distca plan", exc)
     if args.json:
         print(json.dumps(summary))
     else:
         for key, value in summary.items():
-            print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
+            print(f"{key:>27}: {value:.4f}" if isinstance(value, float) else f"{key:>27}: {value}")
     return 0
 
 

@@ -118,7 +118,8 @@ def _cad_trainer(rank: int, addresses: list[str], spec: dict, tcfg: TransportCon
 def _inplace_trainer(rank: int, world: int, port: int, spec: dict, q) -> None:
     """Spawned in-place trainer: joins a gloo group of ``world`` trainers and runs ``spec``'s plan forward and
     backward with every trainer also its plan server (``devices_per_node``: ranks grouped into nodes, key/value rows
-    relayed between them); puts its tensors or its error."""
+    relayed between them; ``also_direct``: then again without the node map, under ``"direct"``); puts its tensors or
+    its error."""
     import datetime
 
     import torch.distributed as dist
@@ -139,16 +140,22 @@ def _inplace_trainer(rank: int, world: int, port: int, spec: dict, q) -> None:
             return
         plan, ranks, douts = _make_cad_case(spec)
         fmt = RowFormat(CAD_HEADS, CAD_KV_HEADS, CAD_DIM, getattr(torch, spec["dtype"]))
-        nodes = nodes_of(world, spec.get("devices_per_node"))
-        client = InPlaceClient(RowExchange(dist.group.WORLD, GroupRoles.inplace(world, rank), fmt, "cpu", nodes=nodes),
-                               backend=spec["backend"])
-        got = {}
-        for rep in range(spec.get("repeat", 1)):  # buffers are reused across rounds
-            out, lse = client.forward(plan, ranks[rank])
-            dq, dk, dv = client.backward(plan, ranks[rank], out, lse, douts[rank])
-            got[rep] = {k: v.numpy() for k, v in dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv).items()}
-        q.put((rank, {**got[0], "stats": client.server_stats()[0], "same_each_repeat": all(
-            all((got[i][k] == got[0][k]).all() for k in got[0]) for i in got)}))
+
+        def step(nodes) -> dict:
+            client = InPlaceClient(RowExchange(dist.group.WORLD, GroupRoles.inplace(world, rank), fmt, "cpu",
+                                               nodes=nodes), backend=spec["backend"])
+            got = {}
+            for rep in range(spec.get("repeat", 1)):  # buffers are reused across rounds
+                out, lse = client.forward(plan, ranks[rank])
+                dq, dk, dv = client.backward(plan, ranks[rank], out, lse, douts[rank])
+                got[rep] = {k: v.numpy() for k, v in dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv).items()}
+            return {**got[0], "stats": client.server_stats()[0], "same_each_repeat": all(
+                all((got[i][k] == got[0][k]).all() for k in got[0]) for i in got)}
+
+        res = step(nodes_of(world, spec.get("devices_per_node")))
+        if spec.get("also_direct"):  # the same step again in the same group, every row sent directly
+            res["direct"] = step(None)
+        q.put((rank, res))
     except Exception as exc:  # report, never hang the parent
         q.put((rank, repr(exc)))
     finally:

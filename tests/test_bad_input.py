@@ -117,6 +117,8 @@ BAD_FLAGS = [
     (["--servers", str(2**40)], "--servers must be in [1, 2**20]"),
     (["--granularity", "0"], "--granularity must be in [1, 2**31]"),
     (["--window", "0"], "--window must be in [1, 2**31] or -1"),
+    (["--devices-per-node", "-1"], "--devices-per-node must be in [0,"),
+    (["--devices-per-node", "2", "--placement", "dedicated"], "--devices-per-node describes the in-place data plane"),
 ]
 
 
@@ -140,6 +142,24 @@ def test_plan_takes_a_mask_family_and_refuses_a_bad_one_naming_the_flag(capsys, 
                          (["--mask", "causal", "--window", "8"], "--mask or --window")):
         rc, out, err = _cli(capsys, "plan", "--lengths", str(good_lengths), "--servers", "2", *flags)
         _one_line_error(rc, err, "distca plan", match)
+
+
+def test_plan_reports_the_key_relay_between_nodes(capsys, tmp_path):
+    """``--devices-per-node``: the key/value bytes of the plan that cross nodes, sent directly and relayed once per
+    node. One long document over four ranks in two nodes of two: both servers of a node need the other node's keys."""
+    path = tmp_path / "one-doc.json"
+    path.write_text(json.dumps({"ranks": [[1024]] * 4, "continues": [False, True, True, True]}))
+    argv = ["plan", "--lengths", str(path), "--servers", "4", "--heads", "8", "--kv-heads", "2", "--json"]
+    rc, out, err = _cli(capsys, *argv, "--devices-per-node", "2")
+    assert rc == 0, err
+    s = json.loads(out)
+    assert s["devices_per_node"] == 2 and s["relay_routes"] > 0
+    assert 0 < s["inter_node_kv_bytes_relayed"] < s["inter_node_kv_bytes_direct"]
+    rc, out, err = _cli(capsys, *argv, "--devices-per-node", "4")  # one node: nothing crosses
+    s = json.loads(out)
+    assert s["relay_routes"] == 0 and s["inter_node_kv_bytes_direct"] == s["inter_node_kv_bytes_relayed"] == 0
+    rc, out, err = _cli(capsys, *argv)
+    assert "relay_routes" not in json.loads(out)
 
 
 def test_plan_takes_eps_zero_and_a_huge_finite_eps(capsys, good_lengths):

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distca.attention.cost import AttentionShape
 from distca.errors import InputError
 from distca.limits import parse_json, read_json_text, short_repr
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
+from distca.scheduler.relay import kv_relay, nodes_of
 
 
 def load_batch(path: str | Path, name: str = "lengths file") -> BatchLayout:
@@ -34,11 +37,17 @@ def load_batch(path: str | Path, name: str = "lengths file") -> BatchLayout:
 
 
 def plan_summary(batch: BatchLayout, n_servers: int, cfg: SchedulerConfig, placement: str = "colocated",
-                 shape: AttentionShape | None = None) -> dict[str, Any]:
-    """Plan ``batch`` and report balance, bytes and timings."""
+                 shape: AttentionShape | None = None, devices_per_node: int = 0) -> dict[str, Any]:
+    """Plan ``batch`` and report balance, bytes and timings; with ``devices_per_node`` (colocated, one server per
+    trainer: the in-place data plane), also what the key/value relay between nodes does to the plan
+    (:mod:`distca.scheduler.relay`)."""
     shape = shape or AttentionShape()
+    if devices_per_node and (placement != "colocated" or n_servers != batch.n_ranks):
+        raise InputError(f"--devices-per-node describes the in-place data plane: colocated placement with one server "
+                         f"per trainer ({batch.n_ranks}), got {placement} with {n_servers} servers")
     plan, timing = make_plan(batch, Placement(batch.n_ranks, n_servers, placement), cfg, shape)
     tokens = int(batch.rank_tokens.sum())
+    relay = _relay_summary(plan, devices_per_node) if devices_per_node else {}
     return {
         "max_over_mean": plan.max_over_mean,
         "bytes_moved": plan.bytes_moved,
@@ -57,4 +66,19 @@ def plan_summary(batch: BatchLayout, n_servers: int, cfg: SchedulerConfig, place
         "capacity_pairs": plan.capacity,
         "max_server_pairs": int(plan.server_pairs.max()),
         "mean_server_pairs": float(plan.server_pairs.mean()),
+        **relay,
     }
+
+
+def _relay_summary(plan, devices_per_node: int) -> dict[str, Any]:
+    """Key/value bytes of one pass direction that cross nodes, sent directly and relayed, and the relay's routes
+    (none where it would not cut the busiest device's inter-node key rows enough)."""
+    nodes = nodes_of(plan.n_ranks, devices_per_node)
+    relay = kv_relay(plan, nodes, nodes)
+    x = plan.kv_xfer
+    node = np.asarray(nodes)
+    kv_row = plan.row_bytes("k") + plan.row_bytes("v")
+    direct = int(x.n[node[x.rank] != node[x.server]].sum()) * kv_row
+    return {"devices_per_node": devices_per_node, "relay_routes": len(relay.routes),
+            "inter_node_kv_bytes_direct": direct,
+            "inter_node_kv_bytes_relayed": direct - relay.bytes_saved(kv_row)}

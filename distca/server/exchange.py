@@ -44,7 +44,7 @@ import torch.distributed as dist
 from distca.attention import lse_dtype
 from distca.attention.tasks import row_ranges
 from distca.scheduler import Plan
-from distca.scheduler.relay import KvRelay, kv_relay
+from distca.scheduler.relay import KvRelay, Route, kv_relay
 from distca.server.layout import ServerLayout, server_layout
 
 FWD_IN = ("q", "k", "v")
@@ -167,6 +167,21 @@ class Round:
         self.send = None
 
 
+@dataclass
+class _Relay:
+    """A plan's relay (:mod:`distca.scheduler.relay`) as one member of the group uses it, made once per plan: the
+    routes it forwards as a gateway (per member), those it takes in from other gateways (per gateway), and, for the
+    routes it is the gateway of, each member's positions in the route's rows as index tensors on its device."""
+
+    routes: KvRelay
+    forwards: dict[int, list[Route]]
+    incoming: dict[int, list[Route]]
+    pos: dict[tuple[int, int], torch.Tensor]  # (route's trainer, member server) -> positions
+
+    def route(self, trainer: int, server: int) -> Route | None:
+        return self.routes.route(trainer, server)
+
+
 class PlanCache:
     """Per-plan derived data, dropped when the plan object is gone or past ``limit`` entries."""
 
@@ -268,7 +283,7 @@ class RowExchange:
                     m = (x.rank == r) & (x.server == s)
                     rows = row_ranges(x.src_row[m], x.n[m])
                     if x is kv and rel is not None:
-                        rows = rel.wire_rows(r, s, rows)  # a relay's gateway gets the route's union, members none
+                        rows = rel.routes.wire_rows(r, s, rows)  # a gateway gets the route's union, members none
                     t = torch.from_numpy(rows)
                     idx.append(t if self.device.type == "cpu" else t.to(self.device))
                 pairs.append((s, *idx))
@@ -276,19 +291,24 @@ class RowExchange:
 
         return self._rows.get(plan, make)
 
-    def relay(self, plan: Plan) -> KvRelay | None:
-        """``plan``'s relayed key/value routes (cached per plan); None without a node map or without any route."""
+    def relay(self, plan: Plan) -> _Relay | None:
+        """``plan``'s relayed key/value routes as this member uses them (cached per plan); None without a node map
+        or without any route."""
         if not self.relaying:
             return None
 
-        def make() -> KvRelay:
-            return kv_relay(plan, [self.nodes[p] for p in self.roles.trainers],
-                            [self.nodes[p] for p in self.roles.servers])
+        def make() -> _Relay | None:
+            routes = kv_relay(plan, [self.nodes[p] for p in self.roles.trainers],
+                              [self.nodes[p] for p in self.roles.servers])
+            if not routes:
+                return None
+            me = self.roles.server
+            pos = {(rt.src, s): self._index(p) for rt in routes.routes if rt.gateway == me for s, p in rt.members}
+            return _Relay(routes, routes.forwards(me), routes.incoming(me), pos)
 
-        rel = self._relays.get(plan, make)
-        return rel if rel else None
+        return self._relays.get(plan, make)
 
-    def _wire_nk(self, rel: KvRelay | None, trainer: int, nk: int) -> int:
+    def _wire_nk(self, rel: _Relay | None, trainer: int, nk: int) -> int:
         """Key rows this server receives from ``trainer`` in the first all-to-all (its block holds ``nk``)."""
         route = None if rel is None else rel.route(trainer, self.roles.server)
         if route is None:
@@ -400,7 +420,7 @@ class RowExchange:
                 if role in KV_ROLES and route is not None:
                     if route.gateway == me_s:  # the route's union: this server's own rows out of it
                         got = self._view(rnd, peer, role, off, rows)
-                        torch.index_select(got, 0, self._index(route.pos(me_s)), out=bufs[role][kd:kd + nk])
+                        torch.index_select(got, 0, rel.pos[(r, me_s)], out=bufs[role][kd:kd + nk])
                     continue  # a member's rows come from its gateway (below)
                 d0 = kd if role in KV_ROLES else qd
                 bufs[role][d0:d0 + rows].copy_(self._view(rnd, peer, role, off, rows))
@@ -408,7 +428,7 @@ class RowExchange:
             self._relay_forward(rnd, roles, layout, rel, bufs)
         return bufs
 
-    def _relay_forward(self, rnd: Round, roles: tuple[str, ...], layout: ServerLayout, rel: KvRelay,
+    def _relay_forward(self, rnd: Round, roles: tuple[str, ...], layout: ServerLayout, rel: _Relay,
                        bufs: dict[str, torch.Tensor]) -> None:
         """The relay's second all-to-all (every member joins it): gateways forward their routes' rows, out of the
         first round's receive buffer, to the other members of their node, which put them in their kv buffers."""
@@ -417,7 +437,7 @@ class RowExchange:
         sends: dict[int, list] = {}
         send_sizes: dict[int, int] = {}
         recv_sizes: dict[int, int] = {}
-        for member, routes in rel.forwards(me_s).items():
+        for member, routes in rel.forwards.items():
             where, total = self.fmt.chunk(kv, 0, sum(rt.pos(member).size for rt in routes))
             entries = []
             for role, off, _ in where:
@@ -426,13 +446,12 @@ class RowExchange:
                     nq = layout.senders[rt.src][1]
                     first = dict((ro, o) for ro, o, _ in self.fmt.chunk(roles, nq, rt.rows.size)[0])
                     union = self._view(rnd, self.roles.trainers[rt.src], role, first[role], rt.rows.size)
-                    pos = rt.pos(member)
-                    entries.append((role, at, union, self._index(pos)))
-                    at += pos.size * self.fmt.row_bytes(role)
+                    entries.append((role, at, union, rel.pos[(rt.src, member)]))
+                    at += rt.pos(member).size * self.fmt.row_bytes(role)
             sends[self.roles.servers[member]] = entries
             send_sizes[self.roles.servers[member]] = total
             self.relayed_rows += sum(rt.pos(member).size for rt in routes)
-        incoming = rel.incoming(me_s)
+        incoming = rel.incoming
         for gw, routes in incoming.items():
             recv_sizes[self.roles.servers[gw]] = self.fmt.chunk(kv, 0, sum(rt.pos(me_s).size for rt in routes))[1]
         hop = self._start(rnd.slot, "relay", sends, recv_sizes, send_sizes)
@@ -486,7 +505,7 @@ class RowExchange:
                     recv_sizes[peer] = head + sizes.get(s, 0)
         return self._start(slot, "out", sends, recv_sizes, send_sizes)
 
-    def _relay_gradients(self, slot: int, roles: tuple[str, ...], layout: ServerLayout, rel: KvRelay,
+    def _relay_gradients(self, slot: int, roles: tuple[str, ...], layout: ServerLayout, rel: _Relay,
                          results: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
         """The relay's way back (every member joins its all-to-all): members send their key-row gradients of each
         route to its gateway, which sums them per key row; returns, for the routes this server is the gateway of,
@@ -498,7 +517,7 @@ class RowExchange:
         sends: dict[int, list] = {}
         send_sizes: dict[int, int] = {}
         recv_sizes: dict[int, int] = {}
-        for gw, routes in rel.incoming(me_s).items():
+        for gw, routes in rel.incoming.items():
             where, total = self.fmt.chunk(kv, 0, sum(rt.pos(me_s).size for rt in routes))
             entries = []
             for role, off, _ in where:
@@ -509,7 +528,7 @@ class RowExchange:
                     at += nk * self.fmt.row_bytes(role)
             sends[self.roles.servers[gw]] = entries
             send_sizes[self.roles.servers[gw]] = total
-        forwards = rel.forwards(me_s)
+        forwards = rel.forwards
         for member, routes in forwards.items():
             n = sum(rt.pos(member).size for rt in routes)
             recv_sizes[self.roles.servers[member]] = self.fmt.chunk(kv, 0, n)[1]
@@ -527,7 +546,7 @@ class RowExchange:
                                                                                   role, at, n)
                     at += n * self.fmt.row_bytes(role)
         sums: dict[int, dict[str, torch.Tensor]] = {}
-        for rt in rel.routes:
+        for rt in rel.routes.routes:
             if rt.gateway != me_s:
                 continue
             _, _, kd, nk = layout.senders[rt.src]
@@ -535,9 +554,9 @@ class RowExchange:
             for role in kv:
                 tail, dt = self.fmt.spec(role)
                 acc[role] = torch.zeros((rt.rows.size, *tail), dtype=dt, device=self.device)
-                for member, pos in rt.members:  # in server order: a fixed summation order on every run
+                for member, _ in rt.members:  # in server order: a fixed summation order on every run
                     got = results[role][kd:kd + nk] if member == me_s else received[(rt.src, member)][role]
-                    acc[role].index_add_(0, self._index(pos), got)
+                    acc[role].index_add_(0, rel.pos[(rt.src, member)], got)
             sums[rt.src] = acc
         return sums
 

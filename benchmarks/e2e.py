@@ -195,6 +195,8 @@ def summarise(records: list[dict[str, Any]], skip: int, mode: str) -> dict[str, 
             (r["exposed_comm_pct"] if cad else
              100 * max(e / s for e, s in zip(r["exchange_s_per_rank"], r["step_s_per_rank"], strict=True)))
             for r in recs),
+        # pooled ticks: without the rounds a rank waits in while its stage has no micro-batch (bubble time)
+        "exposed_comm_active_pct": _median(r.get("exposed_comm_active_pct") for r in recs) if cad else None,
         "plan_ms": _median(r["plan_ms"] for r in recs),
         "act_peak_max_over_min": _median(r["act_peak_max_over_min"] for r in recs),
         "act_peak_max_over_min_within_stage": _median(within_stage(r) for r in recs),
@@ -223,12 +225,14 @@ def step_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
         over = (f" trainers (CPU {_f(s['trainer_attn_cpu_max_over_mean'], '.2f')})" if s["mode"] == "local" else
                 " in-place servers" if _inplace(s) else " servers")
         rows.append([name, s["data_plane"], _f(s["step_s"], ".2f"), _f(s["tokens_per_s"], ".0f"),
-                     _f(s["exposed_comm_pct"], ".1f"), _f(s["attn_max_over_mean_measured"], ".2f") + over,
+                     _f(s["exposed_comm_pct"], ".1f"), _f(s.get("exposed_comm_active_pct"), ".1f"),
+                     _f(s["attn_max_over_mean_measured"], ".2f") + over,
                      _f(s["attn_max_over_mean_planned"], ".2f"), _f(s["plan_ms"], ".1f"),
                      _f(max(s["per_rank"]["act_peak_mb"]), ".0f"), _f(s["act_peak_max_over_min"], ".2f"),
                      _f(s["act_peak_max_over_min_within_stage"], ".3f"), _f(s["rss_peak_max_over_min"], ".3f")])
     return markdown_table(["run", "data plane (ran)", "step s", "tokens/s", "exposed comm %",
-                           "attn max/mean measured", "attn max/mean planned", "plan ms", "act peak MB (max)",
+                           "exposed comm % (active ticks)", "attn max/mean measured", "attn max/mean planned",
+                           "plan ms", "act peak MB (max)",
                            "act max/min all", "act max/min in stage", "RSS HWM max/min"], rows)
 
 

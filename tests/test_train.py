@@ -120,6 +120,9 @@ def test_cad_matches_local_loss_every_step(local_run, cad_run):
     assert max(r["attn_load_max_over_mean_planned"] for r in local.records) > 1.2
     assert max(r["attn_load_max_over_mean_planned"] for r in cad.records) < 1.1
     assert all(r["attn_load_max_over_mean_measured"] for r in cad.records)
+    # 1F1B has no pooled ticks: no rank waits in a round it has no rows in
+    assert all(r["blocked_idle_s_per_rank"] == [0.0] * 4 and r["exposed_comm_active_pct"] == r["exposed_comm_pct"]
+               for r in cad.records)
 
 
 def test_inplace_cad_matches_local_loss_every_step(local_run, inplace_run):
@@ -142,6 +145,11 @@ def test_inplace_cad_matches_local_loss_every_step(local_run, inplace_run):
     assert all(len(r["server_busy_s"]) == cfg.cluster.n_trainers and min(r["server_busy_s"]) > 0
                for r in inplace.records)
     assert all(r["exchange_s_per_rank"] and max(r["exchange_s_per_rank"]) >= 0 for r in inplace.records)
+    # exposed communication is also reported without the rounds a rank waits in while its stage idles (warm-up and
+    # cool-down ticks): every rank idles in some tick of every step, and its wait there is part of blocked_s
+    for r in inplace.records:
+        assert all(0 < i <= b for i, b in zip(r["blocked_idle_s_per_rank"], r["blocked_s_per_rank"], strict=True))
+        assert 0 <= r["exposed_comm_active_pct"] < r["exposed_comm_pct"]
 
 
 def test_pooled_ticks_with_checkpointing_match_local_loss_every_step(local_run, tmp_path):

@@ -197,6 +197,9 @@ def combine_ranks(every: list[dict[str, Any]], peak_flops: float) -> dict[str, A
         "plan_cpu_ms": max(r.get("plan_cpu_ms", 0.0) for r in every),  # the same, this thread's CPU time
         "prepare_ms": max(r.get("prepare_ms", 0.0) for r in every),  # drawing + planning, in the background
         "exposed_comm_pct": 100 * max(r["blocked_s"] / r["step_s"] for r in every),
+        # the same without the waits of ranks idle in a pooled tick (bubble time, counted as idle in the timelines)
+        "exposed_comm_active_pct": 100 * max((r["blocked_s"] - r.get("blocked_idle_s", 0.0)) / r["step_s"]
+                                             for r in every),
         "pingpong": bool(first.get("pingpong", False)),  # CAD blocks ran as two overlapping nano-batches
         "attn_load_max_over_mean_planned": max(r["planned_load_max_over_mean"] for r in every),
         "attn_load_max_over_mean_measured": measured,
@@ -259,6 +262,7 @@ def _per_rank(every: list[dict[str, Any]]) -> dict[str, Any]:
         "attn_cpu_s_per_rank": attn_cpu,
         "exchange_s_per_rank": [r["exchange_s"] for r in every],
         "blocked_s_per_rank": [r["blocked_s"] for r in every],
+        "blocked_idle_s_per_rank": [r.get("blocked_idle_s", 0.0) for r in every],
         "compute_s_per_rank": compute,
         "main_thread_cpu_s_per_rank": [r["thread_cpu_s"] for r in every],
         "linear_s_per_rank": [c - r["attn_cpu_s"] for c, r in zip(compute, every, strict=True)],

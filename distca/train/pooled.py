@@ -129,6 +129,7 @@ class PooledCAD:
         nano-batch: the queries of the first and of the second half of every trainer's rows."""
         self.cfg, self.stage, self.client, self.placement, self.device = cfg, stage, client, placement, device
         self.serves, self.pingpong = serves, pingpong
+        self.idle_blocked_s = 0.0  # of the client's blocked time, what it spent in rounds of ticks this rank idled in
         self.stages, self.micro_batches = cfg.train.pipeline_parallel, cfg.train.micro_batches
         self.windows = sorted(set(cfg.model.attention_windows()), key=key_order)
         self.shape = attention_shape(cfg)
@@ -189,6 +190,14 @@ class PooledCAD:
         this rank served them."""
         if not self.serves:
             return False
+        blocked0 = float(getattr(self.client, "blocked_s", 0.0))
+        try:
+            self._serve(tick, phase)
+        finally:  # a rank idle in the tick waits in its rounds for the active stages: bubble time, not communication
+            self.idle_blocked_s += float(getattr(self.client, "blocked_s", 0.0)) - blocked0
+        return True
+
+    def _serve(self, tick: int, phase: str) -> None:
         if self.table.tick != tick or tick_phase(tick) != phase:
             raise RuntimeError(f"serving tick {tick} ({phase}) while the schedule is in tick {self.table.tick}")
         m, dev, dt = self.cfg.model, self.device, self.dtype
@@ -205,7 +214,6 @@ class PooledCAD:
                     self.client.forward(plan, t)
                 else:
                     self.client.backward(plan, t, q, lse, q)
-        return True
 
     def probe(self) -> tuple[float, int]:
         """This rank's own server's busy seconds and rounds so far (the timeline's server columns)."""

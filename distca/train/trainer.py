@@ -360,6 +360,7 @@ class Trainer:
         if self.client is not None:
             self.client.forget_plans()
         mbs = prep.micro_batches
+        idle0 = self.pooled.idle_blocked_s if self.pooled is not None else 0.0
         with self.meter.measure(self.engine.module.parameters()):
             loss = float(self.engine.train_batch(data_iter=iter(self._batches(mbs))))
         plans = self.pooled.forward_plans() if self.pooled is not None else [plans for _, plans in prep.parts]
@@ -372,6 +373,8 @@ class Trainer:
         rec["prepare_ms"] = prep.ms  # drawing and planning the step, in the background when prefetched
         rec["plan_cpu_ms"] = plan_cpu_ms
         rec["pingpong"] = self.pingpong
+        # pooled ticks: the part of blocked_s this rank waited in the rounds of ticks it had no micro-batch in
+        rec["blocked_idle_s"] = (self.pooled.idle_blocked_s - idle0) if self.pooled is not None else 0.0
         return rec
 
     def _agree_on_servers(self) -> dict[str, Any]:

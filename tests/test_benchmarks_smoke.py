@@ -3,6 +3,7 @@ asserted here: speed lives in BENCHMARKS.md, never in tests)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,21 @@ def test_attention_scaling_benchmark_runs(tmp_path, capsys, monkeypatch):
                             "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| varlen-chunked 512 " in out and "| varlen-prefix-LM 256 " in out and "| varlen-causal " not in out
+
+
+def test_idle_budget_benchmark_shows_each_cause_removed(tmp_path, capsys, monkeypatch):
+    """The 4D idle budget (simulated what-ifs, in this process): removing communication, the balance tolerance and
+    the LM head one at a time never adds idle time, and all three together leave less than the model as is."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import idle_budget
+
+    idle_budget.main(["--gpus", "16", "--max-len", "65536", "--tokens-per-node", "131072", "--micro-tokens", "32768",
+                      "--out-dir", str(tmp_path)])
+    assert "| no comm + eps 0 + no LM head " in capsys.readouterr().out
+    res = {r["case"]: r for r in json.loads((tmp_path / "idle_budget.json").read_text())["results"]}
+    base = res["as modelled"]
+    for case in ("no comm", "eps 0", "no LM head"):
+        assert res[case]["step_s"] <= base["step_s"] * 1.001
+    assert res["no comm + eps 0 + no LM head"]["idle"] < base["idle"]
+    for r in res.values():
+        assert abs(r["full"] + r["partial"] + r["tail"] - r["idle"]) < 1e-6

@@ -57,12 +57,13 @@ def _check_against_plan_execution(spec, plan, ranks, douts, got, tol):
     assert served == [2 * spec.get("repeat", 1)] * world  # every rank served its forward and backward rounds
 
 
-def test_relayed_key_rows_cross_once_per_node_and_give_the_same_results(cad_case, run_trainers):
+@pytest.mark.parametrize("window", [-1, "prefix_lm:100"])
+def test_relayed_key_rows_cross_once_per_node_and_give_the_same_results(cad_case, run_trainers, window):
     """Two nodes of two ranks: the same step with and without the relay. Both equal the in-process execution (the
     relay to rounding: a gateway sums a key row's gradients over its node before the trainer adds them); the relay
     sends exactly the route's saved key rows fewer across nodes, in each of the three rounds with k/v rows (forward
     in, backward in, backward gradients out), and forwards them inside the node instead."""
-    spec = RELAY_CASE
+    spec = {**RELAY_CASE, "window": window}  # causal, and a family run as kernel rectangles (a masked plan)
     plan, ranks, douts = cad_case.make(spec)
     world = len(ranks)
     nodes = nodes_of(world, 2)

@@ -119,3 +119,16 @@ def test_bad_node_maps_are_refused():
     with pytest.raises(InputError, match="devices_per_node"):
         nodes_of(4, 0)
     assert nodes_of(5, 2) == (0, 0, 1, 1, 2) and nodes_of(3, None) is None
+
+
+def test_row_exchange_refuses_a_node_map_of_the_wrong_size_or_on_a_pool_group():
+    import torch
+
+    from distca.server.exchange import GroupRoles, RowExchange, RowFormat
+
+    fmt = RowFormat(4, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="nodes must name the node of each of the group's 1 ranks, got 2"):
+        RowExchange(None, GroupRoles.inplace(1, 0), fmt, "cpu", nodes=(0, 1))
+    assert not RowExchange(None, GroupRoles.inplace(1, 0), fmt, "cpu", nodes=(0,)).relaying
+    with pytest.raises(ValueError, match="relayed key/value rows need an in-place group"):
+        RowExchange(object(), GroupRoles.pool(2, 2, 0), fmt, "cpu", nodes=(0, 0, 1, 1))  # checked before any use

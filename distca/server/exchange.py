@@ -438,33 +438,39 @@ class RowExchange:
         send_sizes: dict[int, int] = {}
         recv_sizes: dict[int, int] = {}
         for member, routes in rel.forwards.items():
-            where, total = self.fmt.chunk(kv, 0, sum(rt.pos(member).size for rt in routes))
+            pieces, total = self._relay_chunk(kv, routes, member)
             entries = []
-            for role, off, _ in where:
-                at = off
-                for rt in routes:
-                    nq = layout.senders[rt.src][1]
-                    first = dict((ro, o) for ro, o, _ in self.fmt.chunk(roles, nq, rt.rows.size)[0])
-                    union = self._view(rnd, self.roles.trainers[rt.src], role, first[role], rt.rows.size)
-                    entries.append((role, at, union, rel.pos[(rt.src, member)]))
-                    at += rt.pos(member).size * self.fmt.row_bytes(role)
+            for role, rt, at, _ in pieces:
+                nq = layout.senders[rt.src][1]
+                first = dict((ro, o) for ro, o, _ in self.fmt.chunk(roles, nq, rt.rows.size)[0])
+                union = self._view(rnd, self.roles.trainers[rt.src], role, first[role], rt.rows.size)
+                entries.append((role, at, union, rel.pos[(rt.src, member)]))
             sends[self.roles.servers[member]] = entries
             send_sizes[self.roles.servers[member]] = total
             self.relayed_rows += sum(rt.pos(member).size for rt in routes)
-        incoming = rel.incoming
-        for gw, routes in incoming.items():
-            recv_sizes[self.roles.servers[gw]] = self.fmt.chunk(kv, 0, sum(rt.pos(me_s).size for rt in routes))[1]
+        incoming = {gw: self._relay_chunk(kv, routes, me_s) for gw, routes in rel.incoming.items()}
+        for gw, (_, size) in incoming.items():
+            recv_sizes[self.roles.servers[gw]] = size
         hop = self._start(rnd.slot, "relay", sends, recv_sizes, send_sizes)
         hop.wait()
         rnd.blocked_s += hop.blocked_s
-        for gw, routes in incoming.items():
-            where, _ = self.fmt.chunk(kv, 0, sum(rt.pos(me_s).size for rt in routes))
-            for role, off, _ in where:
-                at = off
-                for rt in routes:
-                    _, _, kd, nk = layout.senders[rt.src]
-                    bufs[role][kd:kd + nk].copy_(self._view(hop, self.roles.servers[gw], role, at, nk))
-                    at += nk * self.fmt.row_bytes(role)
+        for gw, (pieces, _) in incoming.items():
+            for role, rt, at, n in pieces:
+                kd = layout.senders[rt.src][2]
+                bufs[role][kd:kd + n].copy_(self._view(hop, self.roles.servers[gw], role, at, n))
+
+    def _relay_chunk(self, kv: tuple[str, ...], routes: list[Route], member: int) -> tuple[list, int]:
+        """One relay chunk between a gateway and ``member``: the member's key rows of each of ``routes``, role after
+        role, route after route. Returns ``[(role, route, byte offset, rows)]`` and the chunk's size."""
+        where, total = self.fmt.chunk(kv, 0, sum(rt.pos(member).size for rt in routes))
+        pieces = []
+        for role, off, _ in where:
+            at = off
+            for rt in routes:
+                n = rt.pos(member).size
+                pieces.append((role, rt, at, n))
+                at += n * self.fmt.row_bytes(role)
+        return pieces, total
 
     # -- back to the trainers --------------------------------------------------------------------------
     def to_trainers(self, slot: int, roles: tuple[str, ...], layout: ServerLayout | None = None,
@@ -518,33 +524,24 @@ class RowExchange:
         send_sizes: dict[int, int] = {}
         recv_sizes: dict[int, int] = {}
         for gw, routes in rel.incoming.items():
-            where, total = self.fmt.chunk(kv, 0, sum(rt.pos(me_s).size for rt in routes))
+            pieces, total = self._relay_chunk(kv, routes, me_s)
             entries = []
-            for role, off, _ in where:
-                at = off
-                for rt in routes:
-                    _, _, kd, nk = layout.senders[rt.src]
-                    entries.append((role, at, results[role], slice(kd, kd + nk)))
-                    at += nk * self.fmt.row_bytes(role)
+            for role, rt, at, n in pieces:  # this member's gradients of the route's keys: its kv block from rt.src
+                kd = layout.senders[rt.src][2]
+                entries.append((role, at, results[role], slice(kd, kd + n)))
             sends[self.roles.servers[gw]] = entries
             send_sizes[self.roles.servers[gw]] = total
-        forwards = rel.forwards
-        for member, routes in forwards.items():
-            n = sum(rt.pos(member).size for rt in routes)
-            recv_sizes[self.roles.servers[member]] = self.fmt.chunk(kv, 0, n)[1]
-            self.relayed_rows += n
+        forwards = {member: self._relay_chunk(kv, routes, member) for member, routes in rel.forwards.items()}
+        for member, (pieces, size) in forwards.items():
+            recv_sizes[self.roles.servers[member]] = size
+            self.relayed_rows += sum(n for role, _, _, n in pieces if role == kv[0])
         hop = self._start(slot, "relay", sends, recv_sizes, send_sizes)
         hop.wait()
         received: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (route src, member) -> role -> rows
-        for member, routes in forwards.items():
-            where, _ = self.fmt.chunk(kv, 0, sum(rt.pos(member).size for rt in routes))
-            for role, off, _ in where:
-                at = off
-                for rt in routes:
-                    n = rt.pos(member).size
-                    received.setdefault((rt.src, member), {})[role] = self._view(hop, self.roles.servers[member],
-                                                                                  role, at, n)
-                    at += n * self.fmt.row_bytes(role)
+        for member, (pieces, _) in forwards.items():
+            for role, rt, at, n in pieces:
+                received.setdefault((rt.src, member), {})[role] = self._view(hop, self.roles.servers[member], role,
+                                                                              at, n)
         sums: dict[int, dict[str, torch.Tensor]] = {}
         for rt in rel.routes.routes:
             if rt.gateway != me_s:

@@ -7,7 +7,8 @@ real cluster has, to size each cause of idle time:
 - ``no comm``: every link 1000x faster and without latency (the all-to-alls, pipeline sends and gradient
   all-reduce cost nothing);
 - ``eps 0``: the planner balances attention exactly (``scheduler.eps = 0``) instead of within 1 + eps;
-- ``no LM head``: a 1024-token vocabulary (the last stage's head costs nearly nothing, so stages are even).
+- ``no LM head``: a 1024-token vocabulary (the last stage's head costs nearly nothing, so stages are even);
+- ``2M``: twice the tokens per step, so twice the micro-batches (M) over the same warm-up and cool-down ticks.
 
 The idle share is ``StepReport.idle_fraction`` (device time in neither forward, backward, optimizer nor serving
 attention), split into ticks where every stage has a micro-batch (``full``), warm-up/cool-down ticks (``partial``)
@@ -61,22 +62,26 @@ def main(argv: list[str] | None = None) -> None:
     pt = GridPoint("custom", "4d" if args.pp > 1 else "3d", args.gpus, args.max_len, args.dist,
                    args.tokens_per_node, args.pp, args.micro_tokens, args.tp)
     small_vocab = dataclasses.replace(model, vocab_size=1024)
-    cases = [("as modelled", hw, model, args.eps), ("no comm", _no_comm(hw), model, args.eps),
-             ("eps 0", hw, model, 0.0), ("no LM head", hw, small_vocab, args.eps),
-             ("no comm + eps 0", _no_comm(hw), model, 0.0),
-             ("no comm + eps 0 + no LM head", _no_comm(hw), small_vocab, 0.0)]
+    pt2 = dataclasses.replace(pt, tokens_per_node=2 * pt.tokens_per_node)
+    cases = [("as modelled", pt, hw, model, args.eps), ("no comm", pt, _no_comm(hw), model, args.eps),
+             ("eps 0", pt, hw, model, 0.0), ("no LM head", pt, hw, small_vocab, args.eps),
+             ("no comm + eps 0", pt, _no_comm(hw), model, 0.0),
+             ("no comm + eps 0 + no LM head", pt, _no_comm(hw), small_vocab, 0.0),
+             ("2M", pt2, hw, model, args.eps),
+             ("2M + no comm + eps 0 + no LM head", pt2, _no_comm(hw), small_vocab, 0.0)]
     rows, results = [], []
-    for name, h, m, eps in cases:
-        r = predict_point(pt, m, h, seeds=args.seeds, eps=eps, schedules=("pooled",))["cad"]["pooled"]
+    for name, point, h, m, eps in cases:
+        r = predict_point(point, m, h, seeds=args.seeds, eps=eps, schedules=("pooled",))["cad"]["pooled"]
         split = r["idle_split"]
-        results.append({"case": name, "step_s": r["step_s"], "idle": r["idle_fraction"], **split})
-        rows.append([name, f"{r['step_s']:.2f}", f"{100 * r['idle_fraction']:.1f}", f"{100 * split['full']:.1f}",
-                     f"{100 * split['partial']:.1f}", f"{100 * split['tail']:.1f}"])
+        results.append({"case": name, "micro_batches": point.micro_batches, "step_s": r["step_s"],
+                        "idle": r["idle_fraction"], **split})
+        rows.append([name, point.micro_batches, f"{r['step_s']:.2f}", f"{100 * r['idle_fraction']:.1f}",
+                     f"{100 * split['full']:.1f}", f"{100 * split['partial']:.1f}", f"{100 * split['tail']:.1f}"])
     info = run_info(torch.device("cpu"), config=args.config, hardware=args.hardware, gpus=args.gpus, tp=args.tp,
                     pp=args.pp, max_len=args.max_len, tokens_per_node=args.tokens_per_node, dist=args.dist,
                     eps=args.eps, seeds=args.seeds, micro_batches=pt.micro_batches, schedule="pooled")
     lines = [*header_lines("Idle budget of a 4D pooled CAD step (SIMULATED what-ifs)", info),
-             *markdown_table(["case", "step s", "idle %", "full ticks %", "partial ticks %", "tail %"], rows)]
+             *markdown_table(["case", "M", "step s", "idle %", "full ticks %", "partial ticks %", "tail %"], rows)]
     print("\n".join(lines))
     dest = Path(args.out_dir) if args.out_dir else out_dir("idle_budget")
     write_json(dest / "idle_budget.json", {"info": info, "results": results})

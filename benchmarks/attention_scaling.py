@@ -188,7 +188,7 @@ def _pair_bytes(plan, which: str, direction: str, relay: KvRelay | None) -> dict
         if kv and relay is not None:
             for rt in relay.routes:
                 key = (rt.src, rt.gateway) if direction == "to_server" else (rt.gateway, rt.src)
-                out[key] = out.get(key, 0.0) + rt.rows.size * rb
+                out[key] = out.get(key, 0.0) + rt.n_rows * rb
     return out
 
 
@@ -203,10 +203,10 @@ def _relay_hop_bytes(plan, which: str, direction: str, relay: KvRelay | None) ->
             continue
         rb = sum(plan.row_bytes(t) for t in tensors)
         for rt in relay.routes:
-            for s, pos in rt.members:
+            for s in rt.members:
                 if s != rt.gateway:
                     key = (rt.gateway, s) if direction == "to_server" else (s, rt.gateway)
-                    out[key] = out.get(key, 0.0) + pos.size * rb
+                    out[key] = out.get(key, 0.0) + rt.size(s) * rb
     return out
 
 

@@ -69,7 +69,7 @@ def test_relayed_key_rows_cross_once_per_node_and_give_the_same_results(cad_case
     nodes = nodes_of(world, 2)
     relay = kv_relay(plan, nodes, nodes)
     # the case must relay rows, with a member taking only part of its gateway's union
-    assert relay and any(p.size < r.rows.size for r in relay.routes for _, p in r.members)
+    assert relay and any(r.size(s) < r.n_rows for r in relay.routes for s in r.members)
     port = free_port()  # one group of trainer processes runs the step relayed, then directly
     got = run_trainers(cad_case.inplace_trainer, [(r, world, port, {**spec, "devices_per_node": 2, "also_direct": True})
                                                   for r in range(world)])

@@ -54,17 +54,20 @@ def test_routes_carry_exactly_what_their_members_need(seed, window):
         assert relay, "causal plans of documents spanning ranks must relay"
     saved = 0
     for route in relay.routes:
-        assert {nodes[s] for s, _ in route.members} == {nodes[route.gateway]} != {nodes[route.src]}
+        assert {nodes[s] for s in route.members} == {nodes[route.gateway]} != {nodes[route.src]}
         assert np.array_equal(route.rows, np.unique(route.rows))
-        assert route.gateway in dict(route.members)
+        assert route.gateway in route.members and list(route.members) == sorted(route.members)
+        assert route.n_rows == route.rows.size  # the union's size, counted on runs, is the rows spelled out
         union = set()
-        for s, pos in route.members:
+        for s in route.members:
+            pos = route.pos(s)
             want = _pair_rows(plan, route.src, s)
+            assert route.size(s) == want.size
             assert np.array_equal(route.rows[pos], want)  # in the member's receive-block order
             union |= set(want.tolist())
             assert relay.wire_rows(route.src, s, want).size == (route.rows.size if s == route.gateway else 0)
         assert union == set(route.rows.tolist())
-        saved += sum(p.size for _, p in route.members) - route.rows.size
+        saved += sum(route.size(s) for s in route.members) - route.rows.size
     assert relay.bytes_saved(7) == 7 * saved
     for r, s in cross:
         if (r, s) not in expected:
@@ -89,9 +92,9 @@ def test_a_plan_relays_only_where_it_cuts_the_busiest_devices_inter_node_rows(se
     np.add.at(direct_in, x.server[cross], x.n[cross])
     out, inn = direct_out.copy(), direct_in.copy()
     for rt in every.routes:  # members' rows leave the inter-node links, each route's union crosses once
-        for s, pos in rt.members:
-            out[rt.src] -= pos.size
-            inn[s] -= pos.size
+        for s in rt.members:
+            out[rt.src] -= rt.pos(s).size
+            inn[s] -= rt.pos(s).size
         out[rt.src] += rt.rows.size
         inn[rt.gateway] += rt.rows.size
     gain = 1 - max(out.max(), inn.max()) / max(direct_out.max(), direct_in.max(), 1)

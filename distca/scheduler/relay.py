@@ -13,7 +13,9 @@ A **route** is one (trainer, destination node) whose key rows at least ``min_mem
 Its ``rows`` are the union of those servers' key rows on the trainer (sorted, unique); its gateway is chosen to
 spread the node's inbound rows over its servers (:func:`kv_relay`); and each member's ``pos`` lists, in the order
 of its own kv receive block from that trainer, where its rows sit in ``rows``. Every rank derives the same relay
-from the same plan and node map, so nothing about it is ever sent. Pure numpy; the data plane is
+from the same plan and node map, so nothing about it is ever sent. A route holds its members' rows as runs (the
+plan's transfers); sizes, the gateway choice and the gain rule need only those, and ``rows``/``pos`` are spelled
+out on first use, so a rank pays only for the routes it sends, forwards or receives. Pure numpy; the data plane is
 :class:`distca.server.exchange.RowExchange` (``nodes=``), the cost model ``benchmarks/attention_scaling.py``.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -31,18 +34,30 @@ from distca.scheduler.plan import Plan
 MIN_GAIN = 0.1  # relay a plan only if it cuts the busiest device's inter-node key rows by at least this share
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Route:
     """Key rows of trainer ``src`` that several servers of one other node need, sent once to ``gateway``."""
 
     src: int
     gateway: int
-    rows: np.ndarray  # int64: src's local rows, sorted and unique
-    # (server, positions in ``rows`` in the order of its receive block), by server; the gateway among them
-    members: tuple[tuple[int, np.ndarray], ...]
+    n_rows: int  # rows of the union: what crosses to the gateway
+    members: tuple[int, ...]  # the servers that need rows of it, ascending; the gateway among them
+    # per member: its rows on ``src`` as runs (first row, length), in the order of its kv receive block
+    runs: tuple[tuple[np.ndarray, np.ndarray], ...]
+
+    def size(self, server: int) -> int:
+        """Rows member ``server`` needs."""
+        return int(self.runs[self.members.index(server)][1].sum())
+
+    @cached_property
+    def rows(self) -> np.ndarray:
+        """The union, spelled out: ``src``'s local rows, sorted and unique (int64)."""
+        return np.unique(np.concatenate([row_ranges(a, n) for a, n in self.runs]))
 
     def pos(self, server: int) -> np.ndarray:
-        return next(p for s, p in self.members if s == server)
+        """Where member ``server``'s rows sit in :attr:`rows`, in its receive-block order (int64)."""
+        a, n = self.runs[self.members.index(server)]
+        return np.searchsorted(self.rows, row_ranges(a, n))
 
 
 @dataclass(frozen=True)
@@ -72,7 +87,7 @@ class KvRelay:
         out: dict[int, list[Route]] = {}
         for r in self.routes:
             if r.gateway == gateway:
-                for s, _ in r.members:
+                for s in r.members:
                     if s != gateway:
                         out.setdefault(s, []).append(r)
         return out
@@ -81,13 +96,13 @@ class KvRelay:
         """Routes whose rows reach ``server`` from another gateway, per gateway (routes in order)."""
         out: dict[int, list[Route]] = {}
         for r in self.routes:
-            if r.gateway != server and any(s == server for s, _ in r.members):
+            if r.gateway != server and server in r.members:
                 out.setdefault(r.gateway, []).append(r)
         return out
 
     def bytes_saved(self, row_bytes: int) -> int:
         """Bytes per key/value tensor the relay keeps off the inter-node links (per pass direction)."""
-        return row_bytes * sum(sum(p.size for _, p in r.members) - r.rows.size for r in self.routes)
+        return row_bytes * sum(sum(r.size(s) for s in r.members) - r.n_rows for r in self.routes)
 
 
 def kv_relay(plan: Plan, trainer_node: Sequence[int], server_node: Sequence[int], min_members: int = 2,
@@ -107,29 +122,35 @@ def kv_relay(plan: Plan, trainer_node: Sequence[int], server_node: Sequence[int]
     x = plan.kv_xfer
     tn, sn = np.asarray(trainer_node, dtype=np.int64), np.asarray(server_node, dtype=np.int64)
     cross = (x.n > 0) & (tn[x.rank] != sn[x.server])
-    groups: dict[tuple[int, int], dict[int, np.ndarray]] = {}
-    for r, s in sorted(set(zip(x.rank[cross].tolist(), x.server[cross].tolist(), strict=True))):
-        m = (x.rank == r) & (x.server == s)  # the pair's rows in transfer order: its receive block's order
-        groups.setdefault((r, int(sn[s])), {})[s] = row_ranges(x.src_row[m], x.n[m])
+    # The cross-node transfers grouped by (trainer, server), each pair's in transfer order (its receive block's
+    # order): one stable sort, then a slice per pair (a plan has up to trainers x servers pairs).
+    idx = np.flatnonzero(cross)
+    idx = idx[np.lexsort((idx, x.server[idx], x.rank[idx]))]
+    key = x.rank[idx] * plan.n_servers + x.server[idx]
+    cuts = np.flatnonzero(np.diff(key)) + 1 if idx.size else np.zeros(0, dtype=np.int64)
+    groups: dict[tuple[int, int], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    for part in np.split(idx, cuts) if idx.size else ():
+        r, s = int(x.rank[part[0]]), int(x.server[part[0]])
+        groups.setdefault((r, int(sn[s])), {})[s] = (x.src_row[part], x.n[part])
     # Gateways spread the node's inbound rows: routes largest union first, each to the member that has taken the
     # fewest inter-node rows so far (rows sent to it directly included), then the one needing most of the union
     # (least to forward), then the lowest index.
-    cand = [(r, per, np.unique(np.concatenate(list(per.values())))) for (r, _), per in groups.items()
-            if len(per) >= min_members]
+    cand = [(r, per, _union_size(list(per.values()))) for (r, _), per in groups.items() if len(per) >= min_members]
     taken = np.zeros(plan.n_servers, dtype=np.int64)
     for per in groups.values():
         if len(per) < min_members:
-            for s, rows in per.items():
-                taken[s] += rows.size
+            for s, (_, n) in per.items():
+                taken[s] += int(n.sum())
     built: list[tuple[int, Route]] = []
-    for i in sorted(range(len(cand)), key=lambda i: (-cand[i][2].size, i)):
+    for i in sorted(range(len(cand)), key=lambda i: (-cand[i][2], i)):
         r, per, union = cand[i]
-        gateway = min(per, key=lambda s: (int(taken[s]), -per[s].size, s))
-        taken[gateway] += union.size
-        members = tuple((s, np.searchsorted(union, rows)) for s, rows in sorted(per.items()))
-        built.append((i, Route(r, gateway, union, members)))
+        need = {s: int(n.sum()) for s, (_, n) in per.items()}
+        gateway = min(per, key=lambda s: (int(taken[s]), -need[s], s))
+        taken[gateway] += union
+        members = tuple(sorted(per))
+        built.append((i, Route(r, gateway, union, members, tuple(per[s] for s in members))))
     routes = [rt for _, rt in sorted(built, key=lambda b: b[0])]  # in (trainer, node) order
-    via = {(rt.src, s): k for k, rt in enumerate(routes) for s, _ in rt.members}
+    via = {(rt.src, s): k for k, rt in enumerate(routes) for s in rt.members}
     relay = KvRelay(tuple(routes), via)
     if routes and min_gain > 0:
         direct, relayed = _busiest(plan, cross, None), _busiest(plan, cross, relay)
@@ -138,19 +159,33 @@ def kv_relay(plan: Plan, trainer_node: Sequence[int], server_node: Sequence[int]
     return relay
 
 
+def _union_size(runs: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """Rows covered by the union of runs (first row, length), without spelling the rows out."""
+    a = np.concatenate([r[0] for r in runs])
+    b = a + np.concatenate([r[1] for r in runs])
+    order = np.argsort(a, kind="stable")
+    a, b = a[order], b[order]
+    reach = np.maximum.accumulate(b)
+    new = np.ones(a.size, dtype=bool)
+    new[1:] = a[1:] > reach[:-1]  # a run past everything before it starts a new merged segment
+    starts = np.flatnonzero(new)
+    ends = np.append(reach[starts[1:] - 1], reach[-1])
+    return int((ends - a[starts]).sum())
+
+
 def _busiest(plan: Plan, cross: np.ndarray, relay: KvRelay | None) -> int:
     """The most key rows any device sends or receives across nodes (trainer and server ``i`` on device ``i``)."""
     x = plan.kv_xfer
     n = max(plan.n_ranks, plan.n_servers)
-    out, inn = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    for r, s, k in zip(x.rank[cross].tolist(), x.server[cross].tolist(), x.n[cross].tolist(), strict=True):
-        if relay is None or relay.route(r, s) is None:
-            out[r] += k
-            inn[s] += k
-    if relay is not None:
+    out = np.bincount(x.rank[cross], weights=x.n[cross], minlength=n).astype(np.int64)
+    inn = np.bincount(x.server[cross], weights=x.n[cross], minlength=n).astype(np.int64)
+    if relay is not None:  # a route's members take their rows from the gateway, which takes the union once
         for rt in relay.routes:
-            out[rt.src] += rt.rows.size
-            inn[rt.gateway] += rt.rows.size
+            for s in rt.members:
+                out[rt.src] -= rt.size(s)
+                inn[s] -= rt.size(s)
+            out[rt.src] += rt.n_rows
+            inn[rt.gateway] += rt.n_rows
     return int(max(out.max(initial=0), inn.max(initial=0)))
 
 

@@ -303,7 +303,7 @@ class RowExchange:
             if not routes:
                 return None
             me = self.roles.server
-            pos = {(rt.src, s): self._index(p) for rt in routes.routes if rt.gateway == me for s, p in rt.members}
+            pos = {(rt.src, s): self._index(rt.pos(s)) for rt in routes.routes if rt.gateway == me for s in rt.members}
             return _Relay(routes, routes.forwards(me), routes.incoming(me), pos)
 
         return self._relays.get(plan, make)
@@ -313,7 +313,7 @@ class RowExchange:
         route = None if rel is None else rel.route(trainer, self.roles.server)
         if route is None:
             return nk
-        return route.rows.size if route.gateway == self.roles.server else 0
+        return route.n_rows if route.gateway == self.roles.server else 0
 
     def _index(self, a) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -442,12 +442,12 @@ class RowExchange:
             entries = []
             for role, rt, at, _ in pieces:
                 nq = layout.senders[rt.src][1]
-                first = dict((ro, o) for ro, o, _ in self.fmt.chunk(roles, nq, rt.rows.size)[0])
-                union = self._view(rnd, self.roles.trainers[rt.src], role, first[role], rt.rows.size)
+                first = dict((ro, o) for ro, o, _ in self.fmt.chunk(roles, nq, rt.n_rows)[0])
+                union = self._view(rnd, self.roles.trainers[rt.src], role, first[role], rt.n_rows)
                 entries.append((role, at, union, rel.pos[(rt.src, member)]))
             sends[self.roles.servers[member]] = entries
             send_sizes[self.roles.servers[member]] = total
-            self.relayed_rows += sum(rt.pos(member).size for rt in routes)
+            self.relayed_rows += sum(rt.size(member) for rt in routes)
         incoming = {gw: self._relay_chunk(kv, routes, me_s) for gw, routes in rel.incoming.items()}
         for gw, (_, size) in incoming.items():
             recv_sizes[self.roles.servers[gw]] = size
@@ -462,12 +462,12 @@ class RowExchange:
     def _relay_chunk(self, kv: tuple[str, ...], routes: list[Route], member: int) -> tuple[list, int]:
         """One relay chunk between a gateway and ``member``: the member's key rows of each of ``routes``, role after
         role, route after route. Returns ``[(role, route, byte offset, rows)]`` and the chunk's size."""
-        where, total = self.fmt.chunk(kv, 0, sum(rt.pos(member).size for rt in routes))
+        where, total = self.fmt.chunk(kv, 0, sum(rt.size(member) for rt in routes))
         pieces = []
         for role, off, _ in where:
             at = off
             for rt in routes:
-                n = rt.pos(member).size
+                n = rt.size(member)
                 pieces.append((role, rt, at, n))
                 at += n * self.fmt.row_bytes(role)
         return pieces, total
@@ -550,8 +550,8 @@ class RowExchange:
             acc = {}
             for role in kv:
                 tail, dt = self.fmt.spec(role)
-                acc[role] = torch.zeros((rt.rows.size, *tail), dtype=dt, device=self.device)
-                for member, _ in rt.members:  # in server order: a fixed summation order on every run
+                acc[role] = torch.zeros((rt.n_rows, *tail), dtype=dt, device=self.device)
+                for member in rt.members:  # in server order: a fixed summation order on every run
                     got = results[role][kd:kd + nk] if member == me_s else received[(rt.src, member)][role]
                     acc[role].index_add_(0, rel.pos[(rt.src, member)], got)
             sums[rt.src] = acc

@@ -222,3 +222,19 @@ def test_tick_plans_pool_every_stages_micro_batch_over_all_servers():
             assert plan.window != -1 or plan.max_over_mean < 1.05  # balanced (a 32-token window: shards of 64)
     # F tick 0 (stage 0 alone) and a steady tick (both stages) differ; the table follows the tick
     assert plans[0][-1].digest() != plans[2][-1].digest()
+
+
+def test_a_stage_s_replicas_get_the_nodes_of_their_global_ranks():
+    """The node map of a 1F1B in-place group (cluster.devices_per_node): replica d of stage s sits on DeepSpeed's
+    global rank of (pipe=s, data=d), checked against DeepSpeed's own topology class."""
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    from distca.config import load_config
+    from distca.train.pooled import replica_nodes
+
+    topo = PipeDataParallelTopology(num_pp=2, num_dp=4)
+    over = ["--cluster.n_trainers=8", "--cluster.n_servers=8", "--train.pipeline_parallel=2"]
+    cfg = load_config(None, [*over, "--cluster.devices_per_node=2"])
+    assert replica_nodes(cfg, topo, 0) == (0, 0, 1, 1) and replica_nodes(cfg, topo, 1) == (2, 2, 3, 3)
+    assert replica_nodes(load_config(None, [*over, "--cluster.devices_per_node=8"]), topo, 1) == (0, 0, 0, 0)
+    assert replica_nodes(load_config(None, over), topo, 1) is None

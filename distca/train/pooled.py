@@ -92,6 +92,14 @@ def check_topology(topo, stages: int, dp: int) -> None:
                                    "plans number trainers stage-major")
 
 
+def replica_nodes(cfg: DistCAConfig, topo, stage: int) -> tuple[int, ...] | None:
+    """The node of each data-parallel replica of ``stage`` (by DeepSpeed's global rank of ``(pipe=stage, data=d)``
+    and ``cluster.devices_per_node``): the node map of a 1F1B in-place group. None without a node size."""
+    if not cfg.cluster.devices_per_node:
+        return None
+    return tuple(cfg.cluster.node_of(topo.get_rank(pipe=stage, data=d)) for d in range(cfg.data_parallel))
+
+
 def pooled_client(cfg: DistCAConfig, plane: str, rank: int, device: torch.device, addresses: list[str]):
     """This rank's CAD client for tick plans over all stages: in place, with rows by all-to-all over a group of
     every rank (created here: every rank must call this, in the same order); else a pool client whose trainer

@@ -49,7 +49,7 @@ from distca.train.export import write_model_config
 from distca.train.flops import measure_peak_flops
 from distca.train.metrics import StepMeter, combine_ranks
 from distca.train.pipe import MicroContext, StepContext, build_pipeline, llama_parameters, runner_only
-from distca.train.pooled import PooledCAD, check_topology, describe, pooled_client, pooled_placement
+from distca.train.pooled import PooledCAD, check_topology, describe, pooled_client, pooled_placement, replica_nodes
 from distca.train.prefetch import StepPrefetch
 from distca.train.quiet import library_prints
 from distca.train.rank import RankInfo, bind_device, dist_backend, ds_accelerator, init_process_group
@@ -269,10 +269,8 @@ class Trainer:
             m = cfg.model
             fmt = RowFormat(m.n_heads, m.n_kv_heads, m.head_dim, getattr(torch, server_dtype(cfg)))
             roles = GroupRoles.inplace(cfg.data_parallel, self.dp_rank)
-            nodes = None if not cfg.cluster.devices_per_node else tuple(
-                cfg.cluster.node_of(self.topo.get_rank(pipe=self.stage, data=d)) for d in range(cfg.data_parallel))
-            return InPlaceClient(RowExchange(self.dp_group, roles, fmt, self.device, nodes=nodes),
-                                 backend=settings.backend)
+            return InPlaceClient(RowExchange(self.dp_group, roles, fmt, self.device,
+                                             nodes=replica_nodes(cfg, self.topo, self.stage)), backend=settings.backend)
         if self.plane == "collective":  # the stage's trainers and the pool's servers in one gloo group
             from distca.train.collective import collective_client
 

@@ -313,6 +313,9 @@ def test_two_node_torchrun_trains_like_a_single_launch(tmp_path, inplace_run):
     assert all(n.returncode == 0 for n in nodes), "\n".join(o[-3000:] for o in outs)
     assert "| core attention" in outs[0] and "cad in-place" in outs[0]
     assert any(x.startswith("| data plane (as run)") and x.endswith("| inplace |") for x in outs[0].splitlines())
+    # pooled ticks in place: the summary also gives exposed communication without the bubble's waits
+    assert any(x.startswith("| exposed communication") and "in the ticks where a rank computes" in x
+               for x in outs[0].splitlines())
     assert_same_curve(single.losses[:4], json.loads(result.read_text())["losses"])
     records = [json.loads(x) for x in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kv_rows_relayed"] for r in records) > 0, "the run must have relayed key rows"

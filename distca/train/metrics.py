@@ -523,6 +523,13 @@ def run_header(cfg: DistCAConfig) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+def _active_note(recs: list[dict[str, Any]], med) -> str:
+    """Where ranks waited in rounds of pooled ticks they idled in (bubble time): the share without those waits."""
+    if not any(x > 0 for r in recs for x in r.get("blocked_idle_s_per_rank", ())):
+        return ""
+    return f" ({med('exposed_comm_active_pct'):.1f}% in the ticks where a rank computes)"
+
+
 def summary_table(cfg: DistCAConfig, res: TrainResult) -> str:
     """The run's final table: configuration, then medians over its steps (first step excluded when possible)."""
     recs = res.records[1:] if len(res.records) > 2 else res.records
@@ -543,7 +550,8 @@ def summary_table(cfg: DistCAConfig, res: TrainResult) -> str:
         ("attention share of FLOPs", f"{100 * med('attention_flops_share'):.1f}%"),
         ("attention load max/mean", f"planned {med('attn_load_max_over_mean_planned'):.3f}"
          + (f", measured {statistics.median(measured):.3f}" if measured else "")),
-        ("exposed communication (median)", f"{med('exposed_comm_pct'):.1f}% of step time"),
+        ("exposed communication (median)", f"{med('exposed_comm_pct'):.1f}% of step time"
+         + _active_note(recs, med)),
         ("scheduler time (median)", f"{med('plan_ms'):.1f} ms / step"),
         ("peak memory (max rank)", f"{max(r['peak_rss_mb'] for r in res.records):.0f} MB RSS"
          + (f", GPU {max(gpu):.0f} MB allocated" if gpu else "")),

@@ -47,7 +47,11 @@ class Route:
 
     def size(self, server: int) -> int:
         """Rows member ``server`` needs."""
-        return int(self.runs[self.members.index(server)][1].sum())
+        return self._sizes[server]
+
+    @cached_property
+    def _sizes(self) -> dict[int, int]:
+        return {s: int(n.sum()) for s, (_, n) in zip(self.members, self.runs, strict=True)}
 
     @cached_property
     def rows(self) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Pipeline bubbles on the CPU cluster: per-stage busy/idle timelines of one step, DeepSpeed's 1F1B vs the pooled,
-tick-aligned schedule (issue 14), side by side in one invocation.
+tick-aligned schedule (issue 14), without and with deferred weight gradients, side by side in one invocation.
 
     python benchmarks/bubbles.py [--steps 4] [--pp 2 4] [--micro-batches 4] [--config configs/tiny-cpu.yaml]
                                  [--out docs/figures/bubbles.png] [--long] [override ...]
@@ -8,7 +8,8 @@ tick-aligned schedule (issue 14), side by side in one invocation.
 lengths up to 64K (elongated), upsampled ×32, 4096 tokens per rank.
 
 Each setting trains ``--steps`` steps of CAD with in-place attention servers (every trainer serves; rows by
-all-to-all over gloo), ping-pong on, with ``train.pipeline_schedule`` 1f1b and then pooled, on the same data.
+all-to-all over gloo), ping-pong on, with ``train.pipeline_schedule`` 1f1b, then pooled, then pooled with deferred
+weight gradients (``train.defer_weight_grads``, "pooled+W"), on the same data.
 The last step of each run is shown: every rank's instruction spans (``spans_per_rank`` of the step record,
 :mod:`distca.train.schedule`): forward and backward passes (their attention rounds included), the attention an
 idle stage served for the others, transfers between stages (waiting for a neighbour shows there) and the
@@ -40,18 +41,20 @@ from distca.config import load_config
 from distca.train.launch import train
 
 ROOT = Path(__file__).resolve().parent.parent
-COLORS = {"F": "#4c72b0", "B": "#55a868", "serve": "#dd8452", "p2p": "#c8c8c8", "optimizer": "#8172b3"}
+COLORS = {"F": "#4c72b0", "B": "#55a868", "serve": "#dd8452", "W": "#c44e52", "p2p": "#c8c8c8", "optimizer": "#8172b3"}
+VARIANTS = {"1f1b": ["--train.pipeline_schedule=1f1b"], "pooled": ["--train.pipeline_schedule=pooled"],
+            "pooled+W": ["--train.pipeline_schedule=pooled", "--train.defer_weight_grads=true"]}
 
 
 def stage_stats(spans: list[list], timeline: list[list], step_s: float) -> dict[str, float]:
     """One rank's busy/idle split of a step from its spans (and its timeline's served seconds)."""
     served = sum(e[5] for e in timeline if e[2] == "serve")  # attention computed for the others while idle
-    busy = sum(t1 - t0 for what, t0, t1 in spans if what in ("F", "B", "optimizer")) + served
+    busy = sum(t1 - t0 for what, t0, t1 in spans if what in ("F", "B", "W", "optimizer")) + served
     first_b = min((t0 for what, t0, _ in spans if what == "B"), default=0.0)
     last_f = max((t1 for what, _, t1 in spans if what == "F"), default=step_s)
     # idle outside the steady state: the gaps before the first backward and after the last forward that no
     # F, B or optimizer span covers, less what the rank's server computed for the others there
-    covered = sorted((t0, t1) for what, t0, t1 in spans if what in ("F", "B", "optimizer"))
+    covered = sorted((t0, t1) for what, t0, t1 in spans if what in ("F", "B", "W", "optimizer"))
 
     def idle_in(lo: float, hi: float) -> float:
         free, at = 0.0, lo
@@ -70,7 +73,7 @@ def stage_stats(spans: list[list], timeline: list[list], step_s: float) -> dict[
 def run(cfg_path: str, pp: int, micro: int, schedule: str, steps: int, overrides: list[str], tmp: Path) -> dict:
     over = [f"--output_dir={tmp / f'pp{pp}-{schedule}'}", f"--train.pipeline_parallel={pp}",
             f"--train.micro_batches={micro}", f"--train.steps={steps}", "--train.core_attention=cad",
-            "--cluster.data_plane=inplace", "--cluster.placement=colocated", f"--train.pipeline_schedule={schedule}",
+            "--cluster.data_plane=inplace", "--cluster.placement=colocated", *VARIANTS[schedule],
             "--train.progress=false", "--train.tensorboard=false", "--train.checkpoint_at_end=false", *overrides]
     cfg = load_config(cfg_path, over)
     res = train(cfg)
@@ -108,7 +111,7 @@ def plot(results: list[dict], path: Path) -> bool:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
     fig.legend(handles, ["forward (its attention rounds included)", "backward (likewise)",
                          "serve tick: an idle stage's rounds (its server's share, and waiting for the others)",
-                         "p2p transfer / wait", "optimizer"],
+                         "deferred weight gradients (pooled+W)", "p2p transfer / wait", "optimizer"],
                loc="lower center", ncol=3, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +137,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for pp in args.pp:
-            for schedule in ("1f1b", "pooled"):
+            for schedule in VARIANTS:
                 r = run(args.config, pp, args.micro_batches, schedule, args.steps, overrides, Path(tmp))
                 results.append(r)
                 print(f"PP={pp} {schedule}: step {r['step_s']:.2f} s", flush=True)
@@ -149,12 +152,14 @@ def main() -> None:
              *markdown_table(["setting", "schedule", "rank", "step s", "idle % of step",
                               "warm-up/cool-down idle %", "served s (idle stage)"], rows), ""]
     for pp in args.pp:
-        a, b = (next(r for r in results if r["pp"] == pp and r["schedule"] == s) for s in ("1f1b", "pooled"))
+        a, b, c = (next(r for r in results if r["pp"] == pp and r["schedule"] == s) for s in VARIANTS)
         mean = lambda r, k: sum(s[k] for s in r["stats"]) / len(r["stats"])  # noqa: E731
-        same = max(abs(x - y) / abs(x) for x, y in zip(a["losses"], b["losses"], strict=True))
-        lines.append(f"- PP={pp}: mean idle {mean(a, 'idle_pct'):.1f}% (1F1B) vs {mean(b, 'idle_pct'):.1f}% (pooled); "
-                     f"warm-up/cool-down idle {mean(a, 'edge_idle_pct'):.1f}% vs {mean(b, 'edge_idle_pct'):.1f}%; "
-                     f"step {a['step_s']:.2f} s vs {b['step_s']:.2f} s; losses equal within {same:.1e} relative")
+        same = max(abs(x - y) / abs(x) for r in (b, c) for x, y in zip(a["losses"], r["losses"], strict=True))
+        lines.append(f"- PP={pp}: mean idle {mean(a, 'idle_pct'):.1f}% (1F1B) vs {mean(b, 'idle_pct'):.1f}% (pooled) "
+                     f"vs {mean(c, 'idle_pct'):.1f}% (pooled+W); warm-up/cool-down idle "
+                     f"{mean(a, 'edge_idle_pct'):.1f}% vs {mean(b, 'edge_idle_pct'):.1f}% vs "
+                     f"{mean(c, 'edge_idle_pct'):.1f}%; step {a['step_s']:.2f} s vs {b['step_s']:.2f} s vs "
+                     f"{c['step_s']:.2f} s; losses equal within {same:.1e} relative")
     print("\n".join(lines))
     dest = out_dir("bubbles")
     write_json(dest / "bubbles.json", {"info": info, "results": results})

@@ -8,7 +8,9 @@ real cluster has, to size each cause of idle time:
   all-reduce cost nothing);
 - ``eps 0``: the planner balances attention exactly (``scheduler.eps = 0``) instead of within 1 + eps;
 - ``no LM head``: a 1024-token vocabulary (the last stage's head costs nearly nothing, so stages are even);
-- ``2M``: twice the tokens per step, so twice the micro-batches (M) over the same warm-up and cool-down ticks.
+- ``2M``: twice the tokens per step, so twice the micro-batches (M) over the same warm-up and cool-down ticks;
+- ``deferred W``: not a what-if but ``train.defer_weight_grads`` (built, :mod:`distca.train.wgrad`): the weight
+  gradients of ``P - 1`` micro-batches per stage move into ticks the stage would only serve attention in.
 
 The idle share is ``StepReport.idle_fraction`` (device time in neither forward, backward, optimizer nor serving
 attention), split into ticks where every stage has a micro-batch (``full``), warm-up/cool-down ticks (``partial``)
@@ -63,15 +65,21 @@ def main(argv: list[str] | None = None) -> None:
                    args.tokens_per_node, args.pp, args.micro_tokens, args.tp)
     small_vocab = dataclasses.replace(model, vocab_size=1024)
     pt2 = dataclasses.replace(pt, tokens_per_node=2 * pt.tokens_per_node)
-    cases = [("as modelled", pt, hw, model, args.eps), ("no comm", pt, _no_comm(hw), model, args.eps),
-             ("eps 0", pt, hw, model, 0.0), ("no LM head", pt, hw, small_vocab, args.eps),
-             ("no comm + eps 0", pt, _no_comm(hw), model, 0.0),
-             ("no comm + eps 0 + no LM head", pt, _no_comm(hw), small_vocab, 0.0),
-             ("2M", pt2, hw, model, args.eps),
-             ("2M + no comm + eps 0 + no LM head", pt2, _no_comm(hw), small_vocab, 0.0)]
+    fast = _no_comm(hw)
+    cases = [("as modelled", pt, hw, model, args.eps, False), ("no comm", pt, fast, model, args.eps, False),
+             ("eps 0", pt, hw, model, 0.0, False), ("no LM head", pt, hw, small_vocab, args.eps, False),
+             ("no comm + eps 0", pt, fast, model, 0.0, False),
+             ("no comm + eps 0 + no LM head", pt, fast, small_vocab, 0.0, False),
+             ("2M", pt2, hw, model, args.eps, False),
+             ("2M + no comm + eps 0 + no LM head", pt2, fast, small_vocab, 0.0, False),
+             ("deferred W", pt, hw, model, args.eps, True),
+             ("deferred W + no comm + eps 0 + no LM head", pt, fast, small_vocab, 0.0, True),
+             ("2M + deferred W", pt2, hw, model, args.eps, True),
+             ("2M + deferred W + no comm + eps 0 + no LM head", pt2, fast, small_vocab, 0.0, True)]
     rows, results = [], []
-    for name, point, h, m, eps in cases:
-        r = predict_point(point, m, h, seeds=args.seeds, eps=eps, schedules=("pooled",))["cad"]["pooled"]
+    for name, point, h, m, eps, wgrad in cases:
+        r = predict_point(point, m, h, seeds=args.seeds, eps=eps, schedules=("pooled",),
+                          defer_wgrad=wgrad)["cad"]["pooled+wgrad" if wgrad else "pooled"]
         split = r["idle_split"]
         results.append({"case": name, "micro_batches": point.micro_batches, "step_s": r["step_s"],
                         "idle": r["idle_fraction"], **split})

@@ -17,7 +17,7 @@
                                            # calibrate, then per repeat: run e2e.py, calibrate; compare
     python benchmarks/simulate.py validate [--e2e out/e2e/e2e.json ...]   # replay existing e2e.json files
     python benchmarks/simulate.py grid [--hardware distca/sim/data/h200-measured.json] [--seeds 3]
-                                       [--schedule 1f1b|pooled|both]
+                                       [--schedule 1f1b|pooled|both] [--mode 3d|4d|all] [--no-wgrad]
 
 Results go to out/sim/ (JSON and PNG); the printed tables paste into BENCHMARKS.md.
 """
@@ -37,6 +37,7 @@ from common import header_lines, markdown_table, out_dir, run_info, write_json
 
 from distca.config import ModelConfig
 from distca.sim.cli import load_hardware
+from distca.sim.predict import paper_grid
 from distca.sim.report import grid_rows, run_grid, summary_rows
 
 
@@ -211,14 +212,16 @@ def grid(args) -> None:
     hw = load_hardware(args.hardware)
     schedules = _schedules(args.schedule)
     idle_aware = "pooled" in schedules and not args.no_idle_aware
+    wgrad = "pooled" in schedules and not args.no_wgrad
+    points = [p for p in paper_grid() if args.mode == "all" or p.mode == args.mode]
     results = run_grid(hw, seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong, schedules=schedules,
-                       idle_aware=idle_aware, layer_chunks=args.layer_chunks)
+                       idle_aware=idle_aware, layer_chunks=args.layer_chunks, defer_wgrad=wgrad, points=points)
     info = run_info(torch.device("cpu"), hardware=hw.name, seeds=args.seeds, eps=args.eps,
                     pingpong=not args.no_pingpong, tp=8, schedules="/".join(schedules), idle_aware=idle_aware,
-                    layer_chunks=args.layer_chunks or "per layer")
+                    deferred_weight_grads=wgrad, mode=args.mode, layer_chunks=args.layer_chunks or "per layer")
     lines = [*header_lines(f"Simulated speedup at the paper's scales ({hw.name})", info), *grid_rows(results)]
     lines += ["", *summary_rows(results), ""]
-    for sch in schedules:
+    for sch in (*schedules, *(["pooled+wgrad"] if wgrad else [])):
         sp = [r["cad"][sch]["speedup_vs_wlb"] for r in results]
         lows = [r["paper_range"][0] for r in results]
         inside = sum(1 for r, x in zip(results, sp, strict=True) if r["paper_range"][0] <= x <= r["paper_range"][1])
@@ -302,6 +305,10 @@ def main() -> None:
                         "schedule with one plan per tick over every device, or both side by side")
     g.add_argument("--no-idle-aware", action="store_true",
                    help="skip the pooled schedule's idle-aware what-if balance (4D points)")
+    g.add_argument("--no-wgrad", action="store_true",
+                   help="leave out the pooled schedule with deferred weight gradients (train.defer_weight_grads)")
+    g.add_argument("--mode", choices=["3d", "4d", "all"], default="all",
+                   help="only the grid's 3D or 4D points (deferred weight gradients change only 4D)")
     g.add_argument("--layer-chunks", type=int, default=0,
                    help="attention rounds per stage and pass (0: one per layer, the default)")
     args = p.parse_args()

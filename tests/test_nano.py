@@ -97,3 +97,36 @@ def test_nano_plans_cover_each_query_once_and_refuse_mismatches():
         nano.plan(8, 0)
     with pytest.raises(ValueError, match="query rows need"):
         BatchLayout.from_ranks([LENGTHS]).query_rows([5], [2])
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_pingpong_block_with_deferred_weight_gradients_gets_the_same_gradients_later(checkpoint):
+    """Deferred weight gradients (``train.defer_weight_grads``) inside a ping-pong block, whose backward runs the
+    block's autograd graph itself: the input gradient comes at once, the linear layers' weight gradients only when
+    the kept jobs run, and then every gradient equals local attention's."""
+    from distca.train.wgrad import WeightGradQueue, install, linears
+
+    torch.manual_seed(0)
+    cfg = model("ddl")
+    block = Block(cfg, 0).double()
+    layout = DocLayout.from_lengths(LENGTHS)
+    cos, sin = rope_cos_sin(layout.position_ids, cfg.head_dim, cfg.rope_theta, torch.float64)
+    x = torch.randn(sum(LENGTHS), cfg.hidden, dtype=torch.float64)
+    y0, dx0, dp0 = grads(block, x, lambda x: block(x, LocalCoreAttention(layout, backend="reference"), cos, sin))
+    queue = WeightGradQueue()
+    install(block, queue)
+    runner = PingPongBlocks(client(cfg), nano_plans(cfg, 128), checkpoint=checkpoint)
+    block.zero_grad()
+    xg = x.detach().requires_grad_()
+    y = runner(block, xg, cos, sin)
+    torch.testing.assert_close(y.detach(), y0, rtol=1e-10, atol=1e-12)
+    queue.tag = 1
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    queue.tag = None
+    torch.testing.assert_close(xg.grad, dx0, rtol=1e-10, atol=1e-12)
+    weights = {id(lin.weight) for lin in linears(block)}
+    assert all(p.grad is None for p in block.parameters() if id(p) in weights)
+    assert queue.pending == 2 * len(weights)  # one job per linear call, per nano-batch
+    WeightGradQueue.run(queue.take_all())
+    for a, b in zip([p.grad for p in block.parameters()], dp0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -114,6 +114,28 @@ def test_idle_share_counts_serving_attention_as_busy():
     assert aware.step_s > 0 and math.isclose(sum(aware.busy_union_s), sum(pooled.busy_union_s), rel_tol=0.05)
 
 
+@pytest.mark.parametrize("pp,m", [(2, 4), (4, 8)])
+def test_deferred_weight_gradients_move_linear_work_into_serving_ticks(pp, m):
+    """``defer_wgrad``: the same linear work per device (half of each deferred backward's moves to a tick the stage
+    only serves in), a shorter step and less idle time in the warm-up/cool-down ticks; no deferral at all when the
+    pipeline has no steady-state tick to defer from."""
+    from distca.train.schedule import weight_grad_plan
+
+    mbs = [_micro(2048, [4096]), _micro(2048, [1024] * 4), _micro(2048, [3000, 1096]), _micro(2048, [4096])] * (m // 4)
+    cfg = ModelConfig(**{**TINY.__dict__, "n_layers": 8})
+    par = Parallelism(pp=pp, dp=2, micro_batches=m)
+    hw = _hw(attention_flops=2e11, linear_flops=2e11)
+    pooled = simulate_step(cfg, hw, par, SimOptions(system="cad", schedule="pooled"), mbs)
+    deferred = simulate_step(cfg, hw, par, SimOptions(system="cad", schedule="pooled", defer_wgrad=True), mbs)
+    assert any(weight_grad_plan(pp, m).defer)
+    for d in range(len(pooled.per_device)):
+        assert math.isclose(deferred.per_device[d]["linear"], pooled.per_device[d]["linear"], rel_tol=1e-9)
+    assert deferred.step_s < pooled.step_s
+    assert deferred.idle_split_s["partial"] < pooled.idle_split_s["partial"]
+    with pytest.raises(ValueError, match="pooled schedule only"):
+        SimOptions(system="cad", defer_wgrad=True)
+
+
 def test_prefetched_plans_leave_the_critical_path():
     mb = MicroBatch([[2048]], [False])
     base = SimOptions(system="cad")

@@ -156,11 +156,15 @@ def test_pooled_ticks_with_checkpointing_match_local_loss_every_step(local_run, 
     """The pooled, tick-aligned schedule (issue 14) in place, with activation checkpointing: every stage runs the same
     phase in each tick, one plan per tick spans all 4 trainers, stages idle in warm-up and cool-down serve the tick's
     rounds, and each block's forward is recomputed in its B tick under that tick's plan. Loss = 1F1B's, every step.
-    Without ping-pong (``inplace_run`` covers pooled ticks with ping-pong)."""
+    Without ping-pong (``inplace_run`` covers pooled ticks with ping-pong). With deferred weight gradients: the
+    backward the plan names keeps its linear layers' weight gradients, and the stage computes them in a later tick
+    it only serves in, between that tick's rounds."""
+    from distca.train.schedule import weight_grad_plan
+
     _, local = local_run
     cfg = tiny(tmp_path, **{"train.core_attention": "cad", "cluster.data_plane": "inplace",
                             "train.pipeline_schedule": "pooled", "train.activation_checkpointing": True,
-                            "train.pingpong": False})
+                            "train.pingpong": False, "train.defer_weight_grads": True})
     res = train(cfg, run_steps=SHORT)  # the first SHORT steps of the same 20-step schedule
     assert [r["step"] for r in res.records] == list(range(SHORT))
     assert_same_curve(local.losses[:SHORT], res.losses)
@@ -186,6 +190,17 @@ def test_pooled_ticks_with_checkpointing_match_local_loss_every_step(local_run, 
             assert t[1][2] == t[last - 1][2] == "idle"
             assert all(t[k][5] > 0 for k in (0, last))  # this rank's server worked in those ticks
             assert sum(e[2] == "compute" for e in t.values()) == 2 * M
+        # deferred weight gradients: per deferred backward, one job per linear layer of the stage (7 per block, the
+        # head on the last stage), run inside the serving tick the plan names, before the optimizer's tail
+        plan, per = weight_grad_plan(P, M), cfg.model.n_layers // P
+        want = [len(plan.defer[s]) * (7 * per + (s == P - 1)) for s in stage]
+        assert r["weight_grads_deferred_per_rank"] == want and sum(want) > 0
+        for rank, (spans, tl) in enumerate(zip(r["spans_per_rank"], r["timeline_per_rank"], strict=True)):
+            ticks = {e[0]: e for e in tl if e[1] != "-"}
+            runs = [ticks[u] for u in plan.runs[stage[rank]]]
+            w = [(a, b) for what, a, b in spans if what == "W"]
+            assert all(any(e[3] <= a <= b <= e[4] for e in runs) for a, b in w)  # only in those ticks ...
+            assert all(any(e[3] <= a <= b <= e[4] for a, b in w) for e in runs)  # ... and in each of them
 
 
 def test_collective_data_plane_matches_local_every_step(local_run, pools, tmp_path):

@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     s.add_argument("--no-pingpong", action="store_true", help="CAD without ping-pong overlap")
     s.add_argument("--schedule", choices=["1f1b", "pooled", "both"], default="1f1b",
                    help="CAD's pipeline schedule (point, grid): 1F1B with per-stage plans, or the pooled ticks")
+    s.add_argument("--defer-wgrad", action="store_true",
+                   help="point/grid: also pooled ticks with deferred weight gradients (train.defer_weight_grads)")
     s.add_argument("--out", help="calibrate: where the hardware JSON goes")
     s.add_argument("--json", help="grid/validate: also write the results here")
 
@@ -61,7 +63,8 @@ def _point(args) -> int:
     pt = GridPoint("custom", "4d" if args.pp > 1 else "3d", args.gpus, args.max_len, args.dist,
                    args.tokens_per_node, args.pp, args.micro_tokens, args.tp)
     r = predict_point(pt, cfg, load_hardware(args.hardware), seeds=args.seeds, eps=args.eps,
-                      pingpong=not args.no_pingpong, schedules=_schedules(args.schedule))
+                      pingpong=not args.no_pingpong, schedules=_schedules(args.schedule),
+                      defer_wgrad=args.defer_wgrad)
     print(json.dumps(r, indent=1))
     return 0
 
@@ -70,7 +73,7 @@ def _grid(args) -> int:
     from distca.sim.report import grid_rows, run_grid
 
     results = run_grid(load_hardware(args.hardware), seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong,
-                       schedules=_schedules(args.schedule))
+                       schedules=_schedules(args.schedule), defer_wgrad=args.defer_wgrad)
     for line in grid_rows(results):
         print(line)
     if args.json:

@@ -104,11 +104,13 @@ def _doc_cost(cfg: ModelConfig, hw: Hardware, tp: int):
 
 def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2, eps: float = 0.05,
                   pingpong: bool = True, layer_chunks: int = 0, slack: float = 0.1,
-                  schedules: tuple[str, ...] = ("1f1b",), idle_aware: bool = False) -> dict:
+                  schedules: tuple[str, ...] = ("1f1b",), idle_aware: bool = False,
+                  defer_wgrad: bool = False) -> dict:
     """Median step time of CAD (per pipeline schedule), plain colocated and the best WLB-style CP degree
     over ``seeds`` steps. ``layer_chunks=0``: one attention round per layer (ping-pong per layer, forward
     and backward). With ``idle_aware`` the pooled schedule is also run with the idle-aware what-if balance
-    (4D only). Without a pipeline (pp = 1) the pooled schedule is 1F1B: its result is copied."""
+    (4D only), and with ``defer_wgrad`` also with deferred weight gradients (``pooled+wgrad``). Without a pipeline
+    (pp = 1) the pooled schedules are 1F1B: its result is copied."""
     if pt.nodes % pt.pp:
         raise ValueError(f"{pt.label}: {pt.nodes} nodes do not split into pp={pt.pp} stages")
     if not schedules:
@@ -121,6 +123,9 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
     if idle_aware and pt.pp > 1:
         variants["pooled+idle_aware"] = SimOptions(system="cad", pingpong=pingpong, eps=eps,
                                                    layer_chunks=layer_chunks, schedule="pooled", idle_aware=True)
+    if defer_wgrad:  # one stage: nothing to defer, the pooled result is copied like the pooled schedule's
+        variants["pooled+wgrad"] = SimOptions(system="cad", pingpong=pingpong, eps=eps, layer_chunks=layer_chunks,
+                                              schedule="pooled", defer_wgrad=True)
     col_opt = SimOptions(system="colocated", layer_chunks=layer_chunks)
     cost = _doc_cost(cfg, hw, pt.tp)
     rows: dict[str, list] = {"colocated": [], "wlb": []}
@@ -132,8 +137,9 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
         plain = plain_packing(lengths, pt.dp, pt.replica_micro_tokens, m)
         done: dict[str, StepReport] = {}
         for name, opt in variants.items():
-            if pt.pp == 1 and opt.schedule == "pooled" and "1f1b" in done:
-                r = done["1f1b"]  # one stage: the same ticks, the same plans
+            same = next((done[k] for k in ("1f1b", "pooled") if k in done), None)
+            if pt.pp == 1 and opt.schedule == "pooled" and same is not None:
+                r = same  # one stage: the same ticks, the same plans, nothing to defer
             else:
                 r = simulate_step(cfg, hw, base, opt, plain)
             done[name] = r

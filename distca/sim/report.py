@@ -9,7 +9,7 @@ from distca.sim.hardware import Hardware
 from distca.sim.predict import PAPER_RANGES, PAPER_RANGES_34B_4D, paper_grid, predict_point
 
 MODEL_CONFIGS = {"8b": "configs/llama3-8b-128k.yaml", "34b": "configs/llama-34b-512k.yaml"}
-LABELS = {"1f1b": "1F1B", "pooled": "pooled", "pooled+idle_aware": "idle-aware"}
+LABELS = {"1f1b": "1F1B", "pooled": "pooled", "pooled+idle_aware": "idle-aware", "pooled+wgrad": "pooled+W"}
 
 
 def paper_range(model: str, mode: str, dist: str) -> tuple[float, float]:
@@ -20,12 +20,12 @@ def paper_range(model: str, mode: str, dist: str) -> tuple[float, float]:
 
 def run_grid(hw: Hardware, seeds: int = 2, eps: float = 0.05, pingpong: bool = True, points=None,
              config_dir: str = ".", schedules: tuple[str, ...] = ("1f1b",), idle_aware: bool = False,
-             layer_chunks: int = 0) -> list[dict]:
+             layer_chunks: int = 0, defer_wgrad: bool = False) -> list[dict]:
     models = {k: load_config(f"{config_dir}/{v}", []).model for k, v in MODEL_CONFIGS.items()}
     out = []
     for pt in points or paper_grid():
         r = predict_point(pt, models[pt.model], hw, seeds=seeds, eps=eps, pingpong=pingpong, schedules=schedules,
-                          idle_aware=idle_aware, layer_chunks=layer_chunks)
+                          idle_aware=idle_aware, layer_chunks=layer_chunks, defer_wgrad=defer_wgrad)
         r["paper_range"] = paper_range(pt.model, pt.mode, pt.dist)
         out.append(r)
     return out
@@ -78,7 +78,8 @@ def summary_rows(results: list[dict]) -> list[str]:
     names = _variants(results)
     head = ["model", "mode", "dist", "paper"] + [f"CAD/WLB {LABELS.get(n, n)} median (range)" for n in names
                                                  if n != "pooled+idle_aware"]
-    head += [f"idle % {LABELS.get(n, n)} median (range)" for n in names] + ["points below the paper (1F1B → pooled)"]
+    head += [f"idle % {LABELS.get(n, n)} median (range)" for n in names]
+    head += ["points below the paper (" + " → ".join(LABELS.get(n, n) for n in names if n != "pooled+idle_aware") + ")"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     groups: dict[tuple, list[dict]] = {}
     for r in results:

@@ -73,6 +73,7 @@ from distca.scheduler.calls import server_rects
 from distca.sim.engine import SimResult, TaskGraph, simulate
 from distca.sim.hardware import Hardware
 from distca.train.flops import block_linear_params, model_params
+from distca.train.schedule import tick_micro, weight_grad_plan
 
 System = Literal["colocated", "cad", "wlb"]
 Schedule = Literal["1f1b", "pooled"]
@@ -123,12 +124,19 @@ class SimOptions:
     # of the second half of every rank's rows, each planned with the whole micro-batch's keys, so a
     # document keeps all its attention and each round sends every key row its tasks need
     nano_split: Literal["repack", "rows"] = "repack"
+    # pooled only: deferred weight gradients (distca.train.wgrad, train.defer_weight_grads): the backward passes of
+    # the B ticks distca.train.schedule.weight_grad_plan names run their linear layers' input gradients only (half
+    # the backward linear work, the head's too); each stage runs the other half in later ticks it only serves in,
+    # spread over the gaps before that tick's rounds
+    defer_wgrad: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in ("1f1b", "pooled"):
             raise ValueError(f"schedule must be '1f1b' or 'pooled', got {self.schedule!r}")
         if self.schedule == "pooled" and self.system != "cad":
             raise ValueError("the pooled schedule pools CAD's attention tasks: it needs system='cad'")
+        if self.defer_wgrad and self.schedule != "pooled":
+            raise ValueError("deferred weight gradients are modelled for the pooled schedule only")
         if self.idle_aware and self.schedule != "pooled":
             raise ValueError("idle_aware balancing is modelled for the pooled schedule only")
         if not self.plan_s >= 0:
@@ -477,11 +485,13 @@ class _Builder:
                 else:  # the step's plans before its first pass
                     self._on(key, opt.plan_s, "plan")
         sent: dict[tuple[str, int, int, int], int] = {}  # (pass, stage, replica, micro) -> transfer task
+        self.wplan = weight_grad_plan(par.pp, par.micro_batches) if opt.defer_wgrad else None
+        self.deferring: set[int] = set()  # stages whose backward in this tick leaves its weight gradients
         if opt.schedule == "pooled":
-            for phase, active in pooled_ticks(par.pp, par.micro_batches):
+            for t, (phase, active) in enumerate(pooled_ticks(par.pp, par.micro_batches)):
                 if active:  # a tick where no stage has work has no round and costs nothing
                     lo = len(self.g.tasks)
-                    self._tick(phase, active, sent)
+                    self._tick(t, phase, active, sent)
                     self.tick_spans.append((lo, len(self.g.tasks), len(active) == par.pp))
         else:
             self._one_f_one_b(sent)
@@ -523,23 +533,44 @@ class _Builder:
                 self._local_chunk(s, m, chunk, which, keys)
         self._pass_end(kind, s, m, sent)
 
-    def _tick(self, phase: str, active: dict[int, int], sent: dict) -> None:
+    def _tick(self, t: int, phase: str, active: dict[int, int], sent: dict) -> None:
         """One tick of the pooled schedule: every active stage runs ``phase`` of its micro-batch; per
-        chunk of layer positions (stages have equal layer counts), one round over every device."""
-        c = self.c
+        chunk of layer positions (stages have equal layer counts), one round over every device. With deferred
+        weight gradients, an idle stage computes those the plan puts in this tick before the rounds."""
+        c, wp = self.c, self.wplan
         which = "fwd" if phase == "F" else "bwd"
+        self.deferring = {s for s in active if wp is not None and t in wp.defer[s]}
         for s, m in active.items():
             self._pass_start(phase, s, m, sent)
         per = len(c.stage_blocks[0])
         positions = list(range(per)) if phase == "F" else list(reversed(range(per)))
         nanos = self._pooled_plans(phase, active)
         link = self.hw.link(c.same_node(0, self.par.devices - 1))
-        for pos in _chunks(positions, self.opt.layer_chunks):
+        chunks = _chunks(positions, self.opt.layer_chunks)
+        wgrad = {} if wp is None else {(s, r): self._weight_grads(s, r, wp.run_in(s, t)) / len(chunks)
+                                       for s in range(self.par.pp) if s not in active for r in range(self.n_rep)}
+        for pos in chunks:
+            for key, w in wgrad.items():
+                if w > 0:
+                    self._on(key, w, "linear")
             members = [((s, r), s * self.par.dp + r, m) for s, m in sorted(active.items()) for r in range(self.n_rep)]
             blocks = {s: [c.stage_blocks[s][p] for p in pos] for s in active}
             self._cad_round(members, nanos, blocks, which, link, lambda j: j)
         for s, m in active.items():
             self._pass_end(phase, s, m, sent)
+        self.deferring = set()
+
+    def _weight_grads(self, s: int, r: int, ticks: tuple[int, ...]) -> float:
+        """The weight-gradient half of stage ``s``'s backward linear work (its head's too) for the micro-batches it
+        deferred in ``ticks``, on replica ``r``'s device."""
+        total = 0.0
+        for u in ticks:
+            m = tick_micro(u, s, self.par.pp, self.par.micro_batches)
+            t = self._tokens(m, r)
+            total += self.c.linear(t, len(self.c.stage_blocks[s]), "bwd", 1.0) / 2
+            if s == self.par.pp - 1:
+                total += self.c.head(t, "bwd") / 2
+        return total
 
     def _pass_start(self, kind: str, s: int, m: int, sent: dict) -> None:
         for r in range(self.n_rep):
@@ -547,7 +578,8 @@ class _Builder:
             self._on((s, r), self.hw.micro_overhead_s, "overhead", (dep,))
             if kind == "B" and s == self.par.pp - 1:
                 t = self._tokens(m, r)
-                self._on((s, r), self.c.head(t, "fwd") + self.c.head(t, "bwd"), "linear")
+                bwd = self.c.head(t, "bwd") / (2 if s in self.deferring else 1)
+                self._on((s, r), self.c.head(t, "fwd") + bwd, "linear")
 
     def _pass_end(self, kind: str, s: int, m: int, sent: dict) -> None:
         par, c = self.par, self.c
@@ -564,10 +596,12 @@ class _Builder:
             else:
                 sent[(kind, s, r, m)] = self.last[key]
 
-    def _pre_post(self, m, r, chunk, which):
+    def _pre_post(self, m, r, chunk, which, dgrad_only=False):
         c, t = self.c, self._tokens(m, r)
         f = c.qkv_params / c.block_params
         pre, post = c.linear(t, len(chunk), which, f), c.linear(t, len(chunk), which, 1 - f)
+        if dgrad_only:  # deferred weight gradients: the backward's input-gradient half now
+            pre, post = pre / 2, post / 2
         tp = c.tp_comm(t, len(chunk))
         return (pre, post + tp) if which == "fwd" else (post + tp, pre)  # backward runs post first
 
@@ -623,7 +657,7 @@ class _Builder:
         # and row of the micro-batch, shared equally by the nano-batches, half before and half after the round
         pp_row = getattr(self.hw, f"pingpong_{which}_row_s") if len(nanos) > 1 else 0.0
         for key, t, m in members:
-            full = self._pre_post(m, key[1], chunk, which)
+            full = self._pre_post(m, key[1], chunk, which, which == "bwd" and key[0] in self.deferring)
             whole = self._tokens(m, key[1])
             extra = pp_row * whole * len(chunk) / len(nanos) / 2
             for i, nb in enumerate(nanos):

@@ -263,6 +263,8 @@ def _per_rank(every: list[dict[str, Any]]) -> dict[str, Any]:
         "exchange_s_per_rank": [r["exchange_s"] for r in every],
         "blocked_s_per_rank": [r["blocked_s"] for r in every],
         "blocked_idle_s_per_rank": [r.get("blocked_idle_s", 0.0) for r in every],
+        # linear layers' weight-gradient jobs run after their backward pass (train.defer_weight_grads), per rank
+        "weight_grads_deferred_per_rank": [r.get("weight_grads_deferred", 0) for r in every],
         "compute_s_per_rank": compute,
         "main_thread_cpu_s_per_rank": [r["thread_cpu_s"] for r in every],
         "linear_s_per_rank": [c - r["attn_cpu_s"] for c, r in zip(compute, every, strict=True)],

@@ -24,6 +24,7 @@ send them rows, so an idle rank has nothing to do and stays idle.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -193,28 +194,38 @@ class PooledCAD:
         """The step's F-tick plans (what the step meter counts the planned attention load from)."""
         return [p for t, p in sorted(self.table.plans.items()) if tick_phase(t) == F]
 
-    def serve(self, tick: int, phase: str) -> bool:
+    def serve(self, tick: int, phase: str, work: Sequence = (), run: Callable[[list], None] | None = None) -> bool:
         """Issue ``tick``'s rounds with no rows of this rank's own (a stage idle while others compute); True when
-        this rank served them."""
+        this rank served them. ``work`` (deferred weight gradients, :mod:`distca.train.wgrad`) is spread evenly
+        over the gaps before the rounds, where the active stages run their linear work, by ``run(items)``;
+        a rank that serves no rounds runs it all at once."""
+        work = list(work)
         if not self.serves:
+            if work and run is not None:
+                run(work)
             return False
         blocked0 = float(getattr(self.client, "blocked_s", 0.0))
         try:
-            self._serve(tick, phase)
+            self._serve(tick, phase, work, run)
         finally:  # a rank idle in the tick waits in its rounds for the active stages: bubble time, not communication
             self.idle_blocked_s += float(getattr(self.client, "blocked_s", 0.0)) - blocked0
         return True
 
-    def _serve(self, tick: int, phase: str) -> None:
+    def _serve(self, tick: int, phase: str, work: list, run: Callable[[list], None] | None) -> None:
         if self.table.tick != tick or tick_phase(tick) != phase:
             raise RuntimeError(f"serving tick {tick} ({phase}) while the schedule is in tick {self.table.tick}")
+        rounds = self.rounds[phase]
+        cut = [len(work) * i // len(rounds) for i in range(len(rounds) + 1)] if rounds else []
         m, dev, dt = self.cfg.model, self.device, self.dtype
         q = torch.empty((0, m.n_heads, m.head_dim), dtype=dt, device=dev)
         kv = torch.empty((0, m.n_kv_heads, m.head_dim), dtype=dt, device=dev)
         t = RankTensors(q, kv, kv)
         lse = torch.empty((0, m.n_heads), dtype=lse_dtype(dt), device=dev)
         with torch.no_grad():
-            for i, (kind, w) in enumerate(self.rounds[phase]):
+            for i, (kind, w) in enumerate(rounds):
+                if run is not None and cut[i + 1] > cut[i]:
+                    with torch.enable_grad():  # weight gradients go to autograd for their parameters
+                        run(work[cut[i]:cut[i + 1]])
                 plan = self.table.plan(tick, w)
                 if isinstance(plan, tuple):  # ping-pong: the rounds of a call go nano-batch by nano-batch
                     plan = plan[i % len(plan)]
@@ -222,6 +233,8 @@ class PooledCAD:
                     self.client.forward(plan, t)
                 else:
                     self.client.backward(plan, t, q, lse, q)
+        if run is not None and not rounds and work:
+            run(work)
 
     def probe(self) -> tuple[float, int]:
         """This rank's own server's busy seconds and rounds so far (the timeline's server columns)."""

@@ -126,6 +126,49 @@ def stage_program(stages: int, micro_batches: int, stage: int) -> list[list[Op]]
     return out
 
 
+@dataclass(frozen=True)
+class WeightGradPlan:
+    """Deferred weight gradients on the pooled schedule (:mod:`distca.train.wgrad`), per stage: ``defer[s]``, the B
+    ticks whose backward leaves its weight gradients for later, and ``runs[s]``, for each tick the stage only
+    serves in, the deferred B ticks whose weight gradients it computes there (between the tick's rounds)."""
+
+    defer: tuple[frozenset[int], ...]
+    runs: tuple[dict[int, tuple[int, ...]], ...]
+
+    def run_in(self, stage: int, tick: int) -> tuple[int, ...]:
+        return self.runs[stage].get(tick, ())
+
+
+def weight_grad_plan(stages: int, micro_batches: int) -> WeightGradPlan:
+    """Which backward passes defer their weight gradients, and where they run.
+
+    A B tick is only shorter when *every* stage active in it leaves its weight gradients for later, so a tick
+    defers all or nothing: from the last B tick to the first, a tick defers when each of its active stages still
+    has a free tick after it in which it only serves (warm-up and cool-down); each takes the earliest such tick.
+    Each such tick runs one micro-batch's weight gradients, about as much linear work as the active stages' pass
+    in it. This moves ``P - 1`` micro-batches' weight gradients per stage off the critical path, like ZB-H1, and a
+    stage keeps at most ``P - 1`` micro-batches' jobs (their inputs and output gradients) at a time."""
+    P, M = stages, micro_batches
+    total = n_ticks(P, M)
+    micros = [tick_micros(t, P, M) for t in range(total)]
+    free = [[t for t in range(total) if micros[t][s] is None and any(m is not None for m in micros[t])]
+            for s in range(P)]
+    defer: list[set[int]] = [set() for _ in range(P)]
+    runs: list[dict[int, list[int]]] = [{} for _ in range(P)]
+    for t in reversed(range(1, total, 2)):
+        active = [s for s in range(P) if micros[t][s] is not None]
+        if not active:
+            continue
+        slots = {s: next((u for u in free[s] if u > t and u not in runs[s]), None) for s in active}
+        if any(u is None for u in slots.values()):
+            continue
+        for s, u in slots.items():
+            defer[s].add(t)
+            runs[s][u] = [t]
+    return WeightGradPlan(tuple(frozenset(d) for d in defer),
+                          tuple({u: tuple(ts) for u, ts in sorted(r.items())} for r in runs))
+
+
 # -- DeepSpeed --------------------------------------------------------------------------------------------------
 @functools.cache
 def _deepspeed_classes():
@@ -193,8 +236,9 @@ class TimedSchedule:
     ``None`` when the schedule ends). The optimizer's tail of the last tick runs as a separate entry."""
 
     def __init__(self, inner, timeline: Timeline, phase_of: Callable[[int, list], str],
-                 on_tick: Callable[[int | None], None]):
+                 on_tick: Callable[[int | None], None], before_tail: Callable[[], None] = lambda: None):
         self.inner, self.timeline, self.phase_of, self.on_tick = inner, timeline, phase_of, on_tick
+        self.before_tail = before_tail
 
     def num_pipe_buffers(self) -> int:
         return self.inner.num_pipe_buffers()
@@ -217,6 +261,7 @@ class TimedSchedule:
                           busy0)
                 if tail:
                     t0, busy0 = time.perf_counter(), tl.probe()
+                    self.before_tail()
                     yield tail
                     tl.record(t, "-", "optimizer", t0, busy0)
         finally:
@@ -231,10 +276,11 @@ def _one_f_one_b_phase(sched) -> Callable[[int, list], str]:
 
 
 def install(engine, schedule: str, timeline: Timeline, on_tick: Callable[[int | None], None] = lambda t: None,
-            serve: Callable[[int, str], bool] | None = None) -> None:
+            serve: Callable[[int, str], bool] | None = None, before_tail: Callable[[], None] = lambda: None) -> None:
     """Make ``engine.train_batch`` run ``schedule`` (``"1f1b"``: DeepSpeed's own; ``"pooled"``), timed into
     ``timeline``. Pooled: ``serve(tick, phase)`` runs an idle stage's attention rounds of a tick (True when the
-    rank served any), ``on_tick`` hears each tick start (the pooled core attention's plans follow it)."""
+    rank served any), ``on_tick`` hears each tick start (the pooled core attention's plans follow it).
+    ``before_tail`` runs just before the optimizer's reductions (deferred weight gradients are flushed there)."""
     ServeTick, PooledSchedule, _ = _deepspeed_classes()
     if schedule not in ("1f1b", "pooled"):
         raise ValueError(f"unknown pipeline schedule {schedule!r}")
@@ -244,9 +290,9 @@ def install(engine, schedule: str, timeline: Timeline, on_tick: Callable[[int | 
         if schedule == "pooled":
             inner = PooledSchedule(micro_batches=engine.micro_batches, stages=engine.num_stages,
                                    stage_id=engine.stage_id)
-            return TimedSchedule(inner, timeline, lambda t, _cmds: tick_phase(t), on_tick)
+            return TimedSchedule(inner, timeline, lambda t, _cmds: tick_phase(t), on_tick, before_tail)
         inner = own(engine)
-        return TimedSchedule(inner, timeline, _one_f_one_b_phase(inner), on_tick)
+        return TimedSchedule(inner, timeline, _one_f_one_b_phase(inner), on_tick, before_tail)
 
     engine._train_schedule = train_schedule
     engine._distca_timeline = timeline

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from distca.attention import resolve_backend
-from distca.config import DistCAConfig
+from distca.config import ConfigError, DistCAConfig
 from distca.masks import key_order
 from distca.model.core import DocLayout
 from distca.parts import (
@@ -53,7 +53,8 @@ from distca.train.pooled import PooledCAD, check_topology, describe, pooled_clie
 from distca.train.prefetch import StepPrefetch
 from distca.train.quiet import library_prints
 from distca.train.rank import RankInfo, bind_device, dist_backend, ds_accelerator, init_process_group
-from distca.train.schedule import Timeline, install
+from distca.train.schedule import Timeline, install, weight_grad_plan
+from distca.train.wgrad import StageWeightGrads
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +237,48 @@ class Trainer:
             self.timeline = Timeline(lambda: (float(self.client.busy_s), int(self.client.served)))
         else:
             self.timeline = Timeline()
-        install(self.engine, self.schedule, self.timeline, on_tick=self.pooled.enter if self.pooled else lambda t: None,
-                serve=self.pooled.serve if self.pooled else None)
+        # deferred weight gradients (pooled schedule): B ticks before a stage's idle ticks keep them for those
+        self.wgrad = None
+        if cfg.train.defer_weight_grads:
+            if self.schedule != "pooled":
+                raise ConfigError(f"train.defer_weight_grads needs the pooled schedule; this run uses {self.schedule} "
+                                  f"({why})")
+            self.wgrad = StageWeightGrads(pipe, weight_grad_plan(cfg.train.pipeline_parallel, cfg.train.micro_batches),
+                                          self.stage)
+        install(self.engine, self.schedule, self.timeline, on_tick=self._enter_tick,
+                serve=self._serve_tick if self.schedule == "pooled" else None, before_tail=self._before_tail)
         self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops(precision, device=self.device)
         self.meter = StepMeter(cfg, info.rank, self.stage, self.dp_rank, self.client, self.attn_timer, self.device)
         self.prefetch = StepPrefetch(self.stream, cfg.train.micro_batches, self._prepare,
                                      background=cfg.train.prefetch,
                                      prepare_step=self.pooled.plan_step if self.pooled is not None else None)
+
+    def _enter_tick(self, tick: int | None) -> None:
+        if self.wgrad is not None:
+            self.wgrad.enter(tick)
+        if self.pooled is not None:
+            self.pooled.enter(tick)
+
+    def _serve_tick(self, tick: int, phase: str) -> bool:
+        """A tick this stage has no micro-batch in: serve its attention rounds, computing the deferred weight
+        gradients the plan put here between them."""
+        jobs = self.wgrad.due(tick) if self.wgrad is not None else []
+        if self.pooled is not None:
+            return self.pooled.serve(tick, phase, jobs, self._run_weight_grads)
+        if jobs:
+            self._run_weight_grads(jobs)
+        return False
+
+    def _run_weight_grads(self, jobs: list) -> None:
+        t0 = time.perf_counter()
+        self.wgrad.run(jobs)
+        self.timeline.span("W", t0)
+
+    def _before_tail(self) -> None:
+        if self.wgrad is not None and self.wgrad.queue.pending:
+            t0 = time.perf_counter()
+            self.wgrad.flush()
+            self.timeline.span("W", t0)
 
     def _cad_client(self):
         """The CAD runtime of this rank's data plane (None with local attention): in-place servers over the
@@ -373,6 +409,8 @@ class Trainer:
         rec["pingpong"] = self.pingpong
         # pooled ticks: the part of blocked_s this rank waited in the rounds of ticks it had no micro-batch in
         rec["blocked_idle_s"] = (self.pooled.idle_blocked_s - idle0) if self.pooled is not None else 0.0
+        if self.wgrad is not None:  # linear layers' weight gradients computed after their backward pass
+            rec["weight_grads_deferred"] = self.wgrad.jobs_run
         return rec
 
     def _agree_on_servers(self) -> dict[str, Any]:

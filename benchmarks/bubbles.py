@@ -97,7 +97,7 @@ def plot(results: list[dict], path: Path) -> bool:
                              squeeze=False, gridspec_kw={"height_ratios": [len(r["spans"]) for r in results]})
     for ax, r in zip(axes[:, 0], results, strict=True):
         for rank, spans in enumerate(r["spans"]):
-            for what, t0, t1 in spans:
+            for what, t0, t1 in sorted(spans, key=lambda sp: sp[0] == "W"):  # W runs inside serve ticks: on top
                 ax.barh(rank, t1 - t0, left=t0, color=COLORS[what], height=0.8, linewidth=0)
         ax.set_yticks(range(len(r["spans"])),
                       [f"rank {i} (stage {s})" for i, s in enumerate(r["stage"])], fontsize=8)

@@ -123,3 +123,18 @@ def test_the_plan_defers_whole_ticks_into_later_ticks_the_stage_only_serves(P, M
             assert all(u > t for t in ts) and len(ts) == 1
     if M >= 2 * P - 1 and P > 1:  # enough steady-state ticks: P - 1 ticks per stage leave the critical path
         assert all(len(d) == P - 1 for d in plan.defer)
+
+
+def test_a_rank_that_serves_no_rounds_runs_its_weight_gradients_at_once():
+    """On the pool data planes a stage idle in a tick has no rounds of its own to take part in: the tick's weight
+    gradients run in one go (in place, the training test checks they run between the rounds)."""
+    from distca.config import load_config
+    from distca.train.pooled import PooledCAD, pooled_placement
+
+    cfg = load_config(None, ["--train.core_attention=cad", "--cluster.data_plane=shm", "--cluster.n_trainers=4",
+                             "--cluster.n_servers=2", "--train.pipeline_parallel=2"])
+    pooled = PooledCAD(cfg, 1, None, pooled_placement(cfg, "shm"), None, serves=False)
+    ran: list[list] = []
+    assert pooled.serve(0, F, ["a", "b", "c"], ran.append) is False
+    assert ran == [["a", "b", "c"]]
+    assert pooled.serve(0, F) is False and ran == [["a", "b", "c"]]

@@ -475,6 +475,36 @@ def average_hardware(parts: list[Hardware], name: str | None = None, weights: li
         sources={**first.sources, "averaged": how})
 
 
+def fastest_hardware(parts: list[Hardware], name: str | None = None) -> Hardware:
+    """Several calibrations of the same host, each component at its fastest: the highest rates (linear FLOP/s,
+    link bandwidth, effective cores) and the shortest times (overheads, optimizer, attention table entries, pool
+    and ping-pong costs) any of them measured.
+
+    Another tenant or a cold start can only slow a calibration down, and one calibration is a few seconds: a slow
+    moment moves every run replayed on it, while the measured runs (minutes) average such moments out. Of the
+    calibrations taken around a run, the fastest reading of each component is the least disturbed one; what other
+    tenants took from the run itself is measured separately (:class:`~distca.sim.hostload.HostLoad`)."""
+    if not parts:
+        raise ValueError("no calibrations to combine")
+    import dataclasses
+
+    first = parts[0]
+    table = dict(first.attention_table or {})
+    if table:
+        table["entries"] = [{**e, "fwd_s": min(p.attention_table["entries"][i]["fwd_s"] for p in parts),
+                             "bwd_s": min(p.attention_table["entries"][i]["bwd_s"] for p in parts)}
+                            for i, e in enumerate(table["entries"])]
+    link = Link(max(p.intra.bandwidth for p in parts), min(p.intra.latency_s for p in parts))
+    return dataclasses.replace(
+        first, name=name or first.name, linear_flops=max(p.linear_flops for p in parts),
+        linear_overhead_s=min(p.linear_overhead_s for p in parts),
+        linear_bwd_overhead_s=min(p.linear_bwd_overhead_s for p in parts),
+        optimizer_s_per_param=min(p.optimizer_s_per_param for p in parts), attention_table=table or None,
+        **{f: min(getattr(p, f) for p in parts) for f in (*POOL_FIELDS, *PINGPONG_FIELDS)},
+        intra=link, inter=link, p2p=link, cores=max(p.cores for p in parts),
+        sources={**first.sources, "combined": f"fastest of {len(parts)} calibrations, per component"})
+
+
 def calibrate_host(cfg: ModelConfig, tokens: tuple[int, ...] = (1024, 2048, 4096), dtype: torch.dtype = torch.float32,
                    threads: int = 1, cores: float | None = None, reps: int = 5, backend: str = "auto",
                    name: str = "this host", ranks: int = 4, pool_rounds: bool = True) -> tuple[Hardware, dict]:

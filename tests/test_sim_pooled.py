@@ -169,6 +169,20 @@ def test_validation_reads_schedule_pingpong_and_prefetch_and_weights_calibration
     assert math.isclose(m.linear_flops, 1.5e9) and math.isclose(m.cores, 1.75)
     with pytest.raises(ValueError, match="weights"):
         average_hardware([a, b], weights=[1.0])
+    # validation replays a run on each component at the faster of the calibrations around it
+    from distca.sim.calibrate import fastest_hardware
+    from distca.sim.hardware import Link
+
+    a = _hw(linear_flops=1e9, cores=2.0, linear_overhead_s=2e-5, intra=Link(1e9, 5e-6), optimizer_s_per_param=1e-9)
+    b = _hw(linear_flops=3e9, cores=1.0, linear_overhead_s=1e-5, intra=Link(2e9, 9e-6), optimizer_s_per_param=3e-9)
+    f = fastest_hardware([a, b])
+    assert (f.linear_flops, f.cores, f.linear_overhead_s, f.optimizer_s_per_param) == (3e9, 2.0, 1e-5, 1e-9)
+    assert (f.intra.bandwidth, f.intra.latency_s) == (2e9, 5e-6) and f.inter == f.intra
+    assert simulate_step(TINY, f, Parallelism(), SimOptions(system="cad"), [MicroBatch([[2048]], [False])]).step_s \
+        <= min(simulate_step(TINY, h, Parallelism(), SimOptions(system="cad"), [MicroBatch([[2048]], [False])]).step_s
+               for h in (a, b))
+    with pytest.raises(ValueError, match="no calibrations"):
+        fastest_hardware([])
 
 
 def test_host_load_interpolates_foreign_cores():

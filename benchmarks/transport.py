@@ -123,13 +123,13 @@ def _send_streams(ep: Endpoint, sizes: list[int], reps: int) -> None:
         seg.close()
 
 
-def _receive_streams(srv: Endpoint, reps: int) -> dict[str, list[dict]]:
+def _receive_streams(srv: Endpoint, reps: int, sizes: list[int]) -> dict[str, list[dict]]:
     """The receiver's side of ``_send_streams``: bytes per second over a stream of messages (after two)."""
-    cache = SegmentCache(max_bytes=WINDOW * max(SIZES), max_segments=4)
+    cache = SegmentCache(max_bytes=WINDOW * max(sizes), max_segments=4)
     out = {}
     for plane in ("ipc stream", "shm stream"):
         rows = out[plane] = []
-        for size in SIZES:
+        for size in sizes:
             buf = torch.empty(size, dtype=torch.uint8)
             n = _stream_count(reps)
             for i in range(n):
@@ -150,14 +150,14 @@ def _receive_streams(srv: Endpoint, reps: int) -> dict[str, list[dict]]:
     return out
 
 
-def _receive_shm(srv: Endpoint, reps: int) -> dict[str, list[dict]]:
+def _receive_shm(srv: Endpoint, reps: int, sizes: list[int]) -> dict[str, list[dict]]:
     """Shared memory: header over ipc, payload copied out of the sender's segment into a buffer, ack back;
     rows for ``shm`` (the payload already in the segment) and ``shm+write`` (the sender writes it first)."""
-    cache = SegmentCache(max_bytes=max(SIZES), max_segments=4)
+    cache = SegmentCache(max_bytes=max(sizes), max_segments=4)
     out = {}
     for variant in ("shm", "shm+write"):
         rows = out[variant] = []
-        for size in SIZES:
+        for size in sizes:
             buf = torch.empty(size, dtype=torch.uint8)
             times = []
             for i in range(reps + 2):
@@ -187,19 +187,20 @@ def _memcpy_gbps(size: int, reps: int) -> float:
     return size / statistics.median(times[2:]) / 1e9
 
 
-def measure(transport: str, reps: int) -> tuple[list[dict], float, int, dict[str, list[dict]]]:
+def measure(transport: str, reps: int,
+            sizes: list[int] = SIZES) -> tuple[list[dict], float, int, dict[str, list[dict]]]:
     """ZeroMQ rows, small-message RTT (µs), receiver RSS growth, and (ipc) the shared-memory rows."""
     ctx = zmq.Context()
     cfg = TransportConfig(transport=transport, host="127.0.0.1", timeout_s=60, secret=None, checksum=False,
                           shm_max_bytes=0)
     srv = Endpoint.server(ctx, cfg, "bench")
     q = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=_sender, args=(transport, q, SIZES, reps), daemon=True)
+    proc = mp.get_context("spawn").Process(target=_sender, args=(transport, q, sizes, reps), daemon=True)
     proc.start()
     q.put(srv.address)
     rows = []
     rss = []
-    for size in SIZES:
+    for size in sizes:
         buf = torch.empty(size, dtype=torch.uint8)
         times = []
         for i in range(reps + 2):
@@ -231,11 +232,11 @@ def measure(transport: str, reps: int) -> tuple[list[dict], float, int, dict[str
             if i >= 2:
                 times.append(time.perf_counter() - t0)
         row["raw_gbps"] = row["bytes"] / statistics.median(times) / 1e9
-    shm = {**_receive_shm(srv, reps), **_receive_streams(srv, reps)} if transport == "ipc" else {}
+    shm = {**_receive_shm(srv, reps, sizes), **_receive_streams(srv, reps, sizes)} if transport == "ipc" else {}
     proc.join(timeout=30)
     srv.close()
     ctx.term()
-    return rows, statistics.median(rtts[10:]) * 1e6, max(rss) - min(rss[len(SIZES) * 2:] or rss), shm
+    return rows, statistics.median(rtts[10:]) * 1e6, max(rss) - min(rss[len(sizes) * 2:] or rss), shm
 
 
 def server_memory(rounds: int) -> dict[str, dict]:
@@ -277,15 +278,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--memory-rounds", type=int, default=100, help="server rounds for the flat-memory check")
+    p.add_argument("--max-mb", type=int, default=64, help="largest message measured (MB; smaller ones: a quick run)")
     args = p.parse_args()
     # One thread, as a server runs: a copy split over two threads waits for the second thread's wake-up,
     # a scheduler tick on a busy machine, which would swamp the copies measured here.
     torch.set_num_threads(1)
-    info = run_info(torch.device("cpu"), reps=args.reps)
+    info = run_info(torch.device("cpu"), reps=args.reps, max_mb=args.max_mb)
     table, results = [], {}
     size_name = lambda n: f"{n >> 10} KB" if n < 1 << 20 else f"{n >> 20} MB"  # noqa: E731
     for transport in ("ipc", "tcp"):
-        rows, rtt_us, _, shm = measure(transport, args.reps)
+        rows, rtt_us, _, shm = measure(transport, args.reps, [n for n in SIZES if n <= args.max_mb << 20])
         results[transport] = {"rows": rows, "rtt_us": rtt_us}
         results.update({variant: {"rows": shm_rows} for variant, shm_rows in shm.items()})
     for transport, res in results.items():

@@ -37,7 +37,7 @@ def test_scheduler_benchmark_runs(tmp_path):
 
 
 def test_transport_benchmark_runs():
-    out = _run("benchmarks/transport.py", "--reps", "1", "--memory-rounds", "2")
+    out = _run("benchmarks/transport.py", "--reps", "1", "--memory-rounds", "2", "--max-mb", "4")
     assert "| ipc " in out and "| tcp " in out and "| shm " in out and "small-message RTT" in out
     assert "| server (shm) " in out and "segments 1 -> 1" in out
 
@@ -105,16 +105,16 @@ def test_train_benchmark_runs(tmp_path):
 
 
 def test_short_soak_finds_no_leak(tmp_path):
-    """The soak benchmark at 12 steps of the tiny CAD config (its server pool included): no memory or descriptor
+    """The soak benchmark at 8 steps of the tiny CAD config (its server pool included): no memory or descriptor
     growth per rank beyond the soak's bounds after warm-up, and no error."""
     import json
 
-    out = _run("benchmarks/soak.py", "--steps", "12", "--out-dir", str(tmp_path), "--model.n_layers=2",
+    out = _run("benchmarks/soak.py", "--steps", "8", "--out-dir", str(tmp_path), "--model.n_layers=2",
                "--model.hidden=64", "--model.n_heads=4", "--model.ffn_hidden=172", "--train.tokens_per_rank=256",
                "--train.peak_tflops=1", "--train.tensorboard=false", "--attention.shard_tokens=64")
     assert "verdict: OK" in out, out[-2000:]
     analysis = json.loads((tmp_path / "soak.json").read_text())["analysis"]
-    assert analysis["steps"] == 12 and len(analysis["per_rank"]) == 4
+    assert analysis["steps"] == 8 and len(analysis["per_rank"]) == 4
     assert len(analysis["server_peak_growth_mb"]) == 4
 
 

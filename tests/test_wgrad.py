@@ -138,3 +138,37 @@ def test_a_rank_that_serves_no_rounds_runs_its_weight_gradients_at_once():
     assert pooled.serve(0, F, ["a", "b", "c"], ran.append) is False
     assert ran == [["a", "b", "c"]]
     assert pooled.serve(0, F) is False and ran == [["a", "b", "c"]]
+
+
+def test_spread_cuts_jobs_into_equal_shares_whose_gradients_add_up():
+    """A serving tick spreads its jobs over the gaps before its rounds in shares of equal work, cutting a big job
+    (the LM head's) at token rows; the cut jobs give the same gradients."""
+    from distca.train.wgrad import spread
+
+    model, ref = _model(vocab_size=1024), _model(vocab_size=1024)
+    queue = WeightGradQueue()
+    install(model, queue)
+    queue.tag = 0
+    _loss(model, 1).backward()
+    jobs = queue.take_all()
+    _loss(ref, 1).backward()
+    head = next(j for j in jobs if j.layer is model.head)
+    assert head.flops > 5 * max(j.flops for j in jobs if j.layer is not model.head)  # the big one
+    for gaps in (1, 2, 3, 7):
+        groups = spread(jobs, gaps)
+        assert len(groups) == gaps
+        work = [sum(j.flops for j in g) for g in groups]
+        assert abs(sum(work) - sum(j.flops for j in jobs)) < 1e-6 * sum(work)
+        row = max(j.flops / j.rows for j in jobs)
+        assert all(abs(w - sum(work) / gaps) <= row + 1e-6 for w in work[:-1])  # equal shares, to one row
+    for p in model.parameters():
+        p.grad = None
+    _loss(model, 1).backward()  # the input gradients again (the queue is still collecting: weights wait)
+    queue.take_all()
+    WeightGradQueue.run([j for g in spread(jobs, 7) for j in g])
+    for (name, a), b in zip(model.named_parameters(), ref.parameters(), strict=True):
+        if name.startswith("embed") or "norm" in name:
+            continue  # their gradients came from both backward passes
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13, msg=name)
+    with pytest.raises(ValueError, match="cannot split"):
+        head.split_at(0)

@@ -40,6 +40,7 @@ from distca.runtime.pooled_attention import PooledCoreAttention, TickNanoPlans, 
 from distca.scheduler import BatchLayout, Placement, Plan, make_plan
 from distca.train.pipe import MicroContext, runner_only
 from distca.train.schedule import B, F, active_ticks, backward_tick, forward_tick, tick_micros, tick_phase
+from distca.train.wgrad import spread
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +197,9 @@ class PooledCAD:
 
     def serve(self, tick: int, phase: str, work: Sequence = (), run: Callable[[list], None] | None = None) -> bool:
         """Issue ``tick``'s rounds with no rows of this rank's own (a stage idle while others compute); True when
-        this rank served them. ``work`` (deferred weight gradients, :mod:`distca.train.wgrad`) is spread evenly
-        over the gaps before the rounds, where the active stages run their linear work, by ``run(items)``;
-        a rank that serves no rounds runs it all at once."""
+        this rank served them. ``work`` (deferred weight-gradient jobs, :mod:`distca.train.wgrad`) is spread over
+        the gaps before the rounds, where the active stages run their linear work, in shares of equal FLOPs
+        (:func:`~distca.train.wgrad.spread`), by ``run(jobs)``; a rank that serves no rounds runs it at once."""
         work = list(work)
         if not self.serves:
             if work and run is not None:
@@ -215,7 +216,7 @@ class PooledCAD:
         if self.table.tick != tick or tick_phase(tick) != phase:
             raise RuntimeError(f"serving tick {tick} ({phase}) while the schedule is in tick {self.table.tick}")
         rounds = self.rounds[phase]
-        cut = [len(work) * i // len(rounds) for i in range(len(rounds) + 1)] if rounds else []
+        groups = spread(work, len(rounds)) if rounds and work else []
         m, dev, dt = self.cfg.model, self.device, self.dtype
         q = torch.empty((0, m.n_heads, m.head_dim), dtype=dt, device=dev)
         kv = torch.empty((0, m.n_kv_heads, m.head_dim), dtype=dt, device=dev)
@@ -223,9 +224,9 @@ class PooledCAD:
         lse = torch.empty((0, m.n_heads), dtype=lse_dtype(dt), device=dev)
         with torch.no_grad():
             for i, (kind, w) in enumerate(rounds):
-                if run is not None and cut[i + 1] > cut[i]:
+                if run is not None and groups and groups[i]:
                     with torch.enable_grad():  # weight gradients go to autograd for their parameters
-                        run(work[cut[i]:cut[i + 1]])
+                        run(groups[i])
                 plan = self.table.plan(tick, w)
                 if isinstance(plan, tuple):  # ping-pong: the rounds of a call go nano-batch by nano-batch
                     plan = plan[i % len(plan)]

@@ -34,6 +34,21 @@ class WeightGradJob:
     x: torch.Tensor
     gy: torch.Tensor
 
+    @property
+    def rows(self) -> int:
+        return self.x.numel() // self.x.shape[-1]
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.rows * self.x.shape[-1] * self.gy.shape[-1]
+
+    def split_at(self, rows: int) -> tuple[WeightGradJob, WeightGradJob]:
+        """The job as two: its first ``rows`` token rows and the rest (their gradients add up to this one's)."""
+        x, gy = self.x.reshape(-1, self.x.shape[-1]), self.gy.reshape(-1, self.gy.shape[-1])
+        if not 0 < rows < len(x):
+            raise ValueError(f"cannot split a job of {len(x)} rows at {rows}")
+        return WeightGradJob(self.layer, x[:rows], gy[:rows]), WeightGradJob(self.layer, x[rows:], gy[rows:])
+
     def run(self) -> None:
         w, b = self.layer.weight, self.layer.bias
         gy = self.gy.reshape(-1, self.gy.shape[-1])
@@ -43,6 +58,35 @@ class WeightGradJob:
             params.append(b)
             grads.append(gy.sum(0).to(b.dtype))
         torch.autograd.backward(params, grads)  # accumulate as autograd would: into .grad, through its hooks
+
+
+def spread(jobs: list[WeightGradJob], gaps: int) -> list[list[WeightGradJob]]:
+    """``jobs`` in ``gaps`` groups of about equal work (FLOPs), in order; a job that does not fit the rest of a
+    group is cut at a token row (the LM head's job is many times a block linear's). Every group but the last
+    holds its share to within one row of one job."""
+    if gaps < 1:
+        raise ValueError(f"need at least one gap, got {gaps}")
+    out: list[list[WeightGradJob]] = [[] for _ in range(gaps)]
+    per = sum(j.flops for j in jobs) / gaps
+    g, room = 0, per
+    todo = list(reversed(jobs))
+    while todo:
+        job = todo.pop()
+        if g == gaps - 1 or job.flops <= room * (1 + 1e-9):
+            out[g].append(job)
+            room -= job.flops
+        else:
+            take = int(job.rows * room / job.flops)
+            if take >= 1:
+                first, rest = job.split_at(take)
+                out[g].append(first)
+                todo.append(rest)
+            else:
+                todo.append(job)
+            room = 0.0
+        if room <= per * 1e-9 and g < gaps - 1:
+            g, room = g + 1, room + per
+    return out
 
 
 class WeightGradQueue:
@@ -138,7 +182,7 @@ class StageWeightGrads:
         self.plan, self.stage = plan, stage
         self.queue = WeightGradQueue()
         self.layers = install(module, self.queue)
-        self.jobs_run = 0  # weight-gradient jobs run deferred, this step
+        self.jobs_run = 0  # weight-gradient jobs (one per linear call) run deferred, this step
 
     def enter(self, tick: int | None) -> None:
         """The schedule starts ``tick``; None: the step's schedule is over (jobs still kept are dropped, which
@@ -152,16 +196,20 @@ class StageWeightGrads:
         self.queue.tag = tick if tick in self.plan.defer[self.stage] else None
 
     def due(self, tick: int) -> list[WeightGradJob]:
-        """The jobs to run in ``tick``, which this stage only serves in."""
-        return self.queue.take(self.plan.run_in(self.stage, tick))
-
-    def run(self, jobs: list[WeightGradJob]) -> None:
-        WeightGradQueue.run(jobs)
+        """The jobs to run in ``tick``, which this stage only serves in (counted in ``jobs_run``: the serving tick
+        runs them, in pieces if it cuts them)."""
+        jobs = self.queue.take(self.plan.run_in(self.stage, tick))
         self.jobs_run += len(jobs)
+        return jobs
+
+    @staticmethod
+    def run(jobs: list[WeightGradJob]) -> None:
+        WeightGradQueue.run(jobs)
 
     def flush(self) -> int:
         """Run every job still kept (before the gradients are reduced); how many there were."""
         self.queue.tag = None
         jobs = self.queue.take_all()
         self.run(jobs)
+        self.jobs_run += len(jobs)
         return len(jobs)

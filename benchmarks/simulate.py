@@ -223,7 +223,7 @@ def grid(args) -> None:
     hw = load_hardware(args.hardware)
     schedules = _schedules(args.schedule)
     idle_aware = "pooled" in schedules and not args.no_idle_aware
-    wgrad = "pooled" in schedules and not args.no_wgrad
+    wgrad = not args.no_wgrad
     points = [p for p in paper_grid() if args.mode == "all" or p.mode == args.mode]
     results = run_grid(hw, seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong, schedules=schedules,
                        idle_aware=idle_aware, layer_chunks=args.layer_chunks, defer_wgrad=wgrad, points=points)
@@ -232,7 +232,7 @@ def grid(args) -> None:
                     deferred_weight_grads=wgrad, mode=args.mode, layer_chunks=args.layer_chunks or "per layer")
     lines = [*header_lines(f"Simulated speedup at the paper's scales ({hw.name})", info), *grid_rows(results)]
     lines += ["", *summary_rows(results), ""]
-    for sch in (*schedules, *(["pooled+wgrad"] if wgrad else [])):
+    for sch in (*schedules, *([f"{x}+wgrad" for x in schedules] if wgrad else [])):
         sp = [r["cad"][sch]["speedup_vs_wlb"] for r in results]
         lows = [r["paper_range"][0] for r in results]
         inside = sum(1 for r, x in zip(results, sp, strict=True) if r["paper_range"][0] <= x <= r["paper_range"][1])
@@ -317,7 +317,7 @@ def main() -> None:
     g.add_argument("--no-idle-aware", action="store_true",
                    help="skip the pooled schedule's idle-aware what-if balance (4D points)")
     g.add_argument("--no-wgrad", action="store_true",
-                   help="leave out the pooled schedule with deferred weight gradients (train.defer_weight_grads)")
+                   help="leave out the schedules with deferred weight gradients (train.defer_weight_grads)")
     g.add_argument("--mode", choices=["3d", "4d", "all"], default="all",
                    help="only the grid's 3D or 4D points (deferred weight gradients change only 4D)")
     g.add_argument("--layer-chunks", type=int, default=0,

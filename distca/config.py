@@ -458,10 +458,11 @@ class TrainConfig:
     # stages serve attention). "auto": pooled for CAD on a data plane that supports it with more than one stage,
     # else 1f1b (distca.parts.pipeline_schedule says which and why).
     pipeline_schedule: Literal["auto", "1f1b", "pooled"] = "auto"
-    # Pooled schedule only: backward passes in the ticks before a stage's warm-up/cool-down ticks leave their linear
-    # layers' weight gradients for later, and the stage computes them in the ticks it would only serve attention in
-    # (distca.train.wgrad; zero-bubble style). The same gradients; the critical path loses P - 1 micro-batches'
-    # weight-gradient work. Needs DeepSpeed to accumulate gradients through autograd: not bf16 with zero_stage 0.
+    # Deferred weight gradients (distca.train.wgrad; zero-bubble style, ZB-H1's amount): some backward passes leave
+    # their linear layers' weight gradients for later. Pooled: the stage computes them in a later tick it would only
+    # serve attention in; 1F1B: stage s keeps its last s and computes them after its last backward. The same
+    # gradients up to summation order, less work on the pipeline's critical path; more memory held (the kept
+    # layers' inputs and output gradients). Not with bf16 and zero_stage 0 (DeepSpeed's bf16 optimizer).
     defer_weight_grads: bool = False
 
     def __post_init__(self) -> None:
@@ -483,9 +484,6 @@ class TrainConfig:
             raise ConfigError("train.defer_weight_grads cannot run with precision bf16 and zero_stage 0: DeepSpeed's "
                               "bf16 optimizer then clears the model's gradients before every backward pass, so "
                               "weight gradients computed later would be lost (use zero_stage 1)")
-        if self.defer_weight_grads and self.pipeline_schedule == "1f1b":
-            raise ConfigError("train.defer_weight_grads needs train.pipeline_schedule pooled (or auto resolving to "
-                              "it): it runs weight gradients in the ticks a stage only serves attention in")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
         if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.grad_clip < 0 or self.max_restarts < 0:
@@ -522,12 +520,6 @@ class DistCAConfig:
             why = self.pooled_obstacle()
             if why:
                 raise ConfigError(f"train.pipeline_schedule: pooled is not possible here: {why}")
-        if self.train.defer_weight_grads and self.train.pipeline_schedule == "auto":  # as distca.parts resolves it
-            why = ("core attention is local" if self.train.core_attention != "cad" else
-                   "there is one pipeline stage" if pp == 1 else self.pooled_obstacle())
-            if why:
-                raise ConfigError("train.defer_weight_grads needs the pooled schedule, and train.pipeline_schedule: "
-                                  f"auto is 1f1b here ({why}); set train.pipeline_schedule: pooled or turn it off")
 
     @property
     def data_parallel(self) -> int:

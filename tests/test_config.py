@@ -54,10 +54,6 @@ def test_overrides_change_typed_fields(tmp_path):
         ("", ["--transport.shm_max_mb", "-1"], r"transport\.shm_max_mb must be in \[0, 1048576\]"),
         ("", ["--train.defer_weight_grads", "true", "--train.precision", "bf16", "--train.zero_stage", "0"],
          r"train\.defer_weight_grads cannot run with precision bf16 and zero_stage 0"),
-        ("", ["--train.defer_weight_grads", "true", "--train.pipeline_schedule", "1f1b"],
-         r"train\.defer_weight_grads needs train\.pipeline_schedule pooled"),
-        ("", ["--train.defer_weight_grads", "true", "--train.core_attention", "local"],
-         r"train\.defer_weight_grads needs the pooled schedule, .* \(core attention is local\)"),
     ],
 )
 def test_invalid_configs_name_the_offending_key(tmp_path, yaml_text, overrides, match):

@@ -117,8 +117,8 @@ def test_idle_share_counts_serving_attention_as_busy():
 @pytest.mark.parametrize("pp,m", [(2, 4), (4, 8)])
 def test_deferred_weight_gradients_move_linear_work_into_serving_ticks(pp, m):
     """``defer_wgrad``: the same linear work per device (half of each deferred backward's moves to a tick the stage
-    only serves in), a shorter step and less idle time in the warm-up/cool-down ticks; no deferral at all when the
-    pipeline has no steady-state tick to defer from."""
+    only serves in, or on 1F1B to after the stage's last backward), a shorter step, and on the pooled ticks less
+    idle time in the warm-up/cool-down ticks."""
     from distca.train.schedule import weight_grad_plan
 
     mbs = [_micro(2048, [4096]), _micro(2048, [1024] * 4), _micro(2048, [3000, 1096]), _micro(2048, [4096])] * (m // 4)
@@ -132,8 +132,13 @@ def test_deferred_weight_gradients_move_linear_work_into_serving_ticks(pp, m):
         assert math.isclose(deferred.per_device[d]["linear"], pooled.per_device[d]["linear"], rel_tol=1e-9)
     assert deferred.step_s < pooled.step_s
     assert deferred.idle_split_s["partial"] < pooled.idle_split_s["partial"]
-    with pytest.raises(ValueError, match="pooled schedule only"):
-        SimOptions(system="cad", defer_wgrad=True)
+    # 1F1B (CAD and colocated attention): stage s's last s backward passes keep theirs for after its last backward
+    for system in ("cad", "colocated"):
+        one = simulate_step(cfg, hw, par, SimOptions(system=system), mbs)
+        kept = simulate_step(cfg, hw, par, SimOptions(system=system, defer_wgrad=True), mbs)
+        for d in range(len(one.per_device)):
+            assert math.isclose(kept.per_device[d]["linear"], one.per_device[d]["linear"], rel_tol=1e-9)
+        assert kept.step_s < one.step_s, system
 
 
 def test_prefetched_plans_leave_the_critical_path():

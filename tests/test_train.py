@@ -207,13 +207,19 @@ def test_collective_data_plane_matches_local_every_step(local_run, pools, tmp_pa
     """CAD on the dedicated pool with the rows moving by all-to-all in each stage's data-plane group (the stage's
     trainers and the pool's servers in one gloo group; ZeroMQ only for control): the colocated run's loss at every
     one of its steps. Without ping-pong: each block's attention is one round per micro-batch (the other runs
-    cover ping-pong on)."""
+    cover ping-pong on). On DeepSpeed's 1F1B with deferred weight gradients: stage 1 keeps its last backward's
+    (one job per linear layer: its block's 7 and the head) for after its last backward."""
     _, local = local_run
     cfg = tiny(tmp_path, **{"train.core_attention": "cad", "cluster.data_plane": "collective",
-                            "cluster.placement": "dedicated", "train.pingpong": False})
+                            "cluster.placement": "dedicated", "train.pingpong": False,
+                            "train.defer_weight_grads": True})
     res = run(cfg, pools, run_steps=SHORT)  # the first SHORT steps of the same 20-step schedule
     assert [r["data_plane"] for r in res.records] == ["collective"] * SHORT  # no silent fallback
     assert not any(r["pingpong"] for r in res.records)
+    assert {r["pipeline_schedule"] for r in res.records} == {"1f1b"}
+    assert all(r["weight_grads_deferred_per_rank"] == [0, 0, 8, 8] for r in res.records)
+    assert all(sum(what == "W" for what, _, _ in spans) == (stage == 1)  # one flush, before the optimizer
+               for r in res.records for spans, stage in zip(r["spans_per_rank"], r["stage_per_rank"], strict=True))
     assert_same_curve(local.losses[:SHORT], res.losses)
     assert max(r["attn_load_max_over_mean_planned"] for r in res.records) < 1.1
     assert all(r["attn_load_max_over_mean_measured"] for r in res.records)  # the servers' busy time, by PING

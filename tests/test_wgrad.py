@@ -172,3 +172,18 @@ def test_spread_cuts_jobs_into_equal_shares_whose_gradients_add_up():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13, msg=name)
     with pytest.raises(ValueError, match="cannot split"):
         head.split_at(0)
+
+
+@pytest.mark.parametrize("P,M", [(2, 2), (3, 5), (4, 8), (4, 2)])
+def test_on_1f1b_stage_s_defers_its_last_s_backward_passes(P, M):
+    from deepspeed.runtime.pipe.schedule import TrainSchedule
+
+    from distca.train.schedule import one_f_one_b_weight_grad_plan
+
+    plan = one_f_one_b_weight_grad_plan(P, M)
+    for s in range(P):
+        sched = TrainSchedule(micro_batches=M, stages=P, stage_id=s)
+        backward = {t: m for t in range(2 * (M + P - 1))
+                    for m, fwd in [sched._step_to_micro_batch(t)] if not fwd and sched._valid_micro_batch(m)}
+        assert sorted(backward[t] for t in plan.defer[s]) == list(range(max(0, M - s), M))
+        assert plan.runs[s] == {}  # all flushed before the optimizer

@@ -109,8 +109,8 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
     """Median step time of CAD (per pipeline schedule), plain colocated and the best WLB-style CP degree
     over ``seeds`` steps. ``layer_chunks=0``: one attention round per layer (ping-pong per layer, forward
     and backward). With ``idle_aware`` the pooled schedule is also run with the idle-aware what-if balance
-    (4D only), and with ``defer_wgrad`` also with deferred weight gradients (``pooled+wgrad``). Without a pipeline
-    (pp = 1) the pooled schedules are 1F1B: its result is copied."""
+    (4D only), and with ``defer_wgrad`` each schedule also with deferred weight gradients (``<schedule>+wgrad``).
+    Without a pipeline (pp = 1) the pooled schedule and deferral change nothing: the 1F1B result is copied."""
     if pt.nodes % pt.pp:
         raise ValueError(f"{pt.label}: {pt.nodes} nodes do not split into pp={pt.pp} stages")
     if not schedules:
@@ -123,9 +123,10 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
     if idle_aware and pt.pp > 1:
         variants["pooled+idle_aware"] = SimOptions(system="cad", pingpong=pingpong, eps=eps,
                                                    layer_chunks=layer_chunks, schedule="pooled", idle_aware=True)
-    if defer_wgrad:  # one stage: nothing to defer, the pooled result is copied like the pooled schedule's
-        variants["pooled+wgrad"] = SimOptions(system="cad", pingpong=pingpong, eps=eps, layer_chunks=layer_chunks,
-                                              schedule="pooled", defer_wgrad=True)
+    if defer_wgrad:  # one stage: nothing to defer, the result is copied like the pooled schedule's
+        for sch in schedules:
+            variants[f"{sch}+wgrad"] = SimOptions(system="cad", pingpong=pingpong, eps=eps, layer_chunks=layer_chunks,
+                                                  schedule=sch, defer_wgrad=True)
     col_opt = SimOptions(system="colocated", layer_chunks=layer_chunks)
     cost = _doc_cost(cfg, hw, pt.tp)
     rows: dict[str, list] = {"colocated": [], "wlb": []}
@@ -138,7 +139,7 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
         done: dict[str, StepReport] = {}
         for name, opt in variants.items():
             same = next((done[k] for k in ("1f1b", "pooled") if k in done), None)
-            if pt.pp == 1 and opt.schedule == "pooled" and same is not None:
+            if pt.pp == 1 and (opt.schedule == "pooled" or opt.defer_wgrad) and same is not None:
                 r = same  # one stage: the same ticks, the same plans, nothing to defer
             else:
                 r = simulate_step(cfg, hw, base, opt, plain)

@@ -9,7 +9,8 @@ from distca.sim.hardware import Hardware
 from distca.sim.predict import PAPER_RANGES, PAPER_RANGES_34B_4D, paper_grid, predict_point
 
 MODEL_CONFIGS = {"8b": "configs/llama3-8b-128k.yaml", "34b": "configs/llama-34b-512k.yaml"}
-LABELS = {"1f1b": "1F1B", "pooled": "pooled", "pooled+idle_aware": "idle-aware", "pooled+wgrad": "pooled+W"}
+LABELS = {"1f1b": "1F1B", "pooled": "pooled", "pooled+idle_aware": "idle-aware", "pooled+wgrad": "pooled+W",
+          "1f1b+wgrad": "1F1B+W"}
 
 
 def paper_range(model: str, mode: str, dist: str) -> tuple[float, float]:

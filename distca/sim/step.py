@@ -124,10 +124,11 @@ class SimOptions:
     # of the second half of every rank's rows, each planned with the whole micro-batch's keys, so a
     # document keeps all its attention and each round sends every key row its tasks need
     nano_split: Literal["repack", "rows"] = "repack"
-    # pooled only: deferred weight gradients (distca.train.wgrad, train.defer_weight_grads): the backward passes of
-    # the B ticks distca.train.schedule.weight_grad_plan names run their linear layers' input gradients only (half
-    # the backward linear work, the head's too); each stage runs the other half in later ticks it only serves in,
-    # spread over the gaps before that tick's rounds
+    # deferred weight gradients (distca.train.wgrad, train.defer_weight_grads): the deferred backward passes run
+    # their linear layers' input gradients only (half the backward linear work, the head's too). Pooled: the B
+    # ticks distca.train.schedule.weight_grad_plan names, the other half in a later tick the stage only serves in,
+    # spread over the gaps before that tick's rounds. 1F1B: stage s's last s backward passes, the other half after
+    # its last backward, before the optimizer (one_f_one_b_weight_grad_plan)
     defer_wgrad: bool = False
 
     def __post_init__(self) -> None:
@@ -135,8 +136,6 @@ class SimOptions:
             raise ValueError(f"schedule must be '1f1b' or 'pooled', got {self.schedule!r}")
         if self.schedule == "pooled" and self.system != "cad":
             raise ValueError("the pooled schedule pools CAD's attention tasks: it needs system='cad'")
-        if self.defer_wgrad and self.schedule != "pooled":
-            raise ValueError("deferred weight gradients are modelled for the pooled schedule only")
         if self.idle_aware and self.schedule != "pooled":
             raise ValueError("idle_aware balancing is modelled for the pooled schedule only")
         if not self.plan_s >= 0:
@@ -487,6 +486,7 @@ class _Builder:
         sent: dict[tuple[str, int, int, int], int] = {}  # (pass, stage, replica, micro) -> transfer task
         self.wplan = weight_grad_plan(par.pp, par.micro_batches) if opt.defer_wgrad else None
         self.deferring: set[int] = set()  # stages whose backward in this tick leaves its weight gradients
+        self.kept_w: dict[tuple[int, int], float] = {}  # 1F1B: per device, weight-gradient work left for the end
         if opt.schedule == "pooled":
             for t, (phase, active) in enumerate(pooled_ticks(par.pp, par.micro_batches)):
                 if active:  # a tick where no stage has work has no round and costs nothing
@@ -524,6 +524,10 @@ class _Builder:
     def _pass(self, kind: str, s: int, m: int, sent: dict) -> None:
         which = "fwd" if kind == "F" else "bwd"
         keys = [(s, r) for r in range(self.n_rep)]
+        # 1F1B with deferred weight gradients: stage s's last s backward passes (one_f_one_b_weight_grad_plan)
+        self.deferring = {s} if self.opt.defer_wgrad and kind == "B" and m >= self.par.micro_batches - s else set()
+        for key in keys if self.deferring else ():
+            self.kept_w[key] = self.kept_w.get(key, 0.0) + self._weight_grads_of(s, m, key[1])
         self._pass_start(kind, s, m, sent)
         blocks = self.c.stage_blocks[s] if kind == "F" else list(reversed(self.c.stage_blocks[s]))
         for chunk in _chunks(blocks, self.opt.layer_chunks):
@@ -532,6 +536,7 @@ class _Builder:
             else:
                 self._local_chunk(s, m, chunk, which, keys)
         self._pass_end(kind, s, m, sent)
+        self.deferring = set()
 
     def _tick(self, t: int, phase: str, active: dict[int, int], sent: dict) -> None:
         """One tick of the pooled schedule: every active stage runs ``phase`` of its micro-batch; per
@@ -563,14 +568,12 @@ class _Builder:
     def _weight_grads(self, s: int, r: int, ticks: tuple[int, ...]) -> float:
         """The weight-gradient half of stage ``s``'s backward linear work (its head's too) for the micro-batches it
         deferred in ``ticks``, on replica ``r``'s device."""
-        total = 0.0
-        for u in ticks:
-            m = tick_micro(u, s, self.par.pp, self.par.micro_batches)
-            t = self._tokens(m, r)
-            total += self.c.linear(t, len(self.c.stage_blocks[s]), "bwd", 1.0) / 2
-            if s == self.par.pp - 1:
-                total += self.c.head(t, "bwd") / 2
-        return total
+        return sum(self._weight_grads_of(s, tick_micro(u, s, self.par.pp, self.par.micro_batches), r) for u in ticks)
+
+    def _weight_grads_of(self, s: int, m: int, r: int) -> float:
+        t = self._tokens(m, r)
+        w = self.c.linear(t, len(self.c.stage_blocks[s]), "bwd", 1.0) / 2
+        return w + (self.c.head(t, "bwd") / 2 if s == self.par.pp - 1 else 0.0)
 
     def _pass_start(self, kind: str, s: int, m: int, sent: dict) -> None:
         for r in range(self.n_rep):
@@ -608,8 +611,9 @@ class _Builder:
     def _local_chunk(self, s, m, chunk, which, keys):
         c, par = self.c, self.par
         firsts = {}
+        dgrad = which == "bwd" and s in self.deferring
         for r in range(self.n_rep):
-            firsts[r] = self._on((s, r), self._pre_post(m, r, chunk, which)[0], "linear")
+            firsts[r] = self._on((s, r), self._pre_post(m, r, chunk, which, dgrad)[0], "linear")
         # the stage's keys gather (colocated: split documents) or the CP group's gather (wlb)
         if self.opt.system == "colocated" and any(self.micro[m].continues):
             nbytes = self._tokens(m, 0) * 2 * c.shape.n_kv_heads * c.shape.head_dim * self.opt.dtype_bytes
@@ -625,7 +629,7 @@ class _Builder:
                 t = len(chunk) * self.hw.allgather_s(nbytes, par.cp, same) * (1 if which == "fwd" else 2)
                 self._on(key, t, "cp_comm", core=False)
             self._on(key, self._block_attn(self.rep_attn[m][(r, which)], chunk), "attention")
-            self._on(key, self._pre_post(m, r, chunk, which)[1], "linear")
+            self._on(key, self._pre_post(m, r, chunk, which, dgrad)[1], "linear")
 
     def _cad_link(self, s: int):
         """The link CAD traffic of stage ``s`` crosses: inside a node when the whole pool is in one."""
@@ -720,6 +724,8 @@ class _Builder:
     def _optimizer(self) -> None:
         par, hw, c = self.par, self.hw, self.c
         n_blocks = self.cfg.n_layers // par.pp
+        for key, w in self.kept_w.items():  # 1F1B: deferred weight gradients, after the stage's last backward
+            self._on(key, w, "linear")
         for s in range(par.pp):
             keys = [(s, r) for r in range(self.n_rep)]
             params = model_params(self.cfg) * n_blocks / self.cfg.n_layers / par.tp

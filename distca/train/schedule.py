@@ -169,6 +169,27 @@ def weight_grad_plan(stages: int, micro_batches: int) -> WeightGradPlan:
                           tuple({u: tuple(ts) for u, ts in sorted(r.items())} for r in runs))
 
 
+def one_f_one_b_weight_grad_plan(stages: int, micro_batches: int) -> WeightGradPlan:
+    """Deferred weight gradients on DeepSpeed's 1F1B schedule (steps of its ``TrainSchedule``, as the timeline
+    numbers them): stage ``s`` keeps the weight gradients of its last ``s`` backward passes and computes them
+    after its last backward, before the optimizer's reductions (``runs`` is empty: everything is flushed then).
+    In 1F1B's cool-down each backward waits for the stage above, so the chain of last backward passes down the
+    stages gets shorter by one weight gradient per hop, and stage ``s``'s ``s`` kept jobs fit in the ``s`` hops
+    below it (ZB-H1's amount; stage 0 keeps none)."""
+    _, _, ds = _deepspeed_classes()
+    P, M = stages, micro_batches
+    defer = []
+    for s in range(P):
+        sched = ds.TrainSchedule(micro_batches=M, stages=P, stage_id=s)
+        steps = set()
+        for t in range(2 * (M + P - 1)):
+            m, forward = sched._step_to_micro_batch(t)
+            if not forward and sched._valid_micro_batch(m) and m >= M - s:
+                steps.add(t)
+        defer.append(frozenset(steps))
+    return WeightGradPlan(tuple(defer), tuple({} for _ in range(P)))
+
+
 # -- DeepSpeed --------------------------------------------------------------------------------------------------
 @functools.cache
 def _deepspeed_classes():

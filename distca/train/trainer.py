@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from distca.attention import resolve_backend
-from distca.config import ConfigError, DistCAConfig
+from distca.config import DistCAConfig
 from distca.masks import key_order
 from distca.model.core import DocLayout
 from distca.parts import (
@@ -53,7 +53,7 @@ from distca.train.pooled import PooledCAD, check_topology, describe, pooled_clie
 from distca.train.prefetch import StepPrefetch
 from distca.train.quiet import library_prints
 from distca.train.rank import RankInfo, bind_device, dist_backend, ds_accelerator, init_process_group
-from distca.train.schedule import Timeline, install, weight_grad_plan
+from distca.train.schedule import Timeline, install, one_f_one_b_weight_grad_plan, weight_grad_plan
 from distca.train.wgrad import StageWeightGrads
 
 log = logging.getLogger(__name__)
@@ -237,14 +237,12 @@ class Trainer:
             self.timeline = Timeline(lambda: (float(self.client.busy_s), int(self.client.served)))
         else:
             self.timeline = Timeline()
-        # deferred weight gradients (pooled schedule): B ticks before a stage's idle ticks keep them for those
+        # deferred weight gradients: pooled, B ticks before a stage's serving ticks keep them for those; 1F1B, the
+        # last backward passes of the upper stages keep them for after their last backward
         self.wgrad = None
         if cfg.train.defer_weight_grads:
-            if self.schedule != "pooled":
-                raise ConfigError(f"train.defer_weight_grads needs the pooled schedule; this run uses {self.schedule} "
-                                  f"({why})")
-            self.wgrad = StageWeightGrads(pipe, weight_grad_plan(cfg.train.pipeline_parallel, cfg.train.micro_batches),
-                                          self.stage)
+            plan = weight_grad_plan if self.schedule == "pooled" else one_f_one_b_weight_grad_plan
+            self.wgrad = StageWeightGrads(pipe, plan(cfg.train.pipeline_parallel, cfg.train.micro_batches), self.stage)
         install(self.engine, self.schedule, self.timeline, on_tick=self._enter_tick,
                 serve=self._serve_tick if self.schedule == "pooled" else None, before_tail=self._before_tail)
         self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops(precision, device=self.device)

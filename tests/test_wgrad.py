@@ -123,6 +123,10 @@ def test_the_plan_defers_whole_ticks_into_later_ticks_the_stage_only_serves(P, M
             assert all(u > t for t in ts) and len(ts) == 1
     if M >= 2 * P - 1 and P > 1:  # enough steady-state ticks: P - 1 ticks per stage leave the critical path
         assert all(len(d) == P - 1 for d in plan.defer)
+    # memory: the most micro-batches' jobs a stage holds at once, checked tick by tick
+    held = [max((sum(1 for t in plan.defer[s] for u, ts in plan.runs[s].items() if t in ts and t <= x < u)
+                 for x in range(total)), default=0) for s in range(P)]
+    assert plan.peak_kept() == held and max(held, default=0) <= max(P - 1, 0)
 
 
 def test_a_rank_that_serves_no_rounds_runs_its_weight_gradients_at_once():

@@ -102,6 +102,16 @@ def _doc_cost(cfg: ModelConfig, hw: Hardware, tp: int):
     return cost
 
 
+def _wgrad_kept(opt: SimOptions, pp: int, m: int) -> list[int]:
+    if not opt.defer_wgrad:
+        return [0] * pp
+    from distca.train.schedule import weight_grad_plan
+
+    if opt.schedule == "pooled":
+        return weight_grad_plan(pp, m).peak_kept()
+    return [min(s, m) for s in range(pp)]  # 1F1B: stage s keeps its last s backward passes' until the end
+
+
 def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2, eps: float = 0.05,
                   pingpong: bool = True, layer_chunks: int = 0, slack: float = 0.1,
                   schedules: tuple[str, ...] = ("1f1b",), idle_aware: bool = False,
@@ -178,7 +188,9 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
             "step_s": step, "speedup_vs_wlb": med["wlb"] / step, "speedup_vs_colocated": med["colocated"] / step,
             "attn_max_over_mean": float(np.mean(c["attn"])), "idle_fraction": float(np.median(c["idle"])),
             "idle_split": {k: float(np.median(c[k])) for k in ("full", "partial", "tail")},
-            "in_flight": peak_in_flight(sch, pt.pp, m)}
+            "in_flight": peak_in_flight(sch, pt.pp, m),
+            # deferred weight gradients: per stage, the most micro-batches whose jobs it holds at once (memory)
+            "wgrad_kept": _wgrad_kept(variants[name], pt.pp, m)}
     first = by_schedule[schedules[0]]
     med["cad"] = first["step_s"]
     return {"point": pt.__dict__, "label": pt.label, "step_s": med, "micro_batches": m,

@@ -65,7 +65,9 @@ def grid_rows(results: list[dict]) -> list[str]:
             sp = c["pooled"]["idle_split"]
             row.append(f"{100 * sp['full']:.0f} / {100 * sp['partial']:.0f}")
             fl = c.get("1f1b", c["pooled"])["in_flight"]
-            row.append(f"{','.join(map(str, fl))} → {','.join(map(str, c['pooled']['in_flight']))}")
+            kept = c.get("pooled+wgrad", {}).get("wgrad_kept")
+            row.append(f"{','.join(map(str, fl))} → {','.join(map(str, c['pooled']['in_flight']))}"
+                       + (f" (+W keeps {','.join(map(str, kept))})" if kept and any(kept) else ""))
         row.append(" / ".join(f"{c[n]['attn_max_over_mean']:.2f}" for n in sched)
                    + f" / {r['wlb_attn_max_over_mean']:.2f} / {r['colocated_attn_max_over_mean']:.2f}")
         row.append(f"{r['wlb_tokens_max_over_min']:.2f}")

@@ -138,6 +138,17 @@ class WeightGradPlan:
     def run_in(self, stage: int, tick: int) -> tuple[int, ...]:
         return self.runs[stage].get(tick, ())
 
+    def peak_kept(self) -> list[int]:
+        """Per stage, the most micro-batches whose weight-gradient jobs it holds at once (their memory: each linear
+        layer's input and output gradient); jobs with no planned tick are held until the step's end."""
+        out = []
+        for defer, runs in zip(self.defer, self.runs, strict=True):
+            until = {t: u for u, ts in runs.items() for t in ts}
+            end = max([*defer, *until.values()], default=0) + 1
+            spans = [(t, until.get(t, end)) for t in defer]
+            out.append(max((sum(1 for a, b in spans if a <= t < b) for t, _ in spans), default=0))
+        return out
+
 
 def weight_grad_plan(stages: int, micro_batches: int) -> WeightGradPlan:
     """Which backward passes defer their weight gradients, and where they run.

@@ -9,6 +9,8 @@ real cluster has, to size each cause of idle time:
 - ``eps 0``: the planner balances attention exactly (``scheduler.eps = 0``) instead of within 1 + eps;
 - ``no LM head``: a 1024-token vocabulary (the last stage's head costs nearly nothing, so stages are even);
 - ``2M``: twice the tokens per step, so twice the micro-batches (M) over the same warm-up and cool-down ticks;
+- ``balanced split``: not a what-if but ``train.stage_split: balanced`` (built, :mod:`distca.train.split`): the
+  last stage holds fewer blocks, and computes its LM head between the rounds of the block positions it has none at;
 - ``deferred W``: not a what-if but ``train.defer_weight_grads`` (built, :mod:`distca.train.wgrad`): the weight
   gradients of ``P - 1`` micro-batches per stage move into ticks the stage would only serve attention in.
 
@@ -76,10 +78,15 @@ def main(argv: list[str] | None = None) -> None:
              ("deferred W + no comm + eps 0 + no LM head", pt, fast, small_vocab, 0.0, True),
              ("2M + deferred W", pt2, hw, model, args.eps, True),
              ("2M + deferred W + no comm + eps 0 + no LM head", pt2, fast, small_vocab, 0.0, True)]
+    cases = [(*c, "even") for c in cases]
+    cases += [("balanced split", pt, hw, model, args.eps, False, "balanced"),
+              ("balanced split + deferred W", pt, hw, model, args.eps, True, "balanced"),
+              ("balanced split + deferred W + no comm + eps 0", pt, fast, model, 0.0, True, "balanced"),
+              ("2M + balanced split + deferred W", pt2, hw, model, args.eps, True, "balanced")]
     rows, results = [], []
-    for name, point, h, m, eps, wgrad in cases:
+    for name, point, h, m, eps, wgrad, split in cases:
         r = predict_point(point, m, h, seeds=args.seeds, eps=eps, schedules=("pooled",),
-                          defer_wgrad=wgrad)["cad"]["pooled+wgrad" if wgrad else "pooled"]
+                          defer_wgrad=wgrad, stage_split=split)["cad"]["pooled+wgrad" if wgrad else "pooled"]
         split = r["idle_split"]
         results.append({"case": name, "micro_batches": point.micro_batches, "step_s": r["step_s"],
                         "idle": r["idle_fraction"], **split})

@@ -226,10 +226,12 @@ def grid(args) -> None:
     wgrad = not args.no_wgrad
     points = [p for p in paper_grid() if args.mode == "all" or p.mode == args.mode]
     results = run_grid(hw, seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong, schedules=schedules,
-                       idle_aware=idle_aware, layer_chunks=args.layer_chunks, defer_wgrad=wgrad, points=points)
+                       idle_aware=idle_aware, layer_chunks=args.layer_chunks, defer_wgrad=wgrad, points=points,
+                       stage_split=args.stage_split)
     info = run_info(torch.device("cpu"), hardware=hw.name, seeds=args.seeds, eps=args.eps,
                     pingpong=not args.no_pingpong, tp=8, schedules="/".join(schedules), idle_aware=idle_aware,
-                    deferred_weight_grads=wgrad, mode=args.mode, layer_chunks=args.layer_chunks or "per layer")
+                    deferred_weight_grads=wgrad, stage_split=args.stage_split,
+                    mode=args.mode, layer_chunks=args.layer_chunks or "per layer")
     lines = [*header_lines(f"Simulated speedup at the paper's scales ({hw.name})", info), *grid_rows(results)]
     lines += ["", *summary_rows(results), ""]
     for sch in (*schedules, *([f"{x}+wgrad" for x in schedules] if wgrad else [])):
@@ -320,6 +322,9 @@ def main() -> None:
                    help="leave out the schedules with deferred weight gradients (train.defer_weight_grads)")
     g.add_argument("--mode", choices=["3d", "4d", "all"], default="all",
                    help="only the grid's 3D or 4D points (deferred weight gradients change only 4D)")
+    g.add_argument("--stage-split", choices=["even", "balanced"], default="even",
+                   help="blocks per pipeline stage for every system (train.stage_split; balanced: fewer on the last "
+                        "stage, for its LM head)")
     g.add_argument("--layer-chunks", type=int, default=0,
                    help="attention rounds per stage and pass (0: one per layer, the default)")
     args = p.parse_args()

@@ -464,6 +464,11 @@ class TrainConfig:
     # gradients up to summation order, less work on the pipeline's critical path; more memory held (the kept
     # layers' inputs and output gradients). Not with bf16 and zero_stage 0 (DeepSpeed's bf16 optimizer).
     defer_weight_grads: bool = False
+    # Blocks per pipeline stage (distca.train.split): "even" (n_layers / P each) or "balanced" (the last stage gets
+    # fewer blocks so that its blocks plus the LM head cost about what the other stages' blocks do). stage_blocks,
+    # when given, lists them per stage and overrides stage_split.
+    stage_split: Literal["even", "balanced"] = "even"
+    stage_blocks: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("steps", "pipeline_parallel", "micro_batches", "tokens_per_rank", "log_every",
@@ -512,6 +517,10 @@ class DistCAConfig:
                               f"train.pipeline_parallel ({pp})")
         if pp > self.model.n_layers:
             raise ConfigError(f"train.pipeline_parallel ({pp}) exceeds model.n_layers ({self.model.n_layers})")
+        try:
+            self.stage_blocks()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.cluster.data_plane == "inplace" and self.cluster.placement != "colocated":
             raise ConfigError("cluster.data_plane: inplace makes every trainer an attention server; it needs "
                               f"cluster.placement: colocated, got {self.cluster.placement!r}")
@@ -525,22 +534,28 @@ class DistCAConfig:
     def data_parallel(self) -> int:
         return self.cluster.n_trainers // self.train.pipeline_parallel
 
+    def stage_blocks(self) -> tuple[int, ...]:
+        """Decoder blocks per pipeline stage (:func:`distca.train.split.stage_blocks`)."""
+        from distca.train.split import stage_blocks
+
+        return stage_blocks(self.model, self.train.pipeline_parallel, self.train.stage_split, self.train.stage_blocks)
+
     def pooled_obstacle(self) -> str:
         """Why this run cannot use the pooled, tick-aligned pipeline schedule ("" when it can).
 
-        In every tick each rank issues the same sequence of core-attention rounds, so the stages must hold
-        equally many blocks (``n_layers % pipeline_parallel == 0``) whose attention calls have the same windows
-        in the same order; the ``collective`` data plane's process group holds one stage's trainers only."""
-        pp, m = self.train.pipeline_parallel, self.model
-        if m.n_layers % pp:
-            return (f"model.n_layers ({m.n_layers}) is not a multiple of train.pipeline_parallel ({pp}): the stages "
-                    "would hold unequal numbers of blocks and issue unequal numbers of attention rounds per tick")
-        per = m.n_layers // pp
-        blocks = m.block_windows()
-        stages = {tuple(blocks[s * per:(s + 1) * per]) for s in range(pp)}
-        if len(stages) > 1:
-            return (f"the stages' blocks call attention with different windows ({sorted(stages, key=str)}): a tick's "
-                    "rounds must use one window at a time on every stage")
+        In every tick the stages issue their blocks' core-attention rounds position by position (block ``j`` of
+        every stage together; a stage with fewer blocks serves the later positions' rounds without rows of its
+        own), so at each position the stages' blocks must call attention with the same windows in the same order;
+        the ``collective`` data plane's process group holds one stage's trainers only."""
+        from distca.train.split import stage_ranges
+
+        windows = self.model.block_windows()
+        stages = [[tuple(windows[b]) for b in r] for r in stage_ranges(self.stage_blocks())]
+        for j in range(max(len(s) for s in stages)):
+            here = {s[j] for s in stages if j < len(s)}
+            if len(here) > 1:
+                return (f"the stages' blocks at position {j} call attention with different windows "
+                        f"({sorted(here, key=str)}): a tick's rounds must use one window at a time on every stage")
         if self.train.core_attention == "cad" and self.cluster.data_plane == "collective":
             return ("cluster.data_plane: collective moves rows in one process group per pipeline stage; a pooled "
                     "tick needs every stage's trainers in one plan (use inplace, shm or zmq)")

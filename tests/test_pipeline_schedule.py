@@ -163,23 +163,26 @@ def test_auto_pools_cad_on_pooling_data_planes_and_says_why_otherwise():
     for over, why in [(("--train.core_attention=local",), "local"), ((cad, "--cluster.data_plane=collective"),
                                                                       "collective"),
                       ((cad, "--train.pipeline_parallel=1"), "one pipeline stage"),
-                      ((cad, "--model.n_layers=3"), "not a multiple"),
                       ((cad, "--train.pipeline_schedule=1f1b"), "1f1b")]:
         schedule, reason = pipeline_schedule(_cfg(*over), "cpu")
         assert schedule == "1f1b" and why in reason, (over, reason)
+    # unequal stages pool too: block position 1's rounds are over the stage that has a block there
+    assert pipeline_schedule(_cfg(cad, "--model.n_layers=3"), "cpu")[0] == "pooled"
 
 
 def test_pooled_is_refused_where_ticks_cannot_align():
     from distca.errors import ConfigError
 
     pooled = "--train.pipeline_schedule=pooled"
-    with pytest.raises(ConfigError, match="not a multiple"):
-        _cfg(pooled, "--model.n_layers=3")
     with pytest.raises(ConfigError, match="collective"):
         _cfg(pooled, "--train.core_attention=cad", "--cluster.data_plane=collective")
     # interleaved ShortSWA with the windowed block on one stage only: round i would use two windows at once
     with pytest.raises(ConfigError, match="different windows"):
         _cfg(pooled, "--model.residual=shortswa", "--model.shortswa_window=8", "--model.shortswa_every=4")
+    # the same model split 1/3: positions 0 (blocks 0 and 1) and 1 (blocks 2 alone) align, 2 and 3 are stage 1's
+    with pytest.raises(ConfigError, match="position 0"):
+        _cfg(pooled, "--model.residual=shortswa", "--model.shortswa_window=8", "--model.shortswa_every=2",
+             "--train.stage_blocks=[1, 3]")
     _cfg(pooled, "--model.residual=shortswa", "--model.shortswa_window=8", "--model.shortswa_every=2")  # aligned
     _cfg(pooled, "--train.core_attention=local")  # the schedule alone: no attention to pool, still the same math
 
@@ -188,9 +191,21 @@ def test_tick_rounds_forward_in_order_backward_in_reverse_and_recompute_before_b
     from distca.train.pooled import tick_rounds
 
     blocks = [(8, -1), (8, -1)]  # ShortSWA: a windowed call, then full attention, per block
-    assert tick_rounds(blocks, False) == {F: [(F, 8), (F, -1), (F, 8), (F, -1)],
-                                          B: [(B, -1), (B, 8), (B, -1), (B, 8)]}
-    assert tick_rounds(blocks, True)[B] == [(F, 8), (F, -1), (B, -1), (B, 8), (F, 8), (F, -1), (B, -1), (B, 8)]
+    assert tick_rounds(blocks, False) == {F: [(F, 8, 0, 0), (F, -1, 0, 0), (F, 8, 1, 0), (F, -1, 1, 0)],
+                                          B: [(B, -1, 1, 0), (B, 8, 1, 0), (B, -1, 0, 0), (B, 8, 0, 0)]}
+    assert [r[:2] for r in tick_rounds(blocks, True)[B]] == [(F, 8), (F, -1), (B, -1), (B, 8), (F, 8), (F, -1),
+                                                             (B, -1), (B, 8)]
+    # ping-pong: each call is a round per nano-batch, in order; a recomputed forward sends nothing
+    assert tick_rounds(blocks[:1], True, nanos=2) == {F: [(F, 8, 0, 0), (F, 8, 0, 1), (F, -1, 0, 0), (F, -1, 0, 1)],
+                                                      B: [(B, -1, 0, 0), (B, -1, 0, 1), (B, 8, 0, 0), (B, 8, 0, 1)]}
+
+
+def test_position_groups_follow_the_stages_that_still_have_a_block():
+    from distca.train.pooled import position_groups
+
+    assert position_groups((2, 2)) == ([(0, 1)], [0, 0])
+    assert position_groups((9, 9, 8, 6)) == ([(0, 1, 2, 3), (0, 1, 2), (0, 1)], [0] * 6 + [1, 1, 2])
+    assert position_groups((1, 2)) == ([(0, 1), (1,)], [0, 1])
 
 
 def test_tick_plans_pool_every_stages_micro_batch_over_all_servers():

@@ -141,6 +141,31 @@ def test_deferred_weight_gradients_move_linear_work_into_serving_ticks(pp, m):
         assert kept.step_s < one.step_s, system
 
 
+@pytest.mark.parametrize("schedule", ["pooled", "1f1b"])
+def test_a_balanced_split_moves_blocks_off_the_stage_with_the_lm_head(schedule):
+    """``stage_split="balanced"`` with a head worth 1.5 blocks (a 4K vocabulary on a small model): the last stage
+    holds fewer blocks, every device does the same linear work in total as with the even split (moved
+    between stages, not lost: the head's forward and backward too), and the step is shorter. Pooled: the last
+    stage computes its head between the rounds of the positions it has no block at, and every stage's blocks
+    are still in rounds with everyone's."""
+    from distca.train.split import stage_blocks
+
+    cfg = ModelConfig(**{**TINY.__dict__, "n_layers": 8, "vocab_size": 4096})
+    assert stage_blocks(cfg, 2, "balanced") == (5, 3)
+    mbs = [_micro(2048, [4096]), _micro(2048, [1024] * 4), _micro(2048, [3000, 1096]), _micro(2048, [4096])]
+    par = Parallelism(pp=2, dp=2, micro_batches=4)
+    hw = _hw(attention_flops=2e11, linear_flops=2e11)
+    even = simulate_step(cfg, hw, par, SimOptions(system="cad", schedule=schedule), mbs)
+    bal = simulate_step(cfg, hw, par, SimOptions(system="cad", schedule=schedule, stage_split="balanced"), mbs)
+    lin = lambda r: sum(d["linear"] for d in r.per_device)  # noqa: E731
+    assert math.isclose(lin(bal), lin(even), rel_tol=1e-9)
+    assert bal.per_device[0]["linear"] > even.per_device[0]["linear"]  # stage 0 took blocks ...
+    assert bal.per_device[-1]["linear"] < even.per_device[-1]["linear"]  # ... off the head's stage
+    assert bal.step_s < even.step_s
+    with pytest.raises(ValueError, match="stage_split"):
+        SimOptions(stage_split="uneven")
+
+
 def test_prefetched_plans_leave_the_critical_path():
     mb = MicroBatch([[2048]], [False])
     base = SimOptions(system="cad")

@@ -102,7 +102,11 @@ class PingPongBlocks:
 
     def __call__(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         params = [p for p in block.parameters() if p.requires_grad]
-        return _PingPong.apply(self, block, x, cos, sin, len(params), *params)
+        run = self
+        at = getattr(self.nano, "at", None)
+        if at is not None:  # plans that depend on the block's position (the pooled schedule with unequal stages)
+            run = PingPongBlocks(self.client, at(getattr(block, "index", None)), self.checkpoint)
+        return _PingPong.apply(run, block, x, cos, sin, len(params), *params)
 
     # -- forward --------------------------------------------------------------------------------
     def run(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

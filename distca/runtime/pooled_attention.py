@@ -16,6 +16,7 @@ fixed when the client is made.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -25,15 +26,39 @@ from distca.scheduler import Plan
 
 class TickTable:
     """One step's CAD plans, ``plans[tick][window]``, and the tick the pipeline is in now (``None`` outside a
-    step's schedule)."""
+    step's schedule).
 
-    def __init__(self, plans: dict[int, dict[int, Plan]]):
+    When stages hold unequal numbers of blocks, the block positions only some stages have get plans of their own,
+    over those stages' rows: ``later[tick][(window, group)]`` for position group ``group >= 1`` (group 0, the
+    positions every stage has, is ``plans``); ``block_group`` maps this rank's blocks to their group."""
+
+    def __init__(self, plans: dict[int, dict[int, Plan]], later: dict[int, dict[tuple[int, int], Plan]] | None = None,
+                 block_group: dict[int, int] | None = None):
         self.plans, self.tick = plans, None
+        self.later, self.block_group = later or {}, block_group or {}
+        # called before each round of this rank's own rows: a stage serving other positions' rounds on a thread
+        # of its own (distca.train.pooled) finishes them first, so every rank issues its rounds in one order
+        self.before_round: Callable[[], None] | None = None
 
-    def plan(self, tick: int, window: int) -> Plan:
-        got = self.plans.get(tick, {}).get(window)
+    def wait_turn(self) -> None:
+        hook = self.before_round
+        if hook is not None:
+            hook()
+
+    def group_of(self, block: int | None) -> int:
+        return 0 if block is None else self.block_group.get(block, 0)
+
+    def has(self, tick: int, window: int, group: int = 0) -> bool:
+        if group == 0:
+            return window in self.plans.get(tick, {})
+        return (window, group) in self.later.get(tick, {})
+
+    def plan(self, tick: int, window: int, group: int = 0) -> Plan:
+        got = (self.plans.get(tick, {}).get(window) if group == 0
+               else self.later.get(tick, {}).get((window, group)))
         if got is None:
-            raise KeyError(f"no pooled CAD plan for tick {tick}, window {window}; planned ticks: {sorted(self.plans)}")
+            raise KeyError(f"no pooled CAD plan for tick {tick}, window {window}, position group {group}; planned "
+                           f"ticks: {sorted(self.plans)}")
         return got
 
 
@@ -42,9 +67,14 @@ class TickNanoPlans:
     from the tick the pipeline is in (``table.plans[tick][window]`` holds one plan per nano-batch). With
     ping-pong a recomputed forward sends nothing (:mod:`distca.runtime.nano`), so a forward is in the F tick."""
 
-    def __init__(self, rows: tuple[slice, ...], table: TickTable, forward_tick: int, backward_tick: int):
+    def __init__(self, rows: tuple[slice, ...], table: TickTable, forward_tick: int, backward_tick: int,
+                 group: int = 0):
         self.rows, self.table = rows, table
-        self.forward_tick, self.backward_tick = forward_tick, backward_tick
+        self.forward_tick, self.backward_tick, self.group = forward_tick, backward_tick, group
+
+    def at(self, block: int | None) -> TickNanoPlans:
+        """The same micro-batch's plans for the calls of ``block`` (its position group's)."""
+        return TickNanoPlans(self.rows, self.table, self.forward_tick, self.backward_tick, self.table.group_of(block))
 
     def plan(self, window: int, nano: int, backward: bool = False) -> Plan:
         now, want = self.table.tick, (self.backward_tick if backward else self.forward_tick)
@@ -52,16 +82,22 @@ class TickNanoPlans:
             raise RuntimeError(f"pooled ping-pong: a {'backward' if backward else 'forward'} round in tick {now}, but "
                                f"this micro-batch runs forward in tick {self.forward_tick} and backward in tick "
                                f"{self.backward_tick}")
-        return self.table.plan(now, window)[nano]
+        self.table.wait_turn()
+        return self.table.plan(now, window, self.group)[nano]
 
 
 class PooledCoreAttention:
     """The model's core-attention interface for one micro-batch on this rank under the pooled schedule: forward
     in tick ``forward_tick`` (or, recomputed, in ``backward_tick``), backward in ``backward_tick``."""
 
-    def __init__(self, client, table: TickTable, forward_tick: int, backward_tick: int):
+    def __init__(self, client, table: TickTable, forward_tick: int, backward_tick: int, group: int = 0):
         self.client, self.table = client, table
-        self.forward_tick, self.backward_tick = forward_tick, backward_tick
+        self.forward_tick, self.backward_tick, self.group = forward_tick, backward_tick, group
+
+    def at(self, block: int | None) -> PooledCoreAttention:
+        """The same micro-batch's core attention for the calls of ``block`` (its position group's plans)."""
+        return PooledCoreAttention(self.client, self.table, self.forward_tick, self.backward_tick,
+                                   self.table.group_of(block))
 
     def plan(self, window: int, backward: bool) -> Plan:
         """The plan of a pass now: the pipeline must be in this micro-batch's tick for it (never a stale plan)."""
@@ -71,7 +107,8 @@ class PooledCoreAttention:
             raise RuntimeError(f"pooled core attention: a {'backward' if backward else 'forward'} pass in tick {now}, "
                                f"but this micro-batch runs forward in tick {self.forward_tick} and backward in tick "
                                f"{self.backward_tick}")
-        return self.table.plan(now, window)
+        self.table.wait_turn()
+        return self.table.plan(now, window, self.group)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
         return cad_attention(q, k, v, functools.partial(self.plan, window), self.client)[0]

@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
                    help="CAD's pipeline schedule (point, grid): 1F1B with per-stage plans, or the pooled ticks")
     s.add_argument("--defer-wgrad", action="store_true",
                    help="point/grid: also pooled ticks with deferred weight gradients (train.defer_weight_grads)")
+    s.add_argument("--stage-split", choices=["even", "balanced"], default="even",
+                   help="point/grid: blocks per pipeline stage (train.stage_split), for every system")
     s.add_argument("--out", help="calibrate: where the hardware JSON goes")
     s.add_argument("--json", help="grid/validate: also write the results here")
 
@@ -64,7 +66,7 @@ def _point(args) -> int:
                    args.tokens_per_node, args.pp, args.micro_tokens, args.tp)
     r = predict_point(pt, cfg, load_hardware(args.hardware), seeds=args.seeds, eps=args.eps,
                       pingpong=not args.no_pingpong, schedules=_schedules(args.schedule),
-                      defer_wgrad=args.defer_wgrad)
+                      defer_wgrad=args.defer_wgrad, stage_split=args.stage_split)
     print(json.dumps(r, indent=1))
     return 0
 
@@ -73,7 +75,8 @@ def _grid(args) -> int:
     from distca.sim.report import grid_rows, run_grid
 
     results = run_grid(load_hardware(args.hardware), seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong,
-                       schedules=_schedules(args.schedule), defer_wgrad=args.defer_wgrad)
+                       schedules=_schedules(args.schedule), defer_wgrad=args.defer_wgrad,
+                       stage_split=args.stage_split)
     for line in grid_rows(results):
         print(line)
     if args.json:

@@ -115,12 +115,14 @@ def _wgrad_kept(opt: SimOptions, pp: int, m: int) -> list[int]:
 def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2, eps: float = 0.05,
                   pingpong: bool = True, layer_chunks: int = 0, slack: float = 0.1,
                   schedules: tuple[str, ...] = ("1f1b",), idle_aware: bool = False,
-                  defer_wgrad: bool = False) -> dict:
+                  defer_wgrad: bool = False, stage_split: str = "even") -> dict:
     """Median step time of CAD (per pipeline schedule), plain colocated and the best WLB-style CP degree
     over ``seeds`` steps. ``layer_chunks=0``: one attention round per layer (ping-pong per layer, forward
     and backward). With ``idle_aware`` the pooled schedule is also run with the idle-aware what-if balance
     (4D only), and with ``defer_wgrad`` each schedule also with deferred weight gradients (``<schedule>+wgrad``).
-    Without a pipeline (pp = 1) the pooled schedule and deferral change nothing: the 1F1B result is copied."""
+    Without a pipeline (pp = 1) the pooled schedule and deferral change nothing: the 1F1B result is copied.
+    ``stage_split`` (``even`` | ``balanced``, :mod:`distca.train.split`) applies to every system, the baselines
+    too: a split that evens out the LM head is open to any pipeline, so it is no part of CAD's speedup."""
     if pt.nodes % pt.pp:
         raise ValueError(f"{pt.label}: {pt.nodes} nodes do not split into pp={pt.pp} stages")
     if not schedules:
@@ -137,7 +139,8 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
         for sch in schedules:
             variants[f"{sch}+wgrad"] = SimOptions(system="cad", pingpong=pingpong, eps=eps, layer_chunks=layer_chunks,
                                                   schedule=sch, defer_wgrad=True)
-    col_opt = SimOptions(system="colocated", layer_chunks=layer_chunks)
+    variants = {k: replace(v, stage_split=stage_split) for k, v in variants.items()}
+    col_opt = SimOptions(system="colocated", layer_chunks=layer_chunks, stage_split=stage_split)
     cost = _doc_cost(cfg, hw, pt.tp)
     rows: dict[str, list] = {"colocated": [], "wlb": []}
     cad: dict[str, dict[str, list]] = {v: {"step": [], "attn": [], "idle": [], "full": [], "partial": [], "tail": []}
@@ -169,7 +172,8 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
             if pt.dp % cp == 0 and (1 + slack) * cp * pt.replica_micro_tokens >= pt.max_len:
                 par = replace(base, cp=cp)
                 mbs = wlb_packing(lengths, pt.dp // cp, m, cost, slack)
-                r = simulate_step(cfg, hw, par, SimOptions(system="wlb", layer_chunks=layer_chunks), mbs)
+                r = simulate_step(cfg, hw, par, SimOptions(system="wlb", layer_chunks=layer_chunks,
+                                                                  stage_split=stage_split), mbs)
                 if best is None or r.step_s < best[0]:
                     best = (r.step_s, cp, r)
             cp *= 2

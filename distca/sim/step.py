@@ -74,6 +74,7 @@ from distca.sim.engine import SimResult, TaskGraph, simulate
 from distca.sim.hardware import Hardware
 from distca.train.flops import block_linear_params, model_params
 from distca.train.schedule import tick_micro, weight_grad_plan
+from distca.train.split import stage_blocks, stage_ranges
 
 System = Literal["colocated", "cad", "wlb"]
 Schedule = Literal["1f1b", "pooled"]
@@ -130,8 +131,14 @@ class SimOptions:
     # spread over the gaps before that tick's rounds. 1F1B: stage s's last s backward passes, the other half after
     # its last backward, before the optimizer (one_f_one_b_weight_grad_plan)
     defer_wgrad: bool = False
+    # blocks per stage (distca.train.split, train.stage_split): "even", or "balanced" (the last stage has fewer
+    # blocks for its LM head). Pooled: block position j's rounds are over the stages that have a block j; the last
+    # stage computes its head's forward and backward between the rounds of the positions it has no block at
+    stage_split: Literal["even", "balanced"] = "even"
 
     def __post_init__(self) -> None:
+        if self.stage_split not in ("even", "balanced"):
+            raise ValueError(f"stage_split must be 'even' or 'balanced', got {self.stage_split!r}")
         if self.schedule not in ("1f1b", "pooled"):
             raise ValueError(f"schedule must be '1f1b' or 'pooled', got {self.schedule!r}")
         if self.schedule == "pooled" and self.system != "cad":
@@ -240,10 +247,10 @@ class _Costs:
         self.model: CostModel = hw.attention_model(self.shape)
         self.qkv_params, self.block_params = block_linear_params(cfg)
         self.windows = cfg.block_windows()
-        if cfg.n_layers % par.pp:
+        if opt.stage_split == "even" and cfg.n_layers % par.pp:
             raise ValueError(f"n_layers={cfg.n_layers} must be a multiple of pp={par.pp}")
-        per = cfg.n_layers // par.pp
-        self.stage_blocks = [list(range(s * per, (s + 1) * per)) for s in range(par.pp)]
+        self.stage_blocks = [list(r) for r in stage_ranges(stage_blocks(cfg, par.pp, opt.stage_split))]
+        self.positions = max(len(b) for b in self.stage_blocks)
         self.units_per_node = max(1, hw.devices_per_node // tp)  # simulated devices (TP groups) per node
 
     def same_node(self, a: int, b: int) -> bool:
@@ -547,20 +554,41 @@ class _Builder:
         self.deferring = {s for s in active if wp is not None and t in wp.defer[s]}
         for s, m in active.items():
             self._pass_start(phase, s, m, sent)
-        per = len(c.stage_blocks[0])
-        positions = list(range(per)) if phase == "F" else list(reversed(range(per)))
-        nanos = self._pooled_plans(phase, active)
+        positions = list(range(c.positions)) if phase == "F" else list(reversed(range(c.positions)))
         link = self.hw.link(c.same_node(0, self.par.devices - 1))
-        chunks = _chunks(positions, self.opt.layer_chunks)
-        wgrad = {} if wp is None else {(s, r): self._weight_grads(s, r, wp.run_in(s, t)) / len(chunks)
+        # rounds: chunks of positions, cut where the stages that have a block there change (unequal stages)
+        runs: list[tuple[tuple[int, ...], list[int]]] = []
+        for pos in _chunks(positions, self.opt.layer_chunks):
+            start = len(runs)
+            for p in pos:
+                here = tuple(s for s in sorted(active) if len(c.stage_blocks[s]) > p)
+                if len(runs) > start and runs[-1][0] == here:
+                    runs[-1][1].append(p)
+                else:
+                    runs.append((here, [p]))
+        runs = [(here, pos) for here, pos in runs if here]
+        wgrad = {} if wp is None else {(s, r): self._weight_grads(s, r, wp.run_in(s, t)) / len(runs)
                                        for s in range(self.par.pp) if s not in active for r in range(self.n_rep)}
-        for pos in chunks:
+        head = {s: sum(1 for here, _ in runs if s not in here) for s in active if self._head_in_gaps(s)}
+        alone = [s for s, parts in head.items() if parts == 0]  # no round to share the gaps with: in one piece
+        for s in alone if phase == "B" else ():
+            for r in range(self.n_rep):
+                self._on((s, r), self._head_share(s, active[s], r, phase, 1), "linear")
+        for here, pos in runs:
             for key, w in wgrad.items():
                 if w > 0:
                     self._on(key, w, "linear")
-            members = [((s, r), s * self.par.dp + r, m) for s, m in sorted(active.items()) for r in range(self.n_rep)]
-            blocks = {s: [c.stage_blocks[s][p] for p in pos] for s in active}
+            for s, parts in head.items():  # the short last stage's head, between the rounds it has no block in
+                if s not in here:
+                    for r in range(self.n_rep):
+                        self._on((s, r), self._head_share(s, active[s], r, phase, parts), "linear")
+            nanos = self._pooled_plans(phase, {s: active[s] for s in here})
+            members = [((s, r), s * self.par.dp + r, active[s]) for s in here for r in range(self.n_rep)]
+            blocks = {s: [c.stage_blocks[s][p] for p in pos] for s in here}
             self._cad_round(members, nanos, blocks, which, link, lambda j: j)
+        for s in alone if phase == "F" else ():
+            for r in range(self.n_rep):
+                self._on((s, r), self._head_share(s, active[s], r, phase, 1), "linear")
         for s, m in active.items():
             self._pass_end(phase, s, m, sent)
         self.deferring = set()
@@ -579,10 +607,22 @@ class _Builder:
         for r in range(self.n_rep):
             dep = sent.get(("F", s - 1, r, m)) if kind == "F" else sent.get(("B", s + 1, r, m))
             self._on((s, r), self.hw.micro_overhead_s, "overhead", (dep,))
-            if kind == "B" and s == self.par.pp - 1:
+            if kind == "B" and s == self.par.pp - 1 and not self._head_in_gaps(s):
                 t = self._tokens(m, r)
                 bwd = self.c.head(t, "bwd") / (2 if s in self.deferring else 1)
                 self._on((s, r), self.c.head(t, "fwd") + bwd, "linear")
+
+    def _head_in_gaps(self, s: int) -> bool:
+        """The pooled schedule's last stage with fewer blocks than others: its head runs between the rounds of the
+        positions it has no block at (forward in the F tick, backward in the B tick), not before its blocks."""
+        return (self.opt.schedule == "pooled" and s == self.par.pp - 1
+                and len(self.c.stage_blocks[s]) < self.c.positions)
+
+    def _head_share(self, s: int, m: int, r: int, phase: str, parts: int) -> float:
+        t = self._tokens(m, r)
+        if phase == "F":
+            return self.c.head(t, "fwd") / parts
+        return self.c.head(t, "bwd") / (2 if s in self.deferring else 1) / parts
 
     def _pass_end(self, kind: str, s: int, m: int, sent: dict) -> None:
         par, c = self.par, self.c
@@ -723,12 +763,11 @@ class _Builder:
 
     def _optimizer(self) -> None:
         par, hw, c = self.par, self.hw, self.c
-        n_blocks = self.cfg.n_layers // par.pp
         for key, w in self.kept_w.items():  # 1F1B: deferred weight gradients, after the stage's last backward
             self._on(key, w, "linear")
         for s in range(par.pp):
             keys = [(s, r) for r in range(self.n_rep)]
-            params = model_params(self.cfg) * n_blocks / self.cfg.n_layers / par.tp
+            params = model_params(self.cfg) * len(c.stage_blocks[s]) / self.cfg.n_layers / par.tp
             nbytes = params * self.opt.grad_bytes
             n = par.dp  # every device of the stage holds a replica of its parameters (wlb: dp x cp)
             same = c.same_node(self.dev[keys[0]], self.dev[keys[-1]]) and n * par.tp <= hw.devices_per_node

@@ -28,6 +28,7 @@ from distca.limits import parse_json, read_json_text
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "distca_model.json"
+PIPELINE_FILE = "distca_pipeline.json"  # the stages' blocks: the optimizer partitions hold exactly those
 
 
 def write_model_config(tag_dir: Path, cfg: ModelConfig) -> None:
@@ -35,6 +36,32 @@ def write_model_config(tag_dir: Path, cfg: ModelConfig) -> None:
     tmp = tag_dir / f".{MODEL_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     os.replace(tmp, tag_dir / MODEL_FILE)
+
+
+def write_pipeline_layout(tag_dir: Path, blocks: tuple[int, ...]) -> None:
+    """Record how many blocks each stage held (atomically): a resume must build the same stages."""
+    tmp = tag_dir / f".{PIPELINE_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps({"stage_blocks": list(blocks)}) + "\n")
+    os.replace(tmp, tag_dir / PIPELINE_FILE)
+
+
+def check_pipeline_layout(checkpoint: Path, blocks: tuple[int, ...]) -> None:
+    """Before a resume from ``checkpoint``'s latest tag: its stages must hold ``blocks`` blocks each, or a clear
+    error (each rank's optimizer partition holds its stage's parameters: another split cannot load it). A
+    checkpoint from before the layout was recorded is not checked."""
+    latest = checkpoint / "latest"
+    if not latest.is_file():
+        return
+    path = checkpoint / latest.read_text().strip() / PIPELINE_FILE
+    if not path.is_file():
+        return
+    saved = parse_json(read_json_text(path, str(path), ConfigError), str(path), ConfigError)
+    had = saved.get("stage_blocks") if isinstance(saved, dict) else None
+    if had != list(blocks):
+        raise ConfigError(f"train.resume: the checkpoint in {path.parent} was written by {len(had or [])} pipeline "
+                          f"stages holding {had} blocks; this run's stages hold {list(blocks)} "
+                          "(train.pipeline_parallel, train.stage_split, train.stage_blocks must match the run that "
+                          "wrote it; `distca export` reads any layout)")
 
 
 def checkpoint_tag_dir(checkpoint: Path, tag: str | None = None) -> Path:

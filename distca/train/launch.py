@@ -139,6 +139,11 @@ def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None,
     own_pool = None
     device = train_device(cfg)  # resolved once here; every rank gets it
     _check_source(cfg)  # bad data settings fail here, before any server or rank starts
+    if cfg.train.resume:  # so does a resume from a checkpoint of other pipeline stages
+        from distca.train.export import check_pipeline_layout
+
+        check_pipeline_layout(Path(cfg.train.checkpoint_dir or Path(cfg.output_dir) / "checkpoints"),
+                              cfg.stage_blocks())
     restore = _child_malloc_arenas(cfg.train.malloc_arena_max)
     try:
         needs_pool = uses_pool(cfg, device)

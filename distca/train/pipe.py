@@ -54,7 +54,16 @@ class MicroContext:
     layout: DocLayout
     core: CoreAttention
     run_block: BlockRunner | None = None
+    # called with a block's index after the block's forward (the pooled schedule's hook: a stage with fewer blocks
+    # serves the later block positions' attention rounds once its own are done)
+    after_block: Callable[[int], None] | None = None
     _rope: dict = field(default_factory=dict)
+
+    def core_at(self, block: int) -> CoreAttention:
+        """The core attention of ``block``'s calls: ``core``, or its view for that block when the plans depend on
+        the block's position in its stage (``core.at``, the pooled schedule with unequal stages)."""
+        at = getattr(self.core, "at", None)
+        return at(block) if at is not None else self.core
 
     def rope(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (dtype, device)
@@ -111,15 +120,19 @@ class BlockStage(Block):
 
     def __init__(self, cfg: ModelConfig, index: int, ctx: StepContext):
         super().__init__(cfg, index)
-        self.ctx = ctx
+        self.ctx, self.index = ctx, index
 
     def forward(self, inputs):
         x, micro = inputs
         m = self.ctx[micro]
         cos, sin = m.rope(self.cfg, x.dtype, x.device)
         if m.run_block is not None:
-            return m.run_block(self, x, cos, sin), micro
-        return super().forward(x, m.core, cos, sin), micro
+            y = m.run_block(self, x, cos, sin)
+        else:
+            y = super().forward(x, m.core_at(self.index), cos, sin)
+        if m.after_block is not None:
+            m.after_block(self.index)
+        return y, micro
 
 
 class NormStage(RMSNorm):
@@ -166,13 +179,42 @@ def _seed_layer(seed) -> None:
     torch.manual_seed(int(seed))  # DeepSpeed may hand numpy ints, which ``random.seed`` refuses
 
 
-def build_pipeline(cfg: ModelConfig, ctx: StepContext, n_stages: int, seed: int, checkpointing: bool):
-    """The ``PipelineModule`` (built after ``torch.distributed`` is initialised): blocks split evenly over
-    stages, per-layer seeds, optional activation checkpointing of every block."""
+def layer_parts(blocks: tuple[int, ...]) -> list[int]:
+    """DeepSpeed's ``parts`` (stage ``s`` builds pipeline layers ``parts[s]:parts[s+1]``) for ``blocks`` decoder
+    blocks per stage over :func:`pipeline_layers`: the embedding goes with the first stage, the final norm and
+    the head with the last."""
+    parts, start = [0], 1  # layer 0 is the embedding
+    for b in blocks[:-1]:
+        start += b
+        parts.append(start)
+    parts.append(1 + sum(blocks) + 2)  # the final norm and the head
+    return parts
+
+
+def build_pipeline(cfg: ModelConfig, ctx: StepContext, n_stages: int, seed: int, checkpointing: bool,
+                   blocks: tuple[int, ...] | None = None):
+    """The ``PipelineModule`` (built after ``torch.distributed`` is initialised): ``blocks`` decoder blocks per
+    stage (:mod:`distca.train.split`; default even), per-layer seeds, optional activation checkpointing of every
+    block."""
     from deepspeed.pipe import PipelineModule
 
+    from distca.train.split import even_blocks
+
+    parts = layer_parts(tuple(blocks) if blocks else even_blocks(cfg.n_layers, n_stages))
+    if len(parts) != n_stages + 1:
+        raise ValueError(f"{len(parts) - 1} stages' blocks given for {n_stages} pipeline stages")
+
+    class _SplitPipeline(PipelineModule):
+        """DeepSpeed's module with the stage boundaries given (its own partition methods balance counts or
+        parameters, not the linear work of blocks and head)."""
+
+        def _partition_layers(self, method="uniform"):
+            self.parts = list(parts)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
     ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    return PipelineModule(pipeline_layers(cfg, ctx), num_stages=n_stages, loss_fn=lm_loss, seed_layers=True,
+    return _SplitPipeline(pipeline_layers(cfg, ctx), num_stages=n_stages, loss_fn=lm_loss, seed_layers=True,
                           base_seed=seed, seed_fn=_seed_layer, partition_method="type:BlockStage",
                           activation_checkpoint_interval=1 if checkpointing else 0,
                           activation_checkpoint_func=ckpt, checkpointable_layers=["BlockStage"])

@@ -24,6 +24,7 @@ send them rows, so an idle rank has nothing to do and stays idle.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,11 +41,12 @@ from distca.runtime.pooled_attention import PooledCoreAttention, TickNanoPlans, 
 from distca.scheduler import BatchLayout, Placement, Plan, make_plan
 from distca.train.pipe import MicroContext, runner_only
 from distca.train.schedule import B, F, active_ticks, backward_tick, forward_tick, tick_micros, tick_phase
+from distca.train.split import stage_ranges
 from distca.train.wgrad import spread
 
 log = logging.getLogger(__name__)
 
-Round = tuple[str, int]  # (F or B, window)
+Round = tuple[str, int, int, int]  # (F or B, window, block position in the stage, nano-batch)
 
 
 def tick_batch(micro_batches: list, micros: tuple[int | None, ...]) -> BatchLayout:
@@ -64,16 +66,31 @@ def tick_batch(micro_batches: list, micros: tuple[int | None, ...]) -> BatchLayo
 
 
 def tick_rounds(block_windows: list[tuple[int, ...]], checkpointing: bool, nanos: int = 1) -> dict[str, list[Round]]:
-    """The rounds a stage whose blocks call attention with ``block_windows`` issues in an F and in a B tick; with
+    """The rounds of an F and of a B tick over block positions whose attention calls have ``block_windows``
+    (position ``j``: block ``j`` of every stage that has one), as ``(phase, window, position, nano-batch)``; with
     ping-pong (``nanos`` = 2) each call is one round per nano-batch, in nano-batch order, and a recomputed forward
     sends nothing (:mod:`distca.runtime.nano` keeps the attention outputs), so checkpointing adds no rounds."""
-    fwd = [(F, w) for block in block_windows for w in block for _ in range(nanos)]
+    fwd = [(F, w, j, i) for j, block in enumerate(block_windows) for w in block for i in range(nanos)]
     bwd: list[Round] = []
-    for block in reversed(block_windows):
+    for j in reversed(range(len(block_windows))):
+        block = block_windows[j]
         if checkpointing and nanos == 1:  # the block's forward is recomputed before its backward
-            bwd += [(F, w) for w in block]
-        bwd += [(B, w) for w in reversed(block) for _ in range(nanos)]
+            bwd += [(F, w, j, 0) for w in block]
+        bwd += [(B, w, j, i) for w in reversed(block) for i in range(nanos)]
     return {F: fwd, B: bwd}
+
+
+def position_groups(blocks: tuple[int, ...]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Stages that have a block at each position, for ``blocks`` blocks per stage: ``(groups, group_of)`` with
+    ``groups[g]`` the stages of group ``g`` (group 0: every stage) and ``group_of[j]`` position ``j``'s group."""
+    groups: list[tuple[int, ...]] = []
+    group_of = []
+    for j in range(max(blocks)):
+        here = tuple(s for s, b in enumerate(blocks) if b > j)
+        if not groups or groups[-1] != here:
+            groups.append(here)
+        group_of.append(len(groups) - 1)
+    return groups, group_of
 
 
 def pooled_placement(cfg: DistCAConfig, plane: str) -> Placement:
@@ -143,53 +160,131 @@ class PooledCAD:
         self.stages, self.micro_batches = cfg.train.pipeline_parallel, cfg.train.micro_batches
         self.windows = sorted(set(cfg.model.attention_windows()), key=key_order)
         self.shape = attention_shape(cfg)
-        per = cfg.model.n_layers // self.stages
-        blocks = cfg.model.block_windows()[stage * per:(stage + 1) * per]
-        self.rounds = tick_rounds(blocks, cfg.train.activation_checkpointing, 2 if pingpong else 1)
+        # unequal stages (train.stage_split / stage_blocks): block position j's rounds are over the stages that
+        # have a block j, with plans of their own; a stage without serves them (in place) after its blocks' forward
+        # and before its blocks' backward, beside its other work (the LM head)
+        self.blocks = cfg.stage_blocks()
+        self.groups, self.group_of = position_groups(self.blocks)
+        ranges = stage_ranges(self.blocks)
+        longest = max(range(self.stages), key=lambda x: self.blocks[x])
+        windows = cfg.model.block_windows()
+        self.rounds = tick_rounds([windows[b] for b in ranges[longest]], cfg.train.activation_checkpointing,
+                                  2 if pingpong else 1)
+        self.own = self.blocks[stage]  # positions below this are the stage's own blocks'
+        self.block_group = {b: self.group_of[b - ranges[stage].start] for b in ranges[stage]}
+        self.last_block = ranges[stage].stop - 1
         self.dtype = getattr(torch, server_dtype(cfg))
         self.table = TickTable({})
+        self._trailing: threading.Thread | None = None
+        self._trailing_error: BaseException | None = None
 
     # -- the prefetch thread ------------------------------------------------------------------------------------
     def plan_step(self, micro_batches: list) -> dict[int, dict[int, Plan]]:
         """Every active tick's plans by window (the same on every rank). Ticks holding the same micro-batches on
         the same stages share their plans."""
+        return self.plan_ticks(micro_batches)[0]
+
+    def plan_ticks(self, micro_batches: list) -> tuple[dict[int, dict[int, Plan]], dict[int, dict[tuple, Plan]]]:
+        """``(plans, later)``: every active tick's plans by window for the block positions every stage has, and
+        by ``(window, group)`` for the position groups only some stages have (unequal stages; none when even).
+        A tick's group with no micro-batch on its stages gets no plan (nobody computes those positions)."""
         made: dict[tuple, dict[int, Plan]] = {}
-        out = {}
+        out, later = {}, {}
         for t in active_ticks(self.stages, len(micro_batches)):
             micros = tick_micros(t, self.stages, len(micro_batches))
-            if micros not in made:
-                batch = tick_batch(micro_batches, micros)
-                if self.pingpong:
-                    made[micros] = {w: tuple(make_plan(h, self.placement, scheduler_settings(self.cfg, w), self.shape,
-                                                       keys=batch)[0] for h in nano_batches(batch))
-                                    for w in self.windows}
+            for g, stages in enumerate(self.groups):
+                here = tuple(m if s in stages else None for s, m in enumerate(micros))
+                if all(m is None for m in here):
+                    continue
+                if here not in made:
+                    made[here] = self._plan_tick(micro_batches, here)
+                if g == 0:
+                    out[t] = made[here]
                 else:
-                    made[micros] = {w: make_plan(batch, self.placement, scheduler_settings(self.cfg, w),
-                                                 self.shape)[0] for w in self.windows}
-            out[t] = made[micros]
-        return out
+                    later.setdefault(t, {}).update({(w, g): p for w, p in made[here].items()})
+        return out, later
+
+    def _plan_tick(self, micro_batches: list, micros: tuple[int | None, ...]) -> dict[int, Plan]:
+        batch = tick_batch(micro_batches, micros)
+        if self.pingpong:
+            return {w: tuple(make_plan(h, self.placement, scheduler_settings(self.cfg, w), self.shape,
+                                       keys=batch)[0] for h in nano_batches(batch))
+                    for w in self.windows}
+        return {w: make_plan(batch, self.placement, scheduler_settings(self.cfg, w), self.shape)[0]
+                for w in self.windows}
 
     # -- the step -----------------------------------------------------------------------------------------------
-    def contexts(self, layouts: list[DocLayout], plans: dict[int, dict[int, Plan]]) -> list[MicroContext]:
+    def contexts(self, layouts: list[DocLayout], plans) -> list[MicroContext]:
         """The step's micro-batch contexts on this stage: micro-batch ``m``'s core attention takes the plans of
-        its forward and backward ticks from this step's table."""
-        self.table = TickTable(plans)
+        its forward and backward ticks from this step's table. ``plans``: :meth:`plan_step`'s (even stages) or
+        :meth:`plan_ticks`' pair."""
+        plans, later = plans if isinstance(plans, tuple) else (plans, {})
+        self.table = TickTable(plans, later, self.block_group)
         P, s = self.stages, self.stage
+        after = self._after_block if self.serves and self.own < len(self.group_of) else None
         if self.pingpong:
             out = []
             for m, layout in enumerate(layouts):
                 nano = TickNanoPlans(nano_rows(int(layout.cu_seqlens[-1])), self.table, forward_tick(m, s, P),
                                      backward_tick(m, s, P))  # the rows plan_step's halves planned
                 run = PingPongBlocks(self.client, nano, checkpoint=self.cfg.train.activation_checkpointing)
-                out.append(MicroContext(layout, runner_only, run_block=run))
+                out.append(MicroContext(layout, runner_only, run_block=run, after_block=after))
             return out
         return [MicroContext(layout, PooledCoreAttention(self.client, self.table, forward_tick(m, s, P),
-                                                         backward_tick(m, s, P)))
+                                                         backward_tick(m, s, P)), after_block=after)
                 for m, layout in enumerate(layouts)]
 
     def enter(self, tick: int | None) -> None:
         """The schedule starts ``tick`` (None: the step's schedule is over)."""
+        self.join_trailing()
         self.table.tick = tick
+
+    def before_pass(self, tick: int) -> None:
+        """``tick``'s transfers are done and this stage's pass starts. A stage with fewer blocks than others, in a
+        B tick, starts serving the later positions' backward rounds now, beside its own first backward work (the
+        LM head's on the last stage); they end before its first round of its own. (Not before the transfers: on
+        a GPU the rounds' collectives and the transfers must reach the device in the same order on every rank.)"""
+        if self.serves and tick_phase(tick) == B and self.own < len(self.group_of):
+            self._start_trailing(tick, B)
+
+    # -- a stage with fewer blocks: the positions it has no block at -------------------------------------------
+    def _after_block(self, block: int) -> None:
+        """After its last block's forward in an F tick, the stage serves the later positions' forward rounds
+        (beside the rest of its forward: the final norm, the LM head and the loss on the last stage)."""
+        tick = self.table.tick
+        if block == self.last_block and tick is not None and tick_phase(tick) == F:
+            self._start_trailing(tick, F)
+
+    def _trailing_rounds(self, phase: str) -> list[Round]:
+        return [r for r in self.rounds[phase] if r[2] >= self.own]
+
+    def _start_trailing(self, tick: int, phase: str) -> None:
+        rounds = self._trailing_rounds(phase)
+        if not rounds:
+            return
+
+        def serve() -> None:
+            try:
+                with torch.no_grad():
+                    self._issue(tick, rounds)
+            except BaseException as e:
+                self._trailing_error = e
+
+        self._trailing = threading.Thread(target=serve, name=f"distca-trailing-{tick}", daemon=True)
+        self._trailing.start()
+        self.table.before_round = self.join_trailing
+
+    def join_trailing(self) -> None:
+        """Wait for the later positions' rounds this stage serves (before any round of its own, and at a tick's
+        end); a failure there is raised here."""
+        thread, self._trailing = self._trailing, None
+        if thread is None:
+            return
+        thread.join()
+        self.table.before_round = None
+        err, self._trailing_error = self._trailing_error, None
+        if err is not None:
+            raise err
 
     def forward_plans(self) -> list[dict[int, Plan]]:
         """The step's F-tick plans (what the step meter counts the planned attention load from)."""
@@ -215,34 +310,44 @@ class PooledCAD:
     def _serve(self, tick: int, phase: str, work: list, run: Callable[[list], None] | None) -> None:
         if self.table.tick != tick or tick_phase(tick) != phase:
             raise RuntimeError(f"serving tick {tick} ({phase}) while the schedule is in tick {self.table.tick}")
-        rounds = self.rounds[phase]
-        groups = spread(work, len(rounds)) if rounds and work else []
+        with torch.no_grad():
+            served = self._issue(tick, self.rounds[phase], work, run)
+        if run is not None and not served and work:
+            run(work)
+
+    def _issue(self, tick: int, rounds: list[Round], work: Sequence = (), run: Callable[[list], None] | None = None
+               ) -> int:
+        """Take part in ``rounds`` of ``tick`` with no rows of this rank's own (rounds whose position group has no
+        plan in the tick are nobody's and skipped), running ``work`` spread over the gaps before them; returns
+        how many rounds it took part in."""
+        rounds = [r for r in rounds if self.table.has(tick, r[1], self.group_of[r[2]])]
+        groups = spread(list(work), len(rounds)) if rounds and work else []
         m, dev, dt = self.cfg.model, self.device, self.dtype
         q = torch.empty((0, m.n_heads, m.head_dim), dtype=dt, device=dev)
         kv = torch.empty((0, m.n_kv_heads, m.head_dim), dtype=dt, device=dev)
         t = RankTensors(q, kv, kv)
         lse = torch.empty((0, m.n_heads), dtype=lse_dtype(dt), device=dev)
-        with torch.no_grad():
-            for i, (kind, w) in enumerate(rounds):
-                if run is not None and groups and groups[i]:
-                    with torch.enable_grad():  # weight gradients go to autograd for their parameters
-                        run(groups[i])
-                plan = self.table.plan(tick, w)
-                if isinstance(plan, tuple):  # ping-pong: the rounds of a call go nano-batch by nano-batch
-                    plan = plan[i % len(plan)]
-                if kind == F:
-                    self.client.forward(plan, t)
-                else:
-                    self.client.backward(plan, t, q, lse, q)
-        if run is not None and not rounds and work:
-            run(work)
+        for i, (kind, w, pos, nano) in enumerate(rounds):
+            if run is not None and groups and groups[i]:
+                with torch.enable_grad():  # weight gradients go to autograd for their parameters
+                    run(groups[i])
+            plan = self.table.plan(tick, w, self.group_of[pos])
+            if isinstance(plan, tuple):  # ping-pong: the rounds of a call go nano-batch by nano-batch
+                plan = plan[nano]
+            if kind == F:
+                self.client.forward(plan, t)
+            else:
+                self.client.backward(plan, t, q, lse, q)
+        return len(rounds)
 
     def probe(self) -> tuple[float, int]:
         """This rank's own server's busy seconds and rounds so far (the timeline's server columns)."""
         return float(getattr(self.client, "busy_s", 0.0)), int(getattr(self.client, "served", 0))
 
 
-def describe(plans: dict[int, dict[int, Plan]]) -> dict[str, Any]:
-    """A step's tick plans in brief, for its record: how many trainers a plan spans and how many ticks have one."""
+def describe(plans) -> dict[str, Any]:
+    """A step's tick plans in brief, for its record: how many trainers a plan spans and how many ticks have one.
+    ``plans``: :meth:`PooledCAD.plan_step`'s, or :meth:`PooledCAD.plan_ticks`' pair."""
+    plans = plans[0] if isinstance(plans, tuple) else plans
     first = next((p[0] if isinstance(p, tuple) else p for per in plans.values() for p in per.values()), None)
     return {"plan_trainers": first.n_ranks if first is not None else 0, "planned_ticks": len(plans)}

@@ -268,9 +268,10 @@ class TimedSchedule:
     ``None`` when the schedule ends). The optimizer's tail of the last tick runs as a separate entry."""
 
     def __init__(self, inner, timeline: Timeline, phase_of: Callable[[int, list], str],
-                 on_tick: Callable[[int | None], None], before_tail: Callable[[], None] = lambda: None):
+                 on_tick: Callable[[int | None], None], before_tail: Callable[[], None] = lambda: None,
+                 tick_done: Callable[[], None] = lambda: None, before_pass: Callable[[int], None] | None = None):
         self.inner, self.timeline, self.phase_of, self.on_tick = inner, timeline, phase_of, on_tick
-        self.before_tail = before_tail
+        self.before_tail, self.tick_done, self.before_pass = before_tail, tick_done, before_pass
 
     def num_pipe_buffers(self) -> int:
         return self.inner.num_pipe_buffers()
@@ -287,7 +288,16 @@ class TimedSchedule:
                 self.on_tick(t)
                 tl.served = False
                 t0, busy0 = time.perf_counter(), tl.probe()
-                yield body
+                passes = [i for i, c in enumerate(body) if isinstance(c, ds.ForwardPass | ds.BackwardPass)]
+                if self.before_pass is not None and passes:
+                    # DeepSpeed runs a schedule's commands in order whatever their grouping: the tick's transfers,
+                    # then the hook, then its pass
+                    yield body[:passes[0]]
+                    self.before_pass(t)
+                    yield body[passes[0]:]
+                else:
+                    yield body
+                self.tick_done()  # what the tick started beside its instructions (a short stage's rounds) ends here
                 computed = any(isinstance(c, ds.ForwardPass | ds.BackwardPass) for c in body)
                 tl.record(t, self.phase_of(t, body), "compute" if computed else SERVE if tl.served else "idle", t0,
                           busy0)
@@ -308,11 +318,14 @@ def _one_f_one_b_phase(sched) -> Callable[[int, list], str]:
 
 
 def install(engine, schedule: str, timeline: Timeline, on_tick: Callable[[int | None], None] = lambda t: None,
-            serve: Callable[[int, str], bool] | None = None, before_tail: Callable[[], None] = lambda: None) -> None:
+            serve: Callable[[int, str], bool] | None = None, before_tail: Callable[[], None] = lambda: None,
+            tick_done: Callable[[], None] = lambda: None, before_pass: Callable[[int], None] | None = None) -> None:
     """Make ``engine.train_batch`` run ``schedule`` (``"1f1b"``: DeepSpeed's own; ``"pooled"``), timed into
     ``timeline``. Pooled: ``serve(tick, phase)`` runs an idle stage's attention rounds of a tick (True when the
     rank served any), ``on_tick`` hears each tick start (the pooled core attention's plans follow it).
-    ``before_tail`` runs just before the optimizer's reductions (deferred weight gradients are flushed there)."""
+    ``before_tail`` runs just before the optimizer's reductions (deferred weight gradients are flushed there),
+    ``tick_done`` after each tick's instructions (a stage with fewer blocks finishes the rounds it serves there),
+    ``before_pass(tick)`` (pooled) between a tick's transfers and its forward or backward pass."""
     ServeTick, PooledSchedule, _ = _deepspeed_classes()
     if schedule not in ("1f1b", "pooled"):
         raise ValueError(f"unknown pipeline schedule {schedule!r}")
@@ -322,7 +335,8 @@ def install(engine, schedule: str, timeline: Timeline, on_tick: Callable[[int | 
         if schedule == "pooled":
             inner = PooledSchedule(micro_batches=engine.micro_batches, stages=engine.num_stages,
                                    stage_id=engine.stage_id)
-            return TimedSchedule(inner, timeline, lambda t, _cmds: tick_phase(t), on_tick, before_tail)
+            return TimedSchedule(inner, timeline, lambda t, _cmds: tick_phase(t), on_tick, before_tail, tick_done,
+                                 before_pass)
         inner = own(engine)
         return TimedSchedule(inner, timeline, _one_f_one_b_phase(inner), on_tick, before_tail)
 

@@ -45,7 +45,7 @@ from distca.parts import (
 from distca.scheduler import BatchLayout, Placement, make_plan
 from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.train.data import make_source
-from distca.train.export import write_model_config
+from distca.train.export import check_pipeline_layout, write_model_config, write_pipeline_layout
 from distca.train.flops import measure_peak_flops
 from distca.train.metrics import StepMeter, combine_ranks
 from distca.train.pipe import MicroContext, StepContext, build_pipeline, llama_parameters, runner_only
@@ -180,7 +180,7 @@ class Trainer:
         self.ctx = StepContext()
         with library_prints(self.verbose):  # DeepSpeed prints its seeds, topology and layer listing on rank 0
             pipe = build_pipeline(cfg.model, self.ctx, cfg.train.pipeline_parallel, cfg.seed,
-                                  cfg.train.activation_checkpointing and not self.pingpong)
+                                  cfg.train.activation_checkpointing and not self.pingpong, cfg.stage_blocks())
         if cfg.train.init_from_hf:  # before DeepSpeed copies parameters into its optimizer state
             from distca.model.hf import load_hf_weights
 
@@ -244,12 +244,14 @@ class Trainer:
             plan = weight_grad_plan if self.schedule == "pooled" else one_f_one_b_weight_grad_plan
             self.wgrad = StageWeightGrads(pipe, plan(cfg.train.pipeline_parallel, cfg.train.micro_batches), self.stage)
         install(self.engine, self.schedule, self.timeline, on_tick=self._enter_tick,
-                serve=self._serve_tick if self.schedule == "pooled" else None, before_tail=self._before_tail)
+                serve=self._serve_tick if self.schedule == "pooled" else None, before_tail=self._before_tail,
+                tick_done=self.pooled.join_trailing if self.pooled is not None else lambda: None,
+                before_pass=self.pooled.before_pass if self.pooled is not None else None)
         self.peak_flops = cfg.train.peak_tflops * 1e12 or measure_peak_flops(precision, device=self.device)
         self.meter = StepMeter(cfg, info.rank, self.stage, self.dp_rank, self.client, self.attn_timer, self.device)
         self.prefetch = StepPrefetch(self.stream, cfg.train.micro_batches, self._prepare,
                                      background=cfg.train.prefetch,
-                                     prepare_step=self.pooled.plan_step if self.pooled is not None else None)
+                                     prepare_step=self.pooled.plan_ticks if self.pooled is not None else None)
 
     def _enter_tick(self, tick: int | None) -> None:
         if self.wgrad is not None:
@@ -434,12 +436,14 @@ class Trainer:
         state = {"step": step, "data": self.prefetch.stream_state(), "torch_rng": torch.get_rng_state(),
                  "numpy_rng": np.random.get_state()}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"distca": state})
-        if self.info.rank == 0:  # the model beside its tensors, for `distca export`
+        if self.info.rank == 0:  # the model beside its tensors, for `distca export`; the stages, for a resume
             write_model_config(self.checkpoint_dir / tag, self.cfg.model)
+            write_pipeline_layout(self.checkpoint_dir / tag, self.cfg.stage_blocks())
         return tag
 
     def load(self) -> int:
         """Resume from the latest checkpoint; returns the number of steps already done."""
+        check_pipeline_layout(self.checkpoint_dir, self.cfg.stage_blocks())
         path, client = self.engine.load_checkpoint(str(self.checkpoint_dir))
         if path is None:
             raise FileNotFoundError(f"train.resume is set but {self.checkpoint_dir} holds no checkpoint")

@@ -265,6 +265,8 @@ class PooledCAD:
 
         def serve() -> None:
             try:
+                if self.device is not None and self.device.type == "cuda":  # a thread starts on device 0
+                    torch.cuda.set_device(self.device)
                 with torch.no_grad():
                     self._issue(tick, rounds)
             except BaseException as e:

@@ -43,7 +43,9 @@ from distca.train.launch import train
 ROOT = Path(__file__).resolve().parent.parent
 COLORS = {"F": "#4c72b0", "B": "#55a868", "serve": "#dd8452", "W": "#c44e52", "p2p": "#c8c8c8", "optimizer": "#8172b3"}
 VARIANTS = {"1f1b": ["--train.pipeline_schedule=1f1b"], "pooled": ["--train.pipeline_schedule=pooled"],
-            "pooled+W": ["--train.pipeline_schedule=pooled", "--train.defer_weight_grads=true"]}
+            "pooled+W": ["--train.pipeline_schedule=pooled", "--train.defer_weight_grads=true"],
+            "pooled+split": ["--train.pipeline_schedule=pooled", "--train.stage_split=balanced"]}
+DEFAULT_VARIANTS = ("1f1b", "pooled", "pooled+W")
 
 
 def stage_stats(spans: list[list], timeline: list[list], step_s: float) -> dict[str, float]:
@@ -127,6 +129,9 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--out", default=str(ROOT / "docs/figures/bubbles.png"))
     p.add_argument("--long", action="store_true", help="long documents (see above)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
+                   help="runs per pipeline degree, the first the reference (pooled+split: train.stage_split "
+                        "balanced, fewer blocks on the LM head's stage: give the model a large --model.vocab_size)")
     args, overrides = p.parse_known_args()
     if args.long:
         from distca.data.distributions import LengthDistribution
@@ -137,7 +142,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for pp in args.pp:
-            for schedule in VARIANTS:
+            for schedule in args.variants:
                 r = run(args.config, pp, args.micro_batches, schedule, args.steps, overrides, Path(tmp))
                 results.append(r)
                 print(f"PP={pp} {schedule}: step {r['step_s']:.2f} s", flush=True)
@@ -151,15 +156,16 @@ def main() -> None:
     lines = [*header_lines("Pipeline bubbles: 1F1B vs pooled ticks (CPU simulated cluster)", info), "",
              *markdown_table(["setting", "schedule", "rank", "step s", "idle % of step",
                               "warm-up/cool-down idle %", "served s (idle stage)"], rows), ""]
+    mean = lambda r, k: sum(s[k] for s in r["stats"]) / len(r["stats"])  # noqa: E731
     for pp in args.pp:
-        a, b, c = (next(r for r in results if r["pp"] == pp and r["schedule"] == s) for s in VARIANTS)
-        mean = lambda r, k: sum(s[k] for s in r["stats"]) / len(r["stats"])  # noqa: E731
-        same = max(abs(x - y) / abs(x) for r in (b, c) for x, y in zip(a["losses"], r["losses"], strict=True))
-        lines.append(f"- PP={pp}: mean idle {mean(a, 'idle_pct'):.1f}% (1F1B) vs {mean(b, 'idle_pct'):.1f}% (pooled) "
-                     f"vs {mean(c, 'idle_pct'):.1f}% (pooled+W); warm-up/cool-down idle "
-                     f"{mean(a, 'edge_idle_pct'):.1f}% vs {mean(b, 'edge_idle_pct'):.1f}% vs "
-                     f"{mean(c, 'edge_idle_pct'):.1f}%; step {a['step_s']:.2f} s vs {b['step_s']:.2f} s vs "
-                     f"{c['step_s']:.2f} s; losses equal within {same:.1e} relative")
+        runs = [next(r for r in results if r["pp"] == pp and r["schedule"] == s) for s in args.variants]
+        same = max((abs(x - y) / abs(x) for r in runs[1:] for x, y in zip(runs[0]["losses"], r["losses"],
+                                                                        strict=True)), default=0.0)
+        idle = " vs ".join(f"{mean(r, 'idle_pct'):.1f}%" for r in runs)
+        edge = " vs ".join(f"{mean(r, 'edge_idle_pct'):.1f}%" for r in runs)
+        step = " vs ".join(f"{r['step_s']:.2f} s" for r in runs)
+        lines.append(f"- PP={pp} ({' vs '.join(args.variants)}): mean idle {idle}; warm-up/cool-down idle {edge}; "
+                     f"step {step}; losses equal within {same:.1e} relative")
     print("\n".join(lines))
     dest = out_dir("bubbles")
     write_json(dest / "bubbles.json", {"info": info, "results": results})

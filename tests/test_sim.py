@@ -174,7 +174,9 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="multiple of cp"):
         Parallelism(dp=3, cp=2)
     with pytest.raises(ValueError, match="n_layers"):
-        simulate_step(TINY, hw, Parallelism(pp=3), SimOptions(), [MicroBatch([[8]], [False])])
+        simulate_step(TINY, hw, Parallelism(pp=TINY.n_layers + 1), SimOptions(), [MicroBatch([[8]], [False])])
+    with pytest.raises(ValueError, match="stage_blocks"):
+        simulate_step(TINY, hw, Parallelism(pp=2), SimOptions(stage_blocks=(1, 1)), [MicroBatch([[8]], [False])])
 
 
 def test_hardware_round_trips_and_rejects_unknown_keys(tmp_path):

@@ -194,6 +194,10 @@ def test_validation_reads_schedule_pingpong_and_prefetch_and_weights_calibration
     cfg["train"].update(pipeline_schedule="pooled", pingpong=True, prefetch=False)
     _, _, opt = run_options(cfg)
     assert (opt.schedule, opt.pingpong, opt.prefetch_plans) == ("pooled", True, False)
+    assert (opt.stage_split, opt.stage_blocks) == ("even", ())
+    cfg["train"].update(stage_blocks=[3, 1])  # the run's split, replayed: stage 0 holds 3 of the 4 blocks
+    model, par, opt = run_options(cfg)
+    assert opt.stage_blocks == (3, 1) and _Builder(model, _hw(), par, opt, []).c.stage_blocks == [[0, 1, 2], [3]]
     a, b = _hw(linear_flops=1e9, cores=2.0), _hw(linear_flops=3e9, cores=1.0)
     m = average_hardware([a, b], weights=[0.75, 0.25])
     assert math.isclose(m.linear_flops, 1.5e9) and math.isclose(m.cores, 1.75)

@@ -135,6 +135,7 @@ class SimOptions:
     # blocks for its LM head). Pooled: block position j's rounds are over the stages that have a block j; the last
     # stage computes its head's forward and backward between the rounds of the positions it has no block at
     stage_split: Literal["even", "balanced"] = "even"
+    stage_blocks: tuple[int, ...] = ()  # explicit blocks per stage (train.stage_blocks), overriding stage_split
 
     def __post_init__(self) -> None:
         if self.stage_split not in ("even", "balanced"):
@@ -247,9 +248,8 @@ class _Costs:
         self.model: CostModel = hw.attention_model(self.shape)
         self.qkv_params, self.block_params = block_linear_params(cfg)
         self.windows = cfg.block_windows()
-        if opt.stage_split == "even" and cfg.n_layers % par.pp:
-            raise ValueError(f"n_layers={cfg.n_layers} must be a multiple of pp={par.pp}")
-        self.stage_blocks = [list(r) for r in stage_ranges(stage_blocks(cfg, par.pp, opt.stage_split))]
+        self.stage_blocks = [list(r) for r in stage_ranges(stage_blocks(cfg, par.pp, opt.stage_split,
+                                                                        opt.stage_blocks))]
         self.positions = max(len(b) for b in self.stage_blocks)
         self.units_per_node = max(1, hw.devices_per_node // tp)  # simulated devices (TP groups) per node
 

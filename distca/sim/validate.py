@@ -46,7 +46,8 @@ def run_options(config: dict, schedule_ran: str | None = None) -> tuple[ModelCon
                      pingpong=bool(t.get("pingpong", False)) and cad, schedule=schedule,
                      prefetch_plans=bool(t.get("prefetch", False)),
                      pool_rounds=cl.get("data_plane") == "zmq",  # the per-round costs calibrated: ZeroMQ frames
-                     nano_split="rows")  # the trainer cuts nano-batches by query rows (distca.runtime.nano)
+                     nano_split="rows",  # the trainer cuts nano-batches by query rows (distca.runtime.nano)
+                     stage_split=str(t.get("stage_split", "even")), stage_blocks=tuple(t.get("stage_blocks") or ()))
     return model, par, opt
 
 

@@ -53,6 +53,9 @@ def stage_blocks(model: ModelConfig, stages: int, split: str = "even", explicit:
                  ) -> tuple[int, ...]:
     """Blocks per stage: ``explicit`` when given (checked: ``stages`` entries, each >= 1, summing to
     ``model.n_layers``), else the ``split`` rule (``even`` | ``balanced``)."""
+    if stages < 1 or model.n_layers < stages:
+        raise ValueError(f"cannot split model.n_layers={model.n_layers} blocks over {stages} pipeline stages (at least "
+                         "one block per stage)")
     if explicit:
         blocks = tuple(int(b) for b in explicit)
         if len(blocks) != stages or min(blocks) < 1 or sum(blocks) != model.n_layers:

@@ -9,7 +9,7 @@ real cluster has, to size each cause of idle time:
 - ``eps 0``: the planner balances attention exactly (``scheduler.eps = 0``) instead of within 1 + eps;
 - ``no LM head``: a 1024-token vocabulary (the last stage's head costs nearly nothing, so stages are even);
 - ``2M``: twice the tokens per step, so twice the micro-batches (M) over the same warm-up and cool-down ticks;
-- ``balanced split``: not a what-if but ``train.stage_split: balanced`` (built, :mod:`distca.train.split`): the
+- ``balanced split``: not a what-if but ``train.stage_split: balanced`` (built, distca.config.stage_blocks): the
   last stage holds fewer blocks, and computes its LM head between the rounds of the block positions it has none at;
 - ``deferred W``: not a what-if but ``train.defer_weight_grads`` (built, :mod:`distca.train.wgrad`): the weight
   gradients of ``P - 1`` micro-batches per stage move into ticks the stage would only serve attention in.

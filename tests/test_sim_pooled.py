@@ -148,7 +148,7 @@ def test_a_balanced_split_moves_blocks_off_the_stage_with_the_lm_head(schedule):
     between stages, not lost: the head's forward and backward too), and the step is shorter. Pooled: the last
     stage computes its head between the rounds of the positions it has no block at, and every stage's blocks
     are still in rounds with everyone's."""
-    from distca.train.split import stage_blocks
+    from distca.config import stage_blocks
 
     cfg = ModelConfig(**{**TINY.__dict__, "n_layers": 8, "vocab_size": 4096})
     assert stage_blocks(cfg, 2, "balanced") == (5, 3)

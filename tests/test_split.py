@@ -1,13 +1,12 @@
-"""How many blocks each pipeline stage holds (distca.train.split), and DeepSpeed's layer boundaries from it."""
+"""How many blocks each pipeline stage holds (distca.config.stage_blocks), and DeepSpeed's layer boundaries from it."""
 
 from __future__ import annotations
 
 import pytest
 
-from distca.config import load_config
+from distca.config import balanced_blocks, even_blocks, head_blocks, load_config, stage_blocks, stage_ranges
 from distca.errors import ConfigError
 from distca.train.pipe import layer_parts
-from distca.train.split import balanced_blocks, even_blocks, head_blocks, stage_blocks, stage_ranges
 
 
 def test_even_gives_the_remainder_to_the_first_stages():

@@ -121,7 +121,7 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
     and backward). With ``idle_aware`` the pooled schedule is also run with the idle-aware what-if balance
     (4D only), and with ``defer_wgrad`` each schedule also with deferred weight gradients (``<schedule>+wgrad``).
     Without a pipeline (pp = 1) the pooled schedule and deferral change nothing: the 1F1B result is copied.
-    ``stage_split`` (``even`` | ``balanced``, :mod:`distca.train.split`) applies to every system, the baselines
+    ``stage_split`` (``even`` | ``balanced``, distca.config.stage_blocks) applies to every system, the baselines
     too: a split that evens out the LM head is open to any pipeline, so it is no part of CAD's speedup."""
     if pt.nodes % pt.pp:
         raise ValueError(f"{pt.label}: {pt.nodes} nodes do not split into pp={pt.pp} stages")

@@ -66,7 +66,7 @@ from typing import Literal
 import numpy as np
 
 from distca.attention.cost import AttentionShape, CostModel
-from distca.config import ModelConfig
+from distca.config import ModelConfig, stage_blocks, stage_ranges
 from distca.masks import key_mask, key_order
 from distca.scheduler import BatchLayout, Placement, SchedulerConfig, make_plan
 from distca.scheduler.calls import server_rects
@@ -74,7 +74,6 @@ from distca.sim.engine import SimResult, TaskGraph, simulate
 from distca.sim.hardware import Hardware
 from distca.train.flops import block_linear_params, model_params
 from distca.train.schedule import tick_micro, weight_grad_plan
-from distca.train.split import stage_blocks, stage_ranges
 
 System = Literal["colocated", "cad", "wlb"]
 Schedule = Literal["1f1b", "pooled"]
@@ -131,7 +130,7 @@ class SimOptions:
     # spread over the gaps before that tick's rounds. 1F1B: stage s's last s backward passes, the other half after
     # its last backward, before the optimizer (one_f_one_b_weight_grad_plan)
     defer_wgrad: bool = False
-    # blocks per stage (distca.train.split, train.stage_split): "even", or "balanced" (the last stage has fewer
+    # blocks per stage (distca.config.stage_blocks, train.stage_split): "even", or "balanced" (the last stage has fewer
     # blocks for its LM head). Pooled: block position j's rounds are over the stages that have a block j; the last
     # stage computes its head's forward and backward between the rounds of the positions it has no block at
     stage_split: Literal["even", "balanced"] = "even"

@@ -14,23 +14,8 @@ import time
 
 import torch
 
-from distca.config import ModelConfig
+from distca.config import ModelConfig, block_linear_params  # the one parameter counter lives with the shape
 from distca.masks import key_mask
-
-
-def block_linear_params(cfg: ModelConfig) -> tuple[int, int]:
-    """Matmul weights of one block: ``(q/k/v projections of one attention sublayer, all of the block's)``.
-
-    The one parameter counter (with :func:`model_params`): the FLOPs counter and the simulator read it.
-    """
-    d, hd = cfg.hidden, cfg.head_dim
-    qkv = d * hd * (cfg.n_heads + 2 * cfg.n_kv_heads)
-    attn = qkv + d * hd * cfg.n_heads  # and the output projection
-    # Every block has the same attention sublayers: a ShortSWA sublayer has projections of its own.
-    total = len(cfg.block_windows()[0]) * attn + 3 * d * cfg.ffn_hidden
-    if cfg.residual == "ddl":
-        total += 2 * 2 * d  # the β and value gates (one d-vector each) of both residual updates
-    return qkv, total
 
 
 def linear_params_per_token(cfg: ModelConfig) -> int:

@@ -194,11 +194,11 @@ def layer_parts(blocks: tuple[int, ...]) -> list[int]:
 def build_pipeline(cfg: ModelConfig, ctx: StepContext, n_stages: int, seed: int, checkpointing: bool,
                    blocks: tuple[int, ...] | None = None):
     """The ``PipelineModule`` (built after ``torch.distributed`` is initialised): ``blocks`` decoder blocks per
-    stage (:mod:`distca.train.split`; default even), per-layer seeds, optional activation checkpointing of every
+    stage (distca.config.stage_blocks; default even), per-layer seeds, optional activation checkpointing of every
     block."""
     from deepspeed.pipe import PipelineModule
 
-    from distca.train.split import even_blocks
+    from distca.config import even_blocks
 
     parts = layer_parts(tuple(blocks) if blocks else even_blocks(cfg.n_layers, n_stages))
     if len(parts) != n_stages + 1:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from distca.attention import lse_dtype
-from distca.config import DistCAConfig
+from distca.config import DistCAConfig, stage_ranges
 from distca.masks import key_order
 from distca.model.core import DocLayout
 from distca.parts import attention_shape, client_settings, scheduler_settings, server_dtype
@@ -41,7 +41,6 @@ from distca.runtime.pooled_attention import PooledCoreAttention, TickNanoPlans, 
 from distca.scheduler import BatchLayout, Placement, Plan, make_plan
 from distca.train.pipe import MicroContext, runner_only
 from distca.train.schedule import B, F, active_ticks, backward_tick, forward_tick, tick_micros, tick_phase
-from distca.train.split import stage_ranges
 from distca.train.wgrad import spread
 
 log = logging.getLogger(__name__)

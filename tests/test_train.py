@@ -225,6 +225,22 @@ def test_collective_data_plane_matches_local_every_step(local_run, pools, tmp_pa
     assert all(r["attn_load_max_over_mean_measured"] for r in res.records)  # the servers' busy time, by PING
 
 
+def test_unequal_stages_on_the_pool_send_nothing_at_the_positions_they_lack(pools, tmp_path):
+    """A 3-block model split 2/1 (``train.stage_blocks``) on the pooled ticks over the module's pool (shared memory,
+    ping-pong): block position 1's plans hold stage 0's rows only, the servers wait for no one else, and the loss
+    equals colocated attention's on the same split (``tests/test_train_split.py`` runs the in-place cases)."""
+    over = {"model.n_layers": 3, "train.steps": SHORT, "train.stage_blocks": [2, 1]}
+    local = train(tiny(tmp_path / "local", **over, **{"train.core_attention": "local"}))
+    cfg = tiny(tmp_path / "cad", **over, **{"train.core_attention": "cad", "cluster.data_plane": "shm",
+                                            "train.pipeline_schedule": "pooled"})
+    res = run(cfg, pools)
+    assert len(set(local.losses)) > SHORT // 2, "the loss must move, or parity proves nothing"
+    assert {r["pipeline_schedule"] for r in res.records} == {"pooled"} and {r["data_plane"] for r in res.records} \
+        == {"shm"}
+    assert all(r["plan_trainers"] == cfg.cluster.n_trainers for r in res.records)
+    assert_same_curve(local.losses, res.losses)
+
+
 def test_resume_from_a_mid_run_checkpoint_continues_the_same_curve_exactly(local_run, tmp_path):
     cfg, straight = local_run
     assert straight.checkpoints == ["step00000007", "step00000014", f"step{STEPS:08d}"]

@@ -4,16 +4,15 @@ cluster: PP=2 × DP=2 trainers, a 3-block model.
 DeepSpeed builds each stage from the given boundaries. Under the pooled schedule, block position 1 exists on one
 stage only: its rounds have plans of their own over that stage's rows. In place, the stage without a block there
 serves those rounds on a thread of its own, after its blocks' forward and before their backward, beside the rest
-of its work (the LM head on the last stage); on the pool's data planes it simply sends nothing. Every split is
-the same math: the loss equals colocated attention's at every step."""
+of its work (the LM head on the last stage); on the pool's data planes it simply sends nothing (that run is in
+``test_train.py``, on its module's running pool). Every split is the same math: the loss equals colocated
+attention's at every step."""
 
 from __future__ import annotations
 
 import pytest
 from test_train import SHORT, assert_same_curve, tiny
 
-from distca.parts import pool_settings
-from distca.server.pool import AttentionServerPool
 from distca.train.launch import train
 
 pytestmark = pytest.mark.cluster
@@ -97,18 +96,3 @@ def test_in_place_a_short_last_stage_runs_its_head_beside_the_rounds_with_checkp
     _check(res, cfg, (2, 1))
     assert_same_curve(local.losses, res.losses)
     assert all(sum(r["weight_grads_deferred_per_rank"]) > 0 for r in res.records)
-
-
-def test_on_the_pool_a_short_stage_sends_nothing_at_the_positions_it_lacks(local3, tmp_path):
-    """Split 2/1 on the pool (shared memory, ping-pong): position 1's plans hold stage 0's rows only; the servers
-    wait for no one else, and the last stage's trainers never take part in a round of that position."""
-    _, local = local3
-    cfg = tiny(tmp_path, **THREE, **{"train.core_attention": "cad", "cluster.data_plane": "shm",
-                                     "train.pipeline_schedule": "pooled", "train.stage_blocks": [2, 1]})
-    pool = AttentionServerPool(pool_settings(cfg))
-    try:
-        res = train(cfg, pool=pool)
-    finally:
-        pool.shutdown()
-    _check(res, cfg, (2, 1))
-    assert_same_curve(local.losses, res.losses)

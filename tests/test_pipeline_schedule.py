@@ -239,6 +239,53 @@ def test_tick_plans_pool_every_stages_micro_batch_over_all_servers():
     assert plans[0][-1].digest() != plans[2][-1].digest()
 
 
+def test_unequal_stages_plan_each_block_position_over_the_stages_that_have_it():
+    """Split 1/3 (``train.stage_blocks``): position 0's plans (group 0) hold both stages' rows, positions 1 and 2's
+    (group 1) stage 1's alone; a tick whose group-1 stage has no micro-batch gets no group-1 plan. Blocks find
+    their group's plans through the table, and the step's planned load counts each group once per position."""
+    import numpy as np
+
+    from distca.data.stream import PackedStream
+    from distca.model.core import DocLayout
+    from distca.train.data import make_source
+    from distca.train.pooled import PooledCAD, pooled_placement
+    from distca.train.schedule import tick_micros
+
+    cfg = _cfg("--train.core_attention=cad", "--cluster.data_plane=inplace", "--train.micro_batches=2",
+               "--train.tokens_per_rank=256", "--attention.shard_tokens=64", "--model.n_layers=4",
+               "--train.stage_blocks=[1, 3]", "--train.pingpong=false")
+    P, DP, M = 2, 2, 2
+    stream = PackedStream(make_source(cfg), DP, 256, seed=1)
+    mbs = [stream.next_micro_batch() for _ in range(M)]
+    stage1 = PooledCAD(cfg, 1, None, pooled_placement(cfg, "inplace"), None, serves=True)
+    assert (stage1.groups, stage1.group_of) == ([(0, 1), (1,)], [0, 1, 1])
+    plans, later = stage1.plan_ticks(mbs)
+    assert sorted(plans) == active_ticks(P, M)
+    for t in plans:
+        micros = tick_micros(t, P, M)
+        if micros[1] is None:
+            assert t not in later  # nobody computes positions 1 and 2 in this tick
+            continue
+        plan = later[t][(-1, 1)]
+        planned = np.bincount(plan.task_rank, weights=plan.task_q1 - plan.task_q0, minlength=P * DP)
+        assert planned[:DP].tolist() == [0, 0] and planned[DP:].tolist() == [sum(r) for r in
+                                                                           mbs[micros[1]].packed.ranks]
+    layouts = [DocLayout.from_lengths([256]) for _ in range(M)]
+    ctx = stage1.contexts(layouts, (plans, later))
+    t = forward_tick(0, 1, P)
+    stage1.enter(t)
+    assert ctx[0].core_at(1).plan(-1, False) is plans[t][-1]  # block 1: position 0
+    assert ctx[0].core_at(3).plan(-1, False) is later[t][(-1, 1)]  # block 3: position 2
+    f_ticks = [u for u in plans if u % 2 == 0]
+    assert len(stage1.forward_plans()) == sum(1 + 2 * (u in later) for u in f_ticks)
+    stage1.enter(None)
+    assert stage1.rounds[F] == [(F, -1, 0, 0), (F, -1, 1, 0), (F, -1, 2, 0)]
+    assert stage1._trailing_rounds(F) == []  # stage 1 has every position; stage 0 serves positions 1 and 2
+    stage0 = PooledCAD(cfg, 0, None, pooled_placement(cfg, "inplace"), None, serves=True)
+    assert stage0._trailing_rounds(F) == [(F, -1, 1, 0), (F, -1, 2, 0)]
+    assert stage0._trailing_rounds(B) == [(B, -1, 2, 0), (B, -1, 1, 0)]
+
+
 def test_a_stage_s_replicas_get_the_nodes_of_their_global_ranks():
     """The node map of a 1F1B in-place group (cluster.devices_per_node): replica d of stage s sits on DeepSpeed's
     global rank of (pipe=s, data=d), checked against DeepSpeed's own topology class."""

@@ -288,8 +288,20 @@ class PooledCAD:
             raise err
 
     def forward_plans(self) -> list[dict[int, Plan]]:
-        """The step's F-tick plans (what the step meter counts the planned attention load from)."""
-        return [p for t, p in sorted(self.table.plans.items()) if tick_phase(t) == F]
+        """The step's F-tick plans (what the step meter counts the planned attention load from). With unequal
+        stages each position group's plans come once per block position of the group, so the load adds up as
+        the rounds do."""
+        ticks = [t for t in sorted(self.table.plans) if tick_phase(t) == F]
+        if len(self.groups) == 1:
+            return [self.table.plans[t] for t in ticks]
+        out = []
+        for t in ticks:
+            for g in self.group_of:
+                per = self.table.plans[t] if g == 0 else {w: p for (w, gg), p in self.table.later.get(t, {}).items()
+                                                          if gg == g}
+                if per:
+                    out.append(per)
+        return out
 
     def serve(self, tick: int, phase: str, work: Sequence = (), run: Callable[[list], None] | None = None) -> bool:
         """Issue ``tick``'s rounds with no rows of this rank's own (a stage idle while others compute); True when

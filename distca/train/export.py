@@ -38,6 +38,12 @@ def write_model_config(tag_dir: Path, cfg: ModelConfig) -> None:
     os.replace(tmp, tag_dir / MODEL_FILE)
 
 
+def run_checkpoint_dir(cfg) -> Path:
+    """Where a run (a :class:`~distca.config.DistCAConfig`) keeps its checkpoints: ``train.checkpoint_dir``, else
+    ``output_dir/checkpoints``."""
+    return Path(cfg.train.checkpoint_dir or Path(cfg.output_dir) / "checkpoints")
+
+
 def write_pipeline_layout(tag_dir: Path, blocks: tuple[int, ...]) -> None:
     """Record how many blocks each stage held (atomically): a resume must build the same stages."""
     tmp = tag_dir / f".{PIPELINE_FILE}.{os.getpid()}"

@@ -28,6 +28,7 @@ from typing import Any
 
 from distca.config import DistCAConfig, config_from_dict
 from distca.errors import DistCAError
+from distca.train.export import check_pipeline_layout, run_checkpoint_dir
 from distca.train.metrics import MetricsSink, TrainResult, collect
 
 log = logging.getLogger(__name__)
@@ -140,10 +141,7 @@ def train(cfg: DistCAConfig, run_steps: int = 0, timeout_s: float | None = None,
     device = train_device(cfg)  # resolved once here; every rank gets it
     _check_source(cfg)  # bad data settings fail here, before any server or rank starts
     if cfg.train.resume:  # so does a resume from a checkpoint of other pipeline stages
-        from distca.train.export import check_pipeline_layout
-
-        check_pipeline_layout(Path(cfg.train.checkpoint_dir or Path(cfg.output_dir) / "checkpoints"),
-                              cfg.stage_blocks())
+        check_pipeline_layout(run_checkpoint_dir(cfg), cfg.stage_blocks())
     restore = _child_malloc_arenas(cfg.train.malloc_arena_max)
     try:
         needs_pool = uses_pool(cfg, device)
@@ -186,7 +184,7 @@ def _with_restarts(cfg: DistCAConfig, world: int, pool, addresses: list[str], ru
     """Run the ranks; when a run fails and ``train.max_restarts`` allows, replace dead attention servers
     and start the ranks again from the latest checkpoint (resume is exact, so the loss curve is the one
     an undisturbed run draws; steps after that checkpoint are trained again)."""
-    ckpt = Path(cfg.train.checkpoint_dir or Path(cfg.output_dir) / "checkpoints")
+    ckpt = run_checkpoint_dir(cfg)
     # run_steps counts from where this call starts; a restart resumes earlier, so it gets the steps left
     stop_at = (_checkpoint_step(ckpt) if cfg.train.resume else 0) + run_steps if run_steps > 0 else 0
     attempt, done = cfg, []

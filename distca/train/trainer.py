@@ -45,7 +45,12 @@ from distca.parts import (
 from distca.scheduler import BatchLayout, Placement, make_plan
 from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
 from distca.train.data import make_source
-from distca.train.export import check_pipeline_layout, write_model_config, write_pipeline_layout
+from distca.train.export import (
+    check_pipeline_layout,
+    run_checkpoint_dir,
+    write_model_config,
+    write_pipeline_layout,
+)
 from distca.train.flops import measure_peak_flops
 from distca.train.metrics import StepMeter, combine_ranks
 from distca.train.pipe import MicroContext, StepContext, build_pipeline, llama_parameters, runner_only
@@ -428,7 +433,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.cfg.train.checkpoint_dir or Path(self.cfg.output_dir) / "checkpoints")
+        return run_checkpoint_dir(self.cfg)
 
     def save(self, step: int) -> str:
         """DeepSpeed checkpoint (weights, optimizer, LR schedule) + data position + RNG, tag ``stepN``."""

@@ -360,13 +360,20 @@ def test_two_node_torchrun_trains_like_a_single_launch(tmp_path, inplace_run):
 
 
 def test_ray_launch_trains_like_a_single_launch(tmp_path, cad_run):
-    """``distca launch ray``: trainers as Ray Train workers and servers as actors, on a local Ray of its own."""
+    """``distca launch ray``: trainers as Ray Train workers and servers as actors, on a local Ray of its own. Two
+    workers (DP 2, no pipeline) and two servers: the same data-parallel degree, micro-batches and seed as the
+    PP 2 x DP 2 run on four servers, so the same curve within the parity tolerance, for half the processes to
+    start (each imports torch; most of this test is Ray starting them)."""
     cad_cfg, single = cad_run
-    cmd = [sys.executable, "-m", "distca.cli", "launch", "ray", "--config", same_config(cad_cfg, tmp_path),
+    cfg = tiny(tmp_path, **{"train.core_attention": "cad", "train.pipeline_schedule": "1f1b",
+                            "cluster.n_trainers": 2, "train.pipeline_parallel": 1, "cluster.n_servers": 2})
+    assert (cfg.data_parallel, cfg.train.micro_batches, cfg.seed) == (cad_cfg.data_parallel,
+                                                                      cad_cfg.train.micro_batches, cad_cfg.seed)
+    cmd = [sys.executable, "-m", "distca.cli", "launch", "ray", "--config", same_config(cfg, tmp_path),
            f"--output_dir={tmp_path / 'ray'}", "--run-steps", "4"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "cad on 4 servers" in r.stdout
+    assert "cad on 2 servers" in r.stdout
     losses = [json.loads(x)["loss"] for x in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
     assert_same_curve(single.losses[:4], losses)
 
@@ -611,7 +618,8 @@ def _alive(pids: set[int]) -> list[int]:
 def test_sigterm_checkpoints_and_stops_cleanly_then_resumes(tmp_path, pools):
     """Operating a run: SIGTERM to ``distca train`` mid-run stops every rank after the same step, checkpoints,
     prints the summary, shuts its servers down and leaves no process behind; the run then resumes from there."""
-    long_run = tiny(tmp_path, **{"train.core_attention": "cad", "train.steps": 200})
+    small = {"cluster.n_trainers": 2, "train.pipeline_parallel": 1, "cluster.n_servers": 2}  # fewer processes to start
+    long_run = tiny(tmp_path, **{"train.core_attention": "cad", "train.steps": 200, **small})
     cmd = [sys.executable, "-m", "distca.cli", "train", "--config", same_config(long_run, tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
@@ -635,7 +643,7 @@ def test_sigterm_checkpoints_and_stops_cleanly_then_resumes(tmp_path, pools):
         time.sleep(0.2)
     assert not _alive(started), f"processes left behind: {_alive(started)}"
 
-    resumed = run(tiny(tmp_path, **{"train.core_attention": "cad", "train.steps": done + 2, "train.resume": True}),
-                  pools)
+    resumed = run(tiny(tmp_path, **{"train.core_attention": "cad", "train.steps": done + 2, "train.resume": True,
+                                    **small}), pools)
     assert (resumed.start_step, resumed.end_step) == (done, done + 2)
     assert (tmp_path / "checkpoints" / f"step{done + 2:08d}").exists()

@@ -227,11 +227,12 @@ def grid(args) -> None:
     points = [p for p in paper_grid() if args.mode == "all" or p.mode == args.mode]
     results = run_grid(hw, seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong, schedules=schedules,
                        idle_aware=idle_aware, layer_chunks=args.layer_chunks, defer_wgrad=wgrad, points=points,
-                       stage_split=args.stage_split)
+                       stage_split=args.stage_split, nano_split=args.nano_split,
+                       pingpong_order=args.pingpong_order)
     info = run_info(torch.device("cpu"), hardware=hw.name, seeds=args.seeds, eps=args.eps,
                     pingpong=not args.no_pingpong, tp=8, schedules="/".join(schedules), idle_aware=idle_aware,
-                    deferred_weight_grads=wgrad, stage_split=args.stage_split,
-                    mode=args.mode, layer_chunks=args.layer_chunks or "per layer")
+                    deferred_weight_grads=wgrad, stage_split=args.stage_split, nano_split=args.nano_split,
+                    pingpong_order=args.pingpong_order, mode=args.mode, layer_chunks=args.layer_chunks or "per layer")
     lines = [*header_lines(f"Simulated speedup at the paper's scales ({hw.name})", info), *grid_rows(results)]
     lines += ["", *summary_rows(results), ""]
     for sch in (*schedules, *([f"{x}+wgrad" for x in schedules] if wgrad else [])):
@@ -253,7 +254,8 @@ def grid(args) -> None:
     for line in lines:
         print(line)
     dest = out_dir("sim")
-    stem = Path(args.hardware).stem
+    stem = (Path(args.hardware).stem + ("" if args.nano_split == "repack" else f"-{args.nano_split}")
+            + ("" if args.pingpong_order == "layer" else f"-{args.pingpong_order}"))
     write_json(dest / f"grid-{stem}.json", {"info": info, "sources": hw.sources, "results": results})
     try:
         import matplotlib
@@ -325,6 +327,13 @@ def main() -> None:
     g.add_argument("--stage-split", choices=["even", "balanced"], default="even",
                    help="blocks per pipeline stage for every system (train.stage_split; balanced: fewer on the last "
                         "stage, for its LM head)")
+    g.add_argument("--nano-split", choices=["repack", "rows"], default="repack",
+                   help="CAD's ping-pong nano-batches: repack (the paper's driver, documents cut at the half) or rows "
+                        "(this repository's trainer: the halves of every rank's rows, exact; see SimOptions)")
+    g.add_argument("--pingpong-order", choices=["layer", "fused"], default="layer",
+                   help="layer: the trainer's per-block order; fused: the paper's Fig. 7 order (post of layer l with "
+                        "pre of layer l + 1 per nano-batch), a what-if the trainer does not run (needs --nano-split "
+                        "repack)")
     g.add_argument("--layer-chunks", type=int, default=0,
                    help="attention rounds per stage and pass (0: one per layer, the default)")
     args = p.parse_args()

@@ -39,6 +39,10 @@ def add_parser(sub) -> None:
                    help="point/grid: also pooled ticks with deferred weight gradients (train.defer_weight_grads)")
     s.add_argument("--stage-split", choices=["even", "balanced"], default="even",
                    help="point/grid: blocks per pipeline stage (train.stage_split), for every system")
+    s.add_argument("--nano-split", choices=["repack", "rows"], default="repack",
+                   help="point/grid: CAD's ping-pong nano-batches, the paper's (repack) or the trainer's (rows)")
+    s.add_argument("--pingpong-order", choices=["layer", "fused"], default="layer",
+                   help="point/grid: the trainer's per-block order, or the paper's fused one (what-if; repack only)")
     s.add_argument("--out", help="calibrate: where the hardware JSON goes")
     s.add_argument("--json", help="grid/validate: also write the results here")
 
@@ -66,7 +70,8 @@ def _point(args) -> int:
                    args.tokens_per_node, args.pp, args.micro_tokens, args.tp)
     r = predict_point(pt, cfg, load_hardware(args.hardware), seeds=args.seeds, eps=args.eps,
                       pingpong=not args.no_pingpong, schedules=_schedules(args.schedule),
-                      defer_wgrad=args.defer_wgrad, stage_split=args.stage_split)
+                      defer_wgrad=args.defer_wgrad, stage_split=args.stage_split,
+                      nano_split=args.nano_split, pingpong_order=args.pingpong_order)
     print(json.dumps(r, indent=1))
     return 0
 
@@ -76,7 +81,8 @@ def _grid(args) -> int:
 
     results = run_grid(load_hardware(args.hardware), seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong,
                        schedules=_schedules(args.schedule), defer_wgrad=args.defer_wgrad,
-                       stage_split=args.stage_split)
+                       stage_split=args.stage_split, nano_split=args.nano_split,
+                       pingpong_order=args.pingpong_order)
     for line in grid_rows(results):
         print(line)
     if args.json:

@@ -115,14 +115,21 @@ def _wgrad_kept(opt: SimOptions, pp: int, m: int) -> list[int]:
 def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2, eps: float = 0.05,
                   pingpong: bool = True, layer_chunks: int = 0, slack: float = 0.1,
                   schedules: tuple[str, ...] = ("1f1b",), idle_aware: bool = False,
-                  defer_wgrad: bool = False, stage_split: str = "even") -> dict:
+                  defer_wgrad: bool = False, stage_split: str = "even", nano_split: str = "repack",
+                  pingpong_order: str = "layer") -> dict:
     """Median step time of CAD (per pipeline schedule), plain colocated and the best WLB-style CP degree
     over ``seeds`` steps. ``layer_chunks=0``: one attention round per layer (ping-pong per layer, forward
     and backward). With ``idle_aware`` the pooled schedule is also run with the idle-aware what-if balance
     (4D only), and with ``defer_wgrad`` each schedule also with deferred weight gradients (``<schedule>+wgrad``).
     Without a pipeline (pp = 1) the pooled schedule and deferral change nothing: the 1F1B result is copied.
     ``stage_split`` (``even`` | ``balanced``, distca.config.stage_blocks) applies to every system, the baselines
-    too: a split that evens out the LM head is open to any pipeline, so it is no part of CAD's speedup."""
+    too: a split that evens out the LM head is open to any pipeline, so it is no part of CAD's speedup.
+    ``nano_split`` is how CAD cuts a micro-batch into its two ping-pong nano-batches (``SimOptions.nano_split``):
+    ``repack``, the paper's driver (documents cut at the half, each half planned alone, so the first round can
+    start before the second nano-batch's pre-attention work), or ``rows``, this repository's trainer (the
+    halves of every rank's rows, each planned with the whole micro-batch's keys: exact, but the first round
+    waits for both halves' q/k/v and overlaps only the first half's post-attention work). ``pingpong_order``
+    ``fused`` is the paper's Fig. 7 order (``SimOptions.pingpong_order``), a what-if the trainer does not run."""
     if pt.nodes % pt.pp:
         raise ValueError(f"{pt.label}: {pt.nodes} nodes do not split into pp={pt.pp} stages")
     if not schedules:
@@ -139,7 +146,8 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
         for sch in schedules:
             variants[f"{sch}+wgrad"] = SimOptions(system="cad", pingpong=pingpong, eps=eps, layer_chunks=layer_chunks,
                                                   schedule=sch, defer_wgrad=True)
-    variants = {k: replace(v, stage_split=stage_split) for k, v in variants.items()}
+    variants = {k: replace(v, stage_split=stage_split, nano_split=nano_split,
+                           pingpong_order=pingpong_order if pingpong else "layer") for k, v in variants.items()}
     col_opt = SimOptions(system="colocated", layer_chunks=layer_chunks, stage_split=stage_split)
     cost = _doc_cost(cfg, hw, pt.tp)
     rows: dict[str, list] = {"colocated": [], "wlb": []}

@@ -20,7 +20,10 @@ Three ways to run core attention (``SimOptions.system``):
     on its own, and communication runs on a separate stream (DESIGN §2's overlap; the paper's Fig. 7).
     How the two are cut is ``nano_split``: the paper's driver re-packs two halves of the documents
     (``repack``), this repository's trainer splits every rank's rows and plans each half's queries with
-    the whole micro-batch's keys (``rows``, what the validation replays). The trainer's ping-pong runner
+    the whole micro-batch's keys (``rows``, what the validation replays). ``pingpong_order`` is the order of
+    a device's compute: the trainer's per layer (both pre-attention parts, the rounds, both post-attention
+    parts), or the paper's ``fused`` order (a what-if: nano-batch i's post-attention work of layer l runs with
+    its pre-attention work of layer l + 1). The trainer's ping-pong runner
     also costs processor time of its own per block (``Hardware.pingpong_*_row_s``, calibrated on a CPU
     host; 0 in GPU figures).
 ``wlb``
@@ -135,6 +138,13 @@ class SimOptions:
     # stage computes its head's forward and backward between the rounds of the positions it has no block at
     stage_split: Literal["even", "balanced"] = "even"
     stage_blocks: tuple[int, ...] = ()  # explicit blocks per stage (train.stage_blocks), overriding stage_split
+    # the order of a device's compute with ping-pong: "layer" (this repository's trainer, distca.runtime.nano: per
+    # block, both nano-batches' pre-attention work, the rounds, then both post-attention parts, so the first round
+    # hides behind the second's pre-attention work only) or "fused" (the paper's Fig. 7: nano-batch i's
+    # post-attention work of layer l is fused with its pre-attention work of layer l + 1, so each round hides
+    # behind the other nano-batch's whole post + pre; NOT BUILT in the trainer: a what-if that needs nano-batches
+    # whose rounds are independent, as "repack" models them)
+    pingpong_order: Literal["layer", "fused"] = "layer"
 
     def __post_init__(self) -> None:
         if self.stage_split not in ("even", "balanced"):
@@ -149,6 +159,11 @@ class SimOptions:
             raise ValueError(f"plan_s must be >= 0, got {self.plan_s!r}")
         if self.nano_split not in ("repack", "rows"):
             raise ValueError(f"nano_split must be 'repack' or 'rows', got {self.nano_split!r}")
+        if self.pingpong_order not in ("layer", "fused"):
+            raise ValueError(f"pingpong_order must be 'layer' or 'fused', got {self.pingpong_order!r}")
+        if self.pingpong_order == "fused" and self.nano_split != "repack":
+            raise ValueError("the fused ping-pong order needs independent nano-batches (nano_split='repack'): with "
+                             "'rows' the first round waits for the second nano-batch's keys")
 
 
 @dataclass
@@ -325,6 +340,9 @@ class _Builder:
         self.layouts = [BatchLayout.from_ranks(mb.ranks, mb.continues) for mb in micro]
         self.key_of = {d: k for k, d in self.dev.items()}
         self.tick_spans: list[tuple[int, int, bool]] = []  # pooled: task id range and "every stage active"
+        # pingpong_order "fused": per (device key, nano-batch), the last round's wait and post-attention work, issued
+        # just before that nano-batch's next pre-attention work (or at the end of the pass)
+        self.held_post: dict[tuple[tuple[int, int], int], tuple[tuple[int, ...], float]] = {}
 
     # -- helpers -------------------------------------------------------------------------------
     def _on(self, key, work, kind, deps=(), core=True):
@@ -623,10 +641,18 @@ class _Builder:
             return self.c.head(t, "fwd") / parts
         return self.c.head(t, "bwd") / (2 if s in self.deferring else 1) / parts
 
+    def _flush_post(self, key, nano: int) -> None:
+        held = self.held_post.pop((key, nano), None)
+        if held is not None:
+            self._on(key, 0.0, "cad_wait", held[0], core=False)
+            self._on(key, held[1], "linear")
+
     def _pass_end(self, kind: str, s: int, m: int, sent: dict) -> None:
         par, c = self.par, self.c
         for r in range(self.n_rep):
             key = (s, r)
+            for nano in sorted(i for k, i in self.held_post if k == key):
+                self._flush_post(key, nano)
             to = s + 1 if kind == "F" else s - 1
             if 0 <= to < par.pp:
                 link = self.hw.p2p or self.hw.link(c.same_node(self.dev[key], self.dev[(to, r)]))
@@ -726,8 +752,10 @@ class _Builder:
             srv_t.append(t)
             ret_scale.append(scale)
         pre, send, rets, attn = {}, {}, {}, {}
+        fused = opt.pingpong_order == "fused" and len(nanos) > 1
         for i in range(len(nanos)):
             for key, _, _ in members:
+                self._flush_post(key, i)  # fused: this nano-batch's post-attention work of the previous round
                 pre[(i, key)] = self._on(key, lin[(i, key)][0], "linear")
         for i, nb in enumerate(nanos):
             for key, t, _ in members:
@@ -757,6 +785,9 @@ class _Builder:
                                           (attn[(i, j)],), uses_core=False))
         for i in range(len(nanos)):
             for key, _, _ in members:
+                if fused:
+                    self.held_post[(key, i)] = (tuple(rets[i]), lin[(i, key)][1])
+                    continue
                 self._on(key, 0.0, "cad_wait", tuple(rets[i]), core=False)
                 self._on(key, lin[(i, key)][1], "linear")
 

@@ -327,13 +327,14 @@ def main() -> None:
     g.add_argument("--stage-split", choices=["even", "balanced"], default="even",
                    help="blocks per pipeline stage for every system (train.stage_split; balanced: fewer on the last "
                         "stage, for its LM head)")
-    g.add_argument("--nano-split", choices=["repack", "rows"], default="repack",
-                   help="CAD's ping-pong nano-batches: repack (the paper's driver, documents cut at the half) or rows "
-                        "(this repository's trainer: the halves of every rank's rows, exact; see SimOptions)")
+    g.add_argument("--nano-split", choices=["repack", "rows", "prefix"], default="repack",
+                   help="CAD's ping-pong nano-batches: repack (the paper's driver, documents cut at the half), rows "
+                        "(this repository's trainer: the halves of every rank's rows, exact) or prefix (exact, the "
+                        "first round needs none of the second's keys; a what-if, not built; see SimOptions)")
     g.add_argument("--pingpong-order", choices=["layer", "fused"], default="layer",
                    help="layer: the trainer's per-block order; fused: the paper's Fig. 7 order (post of layer l with "
-                        "pre of layer l + 1 per nano-batch), a what-if the trainer does not run (needs --nano-split "
-                        "repack)")
+                        "pre of layer l + 1 per nano-batch), a what-if the trainer does not run (not with --nano-split "
+                        "rows)")
     g.add_argument("--layer-chunks", type=int, default=0,
                    help="attention rounds per stage and pass (0: one per layer, the default)")
     args = p.parse_args()

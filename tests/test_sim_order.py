@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from distca.config import ModelConfig
@@ -57,8 +58,10 @@ def test_the_order_is_moot_without_ping_pong_or_without_communication():
 def test_bad_orders_are_refused_by_name():
     with pytest.raises(ValueError, match="pingpong_order must be 'layer' or 'fused', got 'zigzag'"):
         SimOptions(pingpong_order="zigzag")
-    with pytest.raises(ValueError, match="needs independent nano-batches"):
+    with pytest.raises(ValueError, match="needs a first nano-batch whose round needs none of the second's keys"):
         SimOptions(pingpong=True, pingpong_order="fused", nano_split="rows")
+    with pytest.raises(ValueError, match="nano_split must be 'repack', 'rows' or 'prefix', got 'cols'"):
+        SimOptions(nano_split="cols")
 
 
 def test_predict_point_takes_the_nano_split_and_the_order():
@@ -66,11 +69,43 @@ def test_predict_point_takes_the_nano_split_and_the_order():
     pt = GridPoint("t", "4d", 4, 16 * K, "pretrain", 16 * K, 2, 8 * K, tp=1)
     hw = _slow_links(load_hardware("h200"))
     got = {(n, o): predict_point(pt, cfg, hw, seeds=1, schedules=("pooled",), nano_split=n, pingpong_order=o)
-           for n, o in (("repack", "layer"), ("repack", "fused"), ("rows", "layer"))}
+           for n, o in (("repack", "layer"), ("repack", "fused"), ("rows", "layer"), ("prefix", "layer"),
+                        ("prefix", "fused"))}
     steps = {k: v["cad"]["pooled"]["step_s"] for k, v in got.items()}
     assert steps[("repack", "fused")] < steps[("repack", "layer")]
     assert steps[("rows", "layer")] != steps[("repack", "layer")]  # another split, other plans
+    # exact splits: the prefix split's first round needs none of the second's keys, so it starts earlier
+    assert steps[("prefix", "layer")] < steps[("rows", "layer")]
+    assert steps[("prefix", "fused")] < steps[("prefix", "layer")]
     # the baselines do not change with CAD's nano-batches
     assert len({v["step_s"]["wlb"] for v in got.values()}) == 1
-    with pytest.raises(ValueError, match="needs independent nano-batches"):
+    with pytest.raises(ValueError, match="needs a first nano-batch"):
         predict_point(pt, cfg, hw, seeds=1, schedules=("pooled",), nano_split="rows", pingpong_order="fused")
+
+
+@pytest.mark.parametrize("ranks, continues", [
+    ([[3 * K, 5 * K], [2 * K, 6 * K]], [False, True]),
+    ([[8 * K], [8 * K], [1 * K, 7 * K]], [False, True, True]),  # a document over two whole ranks: A empty there
+    ([[100, 200, 300], [50, 550], [600]], [False, False, True]),
+])
+def test_the_prefix_split_keeps_every_key_of_the_first_nano_batch_in_it(ranks, continues):
+    """``_prefix_halves``: together the two nano-batches hold every query row once, and every key an A query can
+    see under a causal mask (its document's earlier tokens) is a row of A."""
+    from distca.scheduler import BatchLayout
+    from distca.sim.step import _prefix_halves
+
+    batch = BatchLayout.from_ranks(ranks, continues)
+    a, b = _prefix_halves(batch)
+
+    def rows(lay):  # (rank, row) -> (document, position)
+        return {(int(r), int(w) + i): (int(d), int(o) + i) for r, d, o, n, w in zip(
+            lay.piece_rank, lay.piece_doc, lay.piece_off, lay.piece_len, lay.piece_row, strict=True) for i in range(n)}
+
+    whole, ra, rb = rows(batch), rows(a), rows(b)
+    assert not set(ra) & set(rb) and {**ra, **rb} == whole
+    in_a = set(ra.values())
+    assert all((d, p) in in_a for d, q in ra.values() for p in range(q))  # causal keys of A's queries
+    half = [sum(r) // 2 for r in ranks]
+    sizes = np.bincount(a.piece_rank, weights=a.piece_len, minlength=len(ranks))
+    assert all(x <= h for x, h in zip(sizes, half, strict=True))
+    assert sizes[0] == half[0]  # no continued document on the first rank: exactly half

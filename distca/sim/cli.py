@@ -39,10 +39,10 @@ def add_parser(sub) -> None:
                    help="point/grid: also pooled ticks with deferred weight gradients (train.defer_weight_grads)")
     s.add_argument("--stage-split", choices=["even", "balanced"], default="even",
                    help="point/grid: blocks per pipeline stage (train.stage_split), for every system")
-    s.add_argument("--nano-split", choices=["repack", "rows"], default="repack",
-                   help="point/grid: CAD's ping-pong nano-batches, the paper's (repack) or the trainer's (rows)")
+    s.add_argument("--nano-split", choices=["repack", "rows", "prefix"], default="repack",
+                   help="point/grid: CAD's nano-batches: the paper's (repack), the trainer's (rows), prefix (what-if)")
     s.add_argument("--pingpong-order", choices=["layer", "fused"], default="layer",
-                   help="point/grid: the trainer's per-block order, or the paper's fused one (what-if; repack only)")
+                   help="point/grid: the trainer's per-block order, or the paper's fused one (what-if; not rows)")
     s.add_argument("--out", help="calibrate: where the hardware JSON goes")
     s.add_argument("--json", help="grid/validate: also write the results here")
 

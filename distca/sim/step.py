@@ -126,7 +126,7 @@ class SimOptions:
     # "rows" is this repository's trainer (distca.runtime.nano.nano_batches): the queries of the first and
     # of the second half of every rank's rows, each planned with the whole micro-batch's keys, so a
     # document keeps all its attention and each round sends every key row its tasks need
-    nano_split: Literal["repack", "rows"] = "repack"
+    nano_split: Literal["repack", "rows", "prefix"] = "repack"
     # deferred weight gradients (distca.train.wgrad, train.defer_weight_grads): the deferred backward passes run
     # their linear layers' input gradients only (half the backward linear work, the head's too). Pooled: the B
     # ticks distca.train.schedule.weight_grad_plan names, the other half in a later tick the stage only serves in,
@@ -157,13 +157,13 @@ class SimOptions:
             raise ValueError("idle_aware balancing is modelled for the pooled schedule only")
         if not self.plan_s >= 0:
             raise ValueError(f"plan_s must be >= 0, got {self.plan_s!r}")
-        if self.nano_split not in ("repack", "rows"):
-            raise ValueError(f"nano_split must be 'repack' or 'rows', got {self.nano_split!r}")
+        if self.nano_split not in ("repack", "rows", "prefix"):
+            raise ValueError(f"nano_split must be 'repack', 'rows' or 'prefix', got {self.nano_split!r}")
         if self.pingpong_order not in ("layer", "fused"):
             raise ValueError(f"pingpong_order must be 'layer' or 'fused', got {self.pingpong_order!r}")
-        if self.pingpong_order == "fused" and self.nano_split != "repack":
-            raise ValueError("the fused ping-pong order needs independent nano-batches (nano_split='repack'): with "
-                             "'rows' the first round waits for the second nano-batch's keys")
+        if self.pingpong_order == "fused" and self.nano_split == "rows":
+            raise ValueError("the fused ping-pong order needs a first nano-batch whose round needs none of the "
+                             "second's keys (nano_split 'repack' or 'prefix'): with 'rows' it waits for them")
 
 
 @dataclass
@@ -441,9 +441,10 @@ class _Builder:
         n_srv = self.par.dp if self.opt.servers == "stage" else self.par.devices
         devices = None if self.opt.servers == "stage" else tuple(s * self.par.dp + r for r in range(self.par.dp))
         placement = Placement(self.par.dp, n_srv, "colocated", devices)
-        if self.opt.pingpong and self.opt.nano_split == "rows":
+        if self.opt.pingpong and self.opt.nano_split in ("rows", "prefix"):
             whole = self.layouts[m]
-            out = self._plan_nanos(_query_halves(whole), placement, n_srv, ("fwd", "bwd"), keys=whole)
+            halves = _query_halves(whole) if self.opt.nano_split == "rows" else _prefix_halves(whole)
+            out = self._plan_nanos(halves, placement, n_srv, ("fwd", "bwd"), keys=whole)
         else:
             layouts = [BatchLayout.from_ranks(nb.ranks, nb.continues) for nb in self._halves(m)]
             out = self._plan_nanos(layouts, placement, n_srv, ("fwd", "bwd"))
@@ -459,7 +460,7 @@ class _Builder:
         par = self.par
         n = par.devices
         which = "fwd" if phase == "F" else "bwd"
-        if self.opt.pingpong and self.opt.nano_split == "rows":
+        if self.opt.pingpong and self.opt.nano_split in ("rows", "prefix"):
             # the tick's batch as distca.train.pooled.tick_batch builds it (trainer s * DP + r holds stage s's
             # rows; a document never continues across stages), its nano-batches by query rows
             ranks, cont = [], []
@@ -469,7 +470,8 @@ class _Builder:
                     ranks.append(list(mb.ranks[r]) if mb is not None else [])
                     cont.append(bool(mb.continues[r]) and r > 0 if mb is not None else False)
             whole = BatchLayout.from_ranks(ranks, cont)
-            out = self._plan_nanos(_query_halves(whole), Placement(n, n, "colocated"), n, (which,), keys=whole)
+            halves = _query_halves(whole) if self.opt.nano_split == "rows" else _prefix_halves(whole)
+            out = self._plan_nanos(halves, Placement(n, n, "colocated"), n, (which,), keys=whole)
             self._plan_cache[key] = out
             return out
         halves = {s: self._halves(m) for s, m in active.items()}
@@ -759,7 +761,9 @@ class _Builder:
                 pre[(i, key)] = self._on(key, lin[(i, key)][0], "linear")
         for i, nb in enumerate(nanos):
             for key, t, _ in members:
-                dep = pre[(i, key)]
+                # rows: a round's tasks need keys of every nano-batch's rows, so no round starts before the last
+                # nano-batch's pre-attention work (the trainer's order, distca.runtime.nano)
+                dep = pre[(len(nanos) - 1 if opt.nano_split == "rows" else i, key)]
                 if opt.server_streams and opt.pool_rounds:  # the trainer packs and sends rows, unpacks replies
                     work = sum(count[w] * self.hw.pool_round_s("trainer", which, nb["rows"][w][0][t]) for w in wins)
                     if work > 0:
@@ -922,6 +926,26 @@ def _query_halves(batch: BatchLayout) -> list[BatchLayout]:
     of the first and of the second half of every rank's rows (plan each with ``keys=batch``)."""
     tokens = batch.rank_tokens
     return [batch.query_rows(0 * tokens, tokens // 2), batch.query_rows(tokens // 2, tokens)]
+
+
+def _prefix_halves(batch: BatchLayout) -> list[BatchLayout]:
+    """Exact nano-batches whose first round needs none of the second's keys (``nano_split="prefix"``, NOT BUILT in
+    the trainer): on rank r, nano-batch A holds the queries of rows ``[s_r, s_r + T/2)`` (``s_r``: the rows of the
+    document continued from rank r - 1, 0 if none), B the rest. A's rows belong to documents that start on rank r
+    at or after ``s_r``, so every key a causal or windowed A query sees is an earlier row of A; B's queries see A's
+    and B's keys of the same layer. Plan each with ``keys=batch``."""
+    T = batch.rank_tokens
+    s = np.zeros(batch.n_ranks, dtype=np.int64)
+    cont = (batch.piece_row == 0) & (batch.piece_off > 0)
+    s[batch.piece_rank[cont]] = batch.piece_len[cont]
+    e = np.minimum(T, s + T // 2)
+    a = batch.query_rows(s, e)
+    b1, b2 = batch.query_rows(0 * T, s), batch.query_rows(e, T)
+    cat = lambda f: np.concatenate([getattr(b1, f), getattr(b2, f)])  # noqa: E731
+    order = np.lexsort((cat("piece_row"), cat("piece_rank")))
+    b = BatchLayout(batch.n_ranks, *(cat(f)[order] for f in ("piece_rank", "piece_doc", "piece_off", "piece_len",
+                                                             "piece_row")), batch.doc_len, batch.doc_masks)
+    return [a, b]
 
 
 def _plan_bytes(plan, which: str):

@@ -58,10 +58,10 @@ def tiny(tmp: Path, **over):
     return load_config(None, overrides(output_dir=str(tmp), **over))
 
 
-@pytest.fixture(scope="module")
-def pools():
-    """``pools(cfg)``: a running attention-server pool for ``cfg``'s server settings, shared by every run of the
-    module that needs the same settings (the first pool starts the local Ray; it is shut down last)."""
+def shared_pools():
+    """A module fixture's body: yields ``pools(cfg)``, a running attention-server pool for ``cfg``'s server settings,
+    shared by every run of the module that needs the same settings (the first pool starts the local Ray; it is
+    shut down last)."""
     started: dict = {}
 
     def get(cfg) -> AttentionServerPool:
@@ -70,9 +70,16 @@ def pools():
             started[key] = AttentionServerPool(key)
         return started[key]
 
-    yield get
-    for pool in reversed(list(started.values())):
-        pool.shutdown()
+    try:
+        yield get
+    finally:
+        for pool in reversed(list(started.values())):
+            pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pools():
+    yield from shared_pools()
 
 
 def run(cfg, pools, **kw):

@@ -16,28 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distca.parts import pool_settings
-from distca.server.pool import AttentionServerPool
 from distca.train.launch import train
-from tests.test_train import ROOT, STEPS, assert_same_curve, run, same_config, tiny
+from tests.test_train import ROOT, STEPS, assert_same_curve, run, same_config, shared_pools, tiny
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
 def pools():
-    """``pools(cfg)``: a running attention-server pool for ``cfg``'s server settings, shared by the module's runs."""
-    started: dict = {}
-
-    def get(cfg) -> AttentionServerPool:
-        key = pool_settings(cfg)
-        if key not in started:
-            started[key] = AttentionServerPool(key)
-        return started[key]
-
-    yield get
-    for pool in reversed(list(started.values())):
-        pool.shutdown()
+    """This module's pools (``tests.test_train.shared_pools``)."""
+    yield from shared_pools()
 
 
 @pytest.fixture(scope="module")

@@ -126,10 +126,11 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
     too: a split that evens out the LM head is open to any pipeline, so it is no part of CAD's speedup.
     ``nano_split`` is how CAD cuts a micro-batch into its two ping-pong nano-batches (``SimOptions.nano_split``):
     ``repack``, the paper's driver (documents cut at the half, each half planned alone, so the first round can
-    start before the second nano-batch's pre-attention work), or ``rows``, this repository's trainer (the
-    halves of every rank's rows, each planned with the whole micro-batch's keys: exact, but the first round
-    waits for both halves' q/k/v and overlaps only the first half's post-attention work). ``pingpong_order``
-    ``fused`` is the paper's Fig. 7 order (``SimOptions.pingpong_order``), a what-if the trainer does not run."""
+    start before the second nano-batch's pre-attention work), ``rows``, this repository's trainer (the halves
+    of every rank's rows, each planned with the whole micro-batch's keys: exact, but the first round waits for
+    both halves' q/k/v, so it overlaps no linear work), or ``prefix`` (a what-if of an exact split whose first
+    round needs none of the second's keys). ``pingpong_order`` ``fused`` is the paper's Fig. 7 order
+    (``SimOptions.pingpong_order``), a what-if the trainer does not run."""
     if pt.nodes % pt.pp:
         raise ValueError(f"{pt.label}: {pt.nodes} nodes do not split into pp={pt.pp} stages")
     if not schedules:

@@ -20,7 +20,9 @@ Three ways to run core attention (``SimOptions.system``):
     on its own, and communication runs on a separate stream (DESIGN §2's overlap; the paper's Fig. 7).
     How the two are cut is ``nano_split``: the paper's driver re-packs two halves of the documents
     (``repack``), this repository's trainer splits every rank's rows and plans each half's queries with
-    the whole micro-batch's keys (``rows``, what the validation replays). ``pingpong_order`` is the order of
+    the whole micro-batch's keys (``rows``, what the validation replays; its first round waits for both
+    halves' pre-attention work), and ``prefix`` is a what-if of an exact split whose first round needs none
+    of the second's keys. ``pingpong_order`` is the order of
     a device's compute: the trainer's per layer (both pre-attention parts, the rounds, both post-attention
     parts), or the paper's ``fused`` order (a what-if: nano-batch i's post-attention work of layer l runs with
     its pre-attention work of layer l + 1). The trainer's ping-pong runner
@@ -125,7 +127,9 @@ class SimOptions:
     # each half on its own (the paper's driver; a document cut there loses its cross-half attention);
     # "rows" is this repository's trainer (distca.runtime.nano.nano_batches): the queries of the first and
     # of the second half of every rank's rows, each planned with the whole micro-batch's keys, so a
-    # document keeps all its attention and each round sends every key row its tasks need
+    # document keeps all its attention and each round sends every key row its tasks need (no round starts before
+    # the last nano-batch's pre-attention work); "prefix" is a what-if, not built: exact nano-batches whose first
+    # holds only documents' prefixes, so its round needs none of the second's keys (_prefix_halves)
     nano_split: Literal["repack", "rows", "prefix"] = "repack"
     # deferred weight gradients (distca.train.wgrad, train.defer_weight_grads): the deferred backward passes run
     # their linear layers' input gradients only (half the backward linear work, the head's too). Pooled: the B
@@ -140,10 +144,10 @@ class SimOptions:
     stage_blocks: tuple[int, ...] = ()  # explicit blocks per stage (train.stage_blocks), overriding stage_split
     # the order of a device's compute with ping-pong: "layer" (this repository's trainer, distca.runtime.nano: per
     # block, both nano-batches' pre-attention work, the rounds, then both post-attention parts, so the first round
-    # hides behind the second's pre-attention work only) or "fused" (the paper's Fig. 7: nano-batch i's
+    # hides behind the second's pre-attention work at most) or "fused" (the paper's Fig. 7: nano-batch i's
     # post-attention work of layer l is fused with its pre-attention work of layer l + 1, so each round hides
-    # behind the other nano-batch's whole post + pre; NOT BUILT in the trainer: a what-if that needs nano-batches
-    # whose rounds are independent, as "repack" models them)
+    # behind the other nano-batch's whole post + pre; NOT BUILT in the trainer: a what-if that needs a first
+    # nano-batch whose round needs none of the second's keys, "repack" or "prefix")
     pingpong_order: Literal["layer", "fused"] = "layer"
 
     def __post_init__(self) -> None:

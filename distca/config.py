@@ -423,6 +423,15 @@ class TrainConfig:
     # (distca.runtime.nano). The loss is the same either way. It pays where a round runs beside the trainer (GPUs
     # and their network); on a CPU host whose cores all processes share it only doubles the rounds: set false.
     pingpong: bool = True
+    # How a micro-batch is cut into ping-pong's two nano-batches. "rows": the first and the second half of every
+    # rank's rows of one packing; a document keeps all its attention, so the first nano-batch's round needs the
+    # second's keys and starts only after both halves' pre-attention work. "repack" (DistCA's split): the
+    # micro-batch is packed as two independent halves (the data stream cuts a document at the half as at a
+    # micro-batch boundary; rank r holds its rows of the first half, then of the second), so each nano-batch's round
+    # starts right after its own pre-attention work and needs no keys of the other. It changes the data (a document
+    # cut at the half restarts its positions), so it holds under local attention and without ping-pong too: compare
+    # runs with the same nano_split.
+    nano_split: Literal["rows", "repack"] = "rows"
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 2
@@ -478,6 +487,9 @@ class TrainConfig:
         if self.tokens_per_rank > MAX_DOC_TOKENS:
             raise ConfigError(f"train.tokens_per_rank must be <= {pow2_text(MAX_DOC_TOKENS)}, got "
                               f"{short_repr(self.tokens_per_rank)}")
+        if self.nano_split == "repack" and self.tokens_per_rank % 2:
+            raise ConfigError(f"train.nano_split: repack packs each rank's tokens as two equal halves; "
+                              f"train.tokens_per_rank must be even, got {self.tokens_per_rank}")
         if not (0 <= self.max_server_rows < MAX_DOC_TOKENS and 0 <= self.server_buffer_mb <= 1 << 30
                 and 0 <= self.max_server_rounds <= 1 << 16):
             raise ConfigError(f"train.max_server_rows must be in [0, 2**31), server_buffer_mb in [0, 2**30] and "

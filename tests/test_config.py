@@ -54,6 +54,9 @@ def test_overrides_change_typed_fields(tmp_path):
         ("", ["--transport.shm_max_mb", "-1"], r"transport\.shm_max_mb must be in \[0, 1048576\]"),
         ("", ["--train.defer_weight_grads", "true", "--train.precision", "bf16", "--train.zero_stage", "0"],
          r"train\.defer_weight_grads cannot run with precision bf16 and zero_stage 0"),
+        ("", ["--train.nano_split", "halves"], r"train\.nano_split must be one of"),
+        ("", ["--train.nano_split", "repack", "--train.tokens_per_rank", "1023"],
+         r"train\.nano_split: repack .* train\.tokens_per_rank must be even, got 1023"),
     ],
 )
 def test_invalid_configs_name_the_offending_key(tmp_path, yaml_text, overrides, match):

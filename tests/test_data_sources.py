@@ -127,7 +127,7 @@ def same_batches(a: list[MicroBatch], b: list[MicroBatch]) -> bool:
     if len(a) != len(b):
         return False
     for x, y in zip(a, b, strict=True):
-        if x.packed != y.packed or x.slices != y.slices or x.step != y.step:
+        if x.parts != y.parts or x.slices != y.slices or x.step != y.step:
             return False
         for u, v in zip(x.tokens + x.labels, y.tokens + y.labels, strict=True):
             if not np.array_equal(u, v):
@@ -640,3 +640,47 @@ def test_token_file_source_streams_like_its_origin(tmp_path):
         assert x.packed == y.packed and x.slices == y.slices
         assert all(np.array_equal(u, v) for u, v in zip(x.tokens + x.labels, y.tokens + y.labels, strict=True))
     assert os.path.getsize(token_file_paths(tmp_path / "syn")[0]) == tf.n_tokens * 2
+
+
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=10),
+    n_ranks=st.integers(1, 4),
+    half=st.integers(1, 8),
+    mdt=st.none() | st.integers(1, 12),
+    seed=st.integers(0, 3),
+    n_batches=st.integers(1, 4),
+    cut=st.integers(0, 4),
+)
+def test_two_part_micro_batches_are_two_half_batches_side_by_side(lengths, n_ranks, half, mdt, seed, n_batches, cut):
+    """``parts=2`` (``train.nano_split: repack``): micro-batch k is micro-batches 2k and 2k + 1 of the same stream
+    at half the tokens per rank — the same documents, cuts and carry-over at the half — with rank r's rows of the
+    first, then of the second; it resumes exactly and refuses a state of the one-part stream."""
+    src = ListSource(lengths)
+    two = take(PackedStream(src, n_ranks, 2 * half, seed=seed, max_doc_tokens=mdt, parts=2), n_batches)
+    ones = take(PackedStream(src, n_ranks, half, seed=seed, max_doc_tokens=mdt), 2 * n_batches)
+    for k, b in enumerate(two):
+        a, c = ones[2 * k], ones[2 * k + 1]
+        assert b.parts == (a.packed, c.packed) and b.slices == a.slices + c.slices and b.step == k
+        assert b.doc_lengths == a.packed.doc_lengths + c.packed.doc_lengths
+        for r in range(n_ranks):
+            np.testing.assert_array_equal(b.tokens[r], np.concatenate([a.tokens[r], c.tokens[r]]))
+            np.testing.assert_array_equal(b.labels[r], np.concatenate([a.labels[r], c.labels[r]]))
+            np.testing.assert_array_equal(b.position_ids()[r], np.concatenate([a.position_ids()[r],
+                                                                               c.position_ids()[r]]))
+        with pytest.raises(DataError, match="2 independent parts"):
+            _ = b.packed
+    cut = min(cut, n_batches)
+    first = PackedStream(src, n_ranks, 2 * half, seed=seed, max_doc_tokens=mdt, parts=2)
+    head = take(first, cut)
+    resumed = PackedStream(src, n_ranks, 2 * half, seed=seed, max_doc_tokens=mdt, parts=2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert same_batches(two, head + take(resumed, n_batches - cut))
+    with pytest.raises(DataError, match="parts"):
+        PackedStream(src, n_ranks, 2 * half, seed=seed, max_doc_tokens=mdt).load_state_dict(first.state_dict())
+
+
+def test_two_part_stream_rejects_odd_budgets():
+    with pytest.raises(DataError, match=r"tokens_per_rank \(5\) must divide into 2 equal parts"):
+        PackedStream(ListSource([3]), 1, 5, parts=2)
+    with pytest.raises(DataError, match="parts"):
+        PackedStream(ListSource([3]), 1, 4, parts=3)

@@ -130,3 +130,59 @@ def test_pingpong_block_with_deferred_weight_gradients_gets_the_same_gradients_l
     WeightGradQueue.run(queue.take_all())
     for a, b in zip([p.grad for p in block.parameters()], dp0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+HALVES = ([70, 58], [72, 50, 6])  # independent halves of 128 rows each: no document spans the cut
+
+
+def independent_plans(cfg: ModelConfig) -> NanoPlans:
+    shape = AttentionShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 4)
+    plans: dict[int, tuple[Plan, ...]] = {}
+    for w in sorted(set(cfg.attention_windows())):
+        sched = SchedulerConfig(eps=0.05, granularity=16, window=w)
+        plans[w] = tuple(make_plan(BatchLayout.from_ranks([list(h)]), Placement(1, 1), sched, shape)[0]
+                         for h in HALVES)
+    return NanoPlans((slice(0, 128), slice(128, 256)), plans, independent=True)
+
+
+@pytest.mark.parametrize("residual", ["standard", "shortswa", "ddl"])
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_independent_halves_equal_local_attention_and_start_each_round_after_its_own_work(residual, checkpoint):
+    """``train.nano_split: repack``: each nano-batch's plan covers its own rows only, counted from its first row; a
+    round starts before the other nano-batch's pre-attention work, and with two calls per block (ShortSWA) A's second
+    round goes out before B's first is taken. Output and every gradient equal local attention's."""
+    torch.manual_seed(0)
+    cfg = model(residual)
+    block = Block(cfg, 0).double()
+    layout = DocLayout.from_lengths([*HALVES[0], *HALVES[1]])
+    cos, sin = rope_cos_sin(layout.position_ids, cfg.head_dim, cfg.rope_theta, torch.float64)
+    x = torch.randn(256, cfg.hidden, dtype=torch.float64)
+    y0, dx0, dp0 = grads(block, x, lambda x: block(x, LocalCoreAttention(layout, backend="reference"), cos, sin))
+    events: list[str] = []
+    runner = PingPongBlocks(client(cfg, events), independent_plans(cfg), checkpoint=checkpoint)
+    y1, dx1, dp1 = grads(block, x, lambda x: runner(block, x, cos, sin))
+    torch.testing.assert_close(y1, y0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-10, atol=1e-12)
+    for a, b in zip(dp1, dp0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for kind in ("forward", "backward"):
+        got = [e.split("_")[1] for e in events if e.startswith(kind)]
+        if residual == "shortswa":  # A1 B1 out; A1 back → A2 out; B1 back → B2 out; A2 back; B2 back
+            assert got == ["sent", "sent", "received", "sent", "received", "sent", "received", "received"]
+        else:
+            assert got == ["sent", "sent", "received", "received"]
+
+
+def test_independent_halves_refuse_a_plan_that_reaches_the_other_half():
+    """A plan over the whole micro-batch's rows given as an independent nano-batch's is caught by the data plane
+    (its rows lie outside the nano-batch's), not silently read from the wrong rows."""
+    cfg = model("standard")
+    nano = independent_plans(cfg)
+    whole = make_plan(BatchLayout.from_ranks([[*HALVES[0], *HALVES[1]]]), Placement(1, 1),
+                      SchedulerConfig(eps=0.05, granularity=16, window=-1), AttentionShape(4, 2, 8, 4))[0]
+    bad = NanoPlans(nano.rows, {-1: (nano.plans[-1][0], whole)}, independent=True)
+    block = Block(cfg, 0).double()
+    layout = DocLayout.from_lengths([*HALVES[0], *HALVES[1]])
+    cos, sin = rope_cos_sin(layout.position_ids, cfg.head_dim, cfg.rope_theta, torch.float64)
+    with pytest.raises(Exception, match="row"):
+        PingPongBlocks(client(cfg), bad)(block, torch.randn(256, cfg.hidden, dtype=torch.float64), cos, sin)

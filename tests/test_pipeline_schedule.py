@@ -239,6 +239,48 @@ def test_tick_plans_pool_every_stages_micro_batch_over_all_servers():
     assert plans[0][-1].digest() != plans[2][-1].digest()
 
 
+def test_repacked_tick_plans_are_one_per_half_tagged_apart_and_match_the_old_tick_layout():
+    """``train.nano_split: repack``: each tick plans each half on its own (rows counted from the half's first), the
+    two plans of a call carry different tags (so different plan ids even when the halves pack alike), and a tick's
+    layout of one part is what ``from_ranks`` over every stage's ranks gives."""
+    import numpy as np
+
+    from distca.data.stream import PackedStream
+    from distca.scheduler import BatchLayout
+    from distca.server.layout import plan_id
+    from distca.train.data import make_source
+    from distca.train.pooled import PooledCAD, pooled_placement, tick_batch
+
+    cfg = _cfg("--train.core_attention=cad", "--cluster.data_plane=inplace", "--train.micro_batches=3",
+               "--train.tokens_per_rank=256", "--attention.shard_tokens=64", "--train.nano_split=repack",
+               "--data.source=synthetic", "--data.n_docs=200", "--data.max_len=600")
+    P, DP, M = 2, 2, 3
+    stream = PackedStream(make_source(cfg), DP, 256, seed=1, parts=2)
+    mbs = [stream.next_micro_batch() for _ in range(M)]
+    for pingpong in (True, False):
+        pooled = PooledCAD(cfg, 0, None, pooled_placement(cfg, "inplace"), None, serves=True, pingpong=pingpong)
+        plans = pooled.plan_step(mbs)
+        assert sorted(plans) == active_ticks(P, M)
+        for t, per in plans.items():
+            micros = [tick_micro(t, s, P, M) for s in range(P)]
+            halves = per[-1]
+            assert isinstance(halves, tuple) and [h.tag for h in halves] == [0, 1]
+            assert plan_id(halves[0]) != plan_id(halves[1])
+            for i, plan in enumerate(halves):
+                planned = np.bincount(plan.task_rank, weights=plan.task_q1 - plan.task_q0, minlength=P * DP)
+                assert planned.tolist() == [128 if m is not None else 0 for m in micros for _ in range(DP)]
+                ranks = [list(r) if m is not None else [] for m in micros
+                         for r in (mbs[m].parts[i].ranks if m is not None else [[]] * DP)]
+                cont = [c if m is not None else False for m in micros
+                        for c in (mbs[m].parts[i].continues if m is not None else [False] * DP)]
+                want, got = BatchLayout.from_ranks(ranks, cont), tick_batch(mbs, tuple(micros), i)
+                for f in ("piece_rank", "piece_doc", "piece_off", "piece_len", "piece_row", "doc_len"):
+                    np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+    untagged = plans[0][-1][1].tagged(0)
+    assert untagged.digest() != plans[0][-1][1].digest() and untagged.tagged(1).digest() == plans[0][-1][1].digest()
+    assert pooled.rounds[F][:3] == [(F, -1, 0, 0), (F, -1, 0, 1), (F, -1, 1, 0)]  # a round per half, ping-pong or not
+
+
 def test_unequal_stages_plan_each_block_position_over_the_stages_that_have_it():
     """Split 1/3 (``train.stage_blocks``): position 0's plans (group 0) hold both stages' rows, positions 1 and 2's
     (group 1) stage 1's alone; a tick whose group-1 stage has no micro-batch gets no group-1 plan. Blocks find

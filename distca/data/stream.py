@@ -12,6 +12,10 @@ Pinned choices:
 - Carry-over: the document in progress when a micro-batch is full continues as the *first document*
   of the next micro-batch, as a new document (positions restart; no token is dropped or repeated).
   Its last token in the full micro-batch therefore has no target (-100).
+- Parts (``parts=2``, ping-pong's ``repack`` split): a micro-batch is filled as ``parts`` consecutive packs of
+  ``n_ranks * tokens_per_rank / parts`` tokens each, cut and carried over between them as between micro-batches,
+  each laid out on the ranks on its own; rank ``r`` holds its rows of part 0, then of part 1. No document spans
+  two parts, so each part's attention needs none of another's keys.
 - Labels: ``labels[t] = tokens[t + 1]`` inside one packed document, across rank boundaries too; the
   last token of every packed document (document, chunk or carried-over piece) is ``IGNORE_INDEX``.
 - Resume: ``state_dict()`` is a small JSON-serialisable dict (epoch, cursor in the epoch's order,
@@ -53,33 +57,54 @@ class MicroBatch:
     """One micro-batch: per-rank token ids and next-token labels, their packed layout and provenance.
 
     ``tokens[r]`` / ``labels[r]`` are int64 arrays of exactly ``tokens_per_rank`` entries;
-    ``packed.ranks[r]`` are the lengths of the document pieces on rank ``r`` in order;
-    ``slices[d]`` says where packed document ``d`` (``packed.doc_ids``) came from;
+    ``parts``: the micro-batch's independent packs (one, or two with the ``repack`` split), each a
+    :class:`PackedBatch` whose ``ranks[r]`` are the lengths of its document pieces on rank ``r`` in order; rank
+    ``r``'s rows are part 0's pieces, then part 1's; ``packed`` is the only part of an unsplit micro-batch;
+    ``slices[d]`` says where packed document ``d`` (numbered over the parts in order) came from;
     ``step`` is this micro-batch's index in the stream (0-based, counted across resumes).
     """
 
     tokens: list[np.ndarray]
     labels: list[np.ndarray]
-    packed: PackedBatch
+    parts: tuple[PackedBatch, ...]
     slices: list[DocSlice]
     step: int
 
     def __post_init__(self) -> None:
-        n = self.packed.n_ranks
+        if not self.parts:
+            raise DataError("a micro-batch needs at least one packed part")
+        n = self.parts[0].n_ranks
+        if any(p.n_ranks != n for p in self.parts):
+            raise DataError(f"the micro-batch's parts hold {[p.n_ranks for p in self.parts]} ranks; they must agree")
         if len(self.tokens) != n or len(self.labels) != n:
             raise DataError(f"micro-batch has {len(self.tokens)} token and {len(self.labels)} label arrays for "
                             f"{n} ranks")
-        for r, (t, y, want) in enumerate(zip(self.tokens, self.labels, self.packed.rank_tokens, strict=True)):
+        for r, (t, y) in enumerate(zip(self.tokens, self.labels, strict=True)):
+            want = sum(p.rank_tokens[r] for p in self.parts)
             if t.shape != (want,) or y.shape != (want,):
                 raise DataError(f"rank {r}: tokens {t.shape} / labels {y.shape} do not match its {want} packed tokens")
-        if len(self.slices) != len(self.packed.doc_lengths):
-            raise DataError(f"{len(self.slices)} slices for {len(self.packed.doc_lengths)} packed documents")
+        docs = sum(len(p.doc_lengths) for p in self.parts)
+        if len(self.slices) != docs:
+            raise DataError(f"{len(self.slices)} slices for {docs} packed documents")
+
+    @property
+    def packed(self) -> PackedBatch:
+        """The layout of an unsplit micro-batch (its one part)."""
+        if len(self.parts) != 1:
+            raise DataError(f"this micro-batch is packed as {len(self.parts)} independent parts; read its parts")
+        return self.parts[0]
+
+    @property
+    def doc_lengths(self) -> list[int]:
+        """Every packed document's length, over the parts in order (as ``slices``)."""
+        return [n for p in self.parts for n in p.doc_lengths]
 
     def position_ids(self) -> list[np.ndarray]:
         """Per-rank int64 positions: restart at 0 per document, continue across a rank boundary."""
         out = []
-        for pieces, offs in zip(self.packed.ranks, self.packed.offsets, strict=True):
-            out.append(np.concatenate([np.arange(o, o + x, dtype=np.int64) for x, o in zip(pieces, offs, strict=True)]))
+        for r in range(self.parts[0].n_ranks):
+            out.append(np.concatenate([np.arange(o, o + x, dtype=np.int64) for p in self.parts
+                                       for x, o in zip(p.ranks[r], p.offsets[r], strict=True)]))
         return out
 
 
@@ -87,9 +112,12 @@ class PackedStream:
     """Endless, seeded, exactly resumable stream of ``MicroBatch``es over a ``DocumentSource``."""
 
     def __init__(self, source: DocumentSource, n_ranks: int, tokens_per_rank: int, seed: int = 0,
-                 max_doc_tokens: int | None = None, shuffle: bool = True) -> None:
-        for label, v, cap in (("n_ranks", n_ranks, MAX_RANKS), ("tokens_per_rank", tokens_per_rank, MAX_DOC_TOKENS)):
+                 max_doc_tokens: int | None = None, shuffle: bool = True, parts: int = 1) -> None:
+        for label, v, cap in (("n_ranks", n_ranks, MAX_RANKS), ("tokens_per_rank", tokens_per_rank, MAX_DOC_TOKENS),
+                              ("parts", parts, 2)):
             check_int(v, label, 1, cap, DataError)
+        if tokens_per_rank % parts:
+            raise DataError(f"tokens_per_rank ({tokens_per_rank}) must divide into {parts} equal parts per rank")
         if not (_is_int(seed) and seed >= 0):
             raise DataError(f"seed must be an int >= 0, got {seed!r}")
         if max_doc_tokens is not None:
@@ -103,6 +131,7 @@ class PackedStream:
         self.tokens_per_rank = int(tokens_per_rank)
         self.max_doc_tokens = None if max_doc_tokens is None else int(max_doc_tokens)
         self.shuffle = shuffle
+        self.parts = int(parts)
         self.seed = int(seed)
         self._n_docs = len(source)
         self._epoch = self._cursor = self._offset = self._step = 0
@@ -123,31 +152,42 @@ class PackedStream:
     def next_micro_batch(self) -> MicroBatch:
         """Fill the next ``n_ranks * tokens_per_rank`` tokens (see the module docstring)."""
         epoch, cursor, offset = self._epoch, self._cursor, self._offset
-        need = self.n_ranks * self.tokens_per_rank
-        pieces: list[np.ndarray] = []
-        slices: list[DocSlice] = []
-        while need:
-            index = int(self._order(epoch)[cursor])
-            doc = self._document(index)
-            end = doc.size if self.max_doc_tokens is None else min(doc.size, (offset // self.max_doc_tokens + 1)
-                                                                  * self.max_doc_tokens)
-            take = min(end - offset, need)
-            pieces.append(doc[offset: offset + take])
-            slices.append(DocSlice(index, offset, take, epoch))
-            offset += take
-            need -= take
-            if offset == doc.size:
-                offset, cursor = 0, cursor + 1
-                if cursor == self._n_docs:
-                    epoch, cursor = epoch + 1, 0
-        flat = np.concatenate(pieces)
-        labels = np.empty_like(flat)
-        labels[:-1] = flat[1:]
-        lengths = [s.length for s in slices]
-        labels[np.cumsum(lengths) - 1] = IGNORE_INDEX
-        packed = pack_into_ranks(lengths, self.n_ranks, self.tokens_per_rank)
-        cuts = [r * self.tokens_per_rank for r in range(1, self.n_ranks)]
-        batch = MicroBatch(np.split(flat, cuts), np.split(labels, cuts), packed, slices, self._step)
+        per_rank = self.tokens_per_rank // self.parts
+        parts, slices, tokens, labels = [], [], [], []
+        for _ in range(self.parts):
+            need = self.n_ranks * per_rank
+            pieces: list[np.ndarray] = []
+            mine: list[DocSlice] = []
+            while need:
+                index = int(self._order(epoch)[cursor])
+                doc = self._document(index)
+                end = doc.size if self.max_doc_tokens is None else min(doc.size, (offset // self.max_doc_tokens + 1)
+                                                                      * self.max_doc_tokens)
+                take = min(end - offset, need)
+                pieces.append(doc[offset: offset + take])
+                mine.append(DocSlice(index, offset, take, epoch))
+                offset += take
+                need -= take
+                if offset == doc.size:
+                    offset, cursor = 0, cursor + 1
+                    if cursor == self._n_docs:
+                        epoch, cursor = epoch + 1, 0
+            flat = np.concatenate(pieces)
+            lab = np.empty_like(flat)
+            lab[:-1] = flat[1:]
+            lengths = [s.length for s in mine]
+            lab[np.cumsum(lengths) - 1] = IGNORE_INDEX
+            parts.append(pack_into_ranks(lengths, self.n_ranks, per_rank))
+            cuts = [r * per_rank for r in range(1, self.n_ranks)]
+            tokens.append(np.split(flat, cuts))
+            labels.append(np.split(lab, cuts))
+            slices += mine
+        if self.parts == 1:
+            tokens_r, labels_r = tokens[0], labels[0]
+        else:  # rank r: its rows of part 0, then of part 1
+            tokens_r = [np.concatenate([t[r] for t in tokens]) for r in range(self.n_ranks)]
+            labels_r = [np.concatenate([y[r] for y in labels]) for r in range(self.n_ranks)]
+        batch = MicroBatch(tokens_r, labels_r, tuple(parts), slices, self._step)
         self._epoch, self._cursor, self._offset = epoch, cursor, offset
         self._step += 1
         return batch
@@ -182,7 +222,8 @@ class PackedStream:
         """What a saved state must match: the source's identity and the stream's shape."""
         return {"source": self.source.name, "n_docs": self._n_docs, "vocab_size": int(self.source.vocab_size),
                 "n_ranks": self.n_ranks, "tokens_per_rank": self.tokens_per_rank,
-                "max_doc_tokens": self.max_doc_tokens, "shuffle": self.shuffle}
+                "max_doc_tokens": self.max_doc_tokens, "shuffle": self.shuffle,
+                **({"parts": self.parts} if self.parts > 1 else {})}
 
     def state_dict(self) -> dict[str, Any]:
         """Position of the stream as a JSON-serialisable dict (see the module docstring)."""

@@ -67,6 +67,16 @@ class DocLayout:
         pos = torch.cat([torch.arange(n) + (first_position if i == 0 else 0) for i, n in enumerate(lengths)])
         return cls(cu, max(lengths), pos)
 
+    @classmethod
+    def concat(cls, parts: list[DocLayout]) -> DocLayout:
+        """Layouts of consecutive row ranges as one (a micro-batch packed as independent halves)."""
+        if len(parts) == 1:
+            return parts[0]
+        cu = [parts[0].cu_seqlens]
+        for p in parts[1:]:
+            cu.append(p.cu_seqlens[1:] + cu[-1][-1])
+        return cls(torch.cat(cu), max(p.max_len for p in parts), torch.cat([p.position_ids for p in parts]))
+
     def to(self, device: torch.device | str) -> DocLayout:
         """This layout with its tensors on ``device`` (itself when they are there already): the CUDA kernels
         read ``cu_seqlens`` on the device, and RoPE tables are built where ``position_ids`` live."""

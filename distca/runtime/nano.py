@@ -19,6 +19,17 @@ and backward, in reverse::
     post-grad(A) → start A's round | post-grad(B) → start B's round | wait both → pre-grad(A, B)
                                      ^ A's attention gradients run here
 
+With independent nano-batches (``train.nano_split: repack``: the micro-batch packed as two halves no document
+spans) a round needs only its own nano-batch's rows, so it starts right after that nano-batch's pre-attention work
+and each nano-batch runs on as soon as its own round is back::
+
+    pre(A) → start A's round | pre(B) → start B's round | wait A → post(A) | wait B → post(B)
+                               ^ A's attention runs here  ^ B's attention runs here
+
+and in a block with two calls (ShortSWA) A's second round starts while B's first is out. Backward, per call from
+the last: each nano-batch's gradients down to the call, then its round; the next call below starts as soon as
+that nano-batch's round is back. Each plan covers its nano-batch's rows only, counted from its first row.
+
 A block with two attention calls (ShortSWA) repeats this per call. The block is one autograd function whose
 backward runs these rounds explicitly (the autograd engine would wait on each call in turn). With
 ``checkpoint`` it keeps only the block's input and each call's attention output and log-sum-exp — no server
@@ -54,10 +65,13 @@ def nano_rows(n: int) -> tuple[slice, slice]:
 
 @dataclass(frozen=True)
 class NanoPlans:
-    """One micro-batch's nano-batches on this rank: their rows and, per attention window, one plan each."""
+    """One micro-batch's nano-batches on this rank: their rows and, per attention window, one plan each.
+    ``independent``: the nano-batches are independent halves of the micro-batch (``train.nano_split: repack``),
+    each plan over its own rows only, counted from its first row (see :class:`PingPongBlocks`)."""
 
     rows: tuple[slice, ...]
     plans: dict[int, tuple[Plan, ...]]
+    independent: bool = False
 
     def __post_init__(self) -> None:
         if not self.rows:
@@ -86,6 +100,13 @@ class _Level:
     attn: list[torch.Tensor] = field(default_factory=list)  # per nano-batch: its output rows, a leaf
     out: torch.Tensor | None = None  # every row's output and lse (each row from its own nano-batch's round)
     lse: torch.Tensor | None = None
+    # independent nano-batches: each one's own round's output and lse (its rows only)
+    outs: list[torch.Tensor] = field(default_factory=list)
+    lses: list[torch.Tensor] = field(default_factory=list)
+
+    def saved(self):
+        """What a recomputation needs of this call: the rows' outputs and lse."""
+        return (self.outs, self.lses) if self.outs else (self.out, self.lse)
 
     def qkv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(torch.cat([getattr(c, n).detach() for c in self.calls]) for n in "qkv")
@@ -108,12 +129,18 @@ class PingPongBlocks:
             run = PingPongBlocks(self.client, at(getattr(block, "index", None)), self.checkpoint)
         return _PingPong.apply(run, block, x, cos, sin, len(params), *params)
 
+    @property
+    def independent(self) -> bool:
+        return bool(getattr(self.nano, "independent", False))
+
     # -- forward --------------------------------------------------------------------------------
     def run(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[list[torch.Tensor], list[_Level]]:
         """The block over the nano-batches: ``(each nano-batch's output rows, levels)``. Without ``saved`` each
         attention call is a round per nano-batch, A's and B's in flight together; with ``saved``
         (recomputation) the calls are answered from it and nothing is sent."""
+        if self.independent:
+            return self._run_independent(block, x, cos, sin, saved)
         rows = self.nano.rows
         steps = [block.steps(x[r], cos[r], sin[r]) for r in rows]
         calls = [next(s) for s in steps]  # every nano-batch's pre-attention work
@@ -157,6 +184,8 @@ class PingPongBlocks:
         """d(block input) and the parameters' gradients, given d(output): per attention call from the last,
         each nano-batch's post-attention gradients and then its backward round, so one round is on the servers
         while the next nano-batch's linear gradients are computed."""
+        if self.independent:
+            return self._backward_independent(x, ys, levels, params, dy)
         rows, n = self.nano.rows, len(self.nano.rows)
         gx: torch.Tensor | None = None
         gp: list[torch.Tensor | None] = [None] * len(params)
@@ -203,6 +232,114 @@ class PingPongBlocks:
             grads([first.q, first.k, first.v], [g[r] for g in back], i, 0)
         return gx, gp
 
+    # -- independent nano-batches (train.nano_split: repack) ------------------------------------------------------
+    def _run_independent(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         saved=None) -> tuple[list[torch.Tensor], list[_Level]]:
+        """The block over independent nano-batches: each round starts right after its own nano-batch's
+        pre-attention work and each nano-batch goes on as soon as its round is back. Rounds are issued in the
+        order ``(call, nano-batch)`` on every rank, as the rows-split ones are."""
+        rows = self.nano.rows
+        n = len(rows)
+        steps = [block.steps(x[r], cos[r], sin[r]) for r in rows]
+        levels: list[_Level] = []
+        pending: list = [None] * n
+        depth = [0] * n  # the call each nano-batch is at
+        outs: list[torch.Tensor | None] = [None] * n
+
+        def reach(i: int, call) -> None:  # nano-batch i asks for its call number depth[i]: record it, start the round
+            lv = depth[i]
+            if lv == len(levels):
+                levels.append(_Level(call.window, [None] * n, [None] * n, outs=[None] * n, lses=[None] * n))
+            lvl = levels[lv]
+            if call.window != lvl.window:
+                raise RuntimeError(f"nano-batches of one block asked for different attention windows "
+                                   f"{{{lvl.window}, {call.window}}}")
+            lvl.calls[i] = call
+            if saved is None:
+                t = RankTensors(call.q.detach(), call.k.detach(), call.v.detach())
+                pending[i] = self.client.start_forward(_own_rows(self.nano.plan(lvl.window, i), t.q.shape[0], i), t)
+
+        for i in range(n):  # each nano-batch's pre-attention work, then its round
+            reach(i, next(steps[i]))
+        live = list(range(n))
+        while live:
+            going = []
+            for i in live:
+                lvl = levels[depth[i]]
+                if saved is None:
+                    out, lse = pending[i].wait()
+                    pending[i] = None
+                else:
+                    out, lse = saved[depth[i]][0][i], saved[depth[i]][1][i]
+                lvl.outs[i], lvl.lses[i] = out, lse
+                a = out.detach().requires_grad_(torch.is_grad_enabled())
+                lvl.attn[i] = a
+                try:  # this nano-batch's post-attention work, up to its next call, while the other's round is out
+                    call = steps[i].send(a)
+                except StopIteration as done:
+                    outs[i] = done.value
+                    continue
+                depth[i] += 1
+                reach(i, call)
+                going.append(i)
+            live = going
+        if len(set(depth)) != 1:
+            raise RuntimeError(f"nano-batches of one block made different numbers of attention calls: "
+                               f"{[d + 1 for d in depth]}")
+        return outs, levels
+
+    def _backward_independent(self, x: torch.Tensor, ys: list[torch.Tensor], levels: list[_Level],
+                              params: list[torch.Tensor], dy: torch.Tensor):
+        """d(block input) and the parameters' gradients over independent nano-batches: per nano-batch, its
+        gradients down to the last call, then its round; each next call below starts as soon as that nano-batch's
+        round is back (its keys are its own)."""
+        rows, n = self.nano.rows, len(self.nano.rows)
+        gx: torch.Tensor | None = None
+        gp: list[torch.Tensor | None] = [None] * len(params)
+        gattn = [[None] * n for _ in levels]
+
+        def grads(outputs, grad_outputs, nano: int, upto: int) -> None:
+            nonlocal gx
+            inputs = [x, *params, *(levels[lv].attn[nano] for lv in range(upto))]
+            got = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True)
+            gx = _plus(gx, got[0])
+            for j, g in enumerate(got[1:1 + len(params)]):
+                gp[j] = _plus(gp[j], g)
+            for lv, g in enumerate(got[1 + len(params):]):
+                gattn[lv][nano] = _plus(gattn[lv][nano], g)
+
+        def start(lv: int, i: int):
+            lvl, call = levels[lv], levels[lv].calls[i]
+            g = gattn[lv][i]
+            dout = torch.zeros_like(lvl.outs[i]) if g is None else g
+            t = RankTensors(call.q.detach(), call.k.detach(), call.v.detach())
+            plan = _own_rows(self.nano.plan(lvl.window, i, backward=True), t.q.shape[0], i)
+            return self.client.start_backward(plan, t, lvl.outs[i], lvl.lses[i], dout)
+
+        top = len(levels) - 1
+        pending = []
+        for i, r in enumerate(rows):
+            grads([ys[i]], [dy[r]], i, top + 1)
+            pending.append(start(top, i))
+        for lv in range(top, -1, -1):
+            for i in range(n):
+                dq, dk, dv = pending[i].wait()
+                call = levels[lv].calls[i]
+                grads([call.q, call.k, call.v], [dq, dk, dv], i, lv)
+                if lv:
+                    pending[i] = start(lv - 1, i)
+        return gx, gp
+
+
+def _own_rows(plan: Plan, rows: int, nano: int) -> Plan:
+    """``plan``, after checking it reads no row past an independent nano-batch's ``rows`` (every trainer's half
+    holds as many rows as this one's, or none): a plan of the whole micro-batch would read the other half's."""
+    top = max((int((x.src_row + x.n).max()) for x in (plan.q_xfer, plan.kv_xfer) if x.n.size), default=0)
+    if top > rows:
+        raise ValueError(f"independent nano-batch {nano}: its plan reads trainer rows up to {top}, but the nano-batch "
+                         f"holds {rows} rows (plan each half on its own rows: train.nano_split: repack)")
+    return plan
+
 
 def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
@@ -219,7 +356,7 @@ class _PingPong(torch.autograd.Function):
         ctx.run, ctx.block, ctx.n_params = run, block, n_params
         if run.checkpoint:  # keep the input and the attention outputs only; the linear work is recomputed
             ys, levels = run.run(block, x, cos, sin)
-            ctx.saved = [(lvl.out, lvl.lse) for lvl in levels]
+            ctx.saved = [lvl.saved() for lvl in levels]
             ctx.save_for_backward(x, cos, sin)
             return torch.cat(ys)
         with torch.enable_grad():

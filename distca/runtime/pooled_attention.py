@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from distca.runtime.cad_attention import cad_attention
+from distca.runtime.cad_attention import cad_attention, cad_attention_parts
 from distca.scheduler import Plan
 
 
@@ -65,16 +65,18 @@ class TickTable:
 class TickNanoPlans:
     """Ping-pong under the pooled schedule: one micro-batch's nano-batch rows on this rank, and each call's plan
     from the tick the pipeline is in (``table.plans[tick][window]`` holds one plan per nano-batch). With
-    ping-pong a recomputed forward sends nothing (:mod:`distca.runtime.nano`), so a forward is in the F tick."""
+    ping-pong a recomputed forward sends nothing (:mod:`distca.runtime.nano`), so a forward is in the F tick.
+    ``independent``: the nano-batches are the micro-batch's independent halves, each planned over its own rows."""
 
     def __init__(self, rows: tuple[slice, ...], table: TickTable, forward_tick: int, backward_tick: int,
-                 group: int = 0):
-        self.rows, self.table = rows, table
+                 group: int = 0, independent: bool = False):
+        self.rows, self.table, self.independent = rows, table, independent
         self.forward_tick, self.backward_tick, self.group = forward_tick, backward_tick, group
 
     def at(self, block: int | None) -> TickNanoPlans:
         """The same micro-batch's plans for the calls of ``block`` (its position group's)."""
-        return TickNanoPlans(self.rows, self.table, self.forward_tick, self.backward_tick, self.table.group_of(block))
+        return TickNanoPlans(self.rows, self.table, self.forward_tick, self.backward_tick, self.table.group_of(block),
+                             self.independent)
 
     def plan(self, window: int, nano: int, backward: bool = False) -> Plan:
         now, want = self.table.tick, (self.backward_tick if backward else self.forward_tick)
@@ -90,14 +92,17 @@ class PooledCoreAttention:
     """The model's core-attention interface for one micro-batch on this rank under the pooled schedule: forward
     in tick ``forward_tick`` (or, recomputed, in ``backward_tick``), backward in ``backward_tick``."""
 
-    def __init__(self, client, table: TickTable, forward_tick: int, backward_tick: int, group: int = 0):
-        self.client, self.table = client, table
+    def __init__(self, client, table: TickTable, forward_tick: int, backward_tick: int, group: int = 0,
+                 rows: tuple[slice, ...] | None = None):
+        """``rows``: the micro-batch is independent parts at these rows (``train.nano_split: repack``), and each
+        tick's plan of a window is one plan per part."""
+        self.client, self.table, self.rows = client, table, rows
         self.forward_tick, self.backward_tick, self.group = forward_tick, backward_tick, group
 
     def at(self, block: int | None) -> PooledCoreAttention:
         """The same micro-batch's core attention for the calls of ``block`` (its position group's plans)."""
         return PooledCoreAttention(self.client, self.table, self.forward_tick, self.backward_tick,
-                                   self.table.group_of(block))
+                                   self.table.group_of(block), self.rows)
 
     def plan(self, window: int, backward: bool) -> Plan:
         """The plan of a pass now: the pipeline must be in this micro-batch's tick for it (never a stale plan)."""
@@ -111,4 +116,7 @@ class PooledCoreAttention:
         return self.table.plan(now, window, self.group)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
-        return cad_attention(q, k, v, functools.partial(self.plan, window), self.client)[0]
+        plan_of = functools.partial(self.plan, window)
+        if self.rows is not None:
+            return cad_attention_parts(q, k, v, plan_of, self.client, self.rows)[0]
+        return cad_attention(q, k, v, plan_of, self.client)[0]

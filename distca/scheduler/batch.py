@@ -105,6 +105,28 @@ class BatchLayout:
         as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
         return cls(n_ranks, as64(rank), as64(doc), as64(off), as64(length), as64(row), as64(doc_len))
 
+    @classmethod
+    def stacked(cls, batches: Sequence[BatchLayout]) -> BatchLayout:
+        """Batches over disjoint ranks as one: batch 0's ranks first, then batch 1's, ... (the pooled schedule's
+        tick: every stage's micro-batch on its own trainers); documents numbered on."""
+        if not batches:
+            raise ValueError("stacked needs at least one batch")
+        if len(batches) == 1:
+            return batches[0]
+        if any(b.doc_masks is not None for b in batches):
+            raise ValueError("stacked takes batches without per-document masks")
+        ranks = docs = 0
+        fields: list[list[np.ndarray]] = [[] for _ in range(5)]
+        for b in batches:
+            for f, x in zip(fields, (b.piece_rank + ranks, b.piece_doc + docs, b.piece_off, b.piece_len, b.piece_row),
+                            strict=True):
+                f.append(x)
+            ranks += b.n_ranks
+            docs += b.n_docs
+        if ranks > MAX_RANKS:
+            raise InputError(f"a batch holds at most {MAX_RANKS} ranks, got {ranks}")
+        return cls(ranks, *(np.concatenate(f) for f in fields), np.concatenate([b.doc_len for b in batches]))
+
     def with_masks(self, masks: Sequence[Mask | None] | None) -> BatchLayout:
         """This batch with one mask per document (``None``: the layer's mask; ``masks=None`` drops them all).
         A ``slices`` mask must fit inside its document."""

@@ -20,7 +20,7 @@ per-token sizes (``Plan.row_bytes``). A trainer's local rows are its pieces laid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -95,6 +95,13 @@ class Plan:
     # One mask per document when the batch's documents attend by different masks or by ``slices``
     # (``BatchLayout.with_masks``); ``None``: every document by ``mask``.
     doc_masks: tuple[Mask, ...] | None = field(default=None, repr=False)
+    # Tells apart plans of equal content that are in flight together (the independent halves of a ping-pong
+    # micro-batch may pack alike): part of the digest, hence of the plan id, when not 0.
+    tag: int = 0
+
+    def tagged(self, tag: int) -> Plan:
+        """This plan under another tag (:attr:`tag`)."""
+        return self if tag == self.tag else replace(self, tag=int(tag))
 
     @property
     def n_tasks(self) -> int:
@@ -179,6 +186,8 @@ class Plan:
                     + self.key_k0.tobytes() + self.key_k1.tobytes() + self.key_row.tobytes())
         if self.doc_masks is not None:
             out += b"doc_masks:" + b"".join(_mask_bytes(dm) for dm in self.doc_masks)
+        if self.tag:
+            out += b"tag:" + np.int64(self.tag).tobytes()
         return out
 
 

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from distca.config import ModelConfig
+from distca.scheduler import BatchLayout
 from distca.sim.hardware import Hardware
 from distca.sim.step import MicroBatch, Parallelism, SimOptions, simulate_step
 
@@ -46,9 +47,26 @@ def run_options(config: dict, schedule_ran: str | None = None) -> tuple[ModelCon
                      pingpong=bool(t.get("pingpong", False)) and cad, schedule=schedule,
                      prefetch_plans=bool(t.get("prefetch", False)),
                      pool_rounds=cl.get("data_plane") == "zmq",  # the per-round costs calibrated: ZeroMQ frames
-                     nano_split="rows",  # the trainer cuts nano-batches by query rows (distca.runtime.nano)
+                     # the trainer's nano-batches: the halves of every rank's query rows (distca.runtime.nano), or
+                     # the micro-batch packed as two independent halves (the simulator's "repack")
+                     nano_split="repack" if t.get("nano_split") == "repack" else "rows",
                      stage_split=str(t.get("stage_split", "even")), stage_blocks=tuple(t.get("stage_blocks") or ()))
     return model, par, opt
+
+
+def _recorded(mb: dict) -> MicroBatch:
+    """A recorded micro-batch for the simulator. One packed as independent halves (``"parts"``) becomes its
+    documents in order packed whole: the simulator's ``repack`` split cuts that at half of its tokens, which is
+    where the halves meet, so it rebuilds the same two halves."""
+    if "parts" not in mb:
+        return MicroBatch(mb["ranks"], mb["continues"])
+    from distca.data.packing import pack_into_ranks
+
+    docs = [int(n) for p in mb["parts"] for n in BatchLayout.from_ranks(p["ranks"], p["continues"]).doc_len]
+    n = len(mb["ranks"])
+    per = sum(sum(p["ranks"][0]) for p in mb["parts"])
+    packed = pack_into_ranks(docs, n, per)
+    return MicroBatch(packed.ranks, packed.continues)
 
 
 def replay(run: dict, hw: Hardware, skip: int = 1) -> dict:
@@ -56,7 +74,7 @@ def replay(run: dict, hw: Hardware, skip: int = 1) -> dict:
     model, par, opt = run_options(run["config"], run["records"][0].get("pipeline_schedule") if run["records"] else None)
     measured, predicted = [], []
     for rec in run["records"][skip:]:
-        mbs = [MicroBatch(mb["ranks"], mb["continues"]) for mb in rec["micro_batches"]]
+        mbs = [_recorded(mb) for mb in rec["micro_batches"]]
         # the step's measured planning: drawn and planned in the background when prefetched (prepare_ms),
         # else on the critical path (plan_ms)
         ms = rec.get("prepare_ms", 0.0) if opt.prefetch_plans else rec.get("plan_cpu_ms") or rec.get("plan_ms", 0.0)

@@ -44,8 +44,8 @@ from distca.config import DistCAConfig, save_config
 from distca.errors import ConfigError
 from distca.masks import key_mask, key_order
 from distca.parts import data_plane, pipeline_schedule, train_device
-from distca.scheduler import BatchLayout
 from distca.train.flops import step_flops
+from distca.train.micro import part_batches
 
 if TYPE_CHECKING:
     from distca.runtime.client import CADClient
@@ -130,7 +130,7 @@ class StepMeter:
         """This rank's record of the step just measured: ``micro_batches`` as drawn, ``plans`` each one's
         CAD plans by window (empty with local attention), ``plan_ms`` the time to build them."""
         w = self._window
-        docs = [n for mb in micro_batches for n in mb.packed.doc_lengths]
+        docs = [n for mb in micro_batches for n in mb.doc_lengths]
         if self.client is None:
             timer, timer0 = self.attn_timer, w["timer0"]
             attn_s, attn_cpu_s = timer.wall_s - timer0.wall_s, timer.cpu_s - timer0.cpu_s
@@ -146,8 +146,7 @@ class StepMeter:
             "act_peak_mb": self.saved.peak / 2**20, "rss_peak_mb": w["rss_peak_mb"], "gpu_peak_mb": w["gpu_peak_mb"],
         }
         if self.rank == 0:  # every rank draws the same micro-batches: one copy is enough
-            timing["micro_batches"] = [{"ranks": [[int(x) for x in r] for r in mb.packed.ranks],
-                                        "continues": [bool(c) for c in mb.packed.continues]} for mb in micro_batches]
+            timing["micro_batches"] = [_parts_record(mb) for mb in micro_batches]
         return {
             **timing,
             "step": step, "loss": loss, "step_s": w["step_s"], "plan_ms": plan_ms, "blocked_s": w["blocked"],
@@ -167,14 +166,23 @@ class StepMeter:
             return sum(self.calls[w] * plan.server_pairs.astype(np.float64)
                        for p in plans for w in p for plan in (p[w] if isinstance(p[w], tuple) else (p[w],)))
         load = np.zeros(self.cfg.data_parallel)
-        for mb in micro_batches:
-            batch = BatchLayout.from_ranks(mb.packed.ranks, mb.packed.continues)
+        for batch in (b for mb in micro_batches for b in part_batches(mb)):
             for w, n in self.calls.items():
                 mask = key_mask(w)
                 for d, r, o, x in zip(batch.piece_doc.tolist(), batch.piece_rank.tolist(), batch.piece_off.tolist(),
                                       batch.piece_len.tolist(), strict=True):
                     load[r] += n * mask.pairs(int(batch.doc_len[d]), o, o + x)
         return load
+
+
+def _parts_record(mb) -> dict[str, Any]:
+    """A micro-batch's packing as a run records it: ``{"ranks", "continues"}``, and for one packed as independent
+    halves ``"parts"``, a list of those (the top-level pair is then part 0's)."""
+    one = lambda p: {"ranks": [[int(x) for x in r] for r in p.ranks], "continues": [bool(c) for c in p.continues]}  # noqa: E731
+    out = one(mb.parts[0])
+    if len(mb.parts) > 1:
+        out["parts"] = [one(p) for p in mb.parts]
+    return out
 
 
 # -- the step over all ranks -------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from distca.runtime.nano import PingPongBlocks, nano_batches, nano_rows
 from distca.runtime.plan_exec import RankTensors
 from distca.runtime.pooled_attention import PooledCoreAttention, TickNanoPlans, TickTable
 from distca.scheduler import BatchLayout, Placement, Plan, make_plan
+from distca.train.micro import part_batches
 from distca.train.pipe import MicroContext, runner_only
 from distca.train.schedule import B, F, active_ticks, backward_tick, forward_tick, tick_micros, tick_phase
 from distca.train.wgrad import spread
@@ -48,33 +49,38 @@ log = logging.getLogger(__name__)
 Round = tuple[str, int, int, int]  # (F or B, window, block position in the stage, nano-batch)
 
 
-def tick_batch(micro_batches: list, micros: tuple[int | None, ...]) -> BatchLayout:
+def tick_batch(micro_batches: list, micros: tuple[int | None, ...], part: int = 0) -> BatchLayout:
     """The tick's trainers' rows: stage ``s``'s replicas hold micro-batch ``micros[s]``'s packed rows (no rows when
-    None), trainer ``s * DP + d``. A document never continues across stages: each stage's first row starts one."""
-    ranks, continues = [], []
-    dp = len(micro_batches[0].packed.ranks)
+    None), trainer ``s * DP + d``. A document never continues across stages: each stage's first row starts one.
+    ``part``: which packed part of each micro-batch (``train.nano_split: repack``: two, each planned on its own,
+    rows counted from the part's first)."""
+    dp = micro_batches[0].parts[0].n_ranks
+    idle = BatchLayout.from_ranks([[] for _ in range(dp)])
+    stages = []
     for m in micros:
         if m is None:
-            ranks += [[] for _ in range(dp)]
-            continues += [False] * dp
+            stages.append(idle)
         else:
-            p = micro_batches[m].packed
-            ranks += [list(r) for r in p.ranks]
-            continues += list(p.continues)
-    return BatchLayout.from_ranks(ranks, continues)
+            stages.append(part_batches(micro_batches[m])[part])
+    return BatchLayout.stacked(stages)
 
 
-def tick_rounds(block_windows: list[tuple[int, ...]], checkpointing: bool, nanos: int = 1) -> dict[str, list[Round]]:
+def tick_rounds(block_windows: list[tuple[int, ...]], checkpointing: bool, nanos: int = 1,
+                pingpong: bool | None = None) -> dict[str, list[Round]]:
     """The rounds of an F and of a B tick over block positions whose attention calls have ``block_windows``
     (position ``j``: block ``j`` of every stage that has one), as ``(phase, window, position, nano-batch)``; with
-    ping-pong (``nanos`` = 2) each call is one round per nano-batch, in nano-batch order, and a recomputed forward
-    sends nothing (:mod:`distca.runtime.nano` keeps the attention outputs), so checkpointing adds no rounds."""
+    two nano-batches (``nanos`` = 2: ping-pong, or a micro-batch packed as two independent halves) each call is one
+    round per nano-batch, in nano-batch order. Under ping-pong (default: ``nanos`` = 2) a recomputed forward sends
+    nothing (:mod:`distca.runtime.nano` keeps the attention outputs), so checkpointing adds no rounds; otherwise it
+    repeats the block's forward rounds before its backward ones."""
+    if pingpong is None:
+        pingpong = nanos > 1
     fwd = [(F, w, j, i) for j, block in enumerate(block_windows) for w in block for i in range(nanos)]
     bwd: list[Round] = []
     for j in reversed(range(len(block_windows))):
         block = block_windows[j]
-        if checkpointing and nanos == 1:  # the block's forward is recomputed before its backward
-            bwd += [(F, w, j, 0) for w in block]
+        if checkpointing and not pingpong:  # the block's forward is recomputed before its backward
+            bwd += [(F, w, j, i) for w in block for i in range(nanos)]
         bwd += [(B, w, j, i) for w in reversed(block) for i in range(nanos)]
     return {F: fwd, B: bwd}
 
@@ -167,8 +173,9 @@ class PooledCAD:
         ranges = stage_ranges(self.blocks)
         longest = max(range(self.stages), key=lambda x: self.blocks[x])
         windows = cfg.model.block_windows()
+        self.parts = 2 if cfg.train.nano_split == "repack" else 1  # independent halves: one round per half
         self.rounds = tick_rounds([windows[b] for b in ranges[longest]], cfg.train.activation_checkpointing,
-                                  2 if pingpong else 1)
+                                  2 if pingpong or self.parts > 1 else 1, pingpong)
         self.own = self.blocks[stage]  # positions below this are the stage's own blocks'
         self.block_group = {b: self.group_of[b - ranges[stage].start] for b in ranges[stage]}
         self.last_block = ranges[stage].stop - 1
@@ -204,6 +211,10 @@ class PooledCAD:
         return out, later
 
     def _plan_tick(self, micro_batches: list, micros: tuple[int | None, ...]) -> dict[int, Plan]:
+        if len(micro_batches[0].parts) > 1:  # independent halves: each planned on its own, ping-pong or not
+            halves = [tick_batch(micro_batches, micros, i) for i in range(len(micro_batches[0].parts))]
+            return {w: tuple(make_plan(h, self.placement, scheduler_settings(self.cfg, w), self.shape)[0].tagged(i)
+                             for i, h in enumerate(halves)) for w in self.windows}  # tagged: equal halves differ
         batch = tick_batch(micro_batches, micros)
         if self.pingpong:
             return {w: tuple(make_plan(h, self.placement, scheduler_settings(self.cfg, w), self.shape,
@@ -216,22 +227,27 @@ class PooledCAD:
     def contexts(self, layouts: list[DocLayout], plans) -> list[MicroContext]:
         """The step's micro-batch contexts on this stage: micro-batch ``m``'s core attention takes the plans of
         its forward and backward ticks from this step's table. ``plans``: :meth:`plan_step`'s (even stages) or
-        :meth:`plan_ticks`' pair."""
+        :meth:`plan_ticks`' pair.
+        With ``train.nano_split: repack`` each rank's rows are the first half's, then the second's, each half
+        planned on its own."""
         plans, later = plans if isinstance(plans, tuple) else (plans, {})
         self.table = TickTable(plans, later, self.block_group)
         P, s = self.stages, self.stage
         after = self._after_block if self.serves and self.own < len(self.group_of) else None
+        independent = self.parts > 1
         if self.pingpong:
             out = []
             for m, layout in enumerate(layouts):
                 nano = TickNanoPlans(nano_rows(int(layout.cu_seqlens[-1])), self.table, forward_tick(m, s, P),
-                                     backward_tick(m, s, P))  # the rows plan_step's halves planned
+                                     backward_tick(m, s, P),  # the rows plan_step's halves planned
+                                     independent=independent)
                 run = PingPongBlocks(self.client, nano, checkpoint=self.cfg.train.activation_checkpointing)
                 out.append(MicroContext(layout, runner_only, run_block=run, after_block=after))
             return out
-        return [MicroContext(layout, PooledCoreAttention(self.client, self.table, forward_tick(m, s, P),
-                                                         backward_tick(m, s, P)), after_block=after)
-                for m, layout in enumerate(layouts)]
+        return [MicroContext(layout, PooledCoreAttention(
+            self.client, self.table, forward_tick(m, s, P), backward_tick(m, s, P),
+            rows=nano_rows(int(layout.cu_seqlens[-1])) if independent else None), after_block=after)
+            for m, layout in enumerate(layouts)]
 
     def enter(self, tick: int | None) -> None:
         """The schedule starts ``tick`` (None: the step's schedule is over)."""

@@ -42,8 +42,8 @@ from distca.parts import (
     scheduler_settings,
     server_dtype,
 )
-from distca.scheduler import BatchLayout, Placement, make_plan
-from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
+from distca.scheduler import Placement, make_plan
+from distca.train.colocated_attention import AttentionTimer
 from distca.train.data import make_source
 from distca.train.export import (
     check_pipeline_layout,
@@ -53,6 +53,7 @@ from distca.train.export import (
 )
 from distca.train.flops import measure_peak_flops
 from distca.train.metrics import StepMeter, combine_ranks
+from distca.train.micro import local_core, part_batches, part_layouts, part_rows
 from distca.train.pipe import MicroContext, StepContext, build_pipeline, llama_parameters, runner_only
 from distca.train.pooled import PooledCAD, check_topology, describe, pooled_client, pooled_placement, replica_nodes
 from distca.train.prefetch import StepPrefetch
@@ -215,7 +216,8 @@ class Trainer:
         from distca.data.stream import PackedStream
 
         self.stream = PackedStream(self.source, cfg.data_parallel, cfg.train.tokens_per_rank, cfg.seed,
-                                   max_doc_tokens=cfg.data.max_doc_tokens or None, shuffle=cfg.data.shuffle)
+                                   max_doc_tokens=cfg.data.max_doc_tokens or None, shuffle=cfg.data.shuffle,
+                                   parts=2 if cfg.train.nano_split == "repack" else 1)
         self.client = self._cad_client()
         self.shape = attention_shape(cfg)
         if self.plane == "inplace":  # the stage's replicas are its plans' servers, server i on replica i
@@ -341,38 +343,41 @@ class Trainer:
         """What a micro-batch needs before it runs, from the micro-batch alone (the prefetch thread computes it
         for the next step): this rank's document layout, on its device, and the CAD plans, one per attention
         window (the same on every rank; none with local attention) — with ping-pong a tuple per window, one
-        plan per nano-batch: the queries of the first and of the second half of every rank's rows."""
-        p, d = mb.packed, self.dp_rank
-        first = PrefixRows.of(p.ranks, p.continues, d).n
+        plan per nano-batch: the queries of the first and of the second half of every rank's rows (``rows``), or
+        each independent half of the micro-batch on its own (``repack``, rows counted from the half's first)."""
         # on the rank's device before the step: RoPE tables and the kernels' offsets are built there
-        layout = DocLayout.from_lengths(p.ranks[d], first_position=first).to(self.device)
+        layout = DocLayout.concat(part_layouts(mb, self.dp_rank)).to(self.device)
         if self.client is None or self.schedule == "pooled":  # pooled: tick plans, see PooledCAD.plan_step
             return layout, {}
-        batch = BatchLayout.from_ranks(p.ranks, p.continues)
+        plan = lambda batch, w, keys=None: make_plan(batch, self.placement, scheduler_settings(self.cfg, w),  # noqa: E731
+                                                     self.shape, keys=keys)[0]
+        batches = part_batches(mb)
+        if len(batches) > 1:  # independent halves, each planned on its own rows, ping-pong or not; tagged: equal
+            # halves must not share a plan id while both are in flight
+            return layout, {w: tuple(plan(h, w).tagged(i) for i, h in enumerate(batches)) for w in self.windows}
+        batch = batches[0]
         if not self.pingpong:
-            return layout, {w: make_plan(batch, self.placement, scheduler_settings(self.cfg, w), self.shape)[0]
-                            for w in self.windows}
+            return layout, {w: plan(batch, w) for w in self.windows}
         from distca.runtime.nano import nano_batches
 
-        return layout, {w: tuple(make_plan(n, self.placement, scheduler_settings(self.cfg, w), self.shape,
-                                           keys=batch)[0] for n in nano_batches(batch)) for w in self.windows}
+        return layout, {w: tuple(plan(n, w, batch) for n in nano_batches(batch)) for w in self.windows}
 
     def _micro_context(self, mb, layout: DocLayout, plans: dict[int, Any]) -> MicroContext:
         if self.client is None:
-            p = mb.packed
-            core = GroupLocalCoreAttention(layout, p.ranks, p.continues, self.dp_rank, self.dp_group,
-                                           self.cfg.attention.backend, timer=self.attn_timer)
+            core = local_core(mb, self.dp_rank, self.dp_group, self.cfg.attention.backend, self.attn_timer, layout)
         elif self.pingpong:
             from distca.runtime.nano import NanoPlans, PingPongBlocks, nano_rows
 
-            rows = nano_rows(int(layout.cu_seqlens[-1]))  # as _prepare planned them
-            run = PingPongBlocks(self.client, NanoPlans(rows, plans),
+            # as _prepare planned them: the halves of the rows, or the independent parts
+            independent = len(mb.parts) > 1
+            rows = part_rows(mb, self.dp_rank) if independent else nano_rows(int(layout.cu_seqlens[-1]))
+            run = PingPongBlocks(self.client, NanoPlans(rows, plans, independent=independent),
                                  checkpoint=self.cfg.train.activation_checkpointing)
             return MicroContext(layout, runner_only, run_block=run)
         else:
             from distca.runtime.cad_attention import CADCoreAttention
 
-            core = CADCoreAttention(self.client, plans)
+            core = CADCoreAttention(self.client, plans, part_rows(mb, self.dp_rank) if len(mb.parts) > 1 else None)
         return MicroContext(layout, core)
 
     def _batches(self, mbs) -> list:

@@ -19,7 +19,11 @@ What runs is what ``distca train`` runs (``distca.train.launch.train``): 4 DeepS
   ``cluster.placement: dedicated``);
 - ``cad-zmq-serial``, ``cad-inplace-serial``: those planes without ping-pong (``train.pingpong: false``: one
   attention round per block and micro-batch, awaited at once) and with every step's plans made on its critical
-  path (``train.prefetch: false``) — the "before" of issue 14, to compare side by side in one invocation.
+  path (``train.prefetch: false``) — the "before" of issue 14, to compare side by side in one invocation;
+- ``local-repack``, ``cad-zmq-repack``, ``cad-inplace-repack``: every micro-batch packed as two independent halves
+  (``train.nano_split: repack``), so each ping-pong round starts right after its own half's pre-attention work.
+  Other data than the modes above (a document cut at the half restarts): the CAD ones compare with
+  ``local-repack``.
 
 A mode names the data plane it asks for; the step records say which one ran (``data_plane``), and the
 tables show that: a plane not built yet runs as the pool's ZeroMQ plane and reports ``zmq``. Every mode
@@ -117,6 +121,12 @@ MODES: dict[str, tuple[str, ...]] = {
                        "--train.prefetch=false"),
     "cad-inplace-serial": ("--train.core_attention=cad", "--cluster.data_plane=inplace",
                            "--cluster.placement=colocated", "--train.pingpong=false", "--train.prefetch=false"),
+    # every micro-batch packed as two independent halves (train.nano_split: repack): ping-pong's rounds start right
+    # after their own half's pre-attention work; other data than the modes above, so compared with local-repack
+    "local-repack": ("--train.core_attention=local", "--train.nano_split=repack"),
+    "cad-zmq-repack": ("--train.core_attention=cad", "--cluster.data_plane=zmq", "--train.nano_split=repack"),
+    "cad-inplace-repack": ("--train.core_attention=cad", "--cluster.data_plane=inplace",
+                           "--cluster.placement=colocated", "--train.nano_split=repack"),
 }
 # upsample_long, and the longest document in multiples of train.tokens_per_rank
 DATA_DEFAULTS = {"pretrain": (16.0, 16), "prolong": (32.0, 32)}
@@ -173,7 +183,7 @@ def summarise(records: list[dict[str, Any]], skip: int, mode: str) -> dict[str, 
             ratios.append(max(mine) / min(mine) if min(mine) > 0 else float("inf"))
         return max(ratios)
 
-    cad = mode != "local"
+    cad = not mode.startswith("local")
     servers = len(recs[0]["server_busy_s"])
     return {
         "mode": mode,
@@ -222,7 +232,8 @@ def _inplace(s: dict[str, Any]) -> bool:
 def step_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
     rows = []
     for name, s in summaries.items():
-        over = (f" trainers (CPU {_f(s['trainer_attn_cpu_max_over_mean'], '.2f')})" if s["mode"] == "local" else
+        local = s["mode"].startswith("local")
+        over = (f" trainers (CPU {_f(s['trainer_attn_cpu_max_over_mean'], '.2f')})" if local else
                 " in-place servers" if _inplace(s) else " servers")
         rows.append([name, s["data_plane"], _f(s["step_s"], ".2f"), _f(s["tokens_per_s"], ".0f"),
                      _f(s["exposed_comm_pct"], ".1f"), _f(s.get("exposed_comm_active_pct"), ".1f"),
@@ -243,7 +254,7 @@ def rank_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
         for i, (stage, dp) in enumerate(zip(s["stage_per_rank"], s["dp_rank_per_rank"], strict=True)):
             rows.append([name, f"{i} (pp{stage} dp{dp})", f"{pr['step_s'][i]:.2f}", f"{pr['attn_s'][i]:.2f}",
                          f"{pr['attn_cpu_s'][i]:.2f}", f"{pr['linear_s'][i]:.2f}", f"{pr['wait_s'][i]:.2f}",
-                         f"{pr['exchange_s'][i]:.3f}" if s["mode"] == "local" else f"{pr['blocked_s'][i]:.2f}",
+                         f"{pr['exchange_s'][i]:.3f}" if s["mode"].startswith("local") else f"{pr['blocked_s'][i]:.2f}",
                          f"{pr['act_peak_mb'][i]:.1f}", f"{pr['rss_peak_mb'][i]:.0f}"])
         for i, busy in enumerate(s["server_busy_s"]):
             label = f"{i}: own server" if _inplace(s) else f"server {i}"
@@ -257,17 +268,16 @@ def ratio_lines(summaries: dict[str, dict[str, Any]], runs: dict[str, dict[str, 
     """Per distribution and CAD mode, against ``local``: tokens/s, exposed comm, balance, loss difference."""
     lines = []
     for dist in dists:
-        loc = summaries.get(f"{dist}/local")
-        if loc is None:
-            continue
         for mode in modes:
-            if mode == "local":
+            ref = "local-repack" if mode.endswith("-repack") else "local"  # the same packing
+            loc = summaries.get(f"{dist}/{ref}")
+            if mode.startswith("local") or loc is None:
                 continue
             cad = summaries[f"{dist}/{mode}"]
             dloss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in
-                        zip(runs[f"{dist}/local"]["records"], runs[f"{dist}/{mode}"]["records"], strict=True))
+                        zip(runs[f"{dist}/{ref}"]["records"], runs[f"{dist}/{mode}"]["records"], strict=True))
             lines.append(
-                f"{dist}: {mode} (ran {cad['data_plane']}) / local tokens/s "
+                f"{dist}: {mode} (ran {cad['data_plane']}) / {ref} tokens/s "
                 f"{cad['tokens_per_s'] / loc['tokens_per_s']:.2f}x, exposed comm "
                 f"{_f(loc['exposed_comm_pct'], '.1f')}% -> {_f(cad['exposed_comm_pct'], '.1f')}%, attention max/mean "
                 f"{_f(loc['attn_max_over_mean_measured'], '.2f')} (trainers) -> "
@@ -295,7 +305,7 @@ def plot(summaries: dict[str, dict[str, Any]], dists: list[str], modes: list[str
             pr = s["per_rank"]
             n = len(pr["step_s"])
             x = list(range(n))
-            local = mode == "local"
+            local = mode.startswith("local")
             attn = pr["attn_cpu_s"] if local else [0.0] * n
             blocked = [0.0] * n if local else [min(b, w) for b, w in zip(pr["blocked_s"], pr["wait_s"], strict=True)]
             other = [max(w - b, 0.0) for w, b in zip(pr["wait_s"], blocked, strict=True)]
@@ -334,7 +344,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="steps per run; the first is left out of the medians")
     p.add_argument("--dists", nargs="+", default=["pretrain", "prolong"], help="synthetic length distributions")
     p.add_argument("--modes", nargs="+", choices=list(MODES),
-                   default=[m for m in MODES if not m.endswith("-serial")],
+                   default=[m for m in MODES if not m.endswith(("-serial", "-repack"))],
                    help="what to compare (default: all); a mode whose data plane is not built yet runs anyway and "
                         "reports the plane that ran")
     p.add_argument("--tokens-per-rank", type=int, default=2048)

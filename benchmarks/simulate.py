@@ -228,11 +228,12 @@ def grid(args) -> None:
     results = run_grid(hw, seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong, schedules=schedules,
                        idle_aware=idle_aware, layer_chunks=args.layer_chunks, defer_wgrad=wgrad, points=points,
                        stage_split=args.stage_split, nano_split=args.nano_split,
-                       pingpong_order=args.pingpong_order)
+                       pingpong_order=args.pingpong_order, baseline_docs=args.baseline_docs)
     info = run_info(torch.device("cpu"), hardware=hw.name, seeds=args.seeds, eps=args.eps,
                     pingpong=not args.no_pingpong, tp=8, schedules="/".join(schedules), idle_aware=idle_aware,
                     deferred_weight_grads=wgrad, stage_split=args.stage_split, nano_split=args.nano_split,
-                    pingpong_order=args.pingpong_order, mode=args.mode, layer_chunks=args.layer_chunks or "per layer")
+                    pingpong_order=args.pingpong_order, baseline_docs=args.baseline_docs, mode=args.mode,
+                    layer_chunks=args.layer_chunks or "per layer")
     lines = [*header_lines(f"Simulated speedup at the paper's scales ({hw.name})", info), *grid_rows(results)]
     lines += ["", *summary_rows(results), ""]
     for sch in (*schedules, *([f"{x}+wgrad" for x in schedules] if wgrad else [])):
@@ -255,7 +256,8 @@ def grid(args) -> None:
         print(line)
     dest = out_dir("sim")
     stem = (Path(args.hardware).stem + ("" if args.nano_split == "repack" else f"-{args.nano_split}")
-            + ("" if args.pingpong_order == "layer" else f"-{args.pingpong_order}"))
+            + ("" if args.pingpong_order == "layer" else f"-{args.pingpong_order}")
+            + ("" if args.baseline_docs == "trained" else f"-{args.baseline_docs}-docs"))
     write_json(dest / f"grid-{stem}.json", {"info": info, "sources": hw.sources, "results": results})
     try:
         import matplotlib
@@ -328,9 +330,15 @@ def main() -> None:
                    help="blocks per pipeline stage for every system (train.stage_split; balanced: fewer on the last "
                         "stage, for its LM head)")
     g.add_argument("--nano-split", choices=["repack", "rows", "prefix"], default="repack",
-                   help="CAD's ping-pong nano-batches: repack (the paper's driver, documents cut at the half), rows "
-                        "(this repository's trainer: the halves of every rank's rows, exact) or prefix (exact, the "
-                        "first round needs none of the second's keys; a what-if, not built; see SimOptions)")
+                   help="CAD's ping-pong nano-batches: repack (independent halves, documents cut at the half: the "
+                        "paper's driver and train.nano_split: repack), rows (the halves of every rank's rows, exact: "
+                        "train.nano_split: rows) or prefix (exact, the first round needs none of the second's keys; "
+                        "a what-if, not built; see SimOptions)")
+    g.add_argument("--baseline-docs", choices=["trained", "whole"], default="trained",
+                   help="the documents the baselines attend: trained (the ones CAD trains, cut where its packing "
+                        "cuts them: micro-batch boundaries, and the half with repack) or whole (the sampled "
+                        "documents, as grids before 2026-12-03 13:30 UTC; credits CAD with the attention its cuts "
+                        "remove)")
     g.add_argument("--pingpong-order", choices=["layer", "fused"], default="layer",
                    help="layer: the trainer's per-block order; fused: the paper's Fig. 7 order (post of layer l with "
                         "pre of layer l + 1 per nano-batch), a what-if the trainer does not run (not with --nano-split "

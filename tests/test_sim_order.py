@@ -77,8 +77,15 @@ def test_predict_point_takes_the_nano_split_and_the_order():
     # exact splits: the prefix split's first round needs none of the second's keys, so it starts earlier
     assert steps[("prefix", "layer")] < steps[("rows", "layer")]
     assert steps[("prefix", "fused")] < steps[("prefix", "layer")]
-    # the baselines do not change with CAD's nano-batches
-    assert len({v["step_s"]["wlb"] for v in got.values()}) == 1
+    # the baselines attend the documents CAD trains: the same for the exact splits, cut at the half too for repack
+    wlb = {k: v["step_s"]["wlb"] for k, v in got.items()}
+    assert wlb[("rows", "layer")] == wlb[("prefix", "layer")] == wlb[("prefix", "fused")]
+    assert wlb[("repack", "layer")] == wlb[("repack", "fused")] != wlb[("rows", "layer")]
+    whole = {n: predict_point(pt, cfg, hw, seeds=1, schedules=("pooled",), nano_split=n, baseline_docs="whole")
+             for n in ("repack", "rows")}
+    assert whole["repack"]["step_s"]["wlb"] == whole["rows"]["step_s"]["wlb"]  # the sampled documents, whole
+    with pytest.raises(ValueError, match="baseline_docs must be 'trained' or 'whole'"):
+        predict_point(pt, cfg, hw, seeds=1, baseline_docs="cut")
     with pytest.raises(ValueError, match="needs a first nano-batch"):
         predict_point(pt, cfg, hw, seeds=1, schedules=("pooled",), nano_split="rows", pingpong_order="fused")
 
@@ -109,3 +116,15 @@ def test_the_prefix_split_keeps_every_key_of_the_first_nano_batch_in_it(ranks, c
     sizes = np.bincount(a.piece_rank, weights=a.piece_len, minlength=len(ranks))
     assert all(x <= h for x, h in zip(sizes, half, strict=True))
     assert sizes[0] == half[0]  # no continued document on the first rank: exactly half
+
+
+def test_trained_documents_are_the_packing_s_and_the_halves_cuts():
+    """What CAD trains (the baselines' documents by default): a micro-batch's documents as packed (a document cut at
+    the micro-batch boundary restarts), and with ``repack`` the halves' (one more cut, at half of the tokens)."""
+    from distca.sim.predict import trained_documents
+
+    mbs = _micro()  # 16K tokens each: [3K, 5K+2K, 6K] and [8K+1K, 7K]
+    assert [d.tolist() for d in trained_documents(mbs, False)] == [[3 * K, 7 * K, 6 * K], [9 * K, 7 * K]]
+    # cut at 8K: the 7K document's last 2K and the 9K one's last 1K go to the second half
+    assert [d.tolist() for d in trained_documents(mbs, True)] == [[3 * K, 5 * K, 2 * K, 6 * K],
+                                                                  [8 * K, 1 * K, 7 * K]]

@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
                    help="point/grid: CAD's nano-batches: the paper's (repack), the trainer's (rows), prefix (what-if)")
     s.add_argument("--pingpong-order", choices=["layer", "fused"], default="layer",
                    help="point/grid: the trainer's per-block order, or the paper's fused one (what-if; not rows)")
+    s.add_argument("--baseline-docs", choices=["trained", "whole"], default="trained",
+                   help="point/grid: the baselines attend CAD's trained documents (cut like its packing) or the "
+                        "sampled whole ones")
     s.add_argument("--out", help="calibrate: where the hardware JSON goes")
     s.add_argument("--json", help="grid/validate: also write the results here")
 
@@ -71,7 +74,8 @@ def _point(args) -> int:
     r = predict_point(pt, cfg, load_hardware(args.hardware), seeds=args.seeds, eps=args.eps,
                       pingpong=not args.no_pingpong, schedules=_schedules(args.schedule),
                       defer_wgrad=args.defer_wgrad, stage_split=args.stage_split,
-                      nano_split=args.nano_split, pingpong_order=args.pingpong_order)
+                      nano_split=args.nano_split, pingpong_order=args.pingpong_order,
+                      baseline_docs=args.baseline_docs)
     print(json.dumps(r, indent=1))
     return 0
 
@@ -82,7 +86,7 @@ def _grid(args) -> int:
     results = run_grid(load_hardware(args.hardware), seeds=args.seeds, eps=args.eps, pingpong=not args.no_pingpong,
                        schedules=_schedules(args.schedule), defer_wgrad=args.defer_wgrad,
                        stage_split=args.stage_split, nano_split=args.nano_split,
-                       pingpong_order=args.pingpong_order)
+                       pingpong_order=args.pingpong_order, baseline_docs=args.baseline_docs)
     for line in grid_rows(results):
         print(line)
     if args.json:

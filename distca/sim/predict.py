@@ -18,8 +18,18 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from distca.config import ModelConfig
+from distca.scheduler import BatchLayout
 from distca.sim.hardware import Hardware
-from distca.sim.step import Parallelism, SimOptions, StepReport, _Costs, peak_in_flight, simulate_step
+from distca.sim.step import (
+    MicroBatch,
+    Parallelism,
+    SimOptions,
+    StepReport,
+    _Costs,
+    _split_halves,
+    peak_in_flight,
+    simulate_step,
+)
 from distca.sim.workload import plain_packing, sample_documents, wlb_packing
 from distca.train.flops import block_linear_params
 
@@ -102,6 +112,23 @@ def _doc_cost(cfg: ModelConfig, hw: Hardware, tp: int):
     return cost
 
 
+def trained_documents(plain: list[MicroBatch], halves: bool) -> list[np.ndarray]:
+    """Per micro-batch, the lengths of the documents CAD trains: its packing's (a document cut at a micro-batch
+    boundary restarts), and with ``halves`` (ping-pong's ``repack`` split) each micro-batch's two halves'."""
+    out = []
+    for mb in plain:
+        parts = _split_halves(mb) if halves else [mb]
+        out.append(np.concatenate([BatchLayout.from_ranks(p.ranks, p.continues).doc_len for p in parts]))
+    return out
+
+
+def _packed(lengths: np.ndarray, replicas: int, tokens_per_replica: int) -> MicroBatch:
+    from distca.data.packing import pack_into_ranks
+
+    p = pack_into_ranks(lengths, replicas, tokens_per_replica)
+    return MicroBatch(p.ranks, p.continues)
+
+
 def _wgrad_kept(opt: SimOptions, pp: int, m: int) -> list[int]:
     if not opt.defer_wgrad:
         return [0] * pp
@@ -116,7 +143,7 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
                   pingpong: bool = True, layer_chunks: int = 0, slack: float = 0.1,
                   schedules: tuple[str, ...] = ("1f1b",), idle_aware: bool = False,
                   defer_wgrad: bool = False, stage_split: str = "even", nano_split: str = "repack",
-                  pingpong_order: str = "layer") -> dict:
+                  pingpong_order: str = "layer", baseline_docs: str = "trained") -> dict:
     """Median step time of CAD (per pipeline schedule), plain colocated and the best WLB-style CP degree
     over ``seeds`` steps. ``layer_chunks=0``: one attention round per layer (ping-pong per layer, forward
     and backward). With ``idle_aware`` the pooled schedule is also run with the idle-aware what-if balance
@@ -130,7 +157,15 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
     of every rank's rows, each planned with the whole micro-batch's keys: exact, but the first round waits for
     both halves' q/k/v, so it overlaps no linear work), or ``prefix`` (a what-if of an exact split whose first
     round needs none of the second's keys). ``pingpong_order`` ``fused`` is the paper's Fig. 7 order
-    (``SimOptions.pingpong_order``), a what-if the trainer does not run."""
+    (``SimOptions.pingpong_order``), a what-if the trainer does not run.
+
+    ``baseline_docs``: which documents the baselines (plain colocated, WLB-style) attend. ``trained`` (default):
+    the documents CAD trains, cut where its packing cuts them — at micro-batch boundaries, and with ping-pong's
+    ``repack`` split at the half of each micro-batch too — so every system does the same attention work.
+    ``whole``: the sampled documents (the WLB-style baseline keeps them whole; grids before 2026-12-03 13:30 UTC),
+    which credits CAD with the attention its cuts remove (:func:`trained_documents`)."""
+    if baseline_docs not in ("trained", "whole"):
+        raise ValueError(f"baseline_docs must be 'trained' or 'whole', got {baseline_docs!r}")
     if pt.nodes % pt.pp:
         raise ValueError(f"{pt.label}: {pt.nodes} nodes do not split into pp={pt.pp} stages")
     if not schedules:
@@ -158,6 +193,13 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
     for seed in range(seeds):
         lengths = sample_documents(pt.dist, pt.max_len, total, seed)
         plain = plain_packing(lengths, pt.dp, pt.replica_micro_tokens, m)
+        base_plain, base_lengths = plain, lengths
+        if baseline_docs == "trained":
+            halves = pingpong and nano_split == "repack"
+            per_mb = trained_documents(plain, halves)
+            base_lengths = np.concatenate(per_mb)
+            if halves:  # the colocated baseline packs the same documents, the halves' side by side
+                base_plain = [_packed(d, pt.dp, pt.replica_micro_tokens) for d in per_mb]
         done: dict[str, StepReport] = {}
         for name, opt in variants.items():
             same = next((done[k] for k in ("1f1b", "pooled") if k in done), None)
@@ -172,7 +214,7 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
             c["idle"].append(r.idle_fraction)
             for k in ("full", "partial", "tail"):
                 c[k].append(r.idle_split_s.get(k, 0.0) / r.step_s)
-        r_col = simulate_step(cfg, hw, base, col_opt, plain)
+        r_col = simulate_step(cfg, hw, base, col_opt, base_plain)
         rows["colocated"].append(r_col.step_s)
         extra["col_attn"].append(r_col.attention_max_over_mean)
         best: tuple[float, int, StepReport] | None = None
@@ -180,7 +222,7 @@ def predict_point(pt: GridPoint, cfg: ModelConfig, hw: Hardware, seeds: int = 2,
         while cp <= pt.dp:
             if pt.dp % cp == 0 and (1 + slack) * cp * pt.replica_micro_tokens >= pt.max_len:
                 par = replace(base, cp=cp)
-                mbs = wlb_packing(lengths, pt.dp // cp, m, cost, slack)
+                mbs = wlb_packing(base_lengths, pt.dp // cp, m, cost, slack)
                 r = simulate_step(cfg, hw, par, SimOptions(system="wlb", layer_chunks=layer_chunks,
                                                                   stage_split=stage_split), mbs)
                 if best is None or r.step_s < best[0]:

@@ -22,13 +22,14 @@ def paper_range(model: str, mode: str, dist: str) -> tuple[float, float]:
 def run_grid(hw: Hardware, seeds: int = 2, eps: float = 0.05, pingpong: bool = True, points=None,
              config_dir: str = ".", schedules: tuple[str, ...] = ("1f1b",), idle_aware: bool = False,
              layer_chunks: int = 0, defer_wgrad: bool = False, stage_split: str = "even",
-             nano_split: str = "repack", pingpong_order: str = "layer") -> list[dict]:
+             nano_split: str = "repack", pingpong_order: str = "layer", baseline_docs: str = "trained") -> list[dict]:
     models = {k: load_config(f"{config_dir}/{v}", []).model for k, v in MODEL_CONFIGS.items()}
     out = []
     for pt in points or paper_grid():
         r = predict_point(pt, models[pt.model], hw, seeds=seeds, eps=eps, pingpong=pingpong, schedules=schedules,
                           idle_aware=idle_aware, layer_chunks=layer_chunks, defer_wgrad=defer_wgrad,
-                          stage_split=stage_split, nano_split=nano_split, pingpong_order=pingpong_order)
+                          stage_split=stage_split, nano_split=nano_split, pingpong_order=pingpong_order,
+                          baseline_docs=baseline_docs)
         r["paper_range"] = paper_range(pt.model, pt.mode, pt.dist)
         out.append(r)
     return out

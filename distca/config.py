@@ -430,7 +430,9 @@ class TrainConfig:
     # micro-batch boundary; rank r holds its rows of the first half, then of the second), so each nano-batch's round
     # starts right after its own pre-attention work and needs no keys of the other. It changes the data (a document
     # cut at the half restarts its positions), so it holds under local attention and without ping-pong too: compare
-    # runs with the same nano_split.
+    # runs with the same nano_split. The price: a document longer than half a micro-batch (data_parallel ×
+    # tokens_per_rank / 2 tokens) is cut once more, so the longest context trained halves and so does the
+    # attention work of such documents; "rows" keeps the full context (the default for that reason).
     nano_split: Literal["rows", "repack"] = "rows"
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio

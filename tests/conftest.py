@@ -37,7 +37,7 @@ settings.load_profile(os.environ.get("DISTCA_HYPOTHESIS_PROFILE", "default"))
 # first; measured serially on the 2-core VM, 2026-12-02: test_train ~140 s, the benchmark smoke tests ~80 s, then
 # 10-17 s each). Every other module keeps its place after them; tests keep their order inside a module.
 SLOW_MODULES_FIRST = ("test_train.py", "test_train_ops.py", "test_benchmarks_smoke.py", "test_e2e_benchmark.py",
-                      "test_train_split.py", "test_cad_group.py",
+                      "test_train_split.py", "test_train_repack.py", "test_cad_group.py",
                       "test_cli.py", "test_recovery.py", "test_train_masks.py", "test_cad_cluster.py",
                       "test_server_pool.py", "test_server_hardening.py", "test_inplace.py", "test_server_faults.py")
 

@@ -99,8 +99,9 @@ def test_nano_plans_cover_each_query_once_and_refuse_mismatches():
         BatchLayout.from_ranks([LENGTHS]).query_rows([5], [2])
 
 
+@pytest.mark.parametrize("independent", [False, True], ids=["rows", "repack"])
 @pytest.mark.parametrize("checkpoint", [False, True])
-def test_pingpong_block_with_deferred_weight_gradients_gets_the_same_gradients_later(checkpoint):
+def test_pingpong_block_with_deferred_weight_gradients_gets_the_same_gradients_later(checkpoint, independent):
     """Deferred weight gradients (``train.defer_weight_grads``) inside a ping-pong block, whose backward runs the
     block's autograd graph itself: the input gradient comes at once, the linear layers' weight gradients only when
     the kept jobs run, and then every gradient equals local attention's."""
@@ -112,10 +113,15 @@ def test_pingpong_block_with_deferred_weight_gradients_gets_the_same_gradients_l
     layout = DocLayout.from_lengths(LENGTHS)
     cos, sin = rope_cos_sin(layout.position_ids, cfg.head_dim, cfg.rope_theta, torch.float64)
     x = torch.randn(sum(LENGTHS), cfg.hidden, dtype=torch.float64)
+    if independent:  # the halves of HALVES: the same 256 rows, no document across the cut
+        layout = DocLayout.from_lengths([*HALVES[0], *HALVES[1]])
+        cos, sin = rope_cos_sin(layout.position_ids, cfg.head_dim, cfg.rope_theta, torch.float64)
+        x = torch.randn(256, cfg.hidden, dtype=torch.float64)
     y0, dx0, dp0 = grads(block, x, lambda x: block(x, LocalCoreAttention(layout, backend="reference"), cos, sin))
     queue = WeightGradQueue()
     install(block, queue)
-    runner = PingPongBlocks(client(cfg), nano_plans(cfg, 128), checkpoint=checkpoint)
+    plans = independent_plans(cfg) if independent else nano_plans(cfg, 128)
+    runner = PingPongBlocks(client(cfg), plans, checkpoint=checkpoint)
     block.zero_grad()
     xg = x.detach().requires_grad_()
     y = runner(block, xg, cos, sin)

@@ -128,3 +128,26 @@ def test_trained_documents_are_the_packing_s_and_the_halves_cuts():
     # cut at 8K: the 7K document's last 2K and the 9K one's last 1K go to the second half
     assert [d.tolist() for d in trained_documents(mbs, True)] == [[3 * K, 5 * K, 2 * K, 6 * K],
                                                                   [8 * K, 1 * K, 7 * K]]
+
+
+def test_a_micro_batch_of_two_parts_is_laid_out_as_the_trainer_does():
+    """The trainer's ``repack`` layout (replica r: its pieces of part 0, then of part 1) for the simulator: a document
+    continues only inside its part, each replica's attention is the sum of its parts', and ping-pong's nano-batches
+    are the parts themselves (their plans: one per part)."""
+    a = MicroBatch([[4 * K], [1 * K, 3 * K]], [False, True])  # a 5K document over both replicas' first halves
+    b = MicroBatch([[2 * K, 2 * K], [4 * K]], [False, False])
+    mb = MicroBatch.of_parts([a, b])
+    assert mb.ranks == [[4 * K, 2 * K, 2 * K], [1 * K, 3 * K, 4 * K]] and mb.continues == [False, True]
+    lay = mb.layout()
+    assert lay.doc_len.tolist() == [5 * K, 3 * K, 2 * K, 2 * K, 4 * K]
+    assert lay.rank_tokens.tolist() == [8 * K, 8 * K]
+    # replica 1's first piece continues the document of replica 0's part 0 (offset 4K); its part 1 piece starts at 0
+    r1 = lay.piece_rank == 1
+    assert lay.piece_off[r1].tolist() == [4 * K, 0, 0] and lay.piece_row[r1].tolist() == [0, 1 * K, 4 * K]
+    par = Parallelism(dp=2, micro_batches=1)
+    col = simulate_step(CFG, load_hardware("h200"), par, SimOptions(system="colocated"), [mb])
+    assert col.step_s > 0
+    cad = simulate_step(CFG, load_hardware("h200"), par, SimOptions(system="cad", pingpong=True), [mb])
+    assert cad.step_s > 0
+    with pytest.raises(ValueError, match="without ping-pong over a micro-batch packed as halves"):
+        simulate_step(CFG, load_hardware("h200"), par, SimOptions(system="cad", pingpong=False), [mb])

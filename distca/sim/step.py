@@ -176,11 +176,39 @@ class MicroBatch:
 
     ranks: list[list[int]]
     continues: list[bool]
+    # packed as independent halves (the trainer's train.nano_split: repack): each part's pieces per replica; then
+    # ``ranks`` lists every part's pieces per replica in order and ``continues`` whether any part's first one
+    # continues (:meth:`of_parts`)
+    parts: tuple[MicroBatch, ...] = ()
 
     @classmethod
     def whole(cls, groups: list[list[int]]) -> MicroBatch:
         """Whole documents per replica (no document crosses replicas)."""
         return cls([list(map(int, g)) for g in groups], [False] * len(groups))
+
+    @classmethod
+    def of_parts(cls, parts: list[MicroBatch]) -> MicroBatch:
+        """A micro-batch packed as independent parts, as the trainer lays it out: replica r holds its pieces of part
+        0, then of part 1 (no document spans two parts)."""
+        n = len(parts[0].ranks)
+        return cls([[x for p in parts for x in p.ranks[r]] for r in range(n)],
+                   [any(p.continues[r] for p in parts) for r in range(n)], tuple(parts))
+
+    def layout(self) -> BatchLayout:
+        """Its pieces for per-replica attention: a part's document continues only inside the part."""
+        if not self.parts:
+            return BatchLayout.from_ranks(self.ranks, self.continues)
+        lays = [BatchLayout.from_ranks(p.ranks, p.continues) for p in self.parts]
+        rows = np.zeros(lays[0].n_ranks, dtype=np.int64)
+        docs, fields = 0, [[] for _ in range(5)]
+        for lay in lays:
+            for f, x in zip(fields, (lay.piece_rank, lay.piece_doc + docs, lay.piece_off, lay.piece_len,
+                                     lay.piece_row + rows[lay.piece_rank]), strict=True):
+                f.append(x)
+            rows += lay.rank_tokens
+            docs += lay.n_docs
+        return BatchLayout(lays[0].n_ranks, *(np.concatenate(f) for f in fields),
+                           np.concatenate([lay.doc_len for lay in lays]))
 
 
 @dataclass
@@ -341,7 +369,7 @@ class _Builder:
         self.servers: dict[int, int] = {}
         self.server_comm: dict[int, int] = {}
         self.attn_ratios: list[float] = []
-        self.layouts = [BatchLayout.from_ranks(mb.ranks, mb.continues) for mb in micro]
+        self.layouts = [mb.layout() for mb in micro]
         self.key_of = {d: k for k, d in self.dev.items()}
         self.tick_spans: list[tuple[int, int, bool]] = []  # pooled: task id range and "every stage active"
         # pingpong_order "fused": per (device key, nano-batch), the last round's wait and post-attention work, issued
@@ -390,7 +418,13 @@ class _Builder:
     def _halves(self, m: int) -> list[MicroBatch]:
         if m not in self._halves_cache:
             mb = self.micro[m]
-            self._halves_cache[m] = [mb] if not self.opt.pingpong else _split_halves(mb)
+            if mb.parts:  # the trainer's own halves
+                if not self.opt.pingpong:
+                    raise ValueError("CAD without ping-pong over a micro-batch packed as halves (one round per half, "
+                                     "in sequence) is not modelled")
+                self._halves_cache[m] = list(mb.parts)
+            else:
+                self._halves_cache[m] = [mb] if not self.opt.pingpong else _split_halves(mb)
         return self._halves_cache[m]
 
     def _plan_nanos(self, layouts: list[BatchLayout], placement: Placement, n_srv: int, whiches,
@@ -445,7 +479,7 @@ class _Builder:
         n_srv = self.par.dp if self.opt.servers == "stage" else self.par.devices
         devices = None if self.opt.servers == "stage" else tuple(s * self.par.dp + r for r in range(self.par.dp))
         placement = Placement(self.par.dp, n_srv, "colocated", devices)
-        if self.opt.pingpong and self.opt.nano_split in ("rows", "prefix"):
+        if self.opt.pingpong and self.opt.nano_split in ("rows", "prefix") and not self.micro[m].parts:
             whole = self.layouts[m]
             halves = _query_halves(whole) if self.opt.nano_split == "rows" else _prefix_halves(whole)
             out = self._plan_nanos(halves, placement, n_srv, ("fwd", "bwd"), keys=whole)
@@ -464,7 +498,8 @@ class _Builder:
         par = self.par
         n = par.devices
         which = "fwd" if phase == "F" else "bwd"
-        if self.opt.pingpong and self.opt.nano_split in ("rows", "prefix"):
+        if self.opt.pingpong and self.opt.nano_split in ("rows", "prefix") and \
+                not any(self.micro[m].parts for m in active.values()):
             # the tick's batch as distca.train.pooled.tick_batch builds it (trainer s * DP + r holds stage s's
             # rows; a document never continues across stages), its nano-batches by query rows
             ranks, cont = [], []

@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from distca.config import ModelConfig
-from distca.scheduler import BatchLayout
 from distca.sim.hardware import Hardware
 from distca.sim.step import MicroBatch, Parallelism, SimOptions, simulate_step
 
@@ -55,18 +54,11 @@ def run_options(config: dict, schedule_ran: str | None = None) -> tuple[ModelCon
 
 
 def _recorded(mb: dict) -> MicroBatch:
-    """A recorded micro-batch for the simulator. One packed as independent halves (``"parts"``) becomes its
-    documents in order packed whole: the simulator's ``repack`` split cuts that at half of its tokens, which is
-    where the halves meet, so it rebuilds the same two halves."""
+    """A recorded micro-batch for the simulator; one packed as independent halves (``"parts"``) keeps its halves
+    (:meth:`MicroBatch.of_parts`: the trainer's layout, each half planned on its own under ping-pong)."""
     if "parts" not in mb:
         return MicroBatch(mb["ranks"], mb["continues"])
-    from distca.data.packing import pack_into_ranks
-
-    docs = [int(n) for p in mb["parts"] for n in BatchLayout.from_ranks(p["ranks"], p["continues"]).doc_len]
-    n = len(mb["ranks"])
-    per = sum(sum(p["ranks"][0]) for p in mb["parts"])
-    packed = pack_into_ranks(docs, n, per)
-    return MicroBatch(packed.ranks, packed.continues)
+    return MicroBatch.of_parts([MicroBatch(p["ranks"], p["continues"]) for p in mb["parts"]])
 
 
 def replay(run: dict, hw: Hardware, skip: int = 1) -> dict:

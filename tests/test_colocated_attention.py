@@ -26,18 +26,26 @@ def _case(ranks, seed):
     return mk(H), mk(HKV), mk(HKV), mk(H)
 
 
-def _rank(rank, world, port, ranks, continues, windows, q_out):
+def _rank(rank, world, port, ranks, continues, windows, *rest):
     import torch.distributed as dist
 
+    *parts, q_out = rest  # (q_out,) or (parts, q_out): independent parts, each (ranks, continues)
+    parts = parts[0] if parts else None
     from distca.model.core import DocLayout
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         qs, ks, vs, douts = _case(ranks, 0)
-        first = PrefixRows.of(ranks, continues, rank).n
-        core = GroupLocalCoreAttention(DocLayout.from_lengths(ranks[rank], first), ranks, continues, rank,
-                                       dist.group.WORLD, backend="reference")
+        if parts is None:
+            first = PrefixRows.of(ranks, continues, rank).n
+            core = GroupLocalCoreAttention(DocLayout.from_lengths(ranks[rank], first), ranks, continues, rank,
+                                           dist.group.WORLD, backend="reference")
+        else:  # independent parts: rank r's rows of part 0, then of part 1
+            layout = DocLayout.concat([DocLayout.from_lengths(r_[rank], PrefixRows.of(r_, c_, rank).n)
+                                       for r_, c_ in parts])
+            core = GroupLocalCoreAttention(layout, *parts[0], rank, dist.group.WORLD, backend="reference",
+                                           parts=parts)
         res = []
         for window in windows:  # one process group, every mask of the case in turn
             q, k, v = (x[rank].clone().requires_grad_() for x in (qs, ks, vs))
@@ -53,9 +61,12 @@ def _rank(rank, world, port, ranks, continues, windows, q_out):
         dist.destroy_process_group()
 
 
-def _reference(ranks, continues, window):
-    """Whole documents in one call; gradients by autograd, scattered back to ranks."""
-    qs, ks, vs, douts = _case(ranks, 0)
+def _reference(ranks, continues, window, seed_ranks=None, rows=None):
+    """Whole documents in one call; gradients by autograd, scattered back to ranks. ``seed_ranks`` / ``rows``: the
+    case's tensors are drawn for ``seed_ranks`` and this part holds rows ``rows`` of every rank's."""
+    qs, ks, vs, douts = _case(seed_ranks or ranks, 0)
+    if rows is not None:
+        qs, ks, vs, douts = ([x[rows] for x in xs] for xs in (qs, ks, vs, douts))
     cat = lambda xs: torch.cat(xs).clone().requires_grad_()  # noqa: E731
     q, k, v = cat(qs), cat(ks), cat(vs)
     docs = []
@@ -84,6 +95,33 @@ CASES = {
     "window-across-boundary": ([[50, 14], [64], [64]], [False, True, False], [24]),
     "mask-families-across-boundaries": ([[40, 24], [64], [20, 44]], [False, True, True], FAMILIES),
 }
+
+
+PARTS = [([[40, 24], [64], [20, 44]], [False, True, True]), ([[50, 14], [64], [30, 34]], [False, True, False])]
+
+
+def test_independent_parts_take_one_gather_and_equal_whole_documents(run_trainers):
+    """``train.nano_split: repack``: every rank holds its rows of part 0 (a document over three ranks), then of part 1
+    (one over two); one core attention serves both, each part's documents borrowing keys from the same part's rows
+    of earlier ranks. Equal to whole documents for causal, a window and masked families."""
+    from distca.train.launch import free_port
+
+    windows = [-1, 24, "chunked:24", "prefix_lm:50"]
+    ranks = [[x for r_, _ in PARTS for x in r_[r]] for r in range(3)]  # per rank: both parts' pieces
+    port = free_port()
+    got = run_trainers(_rank, [(r, 3, port, ranks, None, windows, PARTS) for r in range(3)], timeout_s=120)
+    for i, window in enumerate(windows):
+        refs = [_reference(r_, c_, window, seed_ranks=ranks, rows=_part_rows(j)) for j, (r_, c_) in enumerate(PARTS)]
+        for r in range(3):
+            assert not isinstance(got[r], str), got[r]
+            for key in ("out", "dq", "dk", "dv"):
+                want = torch.cat([ref[key][r] for ref in refs])
+                torch.testing.assert_close(torch.from_numpy(got[r][i][key]), want, rtol=1e-9, atol=1e-9,
+                                           msg=f"{window}: rank {r} {key}")
+
+
+def _part_rows(j: int) -> slice:
+    return slice(0, 64) if j == 0 else slice(64, 128)
 
 
 @pytest.mark.parametrize("name", list(CASES))

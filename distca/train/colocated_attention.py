@@ -232,21 +232,41 @@ class GroupLocalCoreAttention:
     kernel's and the exchange's seconds."""
 
     def __init__(self, layout: DocLayout, ranks: list[list[int]], continues: list[bool], rank: int,
-                 group=None, backend: str = "auto", timer: AttentionTimer | None = None):
+                 group=None, backend: str = "auto", timer: AttentionTimer | None = None,
+                 parts: list[tuple[list[list[int]], list[bool]]] | None = None):
+        """``ranks`` / ``continues``: the group's packed pieces. ``parts`` instead: a micro-batch packed as independent
+        parts (``train.nano_split: repack``), each ``(ranks, continues)``; every rank holds its rows of part 0, then
+        of part 1, and ``layout`` is their concatenation. One gather and one kernel call serve all parts: each
+        part's first document borrows its earlier keys from the same part's rows of earlier ranks."""
         self.layout, self.rank, self.group, self.backend = layout, rank, group, backend
         self.timer = timer if timer is not None else AttentionTimer()
-        self.world = len(ranks)
-        if len({sum(p) for p in ranks}) != 1:
+        parts = parts if parts is not None else [(ranks, continues)]
+        self.world = len(parts[0][0])
+        per_rank = [sum(sum(ranks_p[r]) for ranks_p, _ in parts) for r in range(self.world)]
+        if len(set(per_rank)) != 1:
             raise ValueError(f"every rank of the group must hold the same number of tokens (the all-gather needs "
-                             f"it), got {[sum(p) for p in ranks]}")
-        self.ranks, self.continues = ranks, continues
-        self._masked: dict[Mask, _MaskedKeys] = {}
-        self.prefix = PrefixRows.of(ranks, continues, rank)
-        self.needs_exchange = any(continues)  # every rank must join the all-gather, even without a prefix
+                             f"it), got {per_rank}")
+        self.parts = []  # (ranks, continues, first row of the part in every rank's rows, its PrefixRows)
+        row0 = 0
+        for ranks_p, continues_p in parts:
+            if len({sum(r) for r in ranks_p}) != 1:
+                raise ValueError(f"every rank must hold the same number of a part's tokens, got "
+                                 f"{[sum(r) for r in ranks_p]}")
+            self.parts.append((ranks_p, continues_p, row0, PrefixRows.of(ranks_p, continues_p, rank)))
+            row0 += sum(ranks_p[rank])
+        self.ranks, self.continues = parts[0]
+        self.prefix = self.parts[0][3]
+        self._masked: dict[Mask, list[_MaskedKeys]] = {}
+        # every rank must join the all-gather, even without a prefix
+        self.needs_exchange = any(any(c) for _, c in parts)
         if self.needs_exchange and group is None and self.world > 1:
             raise ValueError("documents cross rank boundaries: a process group is needed to borrow their keys")
+        # each part's first document's keys start with its borrowed rows: every key boundary after it moves on
         cu_k = layout.cu_seqlens.clone()
-        cu_k[1:] += self.prefix.n
+        first_doc = 0
+        for ranks_p, _, _, prefix in self.parts:
+            cu_k[first_doc + 1:] += prefix.n
+            first_doc += len(ranks_p[rank])
         # Host copies (the tensors themselves on the CPU) validate every call without a device sync; the kernels
         # read the layout's own, on its device. One copy per micro-batch, made before the step runs.
         self._host = (layout.cu_seqlens.cpu(), cu_k.cpu())
@@ -258,19 +278,32 @@ class GroupLocalCoreAttention:
         every = _GroupAllGather.apply(x, self.group, self.rank, self.world, self.timer)
         # A rank without a prefix still keeps the gather in its graph (an empty slice), so that every
         # rank of the group runs the gather's backward collective — else the group deadlocks.
-        parts = [every[r, row:row + n] for r, row, n in self.prefix.pieces] or [every[self.rank, :0]]
-        return torch.cat([*parts, x])
+        out = [every[self.rank, :0]]
+        for i, (_, _, row0, prefix) in enumerate(self.parts):
+            out += [every[r, row0 + row:row0 + row + n] for r, row, n in prefix.pieces]
+            end = self.parts[i + 1][2] if i + 1 < len(self.parts) else x.shape[0]
+            out.append(x[row0:end])
+        return torch.cat(out)
 
     def _masked_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
         exchange = self.needs_exchange and self.world > 1
         got = self._masked.get(mask)
         if got is None:
-            got = self._masked[mask] = _masked_keys(mask, self.ranks, self.continues, self.rank, exchange)
+            got = self._masked[mask] = [_masked_keys(mask, r, c, self.rank, exchange) for r, c, _, _ in self.parts]
         if exchange:  # every rank joins the gather (and its backward), with or without keys of others
-            rows = got.rows.to(k.device)
-            k = _GroupAllGather.apply(k, self.group, self.rank, self.world, self.timer).flatten(0, 1)[rows]
-            v = _GroupAllGather.apply(v, self.group, self.rank, self.world, self.timer).flatten(0, 1)[rows]
-        return _TimedMasked.apply(q, k, v, got.call, self.backend, self.timer)
+            k_all = _GroupAllGather.apply(k, self.group, self.rank, self.world, self.timer)
+            v_all = _GroupAllGather.apply(v, self.group, self.rank, self.world, self.timer)
+        outs = []
+        for (ranks_p, _, row0, _), keys in zip(self.parts, got, strict=True):
+            end = row0 + sum(ranks_p[self.rank])
+            if exchange:  # this part's rows of every rank, then the rows its queries read
+                rows = keys.rows.to(k.device)
+                kp = k_all[:, row0:end].flatten(0, 1)[rows]
+                vp = v_all[:, row0:end].flatten(0, 1)[rows]
+            else:
+                kp, vp = k[row0:end], v[row0:end]
+            outs.append(_TimedMasked.apply(q[row0:end], kp, vp, keys.call, self.backend, self.timer))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: AttentionKey = -1) -> torch.Tensor:
         lay = self.layout

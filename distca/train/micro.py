@@ -10,8 +10,6 @@ part's first row on each rank), planned on its own: CAD runs one round per part 
 
 from __future__ import annotations
 
-import torch
-
 from distca.model.core import DocLayout
 from distca.scheduler import BatchLayout
 from distca.train.colocated_attention import AttentionTimer, GroupLocalCoreAttention, PrefixRows
@@ -38,25 +36,11 @@ def part_rows(mb, rank: int) -> tuple[slice, ...]:
     return tuple(out)
 
 
-class PartsCoreAttention:
-    """Core attention over independent row ranges: ``cores[i]`` answers the rows ``rows[i]``, one after the other
-    (every rank of a group runs the parts in the same order, so their collectives stay matched)."""
-
-    def __init__(self, cores: list, rows: tuple[slice, ...]):
-        if len(cores) != len(rows):
-            raise ValueError(f"{len(cores)} core attentions for {len(rows)} row ranges")
-        self.cores, self.rows = cores, rows
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window=-1) -> torch.Tensor:
-        return torch.cat([c(q[r], k[r], v[r], window) for c, r in zip(self.cores, self.rows, strict=True)])
-
-
 def local_core(mb, rank: int, group, backend: str, timer: AttentionTimer | None, layout: DocLayout):
     """The colocated baseline's core attention for ``mb`` on this rank: per part, its queries against the keys of
-    its own documents, borrowed from earlier ranks of the data-parallel ``group`` where a document continues.
-    ``layout``: the rank's whole layout (:func:`part_layouts` concatenated), on the device attention runs on."""
-    device = layout.cu_seqlens.device
-    layouts = [layout] if len(mb.parts) == 1 else [lay.to(device) for lay in part_layouts(mb, rank)]
-    cores = [GroupLocalCoreAttention(lay, p.ranks, p.continues, rank, group, backend, timer=timer)
-             for lay, p in zip(layouts, mb.parts, strict=True)]
-    return cores[0] if len(cores) == 1 else PartsCoreAttention(cores, part_rows(mb, rank))
+    its own documents, borrowed from earlier ranks of the data-parallel ``group`` where a document continues —
+    one gather and one kernel call for all parts. ``layout``: the rank's whole layout (:func:`part_layouts`
+    concatenated), on the device attention runs on."""
+    p = mb.parts
+    return GroupLocalCoreAttention(layout, p[0].ranks, p[0].continues, rank, group, backend, timer=timer,
+                                   parts=[(x.ranks, x.continues) for x in p] if len(p) > 1 else None)

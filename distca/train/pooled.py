@@ -39,7 +39,6 @@ from distca.runtime.nano import PingPongBlocks, nano_batches, nano_rows
 from distca.runtime.plan_exec import RankTensors
 from distca.runtime.pooled_attention import PooledCoreAttention, TickNanoPlans, TickTable
 from distca.scheduler import BatchLayout, Placement, Plan, make_plan
-from distca.train.micro import part_batches
 from distca.train.pipe import MicroContext, runner_only
 from distca.train.schedule import B, F, active_ticks, backward_tick, forward_tick, tick_micros, tick_phase
 from distca.train.wgrad import spread
@@ -61,7 +60,8 @@ def tick_batch(micro_batches: list, micros: tuple[int | None, ...], part: int = 
         if m is None:
             stages.append(idle)
         else:
-            stages.append(part_batches(micro_batches[m])[part])
+            p = micro_batches[m].parts[part]
+            stages.append(BatchLayout.from_ranks(p.ranks, p.continues))
     return BatchLayout.stacked(stages)
 
 
